@@ -1,0 +1,185 @@
+"""Reading and writing a site directory's manifest.
+
+Layout of a site directory (``SITE_DIR``)::
+
+    site.json          schema version, site name, counts, split seed
+    manifest.jsonl     one ImageRecord per line (see schema.py)
+    rejected.jsonl     one {"path", "reason", "field"} per rejected file
+    rejected.txt       the same, for humans
+    secret.key         the site-local key for pseudonymisation (never leaves the site)
+    cache/             preprocessed arrays, keyed by file hash and preprocessing config
+
+Writes are atomic (temp file + rename) so an interrupted ingest never leaves a
+half-written manifest behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .schema import SCHEMA_VERSION, Energy, ImageRecord, Label, Laterality, View, record_from_dict
+
+MANIFEST = "manifest.jsonl"
+SITE_META = "site.json"
+REJECTED = "rejected.jsonl"
+REJECTED_TXT = "rejected.txt"
+
+
+class ManifestError(ValueError):
+    """A site directory whose manifest cannot be used; the message names file and line."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def write_manifest(site_dir: Path, records: Iterable[ImageRecord], meta: dict[str, Any] | None = None) -> None:
+    """Write manifest.jsonl and site.json. Rows are sorted so re-runs are byte-identical."""
+    site_dir = Path(site_dir)
+    records = sorted(records, key=lambda r: (r.patient, r.exam, r.laterality.value, r.view.value, r.energy.value, r.sha256))
+    write_jsonl(site_dir / MANIFEST, (r.to_dict() for r in records))
+    info = dict(meta or {})
+    info["schema_version"] = SCHEMA_VERSION
+    info["images"] = len(records)
+    info["exams"] = len({r.exam for r in records})
+    info["patients"] = len({r.patient for r in records})
+    if records and "site" not in info:
+        info["site"] = records[0].site
+    atomic_write_text(site_dir / SITE_META, json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def read_site_meta(site_dir: Path) -> dict[str, Any]:
+    path = Path(site_dir) / SITE_META
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc.msg})") from None
+
+
+def load_manifest(site_dir: Path) -> list[ImageRecord]:
+    """Load a site's manifest; raises ManifestError naming the file, line and field."""
+    path = Path(site_dir) / MANIFEST
+    if not path.exists():
+        raise ManifestError(f"{path}: no manifest (run `fedbreast site ingest` first)")
+    records = []
+    for i, row in enumerate(read_jsonl(path), 1):
+        try:
+            records.append(record_from_dict(row))
+        except ValueError as exc:
+            raise ManifestError(f"{path}:{i}: {exc}") from None
+    return records
+
+
+# --- exams -------------------------------------------------------------------------------
+
+MAMMO_VIEWS = ("LCC", "LMLO", "RCC", "RMLO")  # the seed-001 view order
+
+
+@dataclass
+class Exam:
+    """All images of one study of one patient, indexed by (laterality, view, energy)."""
+
+    patient: str
+    exam: str
+    images: dict[tuple[str, str, str], ImageRecord] = field(default_factory=dict)
+    ultrasound: list[ImageRecord] = field(default_factory=list)
+
+    @property
+    def energies(self) -> set[str]:
+        return {k[2] for k in self.images}
+
+    @property
+    def is_cem(self) -> bool:
+        return {"LE", "DES"} <= self.energies
+
+    def expected_keys(self) -> list[tuple[str, str, str]]:
+        """The mammography images a complete exam of this kind has."""
+        energies = ("LE", "DES") if self.energies & {"LE", "DES"} else ("FFDM",)
+        return [(lat, view, e) for lat in ("L", "R") for view in ("CC", "MLO") for e in energies]
+
+    def missing(self) -> list[str]:
+        if not self.images:
+            return []
+        return [f"{lat}{view}-{e}" for (lat, view, e) in self.expected_keys() if (lat, view, e) not in self.images]
+
+    def breast_label(self, laterality: str) -> Label | None:
+        labels = [r.label for k, r in self.images.items() if k[0] == laterality and r.label is not None]
+        labels += [r.label for r in self.ultrasound if r.laterality.value == laterality and r.label is not None]
+        return max(labels, key=lambda lab: lab.severity) if labels else None
+
+    @property
+    def split(self):
+        splits = {r.split for r in list(self.images.values()) + self.ultrasound}
+        return splits.pop() if len(splits) == 1 else None
+
+
+def group_exams(records: Iterable[ImageRecord]) -> dict[str, Exam]:
+    """Group records into exams (patient + study). Duplicate keys keep the first record."""
+    exams: dict[str, Exam] = {}
+    for r in records:
+        ex = exams.setdefault(r.exam, Exam(patient=r.patient, exam=r.exam))
+        if r.view.is_mammo:
+            ex.images.setdefault((r.laterality.value, r.view.value, r.energy.value), r)
+        else:
+            ex.ultrasound.append(r)
+    return exams
+
+
+def records_by_breast(records: Iterable[ImageRecord]) -> dict[tuple[str, str, str], list[ImageRecord]]:
+    out: dict[tuple[str, str, str], list[ImageRecord]] = defaultdict(list)
+    for r in records:
+        out[r.breast_key].append(r)
+    return out
+
+
+__all__ = [
+    "Energy",
+    "Exam",
+    "ImageRecord",
+    "Laterality",
+    "ManifestError",
+    "View",
+    "atomic_write_text",
+    "group_exams",
+    "load_manifest",
+    "read_jsonl",
+    "read_site_meta",
+    "records_by_breast",
+    "write_jsonl",
+    "write_manifest",
+]
