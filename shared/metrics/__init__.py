@@ -1,1 +1,50 @@
-"""fedbreast: shared/metrics."""
+"""fedbreast: shared/metrics.
+
+Per-site classification metrics with bootstrap CIs, DeLong's paired AUC test,
+privacy-preserving pooled ROC/AUC from score histograms, and the server-side
+aggregation helpers.
+"""
+
+from .aggregate import DEFAULT_MAX_KEYS, DEFAULT_SUM_KEYS, max_aggregate, weighted_mean
+from .bootstrap import BOOTSTRAP_METRICS, bootstrap_ci, delong_test, delong_variance
+from .classification import (
+    BINARY_METRIC_KEYS,
+    CONFUSION_METRIC_KEYS,
+    binary_metrics,
+    confusion_counts,
+    metrics_from_confusion,
+)
+from .histogram import (
+    DEFAULT_BINS,
+    add_laplace_noise,
+    auc_binning_bound,
+    default_bin_edges,
+    pooled_auc_from_histograms,
+    pooled_roc_from_histograms,
+    score_histogram,
+    sum_histograms,
+)
+
+__all__ = [
+    "BINARY_METRIC_KEYS",
+    "BOOTSTRAP_METRICS",
+    "CONFUSION_METRIC_KEYS",
+    "DEFAULT_BINS",
+    "DEFAULT_MAX_KEYS",
+    "DEFAULT_SUM_KEYS",
+    "add_laplace_noise",
+    "auc_binning_bound",
+    "binary_metrics",
+    "bootstrap_ci",
+    "confusion_counts",
+    "default_bin_edges",
+    "delong_test",
+    "delong_variance",
+    "max_aggregate",
+    "metrics_from_confusion",
+    "pooled_auc_from_histograms",
+    "pooled_roc_from_histograms",
+    "score_histogram",
+    "sum_histograms",
+    "weighted_mean",
+]

@@ -1,0 +1,4 @@
+import sys
+from fedbreast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""Header-reading rules: how laterality, view and energy are read from a vendor's DICOM tags.
+
+Defaults live in ``ingest_rules.toml`` beside this file. A site overrides any table in
+its own TOML file (section ``[ingest]``); unknown keys and bad regexes are rejected at
+load time with the key named, so a typo never silently changes what is ingested.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .schema import Energy, View
+
+_ENERGY_TARGETS = {"LE", "DES", "FFDM", "REJECT"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class IngestRules:
+    modalities: tuple[str, ...]
+    laterality_tags: tuple[str, ...]
+    laterality_text_tags: tuple[str, ...]
+    laterality_patterns: dict[str, re.Pattern[str]]
+    view_positions: dict[str, str]
+    view_codes: dict[str, str]
+    us_view_patterns: dict[str, re.Pattern[str]]
+    energy_image_type: dict[str, str]
+    energy_description_patterns: dict[str, re.Pattern[str]]
+
+
+def _defaults() -> dict[str, Any]:
+    text = resources.files("fedbreast.shared.data").joinpath("ingest_rules.toml").read_text()
+    return tomllib.loads(text)["ingest"]
+
+
+def _compile(where: str, patterns: Any, allowed: set[str]) -> dict[str, re.Pattern[str]]:
+    if not isinstance(patterns, dict):
+        raise ConfigError(f"{where}: expected a table of NAME = 'regex'")
+    out = {}
+    for name, pattern in patterns.items():
+        if name not in allowed:
+            raise ConfigError(f"{where}.{name}: unknown target; expected one of {sorted(allowed)}")
+        try:
+            out[name] = re.compile(str(pattern), re.IGNORECASE)
+        except re.error as exc:
+            raise ConfigError(f"{where}.{name}: bad regular expression {pattern!r} ({exc})") from None
+    return out
+
+
+def _mapping(where: str, table: Any, allowed: set[str]) -> dict[str, str]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table of VALUE = TARGET")
+    for key, target in table.items():
+        if target not in allowed:
+            raise ConfigError(f"{where}.{key}: {target!r} is not one of {sorted(allowed)}")
+    return {str(k).upper(): str(v) for k, v in table.items()}
+
+
+def load_rules(site_config: str | Path | None = None) -> IngestRules:
+    """Default rules, with the ``[ingest]`` section of ``site_config`` (if given) laid over them."""
+    raw = _defaults()
+    where = "ingest"
+    if site_config is not None:
+        path = Path(site_config)
+        where = f"{path}: [ingest]"
+        try:
+            override = tomllib.loads(path.read_text()).get("ingest", {})
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: site config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        unknown = set(override) - set(raw)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid keys are {sorted(raw)}")
+        for name, value in override.items():
+            # Tables merge key by key (a site adds its vendor's values to the defaults);
+            # lists and scalars replace.
+            raw[name] = {**raw[name], **value} if isinstance(raw[name], dict) and isinstance(value, dict) else value
+    mammo_views = {v.value for v in View if v.is_mammo}
+    us_views = {v.value for v in View if not v.is_mammo}
+    return IngestRules(
+        modalities=tuple(str(m).upper() for m in raw["modalities"]),
+        laterality_tags=tuple(raw["laterality_tags"]),
+        laterality_text_tags=tuple(raw["laterality_text_tags"]),
+        laterality_patterns=_compile(f"{where}.laterality_patterns", raw["laterality_patterns"], {"L", "R"}),
+        view_positions=_mapping(f"{where}.view_positions", raw["view_positions"], mammo_views),
+        view_codes=_mapping(f"{where}.view_codes", raw["view_codes"], mammo_views),
+        us_view_patterns=_compile(f"{where}.us_view_patterns", raw["us_view_patterns"], us_views),
+        energy_image_type=_mapping(f"{where}.energy_image_type", raw["energy_image_type"], _ENERGY_TARGETS),
+        energy_description_patterns=_compile(
+            f"{where}.energy_description_patterns", raw["energy_description_patterns"], {e.value for e in Energy} - {"NA"}
+        ),
+    )

@@ -1,0 +1,256 @@
+"""Backbone registry: torchvision CNNs as globally pooled feature extractors.
+
+Every backbone is rebuilt for an arbitrary number of input channels (1 for FFDM,
+2 for CEM low-energy + dual-energy-subtracted). ImageNet weights are never
+downloaded: they are read only from a local torchvision ``state_dict`` file that
+the user names, and the 3-channel stem is folded into the new channel count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision import models as tvm
+from torchvision.models import vgg as tv_vgg
+
+DEFAULT_BACKBONE = "resnet18"
+
+
+class WeightsFileError(ValueError):
+    """A local weights file cannot be used; the message names the file and the reason."""
+
+
+class FeatureExtractor(nn.Module):
+    """``body`` (B, C, H, W) -> (B, feat_dim, h, w), then global average pooling -> (B, feat_dim).
+
+    ``body`` stays reachable on its own for heads that need the spatial map
+    (the paper-faithful VGG16 FC head flattens it instead of pooling).
+    """
+
+    def __init__(self, name: str, body: nn.Module, feat_dim: int) -> None:
+        super().__init__()
+        self.name = name
+        self.feat_dim = feat_dim
+        self.body = body
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.flatten(self.pool(self.body(x)))
+
+
+class SmallCNN(nn.Module):
+    """Four stride-2 conv+BN+ReLU blocks; for tests and CPU smoke runs, not for accuracy."""
+
+    widths = (16, 32, 64, 64)
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        blocks: list[tuple[str, nn.Module]] = []
+        c_in = in_channels
+        for i, c_out in enumerate(self.widths):
+            blocks.append(
+                (
+                    f"block{i}",
+                    nn.Sequential(
+                        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                        nn.BatchNorm2d(c_out),
+                        nn.ReLU(inplace=True),
+                    ),
+                )
+            )
+            c_in = c_out
+        self.features = nn.Sequential(OrderedDict(blocks))
+        _kaiming_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
+def _kaiming_init(module: nn.Module) -> None:
+    # Same scheme torchvision uses for VGG/ResNet, so the fast paths below match it.
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _vgg16_bn_features() -> tuple[nn.Module, int]:
+    # Building torchvision's full VGG16 allocates and initialises a 120M-parameter
+    # classifier that is thrown away; build only the conv stack (same layers and keys).
+    features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=True)
+    _kaiming_init(features)
+    return features, 512
+
+
+def _resnet_body(m: nn.Module) -> tuple[nn.Module, int]:
+    keep = [(n, c) for n, c in m.named_children() if n not in ("avgpool", "fc")]
+    return nn.Sequential(OrderedDict(keep)), m.fc.in_features
+
+
+def _densenet_body(m: nn.Module) -> tuple[nn.Module, int]:
+    # torchvision applies a functional ReLU after norm5; make it a module (no inplace).
+    body = nn.Sequential(OrderedDict(features=m.features, relu=nn.ReLU()))
+    return body, m.classifier.in_features
+
+
+@dataclass(frozen=True)
+class _Spec:
+    build: Callable[[], nn.Module]  # full 3-channel model, randomly initialised
+    body: Callable[[nn.Module], tuple[nn.Module, int]]  # full model -> (spatial body, feat_dim)
+    fast_body: Callable[[], tuple[nn.Module, int]] | None = None  # used when no weights file
+
+
+_REGISTRY: dict[str, _Spec] = {
+    "resnet18": _Spec(lambda: tvm.resnet18(weights=None), _resnet_body),
+    "resnet34": _Spec(lambda: tvm.resnet34(weights=None), _resnet_body),
+    "resnet50": _Spec(lambda: tvm.resnet50(weights=None), _resnet_body),
+    "vgg16_bn": _Spec(
+        lambda: tvm.vgg16_bn(weights=None), lambda m: (m.features, 512), _vgg16_bn_features
+    ),
+    "efficientnet_b0": _Spec(
+        lambda: tvm.efficientnet_b0(weights=None),
+        lambda m: (m.features, m.classifier[1].in_features),
+    ),
+    "densenet121": _Spec(lambda: tvm.densenet121(weights=None), _densenet_body),
+    "alexnet": _Spec(lambda: tvm.alexnet(weights=None), lambda m: (m.features, 256)),
+    "mobilenet_v3_small": _Spec(
+        lambda: tvm.mobilenet_v3_small(weights=None),
+        lambda m: (m.features, m.classifier[0].in_features),
+    ),
+    "smallcnn": _Spec(lambda: SmallCNN(3), lambda m: (m.features, SmallCNN.widths[-1])),
+}
+
+
+def available_backbones() -> list[str]:
+    """Registered backbone names, the default first."""
+    return list(_REGISTRY)
+
+
+def build_backbone(
+    name: str, in_channels: int, weights_path: str | os.PathLike[str] | None = None
+) -> tuple[FeatureExtractor, int]:
+    """Build ``name`` as a (B, in_channels, H, W) -> (B, feat_dim) extractor; return (it, feat_dim).
+
+    alexnet needs images of at least 63 px per side (its stride-4 stem and three pools).
+
+    ``weights_path``: a local torchvision ``state_dict`` of the ordinary 3-channel model
+    (classifier keys included, as torchvision saves it). Its stem filters are averaged
+    over RGB and repeated over ``in_channels``, scaled by 3 / in_channels so a grey
+    image replicated over the channels gives the same activations as before.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(available_backbones())}")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    spec = _REGISTRY[name]
+    if weights_path is not None:
+        body, feat_dim = spec.body(_load_pretrained(name, spec, Path(weights_path)))
+    elif spec.fast_body is not None:
+        body, feat_dim = spec.fast_body()
+    else:
+        body, feat_dim = spec.body(spec.build())
+    _adapt_first_conv(body, in_channels, pretrained=weights_path is not None)
+    return FeatureExtractor(name, body, feat_dim), feat_dim
+
+
+def _load_pretrained(name: str, spec: _Spec, path: Path) -> nn.Module:
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt / pickled-code files
+        raise WeightsFileError(f"{path}: cannot be read as a torch state_dict ({exc})") from None
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    ):
+        raise WeightsFileError(
+            f"{path}: expected a flat state_dict (str -> tensor), got {type(obj).__name__}"
+        )
+    # Build on the meta device and assign the file's tensors: no random init, no second copy.
+    with torch.device("meta"):
+        model = spec.build()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in obj.items()}
+    missing = sorted(expected.keys() - got.keys())
+    unexpected = sorted(got.keys() - expected.keys())
+    wrong = [
+        f"{k}: file {got[k]} vs model {shape}"
+        for k, shape in expected.items()
+        if k in got and got[k] != shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
+        raise WeightsFileError(
+            f"{path} is not a 3-channel torchvision {name} state_dict: " + "; ".join(parts)
+        )
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in obj.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _adapt_first_conv(body: nn.Module, in_channels: int, pretrained: bool) -> None:
+    """Replace the stem (first Conv2d in module order) so it takes ``in_channels``."""
+    found = next(((n, m) for n, m in body.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if found is None:
+        raise RuntimeError("backbone has no Conv2d stem to adapt")
+    qualname, conv = found
+    if conv.in_channels == in_channels:
+        return
+    if conv.groups != 1:
+        raise RuntimeError(f"cannot adapt grouped stem convolution {qualname}")
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        if pretrained:
+            mean = conv.weight.mean(dim=1, keepdim=True)
+            new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (conv.in_channels / in_channels))
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        else:
+            # fan_out init does not depend on the channel count, so the stem keeps
+            # the distribution torchvision gives it.
+            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+            if new.bias is not None:
+                nn.init.zeros_(new.bias)
+    parent_name, _, attr = qualname.rpartition(".")
+    parent = body.get_submodule(parent_name) if parent_name else body
+    setattr(parent, attr, new)
+
+
+def replace_inplace_relu(module: nn.Module) -> nn.Module:
+    """Set ``inplace=False`` on every submodule with the flag (ReLU, Hardswish, SiLU, Dropout...).
+
+    Opacus' per-sample-gradient hooks fail on modules that overwrite their input;
+    returns ``module`` for chaining.
+    """
+    for m in module.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
+    return module
