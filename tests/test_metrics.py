@@ -258,15 +258,6 @@ def test_bootstrap_single_class_yields_nan_for_pair_metrics():
     assert ci["sensitivity"][0] == 0.75 and ci["sensitivity"][1] <= 0.75 <= ci["sensitivity"][2]
 
 
-def test_bootstrap_speed(data):
-    y, s = data
-    bootstrap_ci(y, s, n_boot=10)  # warm caches
-    t0 = time.perf_counter()
-    bootstrap_ci(y, s, metrics=BOOTSTRAP_METRICS, n_boot=1000)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 0.5, f"1000 replicates on 500 samples took {elapsed:.3f}s"
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
