@@ -1,0 +1,94 @@
+"""Global-model checkpoints: latest (every round), best (by the key metric) and final.
+
+Each checkpoint carries the run config, the round, the metrics that put it there, the
+model signature (what fixes tensor shapes) and a content hash of its tensors, so a
+resume can refuse a checkpoint from another model and detect a corrupted file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+KINDS = ("latest", "best", "final")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+@dataclass
+class Checkpoint:
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+    @property
+    def round(self) -> int:
+        return int(self.meta["round"])
+
+
+def content_hash(arrays: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[key])
+        h.update(key.encode())
+        h.update(str(arr.dtype).encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(run_dir: Path, kind: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
+    """Atomically write ``checkpoints/<kind>.pt`` plus a readable ``<kind>.json`` sidecar."""
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+    folder = Path(run_dir) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    full_meta = {**meta, "kind": kind, "sha256": content_hash(arrays)}
+    payload = {"arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, "meta": full_meta}
+    path = folder / f"{kind}.pt"
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    (folder / f"{kind}.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def load_checkpoint(run_dir: Path, kind: str = "latest") -> Checkpoint | None:
+    """Load a checkpoint, or None if there is none; raises CheckpointError if it is damaged."""
+    path = Path(run_dir) / "checkpoints" / f"{kind}.pt"
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        arrays = {k: v.numpy() for k, v in payload["arrays"].items()}
+        meta = dict(payload["meta"])
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    if content_hash(arrays) != meta.get("sha256"):
+        raise CheckpointError(f"{path}: content hash does not match; the file is damaged")
+    return Checkpoint(arrays, meta)
+
+
+def check_resumable(ckpt: Checkpoint, signature: str, path_hint: str = "checkpoints/latest.pt") -> None:
+    """Refuse a checkpoint whose model differs from the configured one."""
+    theirs = ckpt.meta.get("model_signature")
+    if theirs != signature:
+        cfg = ckpt.meta.get("config", {})
+        described = ", ".join(f"{k}={cfg.get(k)}" for k in ("model", "backbone", "view-fusion", "head", "in-channels", "image-h", "image-w"))
+        raise CheckpointError(
+            f"{path_hint}: was written by a different model ({described}); refusing to resume. "
+            "Use a new run directory, or the original model settings."
+        )
