@@ -22,6 +22,7 @@ MODELS = ("multiview",)
 VIEW_FUSIONS = ("average", "concat")
 HEADS = ("pooled", "vgg_fc")
 AMP_MODES = ("auto", "bf16", "off")
+WINDOWS = ("percentile", "dicom", "fixed")
 KEY_METRICS = ("val_auc", "val_loss", "val_mcc", "val_accuracy")
 
 
@@ -35,6 +36,7 @@ class RunConfig:
     in_channels: int = 2  # LE+DES; FFDM exams fill the DES channel with zeros
     image_h: int = 256
     image_w: int = 128
+    window: str = "percentile"  # percentile (vendor-robust) | dicom | fixed (seed 001's 1500-3300)
     weights_path: str = ""  # local ImageNet state_dict file; never downloaded
     # federation
     rounds: int = 3
@@ -119,6 +121,7 @@ class RunConfig:
             ("view_fusion", VIEW_FUSIONS),
             ("head", HEADS),
             ("amp", AMP_MODES),
+            ("window", WINDOWS),
             ("key_metric", KEY_METRICS),
         ):
             if getattr(self, name) not in choices:

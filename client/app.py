@@ -1,0 +1,174 @@
+"""The hospital site's Flower ClientApp: local training and local evaluation of the global model.
+
+Only model tensors and aggregate metrics leave: the train reply carries the updated
+weights and training statistics; the evaluate reply carries per-split metrics with
+bootstrap CIs, and per-class score histograms from which the server computes a pooled
+ROC without any per-patient score leaving the site.
+
+A site that cannot take part (no manifest, no complete exam) answers with status
+"unable" and its reason instead of failing, so the round goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedbreast.client.site_data import SiteData, SiteUnavailable, site_for
+from fedbreast.shared.config import RunConfig
+from fedbreast.shared.data.augment import AUGMENT_PRESETS, augment
+from fedbreast.shared.metrics import BINARY_METRIC_KEYS, binary_metrics, bootstrap_ci, score_histogram
+from fedbreast.shared.models.factory import build_model
+from fedbreast.shared.training.local import pick_device, predict, train_local
+
+log = logging.getLogger("fedbreast.client")
+app = ClientApp()
+
+# Run-config keys that steer the simulation harness, not the model; the ClientApp ignores them.
+SIM_KEYS = ("sim-sites-dir", "run-dir")
+CI_METRICS = ("auc", "sensitivity", "specificity", "accuracy", "mcc", "spec_at_sens100")
+
+
+def site_dir_of(context: Context) -> Path:
+    """The site's data folder: node config ``data-path`` (deployment), or the simulated
+    site for this partition (simulation: ``sim-sites-dir`` holds site-1 ... site-N)."""
+    node = context.node_config
+    if "data-path" in node:
+        return Path(str(node["data-path"]))
+    sim_root = context.run_config.get("sim-sites-dir")
+    if sim_root and "partition-id" in node:
+        sites = sorted(p for p in Path(str(sim_root)).iterdir() if (p / "manifest.jsonl").exists())
+        pid = int(node["partition-id"])
+        if pid >= len(sites):
+            raise SiteUnavailable(f"simulated partition {pid} has no site under {sim_root} ({len(sites)} sites)")
+        return sites[pid]
+    raise SiteUnavailable("no data-path in this SuperNode's --node-config")
+
+
+def site_name_of(context: Context, data: SiteData | None = None) -> str:
+    if "site-name" in context.node_config:
+        return str(context.node_config["site-name"])
+    if data is not None:
+        return data.name
+    return f"node-{context.node_id}"
+
+
+def _reply(msg: Message, records: dict) -> Message:
+    return Message(RecordDict(records), reply_to=msg)
+
+
+def _unable(msg: Message, context: Context, reason: str) -> Message:
+    log.warning("site cannot take part: %s", reason)
+    return _reply(
+        msg,
+        {
+            "metrics": MetricRecord({"num-examples": 0}),
+            "site": ConfigRecord({"name": site_name_of(context), "status": "unable", "reason": reason}),
+        },
+    )
+
+
+def _load(msg: Message, context: Context) -> tuple[RunConfig, SiteData, torch.nn.Module]:
+    cfg = RunConfig.from_flower(context.run_config, ignore=SIM_KEYS)
+    data = site_for(site_dir_of(context), cfg)
+    model = build_model(cfg)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    return cfg, data, model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        cfg, data, model = _load(msg, context)
+    except SiteUnavailable as exc:
+        return _unable(msg, context, str(exc))
+    server_round = int(msg.content["config"].get("server-round", 1))
+    torch.manual_seed(cfg.seed * 1000 + server_round)
+    device = pick_device()
+    aug_cfg = AUGMENT_PRESETS["multiview"]
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + server_round)
+    stats = train_local(
+        model.to(device),
+        data.loader("train", cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed + server_round),
+        lr=cfg.lr_at(server_round),
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        epochs=cfg.local_epochs,
+        steps=cfg.local_steps,
+        device=device,
+        amp=cfg.amp,
+        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+        augment=(lambda x: augment(x, aug_cfg, gen)) if cfg.augment else None,
+    )
+    metrics = {
+        "num-examples": stats.examples,
+        "train_loss": stats.loss,
+        "train_seconds": stats.seconds,
+        "train_images_per_s": stats.images_per_s,
+        "train_steps": stats.steps,
+        "lr": cfg.lr_at(server_round),
+    }
+    return _reply(
+        msg,
+        {
+            "arrays": ArrayRecord(model.cpu().state_dict()),
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord({"name": site_name_of(context, data), "status": "ok", "reason": ""}),
+        },
+    )
+
+
+def split_metrics(split: str, y: np.ndarray, p: np.ndarray, loss: float, exams: int, cfg: RunConfig, with_ci: bool) -> dict:
+    """Fixed key set per split, NaN where undefined, so every site's reply has the same keys."""
+    out: dict[str, float | int | list[int]] = {f"{split}_exams": exams, f"{split}_loss": loss if math.isfinite(loss) else float("nan")}
+    if len(y):
+        point = binary_metrics(y, p)
+    else:
+        point = {k: float("nan") for k in BINARY_METRIC_KEYS} | {"n": 0, "n_pos": 0, "n_neg": 0}
+    out.update({f"{split}_{k}": v for k, v in point.items()})
+    if with_ci:
+        ci = bootstrap_ci(y, p, metrics=CI_METRICS, n_boot=cfg.bootstrap, seed=cfg.seed) if len(y) and cfg.bootstrap else {}
+        for m in CI_METRICS:
+            _, lo, hi = ci.get(m, (math.nan, math.nan, math.nan))
+            out[f"{split}_{m}_lo"], out[f"{split}_{m}_hi"] = lo, hi
+    return out
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
+    try:
+        cfg, data, model = _load(msg, context)
+    except SiteUnavailable as exc:
+        return _unable(msg, context, str(exc))
+    device = pick_device()
+    metrics: dict = {}
+    for split in ("val", "test"):
+        y, p, loss = predict(model.to(device), data.loader(split, cfg.batch_size, shuffle=False, workers=cfg.workers), device, cfg.amp)
+        metrics.update(split_metrics(split, y, p, loss, data.exams(split), cfg, with_ci=split == "test"))
+        if split == "test":
+            hist = score_histogram(y, p, bins=cfg.hist_bins) if len(y) else None
+            n_bins = cfg.hist_bins
+            metrics["test_hist_pos"] = hist["hist_pos"] if hist else [0] * n_bins
+            metrics["test_hist_neg"] = hist["hist_neg"] if hist else [0] * n_bins
+            if cfg.hist_noise_epsilon > 0 and hist:
+                from fedbreast.shared.metrics import add_laplace_noise
+
+                noisy = add_laplace_noise(hist, cfg.hist_noise_epsilon, np.random.default_rng())
+                metrics["test_hist_pos"], metrics["test_hist_neg"] = noisy["hist_pos"], noisy["hist_neg"]
+    metrics["num-examples"] = data.exams("test")
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    return _reply(
+        msg,
+        {
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord({"name": site_name_of(context, data), "status": "ok", "reason": ""}),
+        },
+    )

@@ -1,0 +1,260 @@
+"""The coordinator's round loop: train, validate updates, aggregate, evaluate, keep every site.
+
+We drive Flower strategies' configure/aggregate steps ourselves rather than calling
+``Strategy.start`` because the product needs what ``start`` does not give: resuming at
+round k from a checkpoint, dropping a bad update (NaN, wrong shape) with the site named
+before it can poison the average, sites that answer "unable" instead of failing the
+round, per-site metrics written as they arrive, and a clean stop when too few sites come.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fedbreast.server.checkpoints import check_resumable, load_checkpoint, save_checkpoint
+from fedbreast.server.metric_store import MetricStore
+from fedbreast.server.strategies import build_strategy
+from fedbreast.server.validation import check_update
+from fedbreast.shared.config import RunConfig
+from fedbreast.shared.metrics import auc_binning_bound, pooled_auc_from_histograms, weighted_mean
+
+log = logging.getLogger("fedbreast.server")
+
+HIST_KEYS = ("test_hist_pos", "test_hist_neg")
+
+
+class FederationStopped(RuntimeError):
+    """The run stopped cleanly for a reason the coordinator must read (too few sites...)."""
+
+
+@dataclass
+class SiteReply:
+    site: str
+    node_id: int
+    metrics: dict[str, Any]
+    arrays: dict[str, np.ndarray] | None
+    message: Message
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    sites_trained: list[str] = field(default_factory=list)
+    sites_evaluated: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # site -> reason
+    aggregate: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    slowest_site_seconds: float = 0.0
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class FederatedRun:
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, initial: dict[str, np.ndarray], echo=print):
+        self.grid, self.cfg, self.run_dir = grid, cfg, Path(run_dir)
+        self.store = MetricStore(self.run_dir)
+        self.strategy = build_strategy(cfg)
+        self.names: dict[int, str] = {}  # node id -> site name, learned from replies
+        self.echo = echo
+        self.arrays = initial
+        self.start_round = 1
+        self.best_value: float | None = None
+        self.history: list[RoundOutcome] = []
+        self._resume()
+
+    # ---- checkpoints and resume -----------------------------------------------------------
+    def _resume(self) -> None:
+        ckpt = load_checkpoint(self.run_dir, "latest")
+        if ckpt is None:
+            return
+        check_resumable(ckpt, self.cfg.model_signature(), str(self.run_dir / "checkpoints" / "latest.pt"))
+        self.arrays = ckpt.arrays
+        self.start_round = ckpt.round + 1
+        dropped = self.store.truncate_after(ckpt.round)
+        best = load_checkpoint(self.run_dir, "best")
+        if best is not None:
+            self.best_value = best.meta.get("key_value")
+        self.echo(f"resuming from {self.run_dir / 'checkpoints' / 'latest.pt'} at round {self.start_round}"
+                  + (f" ({dropped} metric rows of the interrupted round discarded)" if dropped else ""))
+
+    def _meta(self, server_round: int, aggregate: dict[str, float]) -> dict[str, Any]:
+        return {
+            "round": server_round,
+            "config": self.cfg.to_flower(),
+            "model_signature": self.cfg.model_signature(),
+            "metrics": {k: v for k, v in aggregate.items() if isinstance(v, (int, float))},
+            "key_metric": self.cfg.key_metric,
+            "key_value": aggregate.get(self.cfg.key_metric),
+            "time": time.time(),
+        }
+
+    def _checkpoint(self, server_round: int, aggregate: dict[str, float]) -> None:
+        meta = self._meta(server_round, aggregate)
+        value = aggregate.get(self.cfg.key_metric)
+        if value is not None and math.isfinite(value):
+            better = self.best_value is None or (value < self.best_value if self.cfg.key_metric == "val_loss" else value > self.best_value)
+            if better:
+                self.best_value = value
+                save_checkpoint(self.run_dir, "best", self.arrays, meta)
+        # latest last: a crash between the two never leaves "latest" ahead of "best"
+        save_checkpoint(self.run_dir, "latest", self.arrays, meta)
+
+    # ---- sites ------------------------------------------------------------------------------
+    def wait_for_sites(self) -> list[int]:
+        """Wait up to ``wait_for_sites`` seconds for the minimum; stop cleanly otherwise."""
+        deadline = time.monotonic() + self.cfg.wait_for_sites
+        while True:
+            nodes = list(self.grid.get_node_ids())
+            if len(nodes) >= self.cfg.min_available_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise FederationStopped(
+                    f"only {len(nodes)} site(s) connected after {self.cfg.wait_for_sites:.0f} s; "
+                    f"min-available-sites is {self.cfg.min_available_sites}. Stopping without training."
+                )
+            time.sleep(1.0)
+
+    def _site(self, node_id: int) -> str:
+        return self.names.get(node_id, f"node-{node_id}")
+
+    def _exchange(self, messages: Iterable[Message], phase: str, server_round: int, outcome: RoundOutcome) -> list[SiteReply]:
+        """Send, collect within the round timeout, and sort replies into usable ones and failures."""
+        messages = list(messages)
+        sent_to = {m.metadata.dst_node_id for m in messages}
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        by_msg_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        usable: list[SiteReply] = []
+        answered: set[int] = set()
+        for reply in replies:
+            # A dead node's error comes from the SuperLink itself: map it back by message id.
+            node = by_msg_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
+            if reply.has_error():
+                self._fail(outcome, server_round, phase, node, f"error: {reply.error.reason}")
+                continue
+            content = reply.content
+            site_info = content.get("site") if "site" in content else None
+            if isinstance(site_info, ConfigRecord) and site_info.get("name"):
+                self.names[node] = str(site_info["name"])
+            status = str(site_info.get("status", "ok")) if isinstance(site_info, ConfigRecord) else "ok"
+            if status != "ok":
+                self._fail(outcome, server_round, phase, node, f"unable: {site_info.get('reason', '')}")
+                continue
+            metrics = dict(next(iter(content.metric_records.values()), {}))
+            arrays = to_numpy(content["arrays"]) if "arrays" in content.array_records else None
+            usable.append(SiteReply(self._site(node), node, metrics, arrays, reply))
+        for node in sent_to - answered:
+            self._fail(outcome, server_round, phase, node, f"no reply within the round timeout ({self.cfg.round_timeout:.0f} s)")
+        return usable
+
+    def _fail(self, outcome: RoundOutcome, server_round: int, phase: str, node: int, reason: str) -> None:
+        site = self._site(node)
+        outcome.failures[site] = reason
+        log.warning("round %d %s: site %s: %s", server_round, phase, site, reason)
+        self.echo(f"  round {server_round} {phase}: site {site} left out: {reason}")
+        self.store.append(server_round, "failure", site, {"stage": phase, "reason": reason})
+
+    # ---- one round --------------------------------------------------------------------------
+    def train_round(self, server_round: int, outcome: RoundOutcome) -> None:
+        config = ConfigRecord({"server-round": server_round})
+        messages = self.strategy.configure_train(server_round, to_record(self.arrays), config, self.grid)
+        replies = self._exchange(messages, "train", server_round, outcome)
+        good: list[SiteReply] = []
+        for r in replies:
+            problem = check_update(r.site, r.arrays or {}, self.arrays) if r.arrays is not None else None
+            if r.arrays is None:
+                problem_reason = "reply carried no model arrays"
+            elif problem is not None:
+                problem_reason = problem.reason
+            else:
+                good.append(r)
+                self.store.append(server_round, "train", r.site, r.metrics)
+                continue
+            self._fail(outcome, server_round, "train", r.node_id, f"update dropped: {problem_reason}")
+        outcome.sites_trained = [r.site for r in good]
+        outcome.slowest_site_seconds = max((float(r.metrics.get("train_seconds", 0)) for r in good), default=0.0)
+        if len(good) < self.cfg.min_train_sites:
+            self.echo(f"  round {server_round}: {len(good)} usable update(s), fewer than min-train-sites "
+                      f"({self.cfg.min_train_sites}); the global model is unchanged this round")
+            return
+        # Replies must share metric keys for Flower's aggregation; ours do by construction.
+        agg, _ = self.strategy.aggregate_train(server_round, [r.message for r in good])
+        if agg is not None:
+            # Averaging turns integer buffers (BatchNorm's num_batches_tracked) into floats: cast back.
+            self.arrays = {k: np.asarray(v.numpy()).astype(self.arrays[k].dtype) for k, v in agg.items()}
+
+    def evaluate_round(self, server_round: int, outcome: RoundOutcome) -> None:
+        config = ConfigRecord({"server-round": server_round})
+        messages = self.strategy.configure_evaluate(server_round, to_record(self.arrays), config, self.grid)
+        replies = self._exchange(messages, "evaluate", server_round, outcome)
+        outcome.sites_evaluated = [r.site for r in replies]
+        for r in replies:
+            # Histograms are aggregate counts (no per-patient score); kept for per-site ROC curves.
+            self.store.append(server_round, "evaluate", r.site, r.metrics)
+            outcome.slowest_site_seconds = max(outcome.slowest_site_seconds, float(r.metrics.get("eval_seconds", 0)))
+        if not replies:
+            return
+        scalar = [{k: v for k, v in r.metrics.items() if isinstance(v, (int, float))} for r in replies]
+        agg = weighted_mean(scalar, weight_key="num-examples", sum_keys=("num-examples", "val_exams", "test_exams", "val_n", "test_n"))
+        hists = [{"hist_pos": r.metrics["test_hist_pos"], "hist_neg": r.metrics["test_hist_neg"]} for r in replies if "test_hist_pos" in r.metrics]
+        if hists and sum(sum(h["hist_pos"]) for h in hists) and sum(sum(h["hist_neg"]) for h in hists):
+            with_edges = [self._with_edges(h) for h in hists]
+            agg["test_pooled_auc"] = pooled_auc_from_histograms(with_edges)
+            agg["test_pooled_auc_binning_bound"] = auc_binning_bound(with_edges)
+        agg["sites"] = len(replies)
+        outcome.aggregate = agg
+        self.store.append(server_round, "aggregate", "ALL", agg)
+
+    def _with_edges(self, hist: dict) -> dict:
+        from fedbreast.shared.metrics import default_bin_edges
+
+        return {**hist, "hist_edges": list(default_bin_edges(self.cfg.hist_bins))}
+
+    # ---- the run ----------------------------------------------------------------------------
+    def run(self) -> list[RoundOutcome]:
+        if self.start_round > self.cfg.rounds:
+            self.echo(f"all {self.cfg.rounds} rounds are already done in {self.run_dir}")
+            return self.history
+        self.wait_for_sites()
+        for server_round in range(self.start_round, self.cfg.rounds + 1):
+            t0 = time.perf_counter()
+            outcome = RoundOutcome(server_round)
+            self.train_round(server_round, outcome)
+            self.evaluate_round(server_round, outcome)
+            outcome.seconds = time.perf_counter() - t0
+            self.store.append(server_round, "round", "ALL", {"seconds": outcome.seconds, "slowest_site_seconds": outcome.slowest_site_seconds,
+                                                             "sites_trained": len(outcome.sites_trained), "failures": len(outcome.failures)})
+            self._checkpoint(server_round, outcome.aggregate)
+            self.history.append(outcome)
+            self.echo(self._progress_line(outcome))
+        save_checkpoint(self.run_dir, "final", self.arrays, self._meta(self.cfg.rounds, self.history[-1].aggregate if self.history else {}))
+        return self.history
+
+    def _progress_line(self, o: RoundOutcome) -> str:
+        per_site = ", ".join(
+            f"{r['site']} {_fmt(r.get('val_auc'))}"
+            for r in self.store.rows("evaluate") if r["round"] == o.round
+        )
+        agg = o.aggregate
+        return (f"round {o.round}/{self.cfg.rounds}  {o.seconds:5.1f} s  trained {len(o.sites_trained)}  "
+                f"val AUC mean {_fmt(agg.get('val_auc'))} [{per_site}]  test pooled AUC {_fmt(agg.get('test_pooled_auc'))}"
+                + (f"  failures: {', '.join(o.failures)}" if o.failures else ""))
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"

@@ -1,0 +1,141 @@
+"""The run report: per-site summary (Markdown + CSV), ROC curves per site, learning curves.
+
+Everything is computed from metrics.jsonl, so a report can be rebuilt for any run
+directory after the fact (``write_report``), including one written by an interrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from fedbreast.server.metric_store import MetricStore
+from fedbreast.shared.config import RunConfig
+from fedbreast.shared.metrics import default_bin_edges, pooled_roc_from_histograms
+
+COLUMNS = (
+    ("test_auc", "AUC"),
+    ("test_accuracy", "ACC"),
+    ("test_sensitivity", "SEN"),
+    ("test_specificity", "SPE"),
+    ("test_ppv", "PPV"),
+    ("test_npv", "NPV"),
+    ("test_f1", "F1"),
+    ("test_mcc", "MCC"),
+    ("test_gmean", "G-mean"),
+    ("test_spec_at_sens100", "SPE@SEN100"),
+    ("test_brier", "Brier"),
+)
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _with_ci(row: dict, key: str) -> str:
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if lo is None or hi is None:
+        return _f(row.get(key))
+    return f"{_f(row.get(key))} ({_f(lo)}-{_f(hi)})"
+
+
+def final_site_rows(store: MetricStore) -> tuple[int, list[dict]]:
+    rows = store.rows("evaluate")
+    if not rows:
+        return 0, []
+    last = max(r["round"] for r in rows)
+    return last, sorted((r for r in rows if r["round"] == last), key=lambda r: r["site"])
+
+
+def write_report(run_dir: Path, cfg: RunConfig, baselines: dict[str, dict[str, float]] | None = None) -> dict[str, Path]:
+    """Write summary.md, summary.csv, roc.png and learning_curves.png; return their paths."""
+    run_dir = Path(run_dir)
+    store = MetricStore(run_dir)
+    last, sites = final_site_rows(store)
+    aggregate = next((r for r in reversed(store.rows("aggregate")) if r["round"] == last), {})
+    failures = [r for r in store.rows("failure")]
+    paths = {"markdown": run_dir / "summary.md", "csv": run_dir / "summary.csv"}
+
+    with open(paths["csv"], "w", newline="") as fh:
+        w = csv.writer(fh)
+        header = ["site", "round", "test_exams", "test_n"] + [k for k, _ in COLUMNS] + [f"test_auc_{b}" for b in ("lo", "hi")]
+        if baselines:
+            header += ["local_only_test_auc", "pooled_test_auc"]
+        w.writerow(header)
+        for r in sites:
+            row = [r["site"], r["round"], r.get("test_exams"), r.get("test_n")] + [r.get(k) for k, _ in COLUMNS]
+            row += [r.get("test_auc_lo"), r.get("test_auc_hi")]
+            if baselines:
+                b = baselines.get(r["site"], {})
+                row += [b.get("local"), b.get("pooled")]
+            w.writerow(row)
+
+    lines = [f"# fedbreast run report", "", f"Model {cfg.model}/{cfg.backbone}, {cfg.view_fusion} view fusion, "
+             f"{cfg.image_h}x{cfg.image_w}, strategy {cfg.strategy}, {last} of {cfg.rounds} rounds.", ""]
+    lines += ["## Global model on each site's test split (95% bootstrap CI)", ""]
+    lines.append("| site | exams | breasts | " + " | ".join(label for _, label in COLUMNS) + " |")
+    lines.append("|---|---|---|" + "---|" * len(COLUMNS))
+    for r in sites:
+        cells = [_with_ci(r, k) if k in ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "test_mcc", "test_spec_at_sens100") else _f(r.get(k)) for k, _ in COLUMNS]
+        lines.append(f"| {r['site']} | {r.get('test_exams')} | {r.get('test_n')} | " + " | ".join(cells) + " |")
+    lines += ["", f"Weighted mean test AUC {_f(aggregate.get('test_auc'))}; pooled test AUC across sites from score histograms "
+              f"{_f(aggregate.get('test_pooled_auc'))} (binning error bound {_f(aggregate.get('test_pooled_auc_binning_bound'), 4)}); "
+              f"no per-patient score left any site.", ""]
+    if baselines:
+        lines += ["## Federated vs local-only vs pooled (test AUC, same budget)", "", "| site | federated | local-only | pooled |", "|---|---|---|---|"]
+        for r in sites:
+            b = baselines.get(r["site"], {})
+            lines.append(f"| {r['site']} | {_f(r.get('test_auc'))} | {_f(b.get('local'))} | {_f(b.get('pooled'))} |")
+        lines.append("")
+    if failures:
+        lines += ["## Sites left out of a round", "", "| round | site | stage | reason |", "|---|---|---|---|"]
+        lines += [f"| {f['round']} | {f['site']} | {f.get('stage')} | {f.get('reason')} |" for f in failures]
+        lines.append("")
+    lines += ["Files: `metrics.jsonl` (round x site), `summary.csv`, `roc.png`, `learning_curves.png`, `checkpoints/`.", ""]
+    paths["markdown"].write_text("\n".join(lines))
+    paths.update(_plots(run_dir, store, sites, cfg))
+    return paths
+
+
+def _plots(run_dir: Path, store: MetricStore, sites: list[dict], cfg: RunConfig) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, Path] = {}
+    edges = list(default_bin_edges(cfg.hist_bins))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for r in sites:
+        pos, neg = r.get("test_hist_pos"), r.get("test_hist_neg")
+        if pos and neg and sum(pos) and sum(neg):
+            fpr, tpr = pooled_roc_from_histograms([{"hist_edges": edges, "hist_pos": pos, "hist_neg": neg}])
+            ax.plot(fpr, tpr, label=f"{r['site']} (AUC {_f(r.get('test_auc'))})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Test ROC per site (global model)")
+    ax.legend(loc="lower right", fontsize=8)
+    out["roc"] = run_dir / "roc.png"
+    fig.savefig(out["roc"], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    by_site: dict[str, list[dict]] = {}
+    for r in store.rows("evaluate"):
+        by_site.setdefault(r["site"], []).append(r)
+    for site, rows in sorted(by_site.items()):
+        a1.plot([r["round"] for r in rows], [r.get("val_auc") if r.get("val_auc") is not None else float("nan") for r in rows], marker="o", label=site)
+    train: dict[str, list[dict]] = {}
+    for r in store.rows("train"):
+        train.setdefault(r["site"], []).append(r)
+    for site, rows in sorted(train.items()):
+        a2.plot([r["round"] for r in rows], [r.get("train_loss") for r in rows], marker="o", label=site)
+    a1.set(xlabel="round", ylabel="validation AUC", title="Validation AUC per site")
+    a2.set(xlabel="round", ylabel="training loss", title="Local training loss per site")
+    for a in (a1, a2):
+        a.legend(fontsize=8)
+    out["learning_curves"] = run_dir / "learning_curves.png"
+    fig.savefig(out["learning_curves"], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
