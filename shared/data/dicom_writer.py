@@ -52,6 +52,10 @@ class DicomMeta:
     series_description: str | None = None  # default: derived from view and energy
     transfer_syntax: str = "explicit"  # explicit | rle | jpeg2000
     study_date: str = "20260101"
+    # Empty: a fresh random UID. The phantom generator passes seed-derived UIDs so that
+    # the same seed writes byte-identical files.
+    sop_instance_uid: str = ""
+    series_uid: str = ""
     extra: dict[str, object] = field(default_factory=dict)  # any further tag keyword -> value
 
 
@@ -68,7 +72,7 @@ def write_dicom(path: str | Path, pixels: np.ndarray, meta: DicomMeta) -> Path:
     sop_class = MG_FOR_PRESENTATION if meta.modality == "MG" else UltrasoundImageStorage
     file_meta = FileMetaDataset()
     file_meta.MediaStorageSOPClassUID = sop_class
-    file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    file_meta.MediaStorageSOPInstanceUID = meta.sop_instance_uid or generate_uid()
     file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
     ds = Dataset()
@@ -78,7 +82,7 @@ def write_dicom(path: str | Path, pixels: np.ndarray, meta: DicomMeta) -> Path:
     ds.PatientID = meta.patient_id
     ds.PatientName = f"PHANTOM^{meta.patient_id}"
     ds.StudyInstanceUID = meta.study_uid
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = meta.series_uid or generate_uid()
     ds.AccessionNumber = meta.accession
     ds.StudyDate = meta.study_date
     ds.ContentDate = meta.study_date
