@@ -72,9 +72,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
+def _parse_overrides(args: argparse.Namespace) -> dict:
+    from fedbreast.shared.config import RunConfig
+    from fedbreast.shared.data.rules import ConfigError
+
+    raw: dict[str, str] = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a run-config key such as local-epochs=2")
+        key, value = item.split("=", 1)
+        raw[key.strip()] = value.strip()
+    for flag, key in (("rounds", "rounds"), ("backbone", "backbone"), ("view_fusion", "view-fusion"), ("strategy", "strategy")):
+        if getattr(args, flag) is not None:
+            raw[key] = getattr(args, flag)
+    if args.image_size:
+        try:
+            h, w = args.image_size.lower().split("x")
+        except ValueError:
+            raise ConfigError(f"--image-size {args.image_size!r}: expected HxW, e.g. 256x128") from None
+        raw["image-h"], raw["image-w"] = h, w
+    parsed = RunConfig.from_flower(raw)  # validates keys and values; only the given keys are kept
+    return {name: getattr(parsed, name) for name in (k.replace("-", "_") for k in raw)}
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedbreast.simulation.simulate import simulate
+
+    overrides = _parse_overrides(args)
+    simulate(Path(args.out), sites=args.sites, patients=args.patients, seed=args.seed, baselines=args.baselines,
+             overrides=overrides, data_dir=Path(args.data) if args.data else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedbreast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="the main job: a federated run on generated hospitals, ending in a per-site report")
+    p.add_argument("--out", default="runs/simulate", help="run directory (config, metrics.jsonl, report, checkpoints)")
+    p.add_argument("--data", help="where generated and ingested sites live (default: next to the run directory)")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--patients", type=int, default=80, help="patients per site (sites differ in size around this)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--backbone")
+    p.add_argument("--view-fusion", choices=["average", "concat"])
+    p.add_argument("--strategy")
+    p.add_argument("--image-size", help="HxW per view, e.g. 256x128")
+    p.add_argument("--baselines", action="store_true", help="also train local-only and pooled models with the same budget")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key, e.g. --set local-epochs=2")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="generate simulated hospitals, ingest and check each, print a per-site report")
     p.add_argument("--out", default="runs/demo")

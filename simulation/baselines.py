@@ -1,0 +1,54 @@
+"""What federated learning is judged against: local-only models and a pooled (centralised) model.
+
+Both get the federated run's budget: ``rounds x local_epochs`` passes over their data with
+the same optimiser, schedule and augmentation, and both are scored on each site's test
+split exactly as the federated model is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedbreast.client.site_data import SiteData
+from fedbreast.shared.config import RunConfig
+from fedbreast.shared.data.augment import AUGMENT_PRESETS, augment
+from fedbreast.shared.metrics import binary_metrics
+from fedbreast.shared.models.factory import build_model
+from fedbreast.shared.training.local import predict, train_local
+from fedbreast.shared.training.pooled import InterleavedLoader
+
+
+def _train(loader, cfg: RunConfig) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    aug = AUGMENT_PRESETS["multiview"]
+    for epoch in range(1, cfg.rounds * cfg.local_epochs + 1):
+        train_local(
+            model, loader, lr=cfg.lr_at((epoch - 1) // cfg.local_epochs + 1), momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, steps=cfg.local_steps, amp=cfg.amp,
+            augment=(lambda x: augment(x, aug, gen)) if cfg.augment else None,
+        )
+    return model
+
+
+def test_auc(model: torch.nn.Module, data: SiteData, cfg: RunConfig) -> float:
+    y, p, _ = predict(model, data.loader("test", cfg.batch_size, shuffle=False, workers=0), amp=cfg.amp)
+    return binary_metrics(y, p)["auc"] if len(y) else float("nan")
+
+
+def run_baselines(sites: list[SiteData], cfg: RunConfig, echo=print) -> dict[str, dict[str, float]]:
+    """{site: {"local": test AUC of its local-only model, "pooled": test AUC of the pooled model}}."""
+    out: dict[str, dict[str, float]] = {s.name: {} for s in sites}
+    for data in sites:
+        model = _train(data.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=cfg.seed), cfg)
+        out[data.name]["local"] = test_auc(model, data, cfg)
+        echo(f"baseline local-only {data.name}: test AUC {out[data.name]['local']:.3f}")
+    pooled_loader = InterleavedLoader(
+        [s.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=cfg.seed) for s in sites], seed=cfg.seed
+    )
+    model = _train(pooled_loader, cfg)
+    for data in sites:
+        out[data.name]["pooled"] = test_auc(model, data, cfg)
+    echo("baseline pooled: " + ", ".join(f"{n} {v['pooled']:.3f}" for n, v in out.items()))
+    return out

@@ -1,0 +1,190 @@
+"""Running our ServerApp + ClientApp on Flower's simulation engine, blocking, from Python.
+
+The non-deprecated path in Flower 1.41 (run_simulation is deprecated and ignores the run
+config): our own in-memory SuperLink in simulation mode on free loopback ports, a
+connection written into a private FLWR_HOME, then ``flwr run APP CONN --stream``.
+``flwr run`` exits 0 even when the ServerApp fails, so the real status is read back with
+``flwr ls``. Nothing leaves the machine: telemetry, update checks and the SuperLink's
+runtime dependency install are all switched off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from fedbreast.shared.config import RunConfig
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+HARNESS_DEFAULTS = {"sim-sites-dir": "", "run-dir": ""}
+
+
+class SimulationFailed(RuntimeError):
+    """The Flower run did not finish as completed; the message carries Flower's status."""
+
+
+def bin_path(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value)) if abs(value) < 1e15 else repr(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
+
+
+def app_config_toml() -> str:
+    """``[tool.flwr.app.config]``: every run-config key with its default (Flower only
+    accepts overrides of keys declared here)."""
+    items = {**RunConfig().to_flower(), **HARNESS_DEFAULTS}
+    return "\n".join(f"{k} = {toml_value(v)}" for k, v in items.items())
+
+
+def write_app_dir(path: Path) -> Path:
+    """A minimal Flower app folder whose components are the installed fedbreast apps.
+
+    The FAB built from it holds only this pyproject; the code that runs is the installed
+    fedbreast package, so the app works from an editable or a regular install alike.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    from fedbreast import __version__
+
+    (path / "pyproject.toml").write_text(
+        f"""[build-system]
+requires = ["setuptools>=69"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedbreast-app"
+version = "{__version__}"
+description = "fedbreast ServerApp and ClientApp (the installed fedbreast package)"
+license = "Apache-2.0"
+dependencies = ["fedbreast"]
+
+[tool.flwr.app]
+publisher = "fedbreast"
+
+[tool.flwr.app.components]
+serverapp = "fedbreast.server.app:app"
+clientapp = "fedbreast.client.app:app"
+
+[tool.flwr.app.config]
+{app_config_toml()}
+"""
+    )
+    return path
+
+
+@contextmanager
+def simulation_superlink(home: Path, log_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """Start an in-memory simulation SuperLink; yield (connection name, env); stop it after."""
+    port = free_port()
+    # The SuperLink starts flower-superexec / flwr-simulation by name: our venv's bin must be on PATH.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, **QUIET_ENV, FLWR_HOME=str(home), PATH=path)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedbreast-sim"\n\n[superlink.fedbreast-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    log = open(log_path, "w")
+    link = subprocess.Popen(
+        [bin_path("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if link.poll() is not None:
+                raise SimulationFailed(f"the SuperLink exited with code {link.returncode}; see {log_path}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SimulationFailed(f"the SuperLink did not become healthy in 60 s; see {log_path}") from None
+                time.sleep(0.2)
+        yield "fedbreast-sim", env
+    finally:
+        if link.poll() is None:
+            os.killpg(link.pid, signal.SIGTERM)
+            try:
+                link.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(link.pid, signal.SIGKILL)
+                link.wait()
+        log.close()
+
+
+def run_simulation(
+    run_dir: Path,
+    run_config: Mapping[str, Any],
+    num_sites: int,
+    cpus_per_site: float = 1.0,
+    stream: bool = True,
+) -> dict[str, Any]:
+    """Run the federation on ``num_sites`` simulated SuperNodes; return Flower's run record."""
+    run_dir = Path(run_dir).resolve()
+    flower_dir = run_dir / "flower"
+    app_dir = write_app_dir(flower_dir / "app")
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+    with simulation_superlink(flower_dir / "home", flower_dir / "superlink.log") as (conn, env):
+        cmd = [bin_path("flwr"), "run", str(app_dir), conn, "--run-config", overrides,
+               "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={toml_value(cpus_per_site)}"]
+        if stream:
+            cmd.append("--stream")
+        with open(flower_dir / "flwr-run.log", "w") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                if stream and _is_progress(line):
+                    print(_strip_log_prefix(line), flush=True)
+            proc.wait()
+        listing = subprocess.run([bin_path("flwr"), "ls", conn, "--format", "json"], env=env, capture_output=True, text=True)
+        try:
+            runs = json.loads(listing.stdout)["runs"]
+        except (ValueError, KeyError):
+            raise SimulationFailed(f"could not read the run status: {listing.stdout or listing.stderr}") from None
+        if not runs:
+            raise SimulationFailed(f"Flower started no run; see {flower_dir / 'flwr-run.log'}")
+        record = runs[-1]
+        logs = subprocess.run([bin_path("flwr"), "log", str(record["run-id"]), conn, "--show"], env=env, capture_output=True, text=True)
+        (flower_dir / "run.log").write_text(logs.stdout)
+    if record.get("status") != "finished:completed":
+        raise SimulationFailed(f"Flower run {record.get('run-id')} ended {record.get('status')}: {record.get('status-details')} "
+                               f"(logs: {flower_dir / 'run.log'})")
+    return record
+
+
+def _strip_log_prefix(line: str) -> str:
+    return line.rstrip("\n").split(" : ", 1)[-1] if " : " in line else line.rstrip("\n")
+
+
+def _is_progress(line: str) -> bool:
+    # Our ServerApp prints its own progress lines; Flower's INFO chatter stays in the log file.
+    text = _strip_log_prefix(line)
+    return text.startswith(("fedbreast:", "round ", "  round ", "resuming", "report:", "all "))
