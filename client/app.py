@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from fedbreast.client.site_data import SiteData, SiteUnavailable, site_for
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.data.manifest import read_site_meta
 from fedbreast.shared.data.augment import AUGMENT_PRESETS, augment
 from fedbreast.shared.metrics import BINARY_METRIC_KEYS, binary_metrics, bootstrap_ci, score_histogram
 from fedbreast.shared.models.factory import build_model
@@ -44,7 +45,7 @@ def site_dir_of(context: Context) -> Path:
         return Path(str(node["data-path"]))
     sim_root = context.run_config.get("sim-sites-dir")
     if sim_root and "partition-id" in node:
-        sites = sorted(p for p in Path(str(sim_root)).iterdir() if (p / "manifest.jsonl").exists())
+        sites = sorted(p for p in Path(str(sim_root)).iterdir() if p.is_dir())
         pid = int(node["partition-id"])
         if pid >= len(sites):
             raise SiteUnavailable(f"simulated partition {pid} has no site under {sim_root} ({len(sites)} sites)")
@@ -53,11 +54,19 @@ def site_dir_of(context: Context) -> Path:
 
 
 def site_name_of(context: Context, data: SiteData | None = None) -> str:
+    """The name the site reports under: node config, else its manifest's, else its folder's."""
     if "site-name" in context.node_config:
         return str(context.node_config["site-name"])
     if data is not None:
         return data.name
-    return f"node-{context.node_id}"
+    try:
+        folder = site_dir_of(context)
+    except SiteUnavailable:
+        return f"node-{context.node_id}"
+    try:
+        return str(read_site_meta(folder).get("site") or folder.name)
+    except ValueError:
+        return folder.name
 
 
 def _reply(msg: Message, records: dict) -> Message:

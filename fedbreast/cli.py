@@ -100,7 +100,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     overrides = _parse_overrides(args)
     simulate(Path(args.out), sites=args.sites, patients=args.patients, seed=args.seed, baselines=args.baselines,
-             overrides=overrides, data_dir=Path(args.data) if args.data else None)
+             overrides=overrides, data_dir=Path(args.data) if args.data else None,
+             sites_dir=Path(args.sites_dir) if args.sites_dir else None)
     return 0
 
 
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="the main job: a federated run on generated hospitals, ending in a per-site report")
     p.add_argument("--out", default="runs/simulate", help="run directory (config, metrics.jsonl, report, checkpoints)")
     p.add_argument("--data", help="where generated and ingested sites live (default: next to the run directory)")
+    p.add_argument("--sites-dir", help="run on these already-ingested site directories (one folder per site) instead of generated ones")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients", type=int, default=80, help="patients per site (sites differ in size around this)")
     p.add_argument("--seed", type=int, default=0)

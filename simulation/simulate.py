@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedbreast.client.site_data import site_for
+from fedbreast.client.site_data import SiteUnavailable, site_for
 from fedbreast.server.report import write_report
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.generate import generate_federation
@@ -56,20 +56,36 @@ def simulate(
     baselines: bool = False,
     overrides: dict[str, Any] | None = None,
     data_dir: Path | None = None,
+    sites_dir: Path | None = None,
     echo=print,
 ) -> dict[str, Any]:
+    """Run the federation; with ``sites_dir``, on already-ingested site directories
+    (one sub-folder per site, e.g. CDD-CESM imported per machine) instead of generated ones."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     cfg = RunConfig(**{**PRESET, "min_available_sites": sites, "min_train_sites": 1, "min_evaluate_sites": 1, "seed": seed}).replace(**(overrides or {}))
-    data_dir = Path(data_dir or run_dir.parent / "data").resolve()
-    site_dirs = prepare_federation(data_dir, sites, patients, seed, echo)
+    if sites_dir is not None:
+        sites_root = Path(sites_dir).resolve()
+        site_dirs = sorted(p for p in sites_root.iterdir() if p.is_dir())
+        if not site_dirs:
+            raise FileNotFoundError(f"{sites_root}: no site directories in it")
+        cfg = cfg.replace(min_available_sites=len(site_dirs))
+    else:
+        data_dir = Path(data_dir or run_dir.parent / "data").resolve()
+        site_dirs = prepare_federation(data_dir, sites, patients, seed, echo)
+        sites_root = data_dir / "sites"
     t = time.perf_counter()
-    site_data = [site_for(d, cfg) for d in site_dirs]
+    site_data = []
+    for d in site_dirs:
+        try:
+            site_data.append(site_for(d, cfg))
+        except SiteUnavailable as exc:  # the federation runs on; that site reports itself unable
+            echo(f"warning: {d.name} cannot train: {exc}")
     echo(f"caches warm in {time.perf_counter() - t:.0f} s: "
          + ", ".join(f"{s.name} {s.exams('train')}/{s.exams('val')}/{s.exams('test')} train/val/test exams" for s in site_data))
-    run_config = {**cfg.to_flower(), "sim-sites-dir": str(data_dir / "sites"), "run-dir": str(run_dir)}
+    run_config = {**cfg.to_flower(), "sim-sites-dir": str(sites_root), "run-dir": str(run_dir)}
     t = time.perf_counter()
-    record = run_simulation(run_dir, run_config, num_sites=sites)
+    record = run_simulation(run_dir, run_config, num_sites=len(site_dirs))
     federated_s = time.perf_counter() - t
     results: dict[str, Any] = {"run": record, "federated_seconds": federated_s}
     if baselines:
