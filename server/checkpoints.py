@@ -38,7 +38,7 @@ class Checkpoint:
 def content_hash(arrays: Mapping[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for key in sorted(arrays):
-        arr = np.ascontiguousarray(arrays[key])
+        arr = np.require(arrays[key], requirements="C")
         h.update(key.encode())
         h.update(str(arr.dtype).encode())
         h.update(str(arr.shape).encode())
@@ -53,7 +53,7 @@ def save_checkpoint(run_dir: Path, kind: str, arrays: Mapping[str, np.ndarray], 
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     full_meta = {**meta, "kind": kind, "sha256": content_hash(arrays)}
-    payload = {"arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, "meta": full_meta}
+    payload = {"arrays": {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()}, "meta": full_meta}
     path = folder / f"{kind}.pt"
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     os.close(fd)

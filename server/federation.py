@@ -53,7 +53,11 @@ class RoundOutcome:
     failures: dict[str, str] = field(default_factory=dict)  # site -> reason
     aggregate: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
-    slowest_site_seconds: float = 0.0
+    site_seconds: dict[str, float] = field(default_factory=dict)  # local train + eval time per site
+
+    @property
+    def slowest_site_seconds(self) -> float:
+        return max(self.site_seconds.values(), default=0.0)
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -61,7 +65,8 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    # np.ascontiguousarray would turn 0-d tensors (BatchNorm step counters) into shape (1,).
+    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
 
 
 class FederatedRun:
@@ -187,7 +192,8 @@ class FederatedRun:
                 continue
             self._fail(outcome, server_round, "train", r.node_id, f"update dropped: {problem_reason}")
         outcome.sites_trained = [r.site for r in good]
-        outcome.slowest_site_seconds = max((float(r.metrics.get("train_seconds", 0)) for r in good), default=0.0)
+        for r in good:
+            outcome.site_seconds[r.site] = float(r.metrics.get("train_seconds", 0.0))
         if len(good) < self.cfg.min_train_sites:
             self.echo(f"  round {server_round}: {len(good)} usable update(s), fewer than min-train-sites "
                       f"({self.cfg.min_train_sites}); the global model is unchanged this round")
@@ -206,7 +212,7 @@ class FederatedRun:
         for r in replies:
             # Histograms are aggregate counts (no per-patient score); kept for per-site ROC curves.
             self.store.append(server_round, "evaluate", r.site, r.metrics)
-            outcome.slowest_site_seconds = max(outcome.slowest_site_seconds, float(r.metrics.get("eval_seconds", 0)))
+            outcome.site_seconds[r.site] = outcome.site_seconds.get(r.site, 0.0) + float(r.metrics.get("eval_seconds", 0.0))
         if not replies:
             return
         scalar = [{k: v for k, v in r.metrics.items() if isinstance(v, (int, float))} for r in replies]

@@ -1,0 +1,99 @@
+"""The coordinator's round loop on real Flower messages, with the transport replaced by a stub grid.
+
+The stub answers each message the way a ClientApp would (train replies with arrays and
+metrics), so we can make one site send NaN or mis-shaped weights, which no honest
+ClientApp does, and check the loop drops exactly that update with the site named.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedbreast.server.federation import FederatedRun, FederationStopped, to_record
+from fedbreast.server.metric_store import MetricStore
+from fedbreast.shared.config import RunConfig
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    # Flower stamps messages with the running task's identity; a test is no task.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+
+
+class StubGrid:
+    """Answers train/evaluate messages per site; ``behaviour[site]`` says how."""
+
+    def __init__(self, behaviour: dict[str, str]):
+        self.behaviour = behaviour
+        self.nodes = {100 + i: site for i, site in enumerate(behaviour)}
+        self._next_id = 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for m in messages:
+            self._next_id += 1
+            m.metadata.__dict__["_message_id"] = f"m{self._next_id}"
+            site = self.nodes[m.metadata.dst_node_id]
+            how = self.behaviour[site]
+            if how == "silent":
+                continue
+            arrays = {k: v.numpy() for k, v in m.content["arrays"].items()}
+            if m.metadata.message_type == "train":
+                if how == "nan":
+                    arrays = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+                elif how == "shape":
+                    key = next(iter(arrays))
+                    arrays[key] = np.zeros((7, 7), arrays[key].dtype)
+                else:
+                    arrays = {k: v + 1.0 if v.dtype.kind == "f" else v for k, v in arrays.items()}
+                content = {"arrays": to_record(arrays), "metrics": MetricRecord({"num-examples": 10, "train_seconds": 0.1})}
+            else:
+                content = {"metrics": MetricRecord({"num-examples": 5, "val_auc": 0.7, "test_auc": 0.6})}
+            content["site"] = ConfigRecord({"name": site, "status": "ok", "reason": ""})
+            reply = Message(RecordDict(content), reply_to=m)
+            reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+            replies.append(reply)
+        return replies
+
+
+def initial() -> dict[str, np.ndarray]:
+    return {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32), "steps": np.array(0, np.int64)}
+
+
+def run_with(behaviour: dict[str, str], tmp_path, **cfg_changes) -> tuple[FederatedRun, MetricStore]:
+    cfg = RunConfig(backbone="smallcnn", rounds=1, round_timeout=1, wait_for_sites=1, **cfg_changes)
+    lines: list[str] = []
+    fed = FederatedRun(StubGrid(behaviour), cfg, tmp_path, initial(), echo=lines.append)
+    fed.run()
+    return fed, MetricStore(tmp_path)
+
+
+def test_nan_and_misshaped_updates_are_dropped_and_named(tmp_path):
+    fed, store = run_with({"good-a": "ok", "good-b": "ok", "poisoned": "nan", "broken": "shape"}, tmp_path)
+    # Only the two honest updates (+1 each) were averaged.
+    np.testing.assert_allclose(fed.arrays["w"], np.ones((2, 3)))
+    assert fed.arrays["steps"].dtype == np.int64
+    failures = {f["site"]: f["reason"] for f in store.rows("failure")}
+    assert set(failures) == {"poisoned", "broken"}
+    assert "non-finite" in failures["poisoned"] and "shape" in failures["broken"]
+    assert {r["site"] for r in store.rows("train")} == {"good-a", "good-b"}
+
+
+def test_a_silent_site_is_reported_after_the_timeout_and_the_round_closes(tmp_path):
+    fed, store = run_with({"a": "ok", "b": "ok", "gone": "silent"}, tmp_path)
+    failures = store.rows("failure")
+    assert {f["site"] for f in failures} == {"node-102"}
+    assert all("no reply within the round timeout" in f["reason"] for f in failures)
+    assert len(store.rows("evaluate")) == 2
+
+
+def test_too_few_sites_stop_cleanly(tmp_path):
+    with pytest.raises(FederationStopped, match="only 2 site\\(s\\) connected"):
+        run_with({"a": "ok", "b": "ok"}, tmp_path, min_available_sites=3)
