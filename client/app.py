@@ -92,6 +92,27 @@ def _load(msg: Message, context: Context) -> tuple[RunConfig, SiteData, torch.nn
     return cfg, data, model
 
 
+@app.query()
+def hello(msg: Message, context: Context) -> Message:
+    """The coordinator's roll call before round 1: the site's name and whether it can train.
+
+    Opening the site here also warms its preprocessing cache, so round 1 measures training.
+    """
+    try:
+        cfg = RunConfig.from_flower(context.run_config, ignore=SIM_KEYS)
+        data = site_for(site_dir_of(context), cfg)
+    except SiteUnavailable as exc:
+        return _unable(msg, context, str(exc))
+    counts = {f"{split}_exams": data.exams(split) for split in ("train", "val", "test")}
+    return _reply(
+        msg,
+        {
+            "metrics": MetricRecord({"num-examples": counts["train_exams"], **counts}),
+            "site": ConfigRecord({"name": site_name_of(context, data), "status": "ok", "reason": ""}),
+        },
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedbreast.server.checkpoints import check_resumable, load_checkpoint, save_checkpoint
@@ -134,6 +134,15 @@ class FederatedRun:
                 )
             time.sleep(1.0)
 
+    def roll_call(self, nodes: list[int]) -> None:
+        """Ask every site for its name and readiness before round 1 (this also starts the
+        ClientApp runtime, so round 1's time is training, not start-up)."""
+        outcome = RoundOutcome(0)
+        messages = [Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        for reply in self._exchange(messages, "roll-call", 0, outcome):
+            counts = ", ".join(f"{k.split('_')[0]} {int(v)}" for k, v in reply.metrics.items() if k.endswith("_exams"))
+            self.echo(f"site {reply.site} ready: {counts} exams")
+
     def _site(self, node_id: int) -> str:
         return self.names.get(node_id, f"node-{node_id}")
 
@@ -236,7 +245,7 @@ class FederatedRun:
         if self.start_round > self.cfg.rounds:
             self.echo(f"all {self.cfg.rounds} rounds are already done in {self.run_dir}")
             return self.history
-        self.wait_for_sites()
+        self.roll_call(self.wait_for_sites())
         for server_round in range(self.start_round, self.cfg.rounds + 1):
             t0 = time.perf_counter()
             outcome = RoundOutcome(server_round)

@@ -44,8 +44,10 @@ class StubGrid:
             how = self.behaviour[site]
             if how == "silent":
                 continue
-            arrays = {k: v.numpy() for k, v in m.content["arrays"].items()}
-            if m.metadata.message_type == "train":
+            if m.metadata.message_type == "query":
+                content = {"metrics": MetricRecord({"num-examples": 10, "train_exams": 10})}
+            elif m.metadata.message_type == "train":
+                arrays = {k: v.numpy() for k, v in m.content["arrays"].items()}
                 if how == "nan":
                     arrays = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in arrays.items()}
                 elif how == "shape":

@@ -77,6 +77,7 @@ class MultiViewFusionNet(nn.Module):
             )
         self.backbone_name = backbone
         self.in_channels = in_channels
+        self.channels_last = False  # set by use_channels_last(); NHWC convs are faster on oneDNN and tensor cores
         self.view_fusion = view_fusion
         self.head_kind = head
         self.image_hw = tuple(image_hw) if head == "vgg_fc" else None
@@ -118,7 +119,10 @@ class MultiViewFusionNet(nn.Module):
             )
         # One backbone call over all views: better batching than four calls, and BN
         # statistics see the whole exam batch exactly as with four weight-shared CNNs.
-        emb = self.embed(self.backbone(x.flatten(0, 1))).view(b, len(VIEW_ORDER), -1)
+        views = x.flatten(0, 1)
+        if self.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        emb = self.embed(self.backbone(views)).view(b, len(VIEW_ORDER), -1)
         lcc, lmlo, rcc, rmlo = emb.unbind(1)
         # (B, 2 breasts, 2E): own breast first, contralateral second.
         cc = torch.stack((torch.cat((lcc, rcc), 1), torch.cat((rcc, lcc), 1)), 1)
@@ -234,3 +238,11 @@ def faithful_vgg_report(
         "pooled_vgg16_bn": pooled("vgg16_bn"),
         "pooled_default": pooled(DEFAULT_BACKBONE),
     }
+
+
+def use_channels_last(model: nn.Module) -> nn.Module:
+    """Switch weights and the per-view input to NHWC (channels_last) memory format."""
+    model.to(memory_format=torch.channels_last)
+    if isinstance(model, MultiViewFusionNet):
+        model.channels_last = True
+    return model
