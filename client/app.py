@@ -25,7 +25,7 @@ from fedbreast.client.site_data import SiteData, SiteUnavailable, site_for
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.manifest import read_site_meta
 from fedbreast.shared.data.augment import AUGMENT_PRESETS, augment
-from fedbreast.shared.metrics import BINARY_METRIC_KEYS, binary_metrics, bootstrap_ci, score_histogram
+from fedbreast.shared.metrics import BINARY_METRIC_KEYS, add_laplace_noise, binary_metrics, bootstrap_ci, score_histogram
 from fedbreast.shared.models.factory import build_model
 from fedbreast.shared.training.local import pick_device, predict, train_local
 
@@ -171,6 +171,13 @@ def split_metrics(split: str, y: np.ndarray, p: np.ndarray, loss: float, exams: 
     return out
 
 
+def histogram_noise_epsilon(context: Context, cfg: RunConfig) -> float:
+    """Laplace noise on the score histograms: the run may ask for it, and a site's own policy
+    (``hist-noise-epsilon`` in its node config) can demand it; the stricter (smaller) epsilon wins."""
+    asked = [e for e in (cfg.hist_noise_epsilon, float(context.node_config.get("hist-noise-epsilon", 0) or 0)) if e > 0]
+    return min(asked) if asked else 0.0
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
@@ -188,10 +195,9 @@ def evaluate(msg: Message, context: Context) -> Message:
             n_bins = cfg.hist_bins
             metrics["test_hist_pos"] = hist["hist_pos"] if hist else [0] * n_bins
             metrics["test_hist_neg"] = hist["hist_neg"] if hist else [0] * n_bins
-            if cfg.hist_noise_epsilon > 0 and hist:
-                from fedbreast.shared.metrics import add_laplace_noise
-
-                noisy = add_laplace_noise(hist, cfg.hist_noise_epsilon, np.random.default_rng())
+            epsilon = histogram_noise_epsilon(context, cfg)
+            if epsilon > 0 and hist:
+                noisy = add_laplace_noise(hist, epsilon, np.random.default_rng())
                 metrics["test_hist_pos"], metrics["test_hist_neg"] = noisy["hist_pos"], noisy["hist_neg"]
     metrics["num-examples"] = data.exams("test")
     metrics["eval_seconds"] = time.perf_counter() - t0

@@ -99,3 +99,12 @@ def test_a_silent_site_is_reported_after_the_timeout_and_the_round_closes(tmp_pa
 def test_too_few_sites_stop_cleanly(tmp_path):
     with pytest.raises(FederationStopped, match="only 2 site\\(s\\) connected"):
         run_with({"a": "ok", "b": "ok"}, tmp_path, min_available_sites=3)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"])
+def test_every_strategy_aggregates_through_the_loop(tmp_path, strategy):
+    behaviour = {f"s{i}": "ok" for i in range(5)}
+    fed, store = run_with(behaviour, tmp_path, strategy=strategy, trim_beta=0.2, krum_byzantine=1)
+    assert np.isfinite(fed.arrays["w"]).all() and not np.allclose(fed.arrays["w"], 0)
+    assert fed.arrays["steps"].dtype == np.int64 and fed.arrays["steps"].shape == ()
+    assert len(store.rows("train")) == 5

@@ -89,3 +89,13 @@ def test_run_config_rejects_bad_values_by_key():
     cfg = RunConfig.from_flower({"rounds": 4, "augment": "false", "lr": 1})
     assert cfg.rounds == 4 and cfg.augment is False and cfg.lr == 1.0
     assert RunConfig.from_flower(cfg.to_flower()) == cfg
+
+
+def test_simulate_rejects_a_bad_config_before_anything_starts(tmp_path, capsys):
+    from fedbreast.cli import main
+
+    assert main(["simulate", "--out", str(tmp_path / "run"), "--set", "roundz=2"]) == 2
+    assert "unknown key 'roundz'" in capsys.readouterr().err
+    assert main(["simulate", "--out", str(tmp_path / "run"), "--image-size", "256by128"]) == 2
+    assert "expected HxW" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
