@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .classification import (
+    BINARY_METRIC_KEYS,
     _confusion_metrics_array,
     binary_metrics,
     check_binary_inputs,
@@ -25,19 +26,7 @@ from .classification import (
 __all__ = ["BOOTSTRAP_METRICS", "bootstrap_ci", "delong_test", "delong_variance"]
 
 # n / n_pos / n_neg are fixed under stratified resampling, so they have no CI.
-BOOTSTRAP_METRICS: tuple[str, ...] = (
-    "auc",
-    "accuracy",
-    "sensitivity",
-    "specificity",
-    "ppv",
-    "npv",
-    "f1",
-    "mcc",
-    "gmean",
-    "spec_at_sens100",
-    "brier",
-)
+BOOTSTRAP_METRICS: tuple[str, ...] = tuple(k for k in BINARY_METRIC_KEYS if k not in ("n", "n_pos", "n_neg"))
 
 # Upper bound on replicates x distinct values held in memory at once (~16 MB per
 # int64 matrix), so large validation sets are processed in replicate chunks.
