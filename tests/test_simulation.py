@@ -63,6 +63,6 @@ def test_a_site_that_cannot_train_does_not_fail_the_round(tmp_path, data_dir):
     store = MetricStore(run)
     assert {r["site"] for r in store.rows("evaluate")} == {"site-1", "site-3"}
     failures = store.rows("failure")
-    assert {f["stage"] for f in failures} == {"train", "evaluate"}
+    assert {f["stage"] for f in failures} == {"roll-call", "train", "evaluate"}
     assert all("manifest.jsonl:1" in f["reason"] and f["site"] == "site-2" for f in failures)
     assert "Sites left out of a round" in (run / "summary.md").read_text()
