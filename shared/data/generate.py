@@ -75,8 +75,8 @@ TRUTH_COLUMNS = (
 W_SHAPE = {"round": -0.9, "oval": -0.6, "irregular": 0.9}
 W_MARGIN = {"circumscribed": -1.1, "irregular": 0.4, "spiculated": 1.3}
 W_ENH = {"homogeneous": -0.7, "heterogeneous": 0.3, "rim": 0.9}
-W_SIZE, W_UPTAKE = 0.45, 0.35
-SCORE_SCALE = 0.85
+W_SIZE, W_UPTAKE, W_DENSITY = 0.7, 0.5, 0.6
+SCORE_SCALE = 1.5
 
 P_SHAPE = {"round": 0.25, "oval": 0.35, "irregular": 0.40}
 P_MARGIN_GIVEN_SHAPE = {
@@ -90,7 +90,12 @@ P_BPE = {"minimal": 0.32, "mild": 0.35, "moderate": 0.21, "marked": 0.12}
 # DES amplitude of background enhancement; marked BPE rivals a lesion's own uptake.
 BPE_AMP = {"minimal": 0.015, "mild": 0.04, "moderate": 0.08, "marked": 0.14}
 ENH_MEDIAN, ENH_LOGSD = 0.16, 0.30
-RADIUS_MEDIAN_MM, RADIUS_LOGSD = 7.0, 0.30
+# Mass density on LE / FFDM: the fraction of the fat along its chord that the mass replaces
+# (BI-RADS high / equal / low density); high-density masses are more often malignant.
+LE_CONTRAST_MEDIAN, LE_CONTRAST_LOGSD = 0.68, 0.18
+# Equivalent radius: 10-36 mm diameters, median 19 mm, as masses worked up with CEM.
+RADIUS_MEDIAN_MM, RADIUS_LOGSD = 9.5, 0.32
+RADIUS_RANGE_MM = (5.0, 18.0)
 P_BILATERAL_NORMAL = 0.08  # patients recalled for nothing: both breasts normal
 P_EXPLICIT_NORMAL_ROW = 0.3  # contralateral breast gets an explicit `normal` row
 READER_SWAP = 0.12  # descriptor reported as a neighbouring category
@@ -225,8 +230,15 @@ def _draw_descriptors(rng: np.random.Generator) -> dict[str, Any]:
     enh = _choice(rng, P_ENH)
     z_size = float(np.clip(rng.normal(), -2.2, 2.2))
     z_uptake = float(np.clip(rng.normal(), -2.2, 2.2))
-    score = W_SHAPE[shape] + W_MARGIN[margin] + W_ENH[enh] + W_SIZE * z_size + W_UPTAKE * z_uptake
-    return dict(shape=shape, margin=margin, enhancement=enh, z_size=z_size, z_uptake=z_uptake, score=SCORE_SCALE * score)
+    z_density = float(np.clip(rng.normal(), -2.2, 2.2))
+    score = (
+        W_SHAPE[shape] + W_MARGIN[margin] + W_ENH[enh]
+        + W_SIZE * z_size + W_UPTAKE * z_uptake + W_DENSITY * z_density
+    )
+    return dict(
+        shape=shape, margin=margin, enhancement=enh, z_size=z_size, z_uptake=z_uptake, z_density=z_density,
+        score=SCORE_SCALE * score,
+    )
 
 
 def site_intercept(prevalence: float) -> float:
@@ -256,12 +268,12 @@ def _intercept_cached(prevalence: float) -> float:
 def _build_lesion(rng: np.random.Generator, d: dict[str, Any], p: float) -> phantom.LesionSpec:
     """Turn the latent descriptors into the geometry the renderer draws."""
     shape, margin = d["shape"], d["margin"]
-    radius = float(np.clip(RADIUS_MEDIAN_MM * math.exp(RADIUS_LOGSD * d["z_size"]), 3.5, 14.0))
+    radius = float(np.clip(RADIUS_MEDIAN_MM * math.exp(RADIUS_LOGSD * d["z_size"]), *RADIUS_RANGE_MM))
     aspect = {"round": rng.uniform(1.0, 1.15), "oval": rng.uniform(1.45, 2.0), "irregular": rng.uniform(1.0, 1.6)}[shape]
     lobes: tuple[tuple[int, float, float], ...] = ()
     if shape == "irregular":
         ks = rng.choice(np.arange(2, 7), size=3, replace=False)
-        lobes = tuple((int(k), float(rng.uniform(0.10, 0.22)), float(rng.uniform(0, 2 * math.pi))) for k in ks)
+        lobes = tuple((int(k), float(rng.uniform(0.14, 0.28)), float(rng.uniform(0, 2 * math.pi))) for k in ks)
     ripples: tuple[tuple[int, float, float], ...] = ()
     if margin != "circumscribed":
         amp = (0.04, 0.08) if margin == "irregular" else (0.02, 0.04)
@@ -270,10 +282,11 @@ def _build_lesion(rng: np.random.Generator, d: dict[str, Any], p: float) -> phan
     edge = {"circumscribed": (0.3, 0.6), "irregular": (1.5, 3.0), "spiculated": (1.0, 2.0)}[margin]
     spicules: tuple[tuple[float, float, float], ...] = ()
     if margin == "spiculated":
-        n = int(rng.integers(7, 15))
+        n = int(rng.integers(8, 15))
         base = np.sort(rng.uniform(0, 2 * math.pi, n))
+        # (angle, length in radii, width at the base in mm; spicules taper outwards)
         spicules = tuple(
-            (float(a), float(rng.uniform(0.5, 1.6)), float(rng.uniform(0.35, 0.7))) for a in base
+            (float(a), float(rng.uniform(0.7, 1.8)), float(rng.uniform(0.7, 1.3))) for a in base
         )
     not_parallel = rng.random() < 0.10 + 0.55 * p
     u = rng.random()
@@ -289,7 +302,7 @@ def _build_lesion(rng: np.random.Generator, d: dict[str, Any], p: float) -> phan
         edge_mm=float(rng.uniform(*edge)),
         spicules=spicules,
         enh_strength=float(ENH_MEDIAN * math.exp(ENH_LOGSD * d["z_uptake"])),
-        le_contrast=float(rng.uniform(0.3, 0.6)),
+        le_contrast=float(np.clip(LE_CONTRAST_MEDIAN * math.exp(LE_CONTRAST_LOGSD * d["z_density"]), 0.4, 1.0)),
         rim_core=float(rng.uniform(0.15, 0.40)),
         us_echo_db=float(rng.uniform(-24.0, -15.0)),
         us_orientation="not_parallel" if not_parallel else "parallel",

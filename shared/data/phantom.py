@@ -36,6 +36,12 @@ DENSE_FRACTION = {"a": 0.08, "b": 0.25, "c": 0.50, "d": 0.75}
 
 # Physical signal levels of the LE / FFDM image (display sense, before the vendor curve).
 AIR, FAT, DENSE, SKIN, PECTORAL = 0.03, 0.30, 0.78, 0.50, 0.74
+# Even the densest-looking region is not dense through the whole compressed thickness:
+# there the glandular tissue fills GLAND_MAX_FRACTION of the path (and reads as DENSE).
+# A mass replaces part of the remaining fat, so it still adds attenuation on top of
+# glandular tissue (partly masked) instead of vanishing into it.
+GLAND_MAX_FRACTION = 0.65
+FULL_DENSE = FAT + (DENSE - FAT) / GLAND_MAX_FRACTION  # signal of a path that is dense throughout
 # DES baseline inside / outside the breast; glandular residual left after recombination.
 DES_BASE, DES_AIR, DES_GLANDULAR_RESIDUAL = 0.32, 0.22, 0.02
 
@@ -327,9 +333,10 @@ def lesion_maps(spec: LesionSpec, pl: Placement, rng: np.random.Generator, hw: t
             a = ang + pl.rot
             along = dx * math.cos(a) + dy * math.sin(a)
             across = np.abs(-dx * math.sin(a) + dy * math.cos(a))
-            width = max(width_mm * mm2px, 0.6)
             reach = r_px * (1.0 + length)
             fade = np.clip(1.0 - along / reach, 0.0, 1.0) * (along > 0.3 * r_px)
+            # a spicule is widest where it leaves the mass and tapers to a thin line
+            width = np.maximum(width_mm * mm2px * (0.35 + 0.65 * fade), 0.6)
             spic = np.maximum(spic, fade * np.exp(-((across / width) ** 2)))
     return LesionMaps(y0, x0, mass, uptake.astype(np.float32), spic.astype(np.float32), (mass * (0.45 + 0.55 * chord)).astype(np.float32))
 
@@ -404,7 +411,8 @@ def render_mammogram(
     gland = _sigmoid((field - thr) / 0.45).astype(np.float32)
     gland *= 0.85 + 0.15 * _sigmoid(2.0 * tex2)  # finer variation inside dense regions
 
-    dense = gland
+    # projected fraction of the path that is dense (glandular tissue, then the mass)
+    dense = GLAND_MAX_FRACTION * gland
     maps = None
     outline = None
     if lesion is not None:
@@ -412,14 +420,13 @@ def render_mammogram(
         maps = lesion_maps(spec, pl, rng, hw)
         outline = lesion_outline(spec, pl)
         sl = (slice(maps.y0, maps.y0 + maps.mass.shape[0]), slice(maps.x0, maps.x0 + maps.mass.shape[1]))
-        dense = gland.copy()
         patch = dense[sl]
-        # the mass adds density, but where tissue is already dense there is little left to
-        # add: this is how dense breasts mask lesions in LE / FFDM
-        add = np.clip(spec.le_contrast * (maps.density + 0.55 * maps.spicules), 0.0, 1.0)
+        # the mass replaces fat along its chord; where the path is already mostly dense
+        # there is little fat left to replace: this is how dense breasts mask lesions
+        add = np.clip(spec.le_contrast * (maps.density + 0.7 * maps.spicules), 0.0, 1.0)
         dense[sl] = 1.0 - (1.0 - patch) * (1.0 - add)
 
-    le = thick * (FAT + (DENSE - FAT) * dense)
+    le = thick * (FAT + (FULL_DENSE - FAT) * dense)
     le = np.where(pect > 0, (1 - pect) * le + pect * PECTORAL * (0.93 + 0.07 * tex2) * thick, le)
     skin = (dist < g.skin) & inside
     le = np.where(skin, np.maximum(le, SKIN * np.sqrt(thick + 0.3)), le)
@@ -504,13 +511,19 @@ def render_ultrasound(
     outline = None
     if lesion is not None:
         cx = w * rng.uniform(0.38, 0.62)
-        cy_mm = float(np.clip(rng.uniform(11.0, 20.0), lesion.radius_mm + 4.0, h * spacing_mm * 0.62))
-        cy = cy_mm / spacing_mm
+        cy_mm = rng.uniform(11.0, 20.0)
         # parallel = long axis horizontal (typical of benign masses); the LONG view cuts
         # the mass along another plane, hence its own scale
         rot = 0.0 if lesion.us_orientation == "parallel" else math.pi / 2
         rot += rng.normal(0.0, 0.12)
         scale = 1.0 if view == "TRANS" else rng.uniform(0.85, 1.05)
+        # A mass larger than the field of view is shown by a plane that cuts it off centre,
+        # so its section is smaller; the whole outline stays inside the image.
+        r_out = float(lesion_radius(lesion, np.linspace(0.0, 2 * math.pi, 64, endpoint=False), with_ripples=False).max())
+        scale = min(scale, 0.42 * min(h, w) * spacing_mm / r_out)
+        r_mm = r_out * scale
+        cy_mm = float(np.clip(cy_mm, min(r_mm + 4.0, 0.5 * h * spacing_mm), h * spacing_mm - r_mm - 2.0))
+        cy = cy_mm / spacing_mm
         pl = Placement(cx, cy, rot, scale, spacing_mm)
         maps = lesion_maps(lesion, pl, rng, hw)
         outline = lesion_outline(lesion, pl)
