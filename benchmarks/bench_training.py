@@ -1,7 +1,8 @@
 """Local training speed, round overhead and bytes per round.
 
     .venv/bin/python benchmarks/bench_training.py --steps 12
-    .venv/bin/python benchmarks/bench_training.py --run-dir runs/simulate   # + round overhead of a run
+    .venv/bin/python benchmarks/bench_training.py --simulate                 # + round overhead of a fresh default run
+    .venv/bin/python benchmarks/bench_training.py --run-dir runs/simulate   # + round overhead of a finished run
 
 1. Images/s of the site's training loop (shared/training/local.py: bf16 autocast where the
    CPU/GPU has it, channels_last, batched cached loader) against a plain hand-written
@@ -9,8 +10,9 @@
    same cached exams, measured in the same run.
 2. Bytes a round moves per site (global model down + update up, as Flower arrays)
    against the model's fp32 size; and the faithful VGG16 head's figures for comparison.
-3. With --run-dir: per round, (round wall time - slowest site's local train+eval time) /
-   round wall time, from that run's metrics.jsonl.
+3. With --simulate (runs `fedbreast simulate`'s default preset: resnet18, 3 sites) or
+   --run-dir: per round, (round wall time - slowest site's local train+eval time) / round
+   wall time, from the run's metrics.jsonl; and the same over all rounds together.
 """
 
 from __future__ import annotations
@@ -77,9 +79,13 @@ def ours(model: torch.nn.Module, data, steps: int, batch_size: int) -> float:
 
 def round_overhead(run_dir: Path) -> list[dict]:
     out = []
-    for r in MetricStore(run_dir).rows("round"):
+    rows = MetricStore(run_dir).rows("round")
+    for r in rows:
         wall, slowest = r["seconds"], r["slowest_site_seconds"]
         out.append({"round": r["round"], "wall_s": wall, "slowest_site_s": slowest, "overhead": (wall - slowest) / wall})
+    if rows:
+        wall, slowest = sum(r["seconds"] for r in rows), sum(r["slowest_site_seconds"] for r in rows)
+        out.append({"round": "all", "wall_s": wall, "slowest_site_s": slowest, "overhead": (wall - slowest) / wall})
     return out
 
 
@@ -91,6 +97,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--data", help="folder for the generated site (default: a temp folder)")
     ap.add_argument("--run-dir", help="a finished run directory, for round overhead")
+    ap.add_argument("--simulate", action="store_true", help="run the default `fedbreast simulate` and report its round overhead")
     ap.add_argument("--json")
     args = ap.parse_args()
     h, w = (int(v) for v in args.image_size.split("x"))
@@ -116,6 +123,12 @@ def main() -> None:
     results["bytes_per_round_per_site"] = 2 * sent  # global down + update up
     results["bytes_per_round_vs_fp32"] = 2 * sent / fp32
     results["faithful_vgg_512x256"] = faithful_vgg_report((512, 256))
+    if args.simulate:
+        from fedbreast.simulation.simulate import simulate
+
+        run_dir = data_dir / "simulate-run"
+        simulate(run_dir, data_dir=data_dir / "federation", echo=lambda *_: None)
+        args.run_dir = str(run_dir)
     if args.run_dir:
         results["round_overhead"] = round_overhead(Path(args.run_dir))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,6 +31,7 @@ from fedbreast.shared.metrics import auc_binning_bound, pooled_auc_from_histogra
 log = logging.getLogger("fedbreast.server")
 
 HIST_KEYS = ("test_hist_pos", "test_hist_neg")
+POLL_SECONDS = 0.1  # replies are pulled from the local SuperLink; polling is cheap
 
 
 class FederationStopped(RuntimeError):
@@ -80,6 +82,8 @@ class FederatedRun:
         self.start_round = 1
         self.best_value: float | None = None
         self.history: list[RoundOutcome] = []
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending_checkpoint: Future | None = None
         self._resume()
 
     # ---- checkpoints and resume -----------------------------------------------------------
@@ -109,15 +113,27 @@ class FederatedRun:
         }
 
     def _checkpoint(self, server_round: int, aggregate: dict[str, float]) -> None:
+        """Write best (if improved) then latest on a background thread, so the next round's
+        messages go out while the disk works; one write at a time keeps them in order."""
         meta = self._meta(server_round, aggregate)
+        kinds = []
         value = aggregate.get(self.cfg.key_metric)
         if value is not None and math.isfinite(value):
             better = self.best_value is None or (value < self.best_value if self.cfg.key_metric == "val_loss" else value > self.best_value)
             if better:
                 self.best_value = value
-                save_checkpoint(self.run_dir, "best", self.arrays, meta)
+                kinds.append("best")
         # latest last: a crash between the two never leaves "latest" ahead of "best"
-        save_checkpoint(self.run_dir, "latest", self.arrays, meta)
+        kinds.append("latest")
+        self._flush_checkpoints()
+        arrays = self.arrays  # aggregation replaces the dict, never mutates it: safe to hand over
+        self._pending_checkpoint = self._writer.submit(lambda: [save_checkpoint(self.run_dir, k, arrays, meta) for k in kinds])
+
+    def _flush_checkpoints(self) -> None:
+        """Wait for the checkpoint being written; a failed write surfaces here, not silently."""
+        if self._pending_checkpoint is not None:
+            self._pending_checkpoint.result()
+            self._pending_checkpoint = None
 
     # ---- sites ------------------------------------------------------------------------------
     def wait_for_sites(self) -> list[int]:
@@ -150,8 +166,7 @@ class FederatedRun:
         """Send, collect within the round timeout, and sort replies into usable ones and failures."""
         messages = list(messages)
         sent_to = {m.metadata.dst_node_id for m in messages}
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
-        by_msg_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        replies, by_msg_id = self._send_and_collect(messages)
         usable: list[SiteReply] = []
         answered: set[int] = set()
         for reply in replies:
@@ -175,6 +190,26 @@ class FederatedRun:
         for node in sent_to - answered:
             self._fail(outcome, server_round, phase, node, f"no reply within the round timeout ({self.cfg.round_timeout:.0f} s)")
         return usable
+
+    def _send_and_collect(self, messages: list[Message]) -> tuple[list[Message], dict[str, int]]:
+        """Push, then poll for replies every POLL_SECONDS until all answered or the round times out.
+
+        ``Grid.send_and_receive`` sleeps 3 s between pulls, which adds 1.5 s on average to every
+        wave (two waves a round); pulling is a cheap local call, so we poll much faster.
+        """
+        ids = list(self.grid.push_messages(messages))
+        by_msg_id = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
+        pending = set(ids)
+        replies: list[Message] = []
+        deadline = time.monotonic() + self.cfg.round_timeout
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(r.metadata.reply_to_message_id for r in got)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_SECONDS)
+        return replies, by_msg_id
 
     def _fail(self, outcome: RoundOutcome, server_round: int, phase: str, node: int, reason: str) -> None:
         site = self._site(node)
@@ -247,16 +282,21 @@ class FederatedRun:
             return self.history
         self.roll_call(self.wait_for_sites())
         for server_round in range(self.start_round, self.cfg.rounds + 1):
-            t0 = time.perf_counter()
             outcome = RoundOutcome(server_round)
+            t0 = time.perf_counter()
             self.train_round(server_round, outcome)
+            t1 = time.perf_counter()
             self.evaluate_round(server_round, outcome)
-            outcome.seconds = time.perf_counter() - t0
-            self.store.append(server_round, "round", "ALL", {"seconds": outcome.seconds, "slowest_site_seconds": outcome.slowest_site_seconds,
-                                                             "sites_trained": len(outcome.sites_trained), "failures": len(outcome.failures)})
+            t2 = time.perf_counter()
             self._checkpoint(server_round, outcome.aggregate)
+            outcome.seconds = time.perf_counter() - t0  # checkpointing is part of the round's cost
+            self.store.append(server_round, "round", "ALL", {
+                "seconds": outcome.seconds, "slowest_site_seconds": outcome.slowest_site_seconds,
+                "train_phase_seconds": t1 - t0, "evaluate_phase_seconds": t2 - t1, "checkpoint_seconds": outcome.seconds - (t2 - t0),
+                "sites_trained": len(outcome.sites_trained), "failures": len(outcome.failures)})
             self.history.append(outcome)
             self.echo(self._progress_line(outcome))
+        self._flush_checkpoints()
         save_checkpoint(self.run_dir, "final", self.arrays, self._meta(self.cfg.rounds, self.history[-1].aggregate if self.history else {}))
         return self.history
 

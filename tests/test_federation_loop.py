@@ -31,38 +31,49 @@ class StubGrid:
         self.behaviour = behaviour
         self.nodes = {100 + i: site for i, site in enumerate(behaviour)}
         self._next_id = 0
+        self._outbox: list[Message] = []
 
     def get_node_ids(self):
         return list(self.nodes)
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for m in messages:
-            self._next_id += 1
-            m.metadata.__dict__["_message_id"] = f"m{self._next_id}"
-            site = self.nodes[m.metadata.dst_node_id]
-            how = self.behaviour[site]
-            if how == "silent":
-                continue
-            if m.metadata.message_type == "query":
-                content = {"metrics": MetricRecord({"num-examples": 10, "train_exams": 10})}
-            elif m.metadata.message_type == "train":
-                arrays = {k: v.numpy() for k, v in m.content["arrays"].items()}
-                if how == "nan":
-                    arrays = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in arrays.items()}
-                elif how == "shape":
-                    key = next(iter(arrays))
-                    arrays[key] = np.zeros((7, 7), arrays[key].dtype)
-                else:
-                    arrays = {k: v + 1.0 if v.dtype.kind == "f" else v for k, v in arrays.items()}
-                content = {"arrays": to_record(arrays), "metrics": MetricRecord({"num-examples": 10, "train_seconds": 0.1})}
+            ids.append(self._answer(m))
+        return ids
+
+    def pull_messages(self, message_ids):
+        wanted = set(message_ids)
+        out = [r for r in self._outbox if r.metadata.reply_to_message_id in wanted]
+        self._outbox = [r for r in self._outbox if r not in out]
+        return out
+
+    def _answer(self, m) -> str:
+        self._next_id += 1
+        m.metadata.__dict__["_message_id"] = f"m{self._next_id}"
+        site = self.nodes[m.metadata.dst_node_id]
+        how = self.behaviour[site]
+        if how == "silent":
+            return m.metadata.message_id
+        if m.metadata.message_type == "query":
+            content = {"metrics": MetricRecord({"num-examples": 10, "train_exams": 10})}
+        elif m.metadata.message_type == "train":
+            arrays = {k: v.numpy() for k, v in m.content["arrays"].items()}
+            if how == "nan":
+                arrays = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+            elif how == "shape":
+                key = next(iter(arrays))
+                arrays[key] = np.zeros((7, 7), arrays[key].dtype)
             else:
-                content = {"metrics": MetricRecord({"num-examples": 5, "val_auc": 0.7, "test_auc": 0.6})}
-            content["site"] = ConfigRecord({"name": site, "status": "ok", "reason": ""})
-            reply = Message(RecordDict(content), reply_to=m)
-            reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
-            replies.append(reply)
-        return replies
+                arrays = {k: v + 1.0 if v.dtype.kind == "f" else v for k, v in arrays.items()}
+            content = {"arrays": to_record(arrays), "metrics": MetricRecord({"num-examples": 10, "train_seconds": 0.1})}
+        else:
+            content = {"metrics": MetricRecord({"num-examples": 5, "val_auc": 0.7, "test_auc": 0.6})}
+        content["site"] = ConfigRecord({"name": site, "status": "ok", "reason": ""})
+        reply = Message(RecordDict(content), reply_to=m)
+        reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+        self._outbox.append(reply)
+        return m.metadata.message_id
 
 
 def initial() -> dict[str, np.ndarray]:
