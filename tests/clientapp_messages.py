@@ -1,0 +1,42 @@
+"""Real Flower messages and contexts for driving ClientApp code in-process (no SuperNode)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedbreast.server.federation import to_record
+
+_ids = itertools.count(1)
+
+
+def as_task() -> None:
+    # Flower stamps messages with the running task's identity; a test is no task.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def request(kind: str, server_round: int, arrays: dict[str, np.ndarray] | None = None) -> Message:
+    """A message as the coordinator sends it (config with server-round, arrays for train/evaluate)."""
+    content = {"config": ConfigRecord({"server-round": server_round})}
+    if arrays is not None:
+        content["arrays"] = to_record(arrays)
+    msg = Message(RecordDict(content), dst_node_id=7, message_type=kind)
+    msg.metadata.__dict__["_message_id"] = f"req-{next(_ids)}"
+    return msg
+
+
+def site_context(site_dir: Path, run_config: dict | None = None, run_id: int = 42, site_name: str = "hospital-a") -> Context:
+    return Context(run_id=run_id, node_id=7, node_config={"data-path": str(site_dir), "site-name": site_name},
+                   state=RecordDict(), run_config=dict(run_config or {}))
+
+
+def reply(msg: Message, metrics: dict, arrays: dict[str, np.ndarray] | None = None, status: str = "ok",
+          reason: str = "", name: str = "hospital-a") -> Message:
+    content = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name, "status": status, "reason": reason})}
+    if arrays is not None:
+        content["arrays"] = to_record(arrays)
+    return Message(RecordDict(content), reply_to=msg)
