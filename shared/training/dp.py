@@ -1,0 +1,726 @@
+"""Differential privacy for a federated run: DP-SGD at each site (local) or noise at the server (central).
+
+``dp = "local"``: every site trains with DP-SGD (Opacus): per-exam gradients are clipped to
+``dp-max-grad-norm`` and Gaussian noise is added at every step, on Poisson-sampled batches.
+The privacy unit is one exam (one patient's four views): the multi-view model calls its
+backbone once per view with the exams as the batch, so Opacus' per-sample gradients are
+per exam, not per image. The privacy accountant (RDP) lives on the site's disk and is
+restored every round, because in deployment each message runs in a fresh process and a new
+``PrivacyEngine`` would start again at epsilon 0. A site may cap epsilon with its own node
+config key ``dp-max-epsilon``: a round that would exceed it is refused, with the reason.
+
+``dp = "central"``: sites clip their model update (Flower's ``fixedclipping_mod``, attached to
+training only) and the coordinator adds Gaussian noise to the average (Flower's
+``DifferentialPrivacyClientSideFixedClipping``). Flower's own accountant needs the optional
+``dp-accounting`` package, which this project does not install, so the coordinator accounts
+with Opacus' RDP analysis of the same mechanism: one Gaussian release per round with no
+amplification by site sampling (the setting Flower's accountant requires), which is
+conservative when only some sites are sampled.
+
+What DP covers: the model weights a site sends. Evaluation metrics are computed on the
+validation and test splits, which DP-SGD does not touch; the training loss is withheld
+under local DP because it would be an un-noised statistic of the private training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedbreast.shared.config import RunConfig
+from fedbreast.shared.data.datasets import passthrough_collate
+from fedbreast.shared.models.backbones import replace_inplace_relu
+from fedbreast.shared.models.multiview import VIEW_ORDER, MultiViewFusionNet
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
+
+log = logging.getLogger("fedbreast.dp")
+
+CEILING_KEY = "dp-max-epsilon"  # site node config: the most epsilon this site will spend in one run
+CENTRAL_WEIGHT_KEY = "dp-unit-weight"  # central DP averages sites with equal weight (sensitivity C / k)
+ACCOUNTANT = "rdp"
+VIEWS = len(VIEW_ORDER)
+
+# The first trained layer after frozen ones gets no input gradient; Opacus only needs its output
+# gradient, so torch's note about that is noise here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+
+
+class DPRefused(RuntimeError):
+    """This site will not train this round under its privacy policy; the message says why."""
+
+
+# ---- the DP-compatible model -------------------------------------------------------------------
+
+
+def prepare_dp_model(model: nn.Module) -> nn.Module:
+    """BatchNorm -> GroupNorm and in-place ops made out-of-place, so Opacus can hook every layer.
+
+    BatchNorm mixes the exams of a batch (no per-exam gradient exists), and in-place ops on
+    hooked outputs break Opacus' backward hooks. The coordinator builds the same model
+    (``build_model`` with ``dp`` on), so state_dict keys match on both sides.
+    """
+    from opacus.validators import ModuleValidator
+
+    model = ModuleValidator.fix(model)  # a deep copy with GroupNorm(min(32, C), C) for each BatchNorm
+    replace_inplace_relu(model)
+    _hook_safe_residuals(model)
+    ModuleValidator.validate(model, strict=True)
+    return model
+
+
+def _hook_safe_residuals(model: nn.Module) -> None:
+    """torchvision's ResNet blocks do ``out += identity``; swap in classes that add out-of-place."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    for m in model.modules():
+        if type(m) is BasicBlock:
+            m.__class__ = _BasicBlock
+        elif type(m) is Bottleneck:
+            m.__class__ = _Bottleneck
+
+
+def _basic_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    identity = x if self.downsample is None else self.downsample(x)
+    return self.relu(out + identity)
+
+
+def _bottleneck_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    identity = x if self.downsample is None else self.downsample(x)
+    return self.relu(out + identity)
+
+
+def _make_block_classes() -> tuple[type, type]:
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    return (
+        type("BasicBlock", (BasicBlock,), {"forward": _basic_forward, "__module__": __name__}),
+        type("Bottleneck", (Bottleneck,), {"forward": _bottleneck_forward, "__module__": __name__}),
+    )
+
+
+_BasicBlock, _Bottleneck = _make_block_classes()
+
+
+def backbone_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The backbone's top-level blocks that hold parameters, in forward order (what
+    ``dp-freeze-blocks`` counts): resnet conv1, bn1, layer1..layer4; smallcnn block0..block3."""
+    body = getattr(model, "backbone", None)
+    body = getattr(body, "body", body)
+    if not isinstance(body, nn.Module):
+        return []
+    return [(n, m) for n, m in body.named_children() if any(True for _ in m.parameters())]
+
+
+def freeze_leading_blocks(model: nn.Module, n: int) -> list[str]:
+    """Keep the first ``n`` backbone blocks fixed under DP-SGD; returns their names.
+
+    The early, high-resolution layers cost most of a DP step (per-exam gradients of large
+    activations) and hold few parameters; not training them privately saves that time and
+    keeps their weights at the shared initial model.
+    """
+    blocks = backbone_blocks(model)[: max(0, n)]
+    for _, block in blocks:
+        for p in block.parameters():
+            p.requires_grad_(False)
+    return [name for name, _ in blocks]
+
+
+# ---- the per-exam loss ---------------------------------------------------------------------
+
+
+def per_exam_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) mean BCE over each exam's labelled breasts; 0 for an exam with none.
+
+    DP-SGD needs each exam's loss to depend on that exam only (the non-DP loss divides by
+    the batch's labelled-breast count, which couples exams).
+    """
+    per = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    m = mask.float()
+    b = per.shape[0]
+    return (per * m).reshape(b, -1).sum(1) / m.reshape(b, -1).sum(1).clamp_min(1.0)
+
+
+class PerExamCriterion(nn.Module):
+    """``per_exam_bce`` as a criterion with a ``reduction``, as Opacus' ghost clipping needs.
+    ``target`` stacks labels and mask on a last axis."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per = per_exam_bce(logits, target[..., 0], target[..., 1])
+        if self.reduction == "none":
+            return per
+        return per.sum() if self.reduction == "sum" else per.mean()
+
+
+# ---- planning and accounting -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """One site's DP-SGD round: Poisson rate, steps, and the noise for the whole run's budget."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int  # optimizer steps this round
+    planned_steps: int  # steps over the whole run (rounds x steps)
+    max_grad_norm: float
+    delta: float
+    expected_batch_size: int
+    target_epsilon: float  # 0: noise multiplier given directly
+
+
+@lru_cache(maxsize=64)
+def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The noise multiplier that spends exactly ``target_epsilon`` after ``steps`` steps (RDP)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(
+        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=ACCOUNTANT
+    ))
+
+
+def plan_local_round(cfg: RunConfig, n_train: int) -> DPPlan:
+    """Sample rate = batch / exams; with a target epsilon, the noise that reaches it at the last round."""
+    if n_train < 1:
+        raise DPRefused("no training exams: DP-SGD needs at least one")
+    q = min(1.0, cfg.batch_size / n_train)
+    per_epoch = max(1, int(1 / q))
+    steps = cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * per_epoch
+    planned = cfg.rounds * steps
+    if cfg.dp_epsilon > 0:
+        try:
+            nm = noise_for_budget(cfg.dp_epsilon, cfg.dp_delta, q, planned)
+        except ValueError as exc:
+            raise DPRefused(f"dp-epsilon = {cfg.dp_epsilon:g} cannot be met over {planned} steps: {exc}") from None
+    else:
+        nm = cfg.dp_noise_multiplier
+    return DPPlan(
+        noise_multiplier=nm,
+        sample_rate=q,
+        steps=steps,
+        planned_steps=planned,
+        max_grad_norm=cfg.dp_max_grad_norm,
+        delta=cfg.dp_delta,
+        expected_batch_size=max(1, round(n_train * q)),
+        target_epsilon=cfg.dp_epsilon,
+    )
+
+
+def epsilon_of(history: Iterable[tuple[float, float, int]], delta: float) -> float:
+    """Cumulative epsilon of Opacus RDP history entries (noise multiplier, sample rate, steps)."""
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta)) if acc.history else 0.0
+
+
+class PrivacyLedger:
+    """The RDP accountant's history for one run, on disk, so epsilon survives process restarts.
+
+    Written atomically after every round. An unreadable ledger stops the site from training
+    (never a silent reset to epsilon 0).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.history: list[tuple[float, float, int]] = []
+        self.rounds: list[dict[str, Any]] = []
+        if self.path.exists():
+            try:
+                state = json.loads(self.path.read_text(encoding="utf-8"))
+                if state.get("mechanism") != ACCOUNTANT:
+                    raise ValueError(f"mechanism {state.get('mechanism')!r}, expected {ACCOUNTANT!r}")
+                self.history = [(float(nm), float(q), int(n)) for nm, q, n in state["history"]]
+                self.rounds = list(state.get("rounds", []))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise DPRefused(f"privacy ledger {self.path} is unreadable ({exc}); this site will not "
+                                "train in this run until it is restored or removed by the site operator") from None
+
+    @classmethod
+    def for_run(cls, site_dir: str | os.PathLike[str], key: str) -> "PrivacyLedger":
+        return cls(Path(site_dir) / "state" / "dp" / f"{key}.json")
+
+    def epsilon(self, delta: float) -> float:
+        return epsilon_of(self.history, delta)
+
+    def projected_epsilon(self, plan: DPPlan) -> float:
+        """Epsilon after this round's planned steps, without committing them."""
+        return epsilon_of([*self.history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], plan.delta)
+
+    def save(self, history: list[tuple[float, float, int]], round_entry: dict[str, Any]) -> None:
+        self.history = [tuple(h) for h in history]  # type: ignore[misc]
+        self.rounds.append(round_entry)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"mechanism": ACCOUNTANT, "history": self.history, "rounds": self.rounds}, indent=1))
+        os.replace(tmp, self.path)
+
+
+def run_key(run_config: Mapping[str, Any], run_id: int) -> str:
+    """Which ledger a run uses: the run directory when the coordinator names one (a resumed run
+    keeps accumulating), else Flower's run id. A new run starts at epsilon 0."""
+    ident = str(run_config.get("run-dir") or "") or f"flower-run-{run_id}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def site_ceiling(node_config: Mapping[str, Any]) -> float | None:
+    """The site's ``dp-max-epsilon`` (None when unset); a malformed value refuses (fail closed)."""
+    raw = node_config.get(CEILING_KEY)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise DPRefused(f"node config {CEILING_KEY} = {raw!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise DPRefused(f"node config {CEILING_KEY} = {raw!r} must be a positive, finite epsilon")
+    return value
+
+
+# ---- the site's DP-SGD round -------------------------------------------------------------------
+
+
+@dataclass
+class LocalDP:
+    """One round of DP-SGD at one site: built by :func:`local_dp_for`, run by ``train_local(dp=...)``."""
+
+    plan: DPPlan
+    ledger: PrivacyLedger
+    grad_sample_mode: str = "hooks"
+    freeze_blocks: int = 0
+    server_round: int = 0
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    empty_steps: int = 0
+    ran: bool = False
+    optimized: bool = True  # False: Opacus as documented (per-view calls, stock samplers, NCHW); benchmark reference
+
+    def __post_init__(self) -> None:
+        self.history = list(self.ledger.history)
+
+    # What leaves with the update. The training loss is withheld (NaN): it is not noised.
+    def metrics(self) -> dict[str, float]:
+        if not self.ran:  # fail closed: never report a budget for weights DP-SGD did not produce
+            raise RuntimeError("dp = local, but this model family's training did not run through DP-SGD "
+                               "(train_local(dp=...)); its update is not sent")
+        return {
+            "dp_epsilon": epsilon_of(self.history, self.plan.delta),
+            "dp_delta": self.plan.delta,
+            "dp_noise_multiplier": self.plan.noise_multiplier,
+            "train_loss": math.nan,
+        }
+
+    def poisson_loader(self, loader: Any, generator: torch.Generator) -> torch.utils.data.DataLoader:
+        """Each exam joins each batch with probability q (the sampling the accountant assumes);
+        exactly ``plan.steps`` batches; an empty draw comes out as an empty dict."""
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        dataset = loader.dataset
+        sampler = UniformWithReplacementSampler(
+            num_samples=len(dataset), sample_rate=self.plan.sample_rate, generator=generator, steps=self.plan.steps
+        )
+        workers = int(getattr(loader, "num_workers", 0))
+        return torch.utils.data.DataLoader(
+            _EmptySafe(dataset), batch_sampler=sampler, num_workers=workers,
+            collate_fn=passthrough_collate,  # _EmptySafe returns whole batches
+            pin_memory=bool(getattr(loader, "pin_memory", False)),
+        )
+
+    def train(
+        self,
+        model: nn.Module,
+        loader: Any,
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        device: torch.device | None,
+        amp: str,
+        proximal_mu: float,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None,
+        loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, int]] | None = None,
+    ):
+        """DP-SGD for ``plan.steps`` Poisson batches; commits the spent budget to the ledger.
+
+        ``loss_fn`` (other model families) must return the MEAN over the batch axis of
+        per-sample losses, each depending on its own sample only; it gets the plain model,
+        which Opacus' hooks watch, so it works with the hooks and functorch modes only.
+        """
+        from opacus.grad_sample import prepare_module
+        from opacus.optimizers import get_optimizer_class
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        from fedbreast.shared.training.local import TrainStats, autocast, match_channels
+
+        device = device or next(model.parameters()).device
+        model.to(device).train()
+        self.frozen = freeze_leading_blocks(model, self.freeze_blocks)
+        # The privacy unit is the exam, and the multi-view model folds its views into the backbone's
+        # batch. hooks/functorch keep that single, fast backbone call and sum each exam's views
+        # (hooks: inside the grad samplers, _ViewFolding; functorch: after backward, _fold_views).
+        # ew/ghost compute gradients or norms inside backward, so there the backbone is called
+        # once per view (split_views), at about twice the cost of the single call on CPU.
+        fold = VIEWS if isinstance(model, MultiViewFusionNet) and self.grad_sample_mode in ("hooks", "functorch") else 0
+        if not self.optimized:
+            fold = 0
+            model.to(memory_format=torch.contiguous_format)  # stock unfold2d needs NCHW
+            if hasattr(model, "channels_last"):
+                model.channels_last = False
+        if hasattr(model, "split_views") and not fold:
+            model.split_views = True
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"dp-freeze-blocks = {self.freeze_blocks} leaves no trainable parameter")
+        anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+        plan = self.plan
+        # Noise and sampling from OS entropy, never from the run's seed: anyone who knows the
+        # seed (the coordinator) could otherwise regenerate the noise and subtract it.
+        noise_gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+        sample_gen = torch.Generator().manual_seed(secrets.randbits(63))
+        mode = self.grad_sample_mode
+        if mode == "ew":
+            amp = "off"  # torch's ExpandedWeights fails under bf16 autocast (mixed-dtype matmul)
+        if loss_fn is not None and mode not in ("hooks", "functorch"):
+            raise ValueError(f"dp-grad-sample-mode = {mode!r} needs the multi-view model's own loss; "
+                             "use hooks or functorch for this model family")
+        kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": "mean"}
+        if mode == "ghost":
+            kwargs["max_grad_norm"] = plan.max_grad_norm
+        gsm = prepare_module(model, grad_sample_mode=mode, **kwargs)
+        # Opacus' own samplers for hooks/ghost, with the conv fix (and per-exam folding for hooks).
+        folding = _ViewFolding(model, gsm, fold if mode == "hooks" else 0) if mode in ("hooks", "ghost") and self.optimized else None
+        opt = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)(
+            optimizer=torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay),
+            noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=plan.expected_batch_size, loss_reduction="mean", generator=noise_gen,
+        )
+        from opacus.accountants import RDPAccountant
+
+        accountant = RDPAccountant()
+        accountant.history = list(self.history)
+        opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+        criterion = DPLossFastGradientClipping(gsm, opt, PerExamCriterion(), "mean") if mode == "ghost" else None
+        in_channels = int(getattr(model, "in_channels", 2))
+        total, n_examples, n_steps = 0.0, 0, 0
+        t0 = time.perf_counter()
+        try:
+            for batch in self.poisson_loader(loader, sample_gen):
+                opt.zero_grad(set_to_none=True)
+                if not batch:  # Poisson drew no exam: the mechanism still releases a noise-only step
+                    self._noise_step(opt, accountant, params, anchor, proximal_mu)
+                    n_steps += 1
+                    continue
+                if loss_fn is not None:
+                    with autocast(device, amp):
+                        loss, count = loss_fn(model, batch)
+                    if count == 0:  # no labelled sample: still a (noise-only) step of the mechanism
+                        _drop_activations(model)
+                        self._noise_step(opt, accountant, params, anchor, proximal_mu)
+                        n_steps += 1
+                        continue
+                    batch_size = int(count)
+                else:
+                    images = match_channels(batch["x"].to(device, non_blocking=True), in_channels)
+                    labels, mask = batch["y"].to(device, non_blocking=True), batch["y_mask"].to(device, non_blocking=True)
+                    if augment is not None:
+                        images = augment(images)
+                    with autocast(device, amp):
+                        logits = gsm(images)
+                    if criterion is not None:
+                        loss = criterion(logits, torch.stack((labels.float(), mask.float()), -1))
+                    else:
+                        loss = per_exam_bce(logits, labels, mask).mean()
+                    batch_size = images.shape[0]
+                value = float(loss.item())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"training loss became {value} at step {n_steps}; lower the learning rate")
+                loss.backward()
+                if fold and mode == "functorch":
+                    _fold_views(params, batch_size, fold)
+                if opt.pre_step():  # clip per exam, add noise, account
+                    _add_proximal(params, anchor, proximal_mu)
+                    opt.original_optimizer.step()
+                total += value * batch_size
+                n_examples += batch_size
+                n_steps += 1
+        finally:
+            if folding is not None:
+                folding.close()
+            gsm.cleanup()  # remove Opacus' hooks and per-sample attributes from the model
+            if hasattr(model, "split_views"):
+                model.split_views = False
+        seconds = time.perf_counter() - t0
+        self.ran = True
+        self.history = [tuple(h) for h in accountant.history]  # type: ignore[misc]
+        epsilon = epsilon_of(self.history, plan.delta)
+        self.ledger.save(self.history, {
+            "round": self.server_round, "steps": n_steps, "empty_steps": self.empty_steps,
+            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+            "epsilon": epsilon, "delta": plan.delta, "time": round(time.time(), 3),
+        })
+        log.info("DP-SGD round %d: %d steps, noise %.3f, epsilon %.3f (delta %g)",
+                 self.server_round, n_steps, plan.noise_multiplier, epsilon, plan.delta)
+        return TrainStats(loss=total / max(n_examples, 1), examples=n_examples, steps=n_steps, seconds=seconds)
+
+    def _noise_step(self, opt: Any, accountant: Any, params: list[nn.Parameter], anchor: list[torch.Tensor] | None, mu: float) -> None:
+        """What DPOptimizer does for an empty batch: the gradient is pure noise (std sigma*C / E[B])."""
+        std = self.plan.noise_multiplier * self.plan.max_grad_norm / self.plan.expected_batch_size
+        for p in params:
+            p.grad = torch.normal(0.0, std, p.shape, device=p.device, dtype=p.dtype, generator=opt.generator)
+        _add_proximal(params, anchor, mu)
+        opt.original_optimizer.step()
+        opt.original_optimizer.zero_grad(set_to_none=True)
+        accountant.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
+        self.empty_steps += 1
+
+
+class _ViewFolding:
+    """Grad samplers for this wrapper only: Opacus' own, with two changes.
+
+    1. Conv2d inputs are made contiguous first: Opacus' ``unfold2d`` assumes NCHW strides and
+       silently computes wrong per-sample gradients for channels_last inputs (our models).
+    2. ``views`` > 0 (hooks mode, multi-view model): per-exam gradients straight from the
+       folded backbone call, never per image. The backbone sees batch * views images
+       (exam-major); each hooked layer there is told its batch is ``batch`` exams (Opacus'
+       ``max_batch_len``, which also scales the mean loss's gradients per exam) and its
+       sampler sums over an exam's views: for Conv2d inside the batched matmul, for other
+       layers (GroupNorm, Linear) by summing the per-image rows.
+    """
+
+    def __init__(self, model: nn.Module, gsm: Any, views: int) -> None:
+        self.views = views
+        self.modules = [m for part in (getattr(model, "backbone", None), getattr(model, "embed", None))
+                        if isinstance(part, nn.Module) for m in part.modules()
+                        if any(p.requires_grad for p in m.parameters(recurse=False))] if views else []
+        samplers = dict(type(gsm).GRAD_SAMPLERS)
+        gsm.GRAD_SAMPLERS = {t: self._folded(f) for t, f in samplers.items()}  # this wrapper only
+        self.handles = []
+        for m in self.modules:
+            m._dp_views = views
+            self.handles.append(m.register_forward_hook(self._set_batch))
+
+    def _set_batch(self, module: nn.Module, inputs: tuple, _out: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            module.max_batch_len = inputs[0].shape[0] // self.views
+
+    def _folded(self, sampler: Callable) -> Callable:
+        def run(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+            views = getattr(layer, "_dp_views", 0)
+            if type(layer) is nn.Conv2d:
+                if views and layer.groups == 1:
+                    return _conv_grad_per_exam(layer, activations[0], backprops, views)
+                activations = [activations[0].contiguous()] + list(activations[1:])
+            if not views:
+                return sampler(layer, activations, backprops)
+            out = sampler(layer, activations, backprops)
+            return {p: g.reshape(g.shape[0] // views, views, *g.shape[1:]).sum(1) for p, g in out.items()}
+
+        return run
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for m in self.modules:
+            for attr in ("_dp_views", "max_batch_len"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
+
+
+def _conv_grad_per_exam(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor, views: int) -> dict:
+    """Per-exam weight gradient of a conv called on exam-major views: sum over views of
+    backprops @ unfolded inputs^T, accumulated in one (batch, out, in*k*k) tensor."""
+    from opacus.utils.tensor_utils import unfold2d
+
+    x = x.to(backprops.dtype).contiguous()  # unfold2d assumes NCHW strides
+    n = x.shape[0] // views
+    a = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation)
+    b = backprops.reshape(a.shape[0], -1, a.shape[-1])
+    a = a.view(n, views, *a.shape[1:])
+    b = b.view(n, views, *b.shape[1:])
+    ret = {}
+    if layer.weight.requires_grad:
+        g = torch.bmm(b[:, 0], a[:, 0].transpose(1, 2))
+        for v in range(1, views):
+            g.baddbmm_(b[:, v], a[:, v].transpose(1, 2))
+        ret[layer.weight] = g.view(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = b.sum((1, 3))
+    return ret
+
+
+def _fold_views(params: list[nn.Parameter], batch: int, views: int) -> None:
+    """Per-image gradients of the backbone (batch * views rows, exam-major) -> per-exam gradients.
+
+    Opacus scales per-sample gradients of a mean loss by the layer's batch (batch * views), the
+    loss is a mean over exams, so each exam's gradient is the sum over its views divided by views.
+    """
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if isinstance(gs, torch.Tensor) and gs.shape[0] == batch * views:
+            p.grad_sample = gs.reshape(batch, views, *gs.shape[1:]).sum(1) / views
+        elif gs is not None and (not isinstance(gs, torch.Tensor) or gs.shape[0] != batch):
+            raise RuntimeError(f"per-sample gradient of shape {tuple(getattr(gs, 'shape', ()))} fits neither "
+                               f"{batch} exams nor {batch} x {views} views")
+
+
+def _drop_activations(model: nn.Module) -> None:
+    # A forward without backward leaves Opacus' captured inputs behind; the next backward would mix them in.
+    for m in model.modules():
+        if hasattr(m, "activations"):
+            m.activations = []
+        if hasattr(m, "max_batch_len"):
+            del m.max_batch_len
+
+
+def _add_proximal(params: list[nn.Parameter], anchor: list[torch.Tensor] | None, mu: float) -> None:
+    # FedProx's term does not touch the data, so it is added after the noise at no privacy cost.
+    if anchor is None:
+        return
+    for p, a in zip(params, anchor):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - a, alpha=mu)
+
+
+class _EmptySafe(torch.utils.data.Dataset):
+    """Lets a Poisson batch sampler draw nobody: ``__getitems__([])`` is an empty dict."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        if not indices:
+            return {}
+        if hasattr(self.dataset, "__getitems__"):
+            return self.dataset.__getitems__(indices)
+        from torch.utils.data import default_collate
+
+        return default_collate([self.dataset[i] for i in indices])
+
+
+def local_dp_for(context: "Context", cfg: RunConfig, site_dir: Path, n_train: int, server_round: int) -> LocalDP | None:
+    """The site's DP decision for a train message: None (no local DP), a LocalDP round, or
+    DPRefused with the reason when the site's policy forbids the round."""
+    ceiling = site_ceiling(context.node_config)
+    if cfg.dp == "off":
+        if ceiling is not None:
+            raise DPRefused(f"this site's policy ({CEILING_KEY} = {ceiling:g}) requires differential privacy, "
+                            "but the run has dp = off")
+        return None
+    if cfg.dp == "central":
+        if ceiling is not None:
+            raise DPRefused(f"this site's policy ({CEILING_KEY} = {ceiling:g}) needs dp = local: central DP "
+                            "adds noise at the coordinator, so the site cannot bound its own epsilon")
+        return None
+    plan = plan_local_round(cfg, n_train)
+    ledger = PrivacyLedger.for_run(site_dir, run_key(context.run_config, context.run_id))
+    if ceiling is not None:
+        projected = ledger.projected_epsilon(plan)
+        if projected > ceiling:
+            raise DPRefused(
+                f"privacy ceiling: round {server_round} would bring this run's epsilon to {projected:.3f} "
+                f"(delta {plan.delta:g}; {ledger.epsilon(plan.delta):.3f} spent so far), above this site's "
+                f"{CEILING_KEY} = {ceiling:g}")
+    return LocalDP(plan, ledger, cfg.dp_grad_sample_mode, cfg.dp_freeze_blocks, server_round)
+
+
+# ---- central DP ---------------------------------------------------------------------------
+
+
+def central_noise_multiplier(cfg: RunConfig) -> float:
+    """Noise for the coordinator's Gaussian release: one per round, no sampling amplification."""
+    if cfg.dp_epsilon > 0:
+        return noise_for_budget(cfg.dp_epsilon, cfg.dp_delta, 1.0, cfg.rounds)
+    return cfg.dp_noise_multiplier
+
+
+def central_dp_strategy(base: Any, cfg: RunConfig) -> Any:
+    """Flower's central-DP wrapper (client-side clipping) around ``base``, which must average
+    with equal weights: the noise std sigma*C/k assumes each site moves the mean by <= C/k."""
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    base.weighted_by_key = CENTRAL_WEIGHT_KEY
+    return DifferentialPrivacyClientSideFixedClipping(
+        base,
+        noise_multiplier=central_noise_multiplier(cfg),
+        clipping_norm=cfg.dp_max_grad_norm,
+        num_sampled_clients=cfg.min_train_sites,  # the round loop sets it to the sites that replied
+    )
+
+
+class CentralLedger:
+    """The coordinator's accountant for central DP: released rounds on disk in the run directory."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+        self.path = Path(run_dir) / "dp" / "central.json"
+        self.noise_multiplier = central_noise_multiplier(cfg)
+        self.delta = cfg.dp_delta
+        self.releases = int(json.loads(self.path.read_text())["releases"]) if self.path.exists() else 0
+
+    def epsilon(self) -> float:
+        return epsilon_of([(self.noise_multiplier, 1.0, self.releases)] if self.releases else [], self.delta)
+
+    def record(self, released: bool) -> dict[str, float]:
+        """Count this round's noised aggregate (if any); the metrics for the round's train row."""
+        if released:
+            self.releases += 1
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"releases": self.releases, "noise_multiplier": self.noise_multiplier}))
+            os.replace(tmp, self.path)
+        return {"dp_epsilon": self.epsilon(), "dp_delta": self.delta, "dp_noise_multiplier": self.noise_multiplier}
+
+
+def central_dp_mod(msg: "Message", context: "Context", call_next: Callable[["Message", "Context"], "Message"]) -> "Message":
+    """Client mod for central DP: Flower's ``fixedclipping_mod`` when the coordinator sends a
+    clipping norm, a pass-through otherwise (so runs without central DP and "unable" replies
+    are untouched), plus the equal aggregation weight."""
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    if not any(KEY_CLIPPING_NORM in c for c in msg.content.config_records.values()):
+        return call_next(msg, context)
+    inner: dict[str, Any] = {}
+
+    def run(m: "Message", c: "Context") -> "Message":
+        inner["reply"] = call_next(m, c)
+        return inner["reply"]
+
+    out = fixedclipping_mod(msg, context, run)
+    reply = inner.get("reply")
+    if reply is not None and not reply.has_error() and len(reply.content.array_records) == 0:
+        return reply  # the site answered "unable": nothing to clip
+    if not out.has_error():
+        for record in out.content.metric_records.values():
+            record[CENTRAL_WEIGHT_KEY] = 1
+    return out
