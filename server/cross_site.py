@@ -1,0 +1,129 @@
+"""The cross-site evaluation matrix: each site's personalised model and the global model,
+evaluated on every site's test split, run once after the last round (``cross-site = true``).
+
+Two waves over the run's own exchange (timeouts, "unable" replies and failures are
+handled and recorded like any round's):
+
+1. ``query.personal`` carries the final global weights; each site answers with its
+   personalised model (reused from its disk, or fine-tuned now). Model weights are the
+   only thing that leaves, as in training.
+2. ``evaluate.cross_site`` carries every model (global first) in one message per site;
+   each site evaluates them on its own test split and answers with aggregate metrics per
+   model, so no image or score leaves any site.
+
+The result goes to metrics.jsonl (phase "cross-site", one row per evaluating site and
+model) and to ``cross_site.md`` / ``cross_site.csv`` (test site x model AUC).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedbreast.server.metric_store import MetricStore
+from fedbreast.server.validation import check_update
+from fedbreast.shared.training.personalise import CROSS_SITE_KEYS, model_slot
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedbreast.server.federation import FederatedRun
+
+COLLECT_TYPE = "query.personal"
+EVALUATE_TYPE = "evaluate.cross_site"
+PHASE = "cross-site"
+MATRIX_KEYS = CROSS_SITE_KEYS  # per model, a site's cross_site reply carries m{i}_{key}
+GLOBAL = "global"
+
+
+def personal_name(site: str) -> str:
+    return f"{site} personal"
+
+
+def run_cross_site(run: "FederatedRun") -> dict[str, Path]:
+    """Collect the personalised models, evaluate every model at every site, write the table."""
+    from fedbreast.server.federation import RoundOutcome, to_record
+
+    server_round = run.cfg.rounds
+    outcome = RoundOutcome(server_round)
+    nodes = list(run.grid.get_node_ids())
+    config = ConfigRecord({"server-round": server_round})
+    content = RecordDict({"arrays": to_record(run.arrays), "config": config})
+    ask = [Message(content, dst_node_id=n, message_type=COLLECT_TYPE) for n in nodes]
+    models: list[tuple[str, dict[str, np.ndarray]]] = [(GLOBAL, run.arrays)]
+    for r in sorted(run._exchange(ask, "cross-site collect", server_round, outcome), key=lambda r: r.site):
+        problem = check_update(r.site, r.arrays, run.arrays) if r.arrays is not None else None
+        if r.arrays is None or problem is not None:
+            why = "reply carried no model arrays" if r.arrays is None else problem.reason
+            run._fail(outcome, server_round, "cross-site collect", r.node_id, f"personal model dropped: {why}")
+            continue
+        models.append((personal_name(r.site), r.arrays))
+    names = [name for name, _ in models]
+    run.echo(f"cross-site: evaluating {len(models)} models ({', '.join(names)}) on {len(nodes)} sites")
+    records: dict[str, Any] = {model_slot(i): to_record(a) for i, (_, a) in enumerate(models)}
+    records["config"] = ConfigRecord({"server-round": server_round, "models": names})
+    payload = RecordDict(records)
+    send = [Message(payload, dst_node_id=n, message_type=EVALUATE_TYPE) for n in nodes]
+    for r in run._exchange(send, "cross-site evaluate", server_round, outcome):
+        for i, name in enumerate(names):
+            values = {k: r.metrics.get(f"m{i}_{k}") for k in MATRIX_KEYS}
+            run.store.append(server_round, PHASE, r.site, {"model": name, **values})
+    paths = write_cross_site(run.run_dir)
+    run.echo(f"cross-site matrix: {paths['markdown']}")
+    return paths
+
+
+def _f(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+
+def cross_site_table(run_dir: Path) -> tuple[list[str], list[str], dict[tuple[str, str], dict[str, Any]]]:
+    """(test sites, models with the global first, (site, model) -> metrics) from metrics.jsonl."""
+    rows = MetricStore(Path(run_dir)).rows(PHASE)
+    if rows:
+        last = max(r["round"] for r in rows)
+        rows = [r for r in rows if r["round"] == last]
+    cells = {(r["site"], r["model"]): r for r in rows}
+    sites = sorted({r["site"] for r in rows})
+    models = sorted({r["model"] for r in rows}, key=lambda m: (m != GLOBAL, m))
+    return sites, models, cells
+
+
+def write_cross_site(run_dir: Path) -> dict[str, Path]:
+    """cross_site.csv (one row per test site, one AUC column per model) and cross_site.md."""
+    run_dir = Path(run_dir)
+    sites, models, cells = cross_site_table(run_dir)
+    paths = {"csv": run_dir / "cross_site.csv", "markdown": run_dir / "cross_site.md"}
+    with open(paths["csv"], "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["test_site", "test_n"] + [f"auc[{m}]" for m in models])
+        for s in sites:
+            n = next((cells[(s, m)].get("test_n") for m in models if (s, m) in cells), None)
+            w.writerow([s, n] + [cells.get((s, m), {}).get("test_auc") for m in models])
+    paths["markdown"].write_text("\n".join(matrix_markdown(sites, models, cells)) + "\n")
+    return paths
+
+
+def matrix_markdown(sites: list[str], models: list[str], cells: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    if not sites:
+        return ["No cross-site evaluation results."]
+    lines = [
+        "## Cross-site evaluation (test AUC; rows: the site whose test split, columns: the model)",
+        "",
+        "| test site | breasts | " + " | ".join(models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
+    for s in sites:
+        n = next((cells[(s, m)].get("test_n") for m in models if (s, m) in cells), None)
+        own = personal_name(s)
+        row = []
+        for m in models:
+            v = _f(cells.get((s, m), {}).get("test_auc"))
+            row.append(f"**{v}**" if m == own else v)
+        lines.append(f"| {s} | {n if n is not None else 'n/a'} | " + " | ".join(row) + " |")
+    lines += ["", "Bold: a site's personalised model on its own test split. Each site evaluated every model on its own data; "
+              "only these aggregate metrics left the sites.", ""]
+    return lines
