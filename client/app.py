@@ -21,16 +21,26 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedbreast.client.site_data import SiteData, SiteUnavailable, site_for
+from fedbreast.client.audit import egress_mod
+from fedbreast.client.personal import (
+    cross_site_metrics,
+    global_digest,
+    personal_arrays,
+    personal_metrics,
+    personaliser_for,
+    psft_metrics,
+)
+from fedbreast.client.site_data import SiteData, SiteUnavailable
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.manifest import read_site_meta
-from fedbreast.shared.data.augment import AUGMENT_PRESETS, augment
-from fedbreast.shared.metrics import BINARY_METRIC_KEYS, add_laplace_noise, binary_metrics, bootstrap_ci, score_histogram
+from fedbreast.shared.metrics import BINARY_METRIC_KEYS, operating_threshold, add_laplace_noise, binary_metrics, bootstrap_ci, score_histogram
 from fedbreast.shared.models.factory import build_model
-from fedbreast.shared.training.local import pick_device, predict, train_local
+from fedbreast.shared.training.dp import DPRefused, central_dp_mod, local_dp_for
+from fedbreast.shared.training.local import pick_device
+from fedbreast.shared.training.tasks import FamilySite, task_for
 
 log = logging.getLogger("fedbreast.client")
-app = ClientApp()
+app = ClientApp(mods=[egress_mod])  # outermost: every reply is audited on the site's disk as it leaves
 
 # Run-config keys that steer the simulation harness, not the model; the ClientApp ignores them.
 SIM_KEYS = ("sim-sites-dir", "run-dir")
@@ -84,9 +94,9 @@ def _unable(msg: Message, context: Context, reason: str) -> Message:
     )
 
 
-def _load(msg: Message, context: Context) -> tuple[RunConfig, SiteData, torch.nn.Module]:
+def _load(msg: Message, context: Context) -> tuple[RunConfig, SiteData | FamilySite, torch.nn.Module]:
     cfg = RunConfig.from_flower(context.run_config, ignore=SIM_KEYS)
-    data = site_for(site_dir_of(context), cfg)
+    data = task_for(cfg).open(site_dir_of(context), cfg)  # the family's inputs at this site
     model = build_model(cfg)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
     return cfg, data, model
@@ -100,7 +110,7 @@ def hello(msg: Message, context: Context) -> Message:
     """
     try:
         cfg = RunConfig.from_flower(context.run_config, ignore=SIM_KEYS)
-        data = site_for(site_dir_of(context), cfg)
+        data = task_for(cfg).open(site_dir_of(context), cfg)
     except SiteUnavailable as exc:
         return _unable(msg, context, str(exc))
     counts = {f"{split}_exams": data.exams(split) for split in ("train", "val", "test")}
@@ -113,7 +123,7 @@ def hello(msg: Message, context: Context) -> Message:
     )
 
 
-@app.train()
+@app.train(mods=[central_dp_mod])  # clips the update only when the coordinator runs central DP
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     try:
@@ -121,23 +131,19 @@ def train(msg: Message, context: Context) -> Message:
     except SiteUnavailable as exc:
         return _unable(msg, context, str(exc))
     server_round = int(msg.content["config"].get("server-round", 1))
+    try:  # local DP, or the site's privacy policy refusing this round (shared/training/dp.py)
+        dp = local_dp_for(context, cfg, site_dir_of(context), len(data.datasets["train"]), server_round)
+    except DPRefused as exc:
+        return _unable(msg, context, str(exc))
     torch.manual_seed(cfg.seed * 1000 + server_round)
     device = pick_device()
-    aug_cfg = AUGMENT_PRESETS["multiview"]
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + server_round)
-    stats = train_local(
-        model.to(device),
-        data.loader("train", cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed + server_round),
-        lr=cfg.lr_at(server_round),
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        epochs=cfg.local_epochs,
-        steps=cfg.local_steps,
-        device=device,
-        amp=cfg.amp,
-        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
-        augment=(lambda x: augment(x, aug_cfg, gen)) if cfg.augment else None,
-    )
+    personaliser = personaliser_for(context, cfg, site_dir_of(context)) if cfg.fedbn else None
+    if personaliser is not None:  # FedBN: train with the site's own normalisation layers
+        personaliser.use_local_norms(model, server_round)
+    try:  # the family's local training (train_local underneath; keyword arguments pass through to it)
+        stats = task_for(cfg).train(model.to(device), data, cfg, server_round, device, dp=dp)
+    except SiteUnavailable as exc:  # e.g. no ultrasound for mgus' fusion step
+        return _unable(msg, context, str(exc))
     metrics = {
         "num-examples": stats.examples,
         "train_loss": stats.loss,
@@ -146,26 +152,43 @@ def train(msg: Message, context: Context) -> Message:
         "train_steps": stats.steps,
         "lr": cfg.lr_at(server_round),
     }
+    if dp is not None:
+        metrics.update(dp.metrics())  # epsilon spent in this run so far; the un-noised train loss withheld
+    straggle(context)
     return _reply(
         msg,
         {
-            "arrays": ArrayRecord(model.cpu().state_dict()),
+            # FedBN: the trained norm layers stay on the site's disk; the received ones go back.
+            "arrays": ArrayRecord(personaliser.reply_state(model, msg.content["arrays"].to_torch_state_dict(), server_round)
+                                  if personaliser is not None else model.cpu().state_dict()),
             "metrics": MetricRecord(metrics),
             "site": ConfigRecord({"name": site_name_of(context, data), "status": "ok", "reason": ""}),
         },
     )
 
 
-def split_metrics(split: str, y: np.ndarray, p: np.ndarray, loss: float, exams: int, cfg: RunConfig, with_ci: bool) -> dict:
-    """Fixed key set per split, NaN where undefined, so every site's reply has the same keys."""
-    out: dict[str, float | int | list[int]] = {f"{split}_exams": exams, f"{split}_loss": loss if math.isfinite(loss) else float("nan")}
+def straggle(context: Context) -> None:
+    """Drills only: node config ``debug-delay-seconds`` (site.toml [site], off by default)
+    holds the training reply back, so a test can show the round closing at its timeout."""
+    delay = float(context.node_config.get("debug-delay-seconds", 0) or 0)
+    if delay > 0:
+        log.warning("debug-delay-seconds = %s: holding the training reply back", delay)
+        time.sleep(delay)
+
+
+def split_metrics(split: str, y: np.ndarray, p: np.ndarray, loss: float, exams: int, cfg: RunConfig, with_ci: bool,
+                  threshold: float = 0.5) -> dict:
+    """Fixed key set per split, NaN where undefined, so every site's reply has the same keys.
+    Thresholded metrics (accuracy, sensitivity...) use ``threshold``: the site's operating point."""
+    out: dict[str, float | int | list[int]] = {f"{split}_exams": exams, f"{split}_loss": loss if math.isfinite(loss) else float("nan"),
+                                               f"{split}_threshold": threshold}
     if len(y):
-        point = binary_metrics(y, p)
+        point = binary_metrics(y, p, threshold=threshold)
     else:
         point = {k: float("nan") for k in BINARY_METRIC_KEYS} | {"n": 0, "n_pos": 0, "n_neg": 0}
     out.update({f"{split}_{k}": v for k, v in point.items()})
     if with_ci:
-        ci = bootstrap_ci(y, p, metrics=CI_METRICS, n_boot=cfg.bootstrap, seed=cfg.seed) if len(y) and cfg.bootstrap else {}
+        ci = bootstrap_ci(y, p, metrics=CI_METRICS, n_boot=cfg.bootstrap, seed=cfg.seed, threshold=threshold) if len(y) and cfg.bootstrap else {}
         for m in CI_METRICS:
             _, lo, hi = ci.get(m, (math.nan, math.nan, math.nan))
             out[f"{split}_{m}_lo"], out[f"{split}_{m}_hi"] = lo, hi
@@ -187,10 +210,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     except SiteUnavailable as exc:
         return _unable(msg, context, str(exc))
     device = pick_device()
+    task = task_for(cfg)
+    server_round = int(msg.content["config"].get("server-round", cfg.rounds)) if "config" in msg.content else None
+    personaliser = personaliser_for(context, cfg, site_dir_of(context)) if cfg.personalised else None
+    digest = global_digest(model) if personaliser is not None else ""
+    if personaliser is not None:  # FedBN: the global model is evaluated with the site's own norm layers
+        personaliser.use_local_norms(model, server_round or cfg.rounds)
     metrics: dict = {}
+    threshold = 0.5
     for split in ("val", "test"):
-        y, p, loss = predict(model.to(device), data.loader(split, cfg.batch_size, shuffle=False, workers=cfg.workers), device, cfg.amp)
-        metrics.update(split_metrics(split, y, p, loss, data.exams(split), cfg, with_ci=split == "test"))
+        y, p, loss = task.predict(model.to(device), data, split, cfg, device, server_round=server_round)
+        if split == "val" and len(y):
+            # The site's operating point (Youden's J) comes from its validation split and applies to test.
+            threshold = operating_threshold(y, p)
+        metrics.update(split_metrics(split, y, p, loss, data.exams(split), cfg, with_ci=split == "test", threshold=threshold))
         if split == "test":
             hist = score_histogram(y, p, bins=cfg.hist_bins) if len(y) else None
             n_bins = cfg.hist_bins
@@ -200,8 +233,66 @@ def evaluate(msg: Message, context: Context) -> Message:
             if epsilon > 0 and hist:
                 noisy = add_laplace_noise(hist, epsilon, np.random.default_rng())
                 metrics["test_hist_pos"], metrics["test_hist_neg"] = noisy["hist_pos"], noisy["hist_neg"]
+    metrics.update(task.extra_metrics(model, data, cfg, device, server_round=server_round))
+    if personaliser is not None:  # the personalised model side by side (*_personal keys)
+        metrics.update(personal_metrics(task, data, model, digest, cfg, server_round or cfg.rounds, device, personaliser,
+                                        lambda s, y, p, loss, n, t: split_metrics(s, y, p, loss, n, cfg, with_ci=False, threshold=t)))
+    if cfg.patient_finetune:  # seed 000: test metrics with patient-specific fine-tuning (*_psft keys)
+        metrics.update(psft_metrics(task, data, model, cfg, device))
     metrics["num-examples"] = data.exams("test")
     metrics["eval_seconds"] = time.perf_counter() - t0
+    return _reply(
+        msg,
+        {
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord({"name": site_name_of(context, data), "status": "ok", "reason": ""}),
+        },
+    )
+
+
+@app.query("personal")
+def personal(msg: Message, context: Context) -> Message:
+    """The cross-site phase asks for this site's personalised model: weights only leave."""
+    try:
+        cfg, data, model = _load(msg, context)
+    except SiteUnavailable as exc:
+        return _unable(msg, context, str(exc))
+    server_round = int(msg.content["config"].get("server-round", cfg.rounds))
+    personaliser = personaliser_for(context, cfg, site_dir_of(context))
+    digest = global_digest(model)
+    personaliser.use_local_norms(model, server_round)
+    arrays = personal_arrays(task_for(cfg), data, model, digest, cfg, server_round, pick_device(), personaliser)
+    return _reply(
+        msg,
+        {
+            "arrays": ArrayRecord(arrays),
+            "metrics": MetricRecord({"num-examples": data.exams("train")}),
+            "site": ConfigRecord({"name": site_name_of(context, data), "status": "ok", "reason": ""}),
+        },
+    )
+
+
+@app.evaluate("cross_site")
+def cross_site(msg: Message, context: Context) -> Message:
+    """Every model of the cross-site phase (global first, then each site's personalised one)
+    on this site's test split; the reply has aggregate metrics per model (m{i}_* keys)."""
+    from fedbreast.shared.training.personalise import CROSS_SITE_KEYS, model_slot
+
+    try:
+        cfg = RunConfig.from_flower(context.run_config, ignore=SIM_KEYS)
+        data = task_for(cfg).open(site_dir_of(context), cfg)
+    except SiteUnavailable as exc:
+        return _unable(msg, context, str(exc))
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", cfg.rounds))
+    models = []
+    for i, name in enumerate(config["models"]):
+        m = build_model(cfg)
+        m.load_state_dict(msg.content[model_slot(i)].to_torch_state_dict(), strict=True)
+        models.append((str(name), m))
+    personaliser = personaliser_for(context, cfg, site_dir_of(context))
+    metrics = cross_site_metrics(task_for(cfg), data, models, cfg, server_round, pick_device(), personaliser, CROSS_SITE_KEYS)
+    metrics["num-examples"] = data.exams("test")
     return _reply(
         msg,
         {

@@ -55,16 +55,22 @@ def channels_for(records: list[ImageRecord], in_channels: int) -> str:
     return "ffdm"
 
 
-@lru_cache(maxsize=4)
-def open_site(site_dir: str, cfg_key: str, in_channels: int, window: str, image_h: int, image_w: int, workers: int) -> SiteData:
-    """Load the manifest, warm the cache, and build the per-split datasets (memoised)."""
-    path = Path(site_dir)
+def site_records(path: Path) -> list[ImageRecord]:
+    """The site's manifest rows; SiteUnavailable (saying why) when it is missing, bad or empty."""
     try:
         records = load_manifest(path)
     except ManifestError as exc:
         raise SiteUnavailable(str(exc)) from None
     if not records:
         raise SiteUnavailable(f"{path}: the manifest is empty")
+    return records
+
+
+@lru_cache(maxsize=4)
+def open_site(site_dir: str, cfg_key: str, in_channels: int, window: str, image_h: int, image_w: int, workers: int) -> SiteData:
+    """Load the manifest, warm the cache, and build the per-split datasets (memoised)."""
+    path = Path(site_dir)
+    records = site_records(path)
     cfg = RunConfig(in_channels=in_channels, window=window, image_h=image_h, image_w=image_w)
     pre = preprocess_for(cfg)
     mammo = [r for r in records if r.view.is_mammo]

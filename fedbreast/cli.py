@@ -35,6 +35,27 @@ def cmd_site_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_audit(args: argparse.Namespace) -> int:
+    from fedbreast.client.audit import audit_path, read_audit, render_table
+
+    site_dir = Path(args.site_dir)
+    if not site_dir.is_dir():
+        raise FileNotFoundError(f"{site_dir}: no such site directory")
+    lines = read_audit(site_dir)
+    if args.run is not None:
+        lines = [line for line in lines if str(line.get("run_id")) == args.run]
+    if args.last:
+        lines = lines[-args.last:]
+    if args.json:
+        for line in lines:
+            print(json.dumps(line, sort_keys=True))
+    elif not lines:
+        print(f"nothing has left this site yet (no lines in {audit_path(site_dir)})")
+    else:
+        print(render_table(lines))
+    return 0
+
+
 def cmd_site_check(args: argparse.Namespace) -> int:
     from fedbreast.shared.data.check import check_site
 
@@ -82,8 +103,8 @@ def _parse_overrides(args: argparse.Namespace) -> dict:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a run-config key such as local-epochs=2")
         key, value = item.split("=", 1)
         raw[key.strip()] = value.strip()
-    for flag, key in (("rounds", "rounds"), ("backbone", "backbone"), ("view_fusion", "view-fusion"), ("strategy", "strategy")):
-        if getattr(args, flag) is not None:
+    for flag, key in (("model", "model"), ("rounds", "rounds"), ("backbone", "backbone"), ("view_fusion", "view-fusion"), ("strategy", "strategy")):
+        if getattr(args, flag, None) is not None:
             raw[key] = getattr(args, flag)
     if args.image_size:
         try:
@@ -105,6 +126,53 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server_start(args: argparse.Namespace) -> int:
+    from fedbreast.server.superlink import SuperLinkSettings, run_superlink
+
+    settings = SuperLinkSettings(
+        state_dir=Path(args.state_dir).resolve(),
+        tls_dir=Path(args.tls_dir).resolve() if args.tls_dir else None,
+        host=args.host, port=args.port, federation=args.federation,
+        flwr_home=Path(args.flwr_home).resolve() if args.flwr_home else None,
+        metrics_host=args.metrics_host, metrics_port=args.metrics_port, insecure=args.insecure,
+        connect_address=args.connect_address,
+    )
+    return run_superlink(settings)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import time
+
+    from fedbreast.server.launcher import RunFailed, default_run_dir, launch
+
+    overrides = {k.replace("_", "-"): v for k, v in _parse_overrides(args).items()}
+    flwr_home = Path(args.flwr_home).resolve() if args.flwr_home else None
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.federation, flwr_home, time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        launch(args.federation, run_dir, overrides, app_dir=Path(args.app) if args.app else None, flwr_home=flwr_home)
+    except RunFailed as exc:
+        print(f"fedbreast: run failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"report: {run_dir.resolve() / 'summary.md'}")
+    return 0
+
+
+def cmd_site_start(args: argparse.Namespace) -> int:
+    from fedbreast.client.daemon import run_site
+
+    return run_site(Path(args.config), insecure=args.insecure, max_restarts=args.max_restarts)
+
+
+def _add_run_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=["multiview", "birads", "dualmode", "mgus", "latefusion"], help="model family")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--backbone")
+    p.add_argument("--view-fusion", choices=["average", "concat"])
+    p.add_argument("--strategy")
+    p.add_argument("--image-size", help="HxW per view, e.g. 256x128")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key, e.g. --set local-epochs=2")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedbreast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients", type=int, default=80, help="patients per site (sites differ in size around this)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", choices=["multiview", "birads", "dualmode", "mgus", "latefusion"],
+                   help="model family (seeds 001, 000, 003, 002, 004), each with its own preset; default multiview")
     p.add_argument("--rounds", type=int)
     p.add_argument("--backbone")
     p.add_argument("--view-fusion", choices=["average", "concat"])
@@ -132,7 +202,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("run", help="launch a federated run on a deployed federation and watch it per round and site")
+    p.add_argument("federation", help="connection name in $FLWR_HOME/config.toml (written by `fedbreast server start`)")
+    p.add_argument("--run-dir", help="run directory on the coordinator (default: the SuperLink's STATE/runs/FEDERATION-TIMESTAMP)")
+    p.add_argument("--app", help="Flower app folder to submit (default: generated from the installed fedbreast)")
+    p.add_argument("--flwr-home", help="Flower config folder (default $FLWR_HOME or ~/.flwr)")
+    _add_run_config_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    server = sub.add_parser("server", help="coordinator commands").add_subparsers(dest="server_command", required=True)
+    p = server.add_parser("start", help="start the SuperLink: TLS + site authentication, persistent state, /metrics")
+    p.add_argument("--state-dir", default="fedbreast-server", help="SuperLink database, run directories (default ./fedbreast-server)")
+    p.add_argument("--tls-dir", help="folder with ca.crt, server.crt, server.key (deploy/tls/provision.sh; default STATE/tls)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 to accept remote sites")
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--federation", default="fedbreast", help="connection name written to $FLWR_HOME/config.toml")
+    p.add_argument("--connect-address", help="HOST:PORT written to that connection (default: this machine's address of the "
+                   "SuperLink); must be a name in the server certificate")
+    p.add_argument("--flwr-home", help="Flower config folder (default $FLWR_HOME or ~/.flwr)")
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus endpoint port; 0 turns it off")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no site authentication: closed test networks only")
+    p.set_defaults(func=cmd_server_start)
+
     site = sub.add_parser("site", help="hospital-site data commands").add_subparsers(dest="site_command", required=True)
+
+    p = site.add_parser("start", help="the site daemon: preflight, then a supervised SuperNode with /metrics and /healthz")
+    p.add_argument("config", help="site TOML (deploy/site.example.toml)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no site key: closed test networks only")
+    p.add_argument("--max-restarts", type=int, help="give up after this many SuperNode restarts (default: never)")
+    p.set_defaults(func=cmd_site_start)
 
     p = site.add_parser("ingest", help="ingest a DICOM folder into a site manifest")
     p.add_argument("dicom_dir")
@@ -148,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site_dir")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_site_check)
+
+    p = site.add_parser("audit", help="what left the site: one row per message the ClientApp sent (from SITE_DIR/audit/audit.jsonl)")
+    p.add_argument("site_dir")
+    p.add_argument("--json", action="store_true", help="print the raw audit lines (JSONL)")
+    p.add_argument("--run", help="only this Flower run id")
+    p.add_argument("--last", type=int, help="only the last N messages")
+    p.set_defaults(func=cmd_site_audit)
 
     p = site.add_parser("generate", help="write simulated hospitals as DICOM files + annotation CSVs")
     p.add_argument("--out", required=True)

@@ -27,6 +27,8 @@ from fedbreast.server.strategies import build_strategy
 from fedbreast.server.validation import check_update
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.metrics import auc_binning_bound, pooled_auc_from_histograms, weighted_mean
+from fedbreast.shared.training.dp import CentralLedger
+from fedbreast.shared.training.tasks import task_for
 
 log = logging.getLogger("fedbreast.server")
 
@@ -56,6 +58,8 @@ class RoundOutcome:
     aggregate: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     site_seconds: dict[str, float] = field(default_factory=dict)  # local train + eval time per site
+    bytes_sent: int = 0  # model array bytes to / from sites (the coordinator's /metrics)
+    bytes_received: int = 0
 
     @property
     def slowest_site_seconds(self) -> float:
@@ -64,6 +68,10 @@ class RoundOutcome:
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
+
+
+def array_bytes(message: Message) -> int:
+    return sum(len(a.data) for rec in message.content.array_records.values() for a in rec.values()) if message.has_content() else 0
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -76,6 +84,7 @@ class FederatedRun:
         self.grid, self.cfg, self.run_dir = grid, cfg, Path(run_dir)
         self.store = MetricStore(self.run_dir)
         self.strategy = build_strategy(cfg)
+        self.central_dp = CentralLedger(self.run_dir, cfg) if cfg.dp == "central" else None  # the coordinator's epsilon
         self.names: dict[int, str] = {}  # node id -> site name, learned from replies
         self.echo = echo
         self.arrays = initial
@@ -167,6 +176,8 @@ class FederatedRun:
         messages = list(messages)
         sent_to = {m.metadata.dst_node_id for m in messages}
         replies, by_msg_id = self._send_and_collect(messages)
+        outcome.bytes_sent += sum(array_bytes(m) for m in messages)
+        outcome.bytes_received += sum(array_bytes(r) for r in replies if not r.has_error())
         usable: list[SiteReply] = []
         answered: set[int] = set()
         for reply in replies:
@@ -241,12 +252,30 @@ class FederatedRun:
         if len(good) < self.cfg.min_train_sites:
             self.echo(f"  round {server_round}: {len(good)} usable update(s), fewer than min-train-sites "
                       f"({self.cfg.min_train_sites}); the global model is unchanged this round")
+            self._train_aggregate(server_round, good, released=False)
             return
+        if self.central_dp is not None:  # central DP: noise std sigma*C/k for the k sites actually averaged
+            self.strategy.num_sampled_clients = len(good)
         # Replies must share metric keys for Flower's aggregation; ours do by construction.
         agg, _ = self.strategy.aggregate_train(server_round, [r.message for r in good])
         if agg is not None:
             # Averaging turns integer buffers (BatchNorm's num_batches_tracked) into floats: cast back.
-            self.arrays = {k: np.asarray(v.numpy()).astype(self.arrays[k].dtype) for k, v in agg.items()}
+            before, self.arrays = self.arrays, {k: np.asarray(v.numpy()).astype(self.arrays[k].dtype) for k, v in agg.items()}
+            # Branches only some sites train (mgus' ultrasound net, late fusion's CESM nets) average over those sites.
+            self.arrays = task_for(self.cfg).after_train(self.cfg, before, self.arrays, [(r.arrays, r.metrics) for r in good])
+        self._train_aggregate(server_round, good, released=agg is not None)
+
+    def _train_aggregate(self, server_round: int, good: list[SiteReply], released: bool) -> None:
+        """One "aggregate-train" row: means over sites, but privacy budgets (dp_epsilon, dp_delta)
+        by maximum: the federation's guarantee is that of its worst site, never the average."""
+        if not good:
+            return
+        scalar = [{k: v for k, v in r.metrics.items() if isinstance(v, (int, float))} for r in good]
+        agg = weighted_mean(scalar, weight_key="num-examples", sum_keys=("num-examples", "train_steps"))
+        if self.central_dp is not None:
+            agg.update(self.central_dp.record(released))
+        agg["sites"] = len(good)
+        self.store.append(server_round, "aggregate-train", "ALL", agg)
 
     def evaluate_round(self, server_round: int, outcome: RoundOutcome) -> None:
         config = ConfigRecord({"server-round": server_round})
@@ -267,6 +296,9 @@ class FederatedRun:
             agg["test_pooled_auc"] = pooled_auc_from_histograms(with_edges)
             agg["test_pooled_auc_binning_bound"] = auc_binning_bound(with_edges)
         agg["sites"] = len(replies)
+        # A family may update the global model from aggregate evaluation counts (late fusion: MCC weights).
+        self.arrays, family_agg = task_for(self.cfg).after_evaluate(self.arrays, [r.metrics for r in replies])
+        agg.update(family_agg)
         outcome.aggregate = agg
         self.store.append(server_round, "aggregate", "ALL", agg)
 
@@ -293,12 +325,28 @@ class FederatedRun:
             self.store.append(server_round, "round", "ALL", {
                 "seconds": outcome.seconds, "slowest_site_seconds": outcome.slowest_site_seconds,
                 "train_phase_seconds": t1 - t0, "evaluate_phase_seconds": t2 - t1, "checkpoint_seconds": outcome.seconds - (t2 - t0),
-                "sites_trained": len(outcome.sites_trained), "failures": len(outcome.failures)})
+                "sites_trained": len(outcome.sites_trained), "failures": len(outcome.failures),
+                "bytes_sent": outcome.bytes_sent, "bytes_received": outcome.bytes_received})
             self.history.append(outcome)
             self.echo(self._progress_line(outcome))
         self._flush_checkpoints()
         save_checkpoint(self.run_dir, "final", self.arrays, self._meta(self.cfg.rounds, self.history[-1].aggregate if self.history else {}))
+        if self.cfg.cross_site:
+            self.cross_site_matrix()
         return self.history
+
+    def cross_site_matrix(self) -> dict[str, Path]:
+        """After the last round: every site's personalised model and the global one on every
+        site's test split (server/cross_site.py). The final model is saved already, so a
+        failure here costs only the matrix."""
+        from fedbreast.server.cross_site import run_cross_site
+
+        try:
+            return run_cross_site(self)
+        except Exception as exc:  # noqa: BLE001 - the run's results stand without the matrix
+            log.exception("cross-site phase failed")
+            self.echo(f"cross-site phase failed: {type(exc).__name__}: {exc}")
+            return {}
 
     def _progress_line(self, o: RoundOutcome) -> str:
         per_site = ", ".join(

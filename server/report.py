@@ -63,6 +63,8 @@ def write_report(run_dir: Path, cfg: RunConfig, baselines: dict[str, dict[str, f
         header = ["site", "round", "test_exams", "test_n"] + [k for k, _ in COLUMNS] + [f"test_auc_{b}" for b in ("lo", "hi")]
         if baselines:
             header += ["local_only_test_auc", "pooled_test_auc"]
+        extra = [k for k in SIDE_BY_SIDE_CSV if any(k in r for r in sites)]  # personalised / PSFT columns when run
+        header += extra
         w.writerow(header)
         for r in sites:
             row = [r["site"], r["round"], r.get("test_exams"), r.get("test_n")] + [r.get(k) for k, _ in COLUMNS]
@@ -70,6 +72,7 @@ def write_report(run_dir: Path, cfg: RunConfig, baselines: dict[str, dict[str, f
             if baselines:
                 b = baselines.get(r["site"], {})
                 row += [b.get("local"), b.get("pooled")]
+            row += [r.get(k) for k in extra]
             w.writerow(row)
 
     lines = [f"# fedbreast run report", "", f"Model {cfg.model}/{cfg.backbone}, {cfg.view_fusion} view fusion, "
@@ -80,15 +83,19 @@ def write_report(run_dir: Path, cfg: RunConfig, baselines: dict[str, dict[str, f
     for r in sites:
         cells = [_with_ci(r, k) if k in ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "test_mcc", "test_spec_at_sens100") else _f(r.get(k)) for k, _ in COLUMNS]
         lines.append(f"| {r['site']} | {r.get('test_exams')} | {r.get('test_n')} | " + " | ".join(cells) + " |")
+    thresholds = ", ".join(f"{r['site']} {_f(r.get('test_threshold'))}" for r in sites)
     lines += ["", f"Weighted mean test AUC {_f(aggregate.get('test_auc'))}; pooled test AUC across sites from score histograms "
               f"{_f(aggregate.get('test_pooled_auc'))} (binning error bound {_f(aggregate.get('test_pooled_auc_binning_bound'), 4)}); "
-              f"no per-patient score left any site.", ""]
+              f"no per-patient score left any site. Accuracy, SEN, SPE, PPV, NPV, F1, MCC and G-mean are at each site's "
+              f"operating point, the score cut-off that maximises Youden's J on its own validation split "
+              f"({thresholds}).", ""]
     if baselines:
         lines += ["## Federated vs local-only vs pooled (test AUC, same budget)", "", "| site | federated | local-only | pooled |", "|---|---|---|---|"]
         for r in sites:
             b = baselines.get(r["site"], {})
             lines.append(f"| {r['site']} | {_f(r.get('test_auc'))} | {_f(b.get('local'))} | {_f(b.get('pooled'))} |")
         lines.append("")
+    lines += personal_sections(run_dir, sites)
     if failures:
         lines += ["## Sites left out of a round", "", "| round | site | stage | reason |", "|---|---|---|---|"]
         lines += [f"| {f['round']} | {f['site']} | {f.get('stage')} | {f.get('reason')} |" for f in failures]
@@ -139,3 +146,37 @@ def _plots(run_dir: Path, store: MetricStore, sites: list[dict], cfg: RunConfig)
     fig.savefig(out["learning_curves"], dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+# ---- personalisation, patient-specific fine-tuning, cross-site (issue 4) ----------------------
+
+SIDE_BY_SIDE = (("auc", "AUC"), ("spec_at_sens100", "SPE@SEN100"), ("sensitivity", "SEN"), ("specificity", "SPE"), ("mcc", "MCC"))
+SIDE_BY_SIDE_CSV = tuple(f"test_{k}{s}" for s in ("_personal", "_psft") for k, _ in SIDE_BY_SIDE) + (
+    "test_psft_patients", "test_psft_skipped_patients", "test_psft_seconds_per_patient")
+
+
+def personal_sections(run_dir: Path, sites: list[dict]) -> list[str]:
+    """Global vs personalised model and without vs with patient-specific fine-tuning, per site,
+    side by side; then the cross-site matrix when the run wrote one."""
+    lines: list[str] = []
+    for suffix, title, names in (
+        ("_personal", "Global vs personalised model on each site's test split", ("global", "personalised")),
+        ("_psft", "Without vs with patient-specific fine-tuning (test split)", ("without", "with")),
+    ):
+        rows = [r for r in sites if f"test_auc{suffix}" in r]
+        if not rows:
+            continue
+        head = " | ".join(f"{label} {n}" for _, label in SIDE_BY_SIDE for n in names)
+        lines += [f"## {title}", "", f"| site | {head} |", "|---|" + "---|" * (2 * len(SIDE_BY_SIDE))]
+        for r in rows:
+            cells = " | ".join(f"{_f(r.get(f'test_{k}'))} | {_f(r.get(f'test_{k}{suffix}'))}" for k, _ in SIDE_BY_SIDE)
+            lines.append(f"| {r['site']} | {cells} |")
+        if suffix == "_psft":
+            lines += ["", "Patients fine-tuned / skipped (no normal tissue), s per patient: " + "; ".join(
+                f"{r['site']} {r.get('test_psft_patients')} / {r.get('test_psft_skipped_patients')}, "
+                f"{_f(r.get('test_psft_seconds_per_patient'))} s" for r in rows)]
+        lines.append("")
+    matrix = Path(run_dir) / "cross_site.md"
+    if matrix.exists():
+        lines += matrix.read_text().splitlines() + [""]
+    return lines

@@ -8,6 +8,16 @@ from fedbreast.shared.config import RunConfig
 
 
 def build_strategy(cfg: RunConfig) -> fl.Strategy:
+    """The configured aggregation rule, wrapped in Flower's central-DP strategy when ``dp = central``."""
+    strategy = _base_strategy(cfg)
+    if cfg.dp == "central":
+        from fedbreast.shared.training.dp import central_dp_strategy
+
+        return central_dp_strategy(strategy, cfg)
+    return strategy
+
+
+def _base_strategy(cfg: RunConfig) -> fl.Strategy:
     """The configured aggregation rule. Sampling minimums come from the run config; the
     round loop (server/federation.py) waits for sites itself, so nothing here blocks."""
     common = dict(

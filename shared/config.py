@@ -12,18 +12,35 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from fedbreast.shared.data.rules import ConfigError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
-MODELS = ("multiview",)
+MODELS = ("multiview", "birads", "dualmode", "mgus", "latefusion")
+BIRADS_FUSIONS = ("none", "feature", "decision")
+DECISION_FUSIONS = ("max", "linear", "stacked")
+MGUS_TRAININGS = ("two-step", "end-to-end")
+MGUS_LOSSES = ("bce", "cosface")
+PATCH_ENERGIES = ("LE", "DES", "FFDM")
 VIEW_FUSIONS = ("average", "concat")
 HEADS = ("pooled", "vgg_fc")
 AMP_MODES = ("auto", "bf16", "off")
 WINDOWS = ("percentile", "dicom", "fixed")
 KEY_METRICS = ("val_auc", "val_loss", "val_mcc", "val_accuracy")
+DP_MODES = ("off", "local", "central")  # shared/training/dp.py
+DP_GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")  # Opacus per-sample gradient engines
+PSFT_SCOPES = ("all", "head")
+
+# Per family, the settings that fix the model's tensors (part of model_signature).
+FAMILY_SIGNATURE_KEYS: dict[str, tuple[str, ...]] = {
+    "birads": ("patch_size", "patch_energies", "birads_fusion", "decision_fusion", "birads_groups"),
+    "dualmode": ("box_size",),
+    "mgus": ("crop_size", "descriptor_dim", "mgus_loss"),
+    "latefusion": (),
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,25 @@ class RunConfig:
     image_w: int = 128
     window: str = "percentile"  # percentile (vendor-robust) | dicom | fixed (seed 001's 1500-3300)
     weights_path: str = ""  # local ImageNet state_dict file; never downloaded
+    # family "birads" (seed 000): lesion patches + BI-RADS lexicon
+    patch_size: int = 227
+    n_patches: int = 200  # per image; the lesion score is the mean over them
+    patch_energies: str = "DES"  # comma list of LE, DES, FFDM: images patches are drawn from
+    birads_fusion: str = "feature"  # none | feature (concat at FC1) | decision
+    decision_fusion: str = "max"  # max | linear | stacked (decision fusion only)
+    fusion_alpha: float = 0.5  # linear decision fusion: alpha * p(BI-RADS) + (1 - alpha) * p(CNN)
+    birads_groups: str = "mass_shape,mass_margin,internal_enhancement,bpe,density,assessment"
+    # family "dualmode" (seed 003): a fixed box around the lesion, LE and DES backbones
+    box_size: int = 256
+    box_jitter: float = 0.05  # max shift of the box per axis, as a fraction of its side
+    # family "mgus" (seed 002): mammography + ultrasound lesion crops
+    crop_size: int = 224
+    descriptor_dim: int = 512
+    mgus_training: str = "two-step"  # two-step | end-to-end
+    mgus_modality_rounds: int = 2  # two-step: rounds of modality networks before the fusion network
+    mgus_loss: str = "bce"  # bce | cosface (large-margin cosine)
+    cosface_scale: float = 16.0
+    cosface_margin: float = 0.2
     # federation
     rounds: int = 3
     strategy: str = "fedavg"
@@ -70,6 +106,27 @@ class RunConfig:
     hist_bins: int = 512
     hist_noise_epsilon: float = 0.0  # > 0: Laplace noise on histogram counts (site policy may force it)
     seed: int = 0
+    # differential privacy (shared/training/dp.py); a site's own epsilon ceiling is its node
+    # config dp-max-epsilon, never a run setting
+    dp: str = "off"  # off | local (DP-SGD at every site) | central (clipped updates, noise at the server)
+    dp_epsilon: float = 0.0  # target epsilon for the whole run; 0: use dp-noise-multiplier as given
+    dp_delta: float = 1e-5
+    dp_noise_multiplier: float = 1.0
+    dp_max_grad_norm: float = 1.0  # local: per-exam gradient clip; central: per-site update clip
+    dp_grad_sample_mode: str = "hooks"  # Opacus engine: hooks | ew | functorch | ghost
+    dp_freeze_blocks: int = 4  # local DP: leading backbone blocks not trained (resnet: conv1, bn1, layer1, layer2)
+    # patient-specific fine-tuning at evaluation (seed 000; patch family "birads" only)
+    patient_finetune: bool = False
+    psft_lr: float = 1e-4  # seed 000: Adam 1e-4, batch 200, one epoch on the patient's normal patches
+    psft_epochs: int = 1
+    psft_batch_size: int = 200
+    psft_scope: str = "all"  # all: the whole network (the seed) | head: the last layer only (faster)
+    # site personalisation (kept on the site's disk) and FedBN
+    personal_epochs: int = 0  # > 0: fine-tune the global model on the site's train split for the personal model
+    personal_steps: int = 0  # > 0: this many batches instead of epochs
+    personal_lr: float = 0.0  # 0: the round's learning rate
+    fedbn: bool = False  # normalisation layers stay at the sites
+    cross_site: bool = False  # after the last round: every personal model + the global one on every site's test split
 
     # ---- conversion -------------------------------------------------------------------
     @staticmethod
@@ -98,9 +155,22 @@ class RunConfig:
 
     def model_signature(self) -> str:
         """Hash of what fixes the model's tensors: a checkpoint of another signature cannot resume."""
-        keys = ("model", "backbone", "view_fusion", "head", "in_channels", "image_h", "image_w")
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        keys: tuple[str, ...] = ("model", "backbone", "view_fusion", "head", "in_channels", "image_h", "image_w")
+        if self.model != "multiview":  # extra keys only for the new families: multiview hashes stay valid
+            keys += FAMILY_SIGNATURE_KEYS.get(self.model, ())
+        values = {k: getattr(self, k) for k in keys}
+        if self.dp != "off":  # DP models use GroupNorm: other tensors than the BatchNorm model
+            values["norm"] = "group"
+        blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def patch_energy_list(self) -> tuple[str, ...]:
+        return tuple(e.strip().upper() for e in self.patch_energies.split(",") if e.strip())
+
+    @property
+    def birads_group_list(self) -> tuple[str, ...]:
+        return tuple(g.strip() for g in self.birads_groups.split(",") if g.strip())
 
     @property
     def decay_rounds(self) -> tuple[int, ...]:
@@ -123,6 +193,10 @@ class RunConfig:
             ("amp", AMP_MODES),
             ("window", WINDOWS),
             ("key_metric", KEY_METRICS),
+            ("birads_fusion", BIRADS_FUSIONS),
+            ("decision_fusion", DECISION_FUSIONS),
+            ("mgus_training", MGUS_TRAININGS),
+            ("mgus_loss", MGUS_LOSSES),
         ):
             if getattr(self, name) not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)}")
@@ -160,8 +234,67 @@ class RunConfig:
             self.decay_rounds
         except ValueError:
             raise bad("lr_decay_rounds", "must be comma-separated round numbers, e.g. '10,30,40'") from None
+        for name in ("patch_size", "n_patches", "box_size", "crop_size", "descriptor_dim"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        if self.mgus_modality_rounds < 0:
+            raise bad("mgus_modality_rounds", "must not be negative")
+        if not 0 <= self.fusion_alpha <= 1:
+            raise bad("fusion_alpha", "must be in [0, 1]")
+        if not 0 <= self.box_jitter < 0.5:
+            raise bad("box_jitter", "must be in [0, 0.5)")
+        if self.cosface_scale <= 0 or not 0 <= self.cosface_margin < 1:
+            raise bad("cosface_margin", "needs cosface-scale > 0 and a margin in [0, 1)")
+        energies = self.patch_energy_list
+        if not energies or any(e not in PATCH_ENERGIES for e in energies):
+            raise bad("patch_energies", f"must be a comma-separated list of {', '.join(PATCH_ENERGIES)}")
+        from fedbreast.shared.data.schema import BIRADS_LEXICON
+
+        groups = self.birads_group_list
+        if not groups or any(g not in BIRADS_LEXICON for g in groups) or len(set(groups)) != len(groups):
+            raise bad("birads_groups", f"must be a comma-separated list of distinct groups among {', '.join(BIRADS_LEXICON)}")
+        self._validate_dp(bad)
         if self.head == "vgg_fc" and self.backbone != "vgg16_bn":
             raise bad("head", "the faithful vgg_fc head needs backbone = 'vgg16_bn'")
+        if self.psft_scope not in PSFT_SCOPES:
+            raise bad("psft_scope", f"must be one of {', '.join(PSFT_SCOPES)}")
+        if self.psft_lr <= 0:
+            raise bad("psft_lr", "must be positive")
+        for name in ("psft_epochs", "psft_batch_size"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        for name in ("personal_epochs", "personal_steps", "personal_lr"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must not be negative")
+        if self.patient_finetune and self.model != "birads":
+            raise bad("patient_finetune", "needs a patch classifier: model = 'birads' (seed 000)")
+        if self.cross_site and not self.personalised:
+            raise bad("cross_site", "needs a personal model: set personal-epochs or personal-steps > 0, or fedbn = true")
+        if self.cross_site and self.dp != "off":
+            raise bad("cross_site", "cannot run with dp: personal models are fine-tuned without DP and the cross-site phase sends them out")
+
+    @property
+    def personalised(self) -> bool:
+        """Sites keep a personal model (fine-tuned on their train split, or with their own norm layers)."""
+        return self.personal_epochs > 0 or self.personal_steps > 0 or self.fedbn
+
+    def _validate_dp(self, bad) -> None:
+        if self.dp not in DP_MODES:
+            raise bad("dp", f"must be one of {', '.join(DP_MODES)}")
+        if self.dp_grad_sample_mode not in DP_GRAD_SAMPLE_MODES:
+            raise bad("dp_grad_sample_mode", f"must be one of {', '.join(DP_GRAD_SAMPLE_MODES)}")
+        if not 0 < self.dp_delta < 1:
+            raise bad("dp_delta", "must be in (0, 1), e.g. 1e-5")
+        for name in ("dp_epsilon", "dp_noise_multiplier", "dp_freeze_blocks"):
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                raise bad(name, "must be a finite number, not negative")
+        if not (self.dp_max_grad_norm > 0 and math.isfinite(self.dp_max_grad_norm)):
+            raise bad("dp_max_grad_norm", "must be positive")
+        if self.dp != "off" and self.dp_epsilon == 0 and self.dp_noise_multiplier == 0:
+            raise bad("dp_noise_multiplier", "must be positive when dp is on and dp-epsilon is 0 (no budget given)")
+        if self.dp == "central" and self.strategy not in ("fedavg", "fedprox"):
+            raise bad("dp", "central DP needs an averaging strategy (fedavg or fedprox): its noise is "
+                      "calibrated to a mean of clipped updates")
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

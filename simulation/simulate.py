@@ -15,16 +15,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedbreast.client.site_data import SiteUnavailable, site_for
+from fedbreast.client.site_data import SiteUnavailable
 from fedbreast.server.report import write_report
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.generate import generate_federation
 from fedbreast.shared.data.ingest import ingest
+from fedbreast.shared.data.rules import ConfigError
+from fedbreast.shared.training.tasks import task_for
 from fedbreast.simulation.flower_runner import run_simulation
 
 # The CPU preset: finishes in a few minutes on 2 cores with a real resnet18.
 PRESET = dict(backbone="resnet18", image_h=256, image_w=128, rounds=4, local_epochs=1, batch_size=8, lr=0.01,
               lr_decay_rounds="3", workers=0, bootstrap=1000, round_timeout=900.0, wait_for_sites=120.0)
+# Per model family, on top of PRESET (``fedbreast simulate --model FAMILY``). Sizes suit the
+# generated sites (mammograms ~600x400 px at ~0.45 mm, lesions ~20 px in radius): the seeds'
+# 227-px patches / 256-px boxes on 3000x2000 images scale to 64 / 96 px here.
+PRESETS: dict[str, dict[str, Any]] = {
+    "multiview": {},
+    # DES patches at CEM sites and FFDM patches at FFDM sites, so every site takes part.
+    "birads": dict(model="birads", backbone="rawnet", patch_size=64, n_patches=32, patch_energies="DES,FFDM",
+                   batch_size=64, lr=0.01, augment=False),
+    "dualmode": dict(model="dualmode", backbone="resnet18", box_size=96, batch_size=8, lr=0.01, augment=False),
+    "mgus": dict(model="mgus", backbone="resnet18", crop_size=96, batch_size=16, lr=0.01, mgus_modality_rounds=2,
+                 rounds=5, augment=False),
+    "latefusion": dict(model="latefusion", backbone="resnet18", image_h=128, image_w=128, batch_size=8, lr=0.01, augment=False),
+}
 
 
 def prepare_federation(data_dir: Path, sites: int, patients: int, seed: int, echo=print) -> list[Path]:
@@ -63,7 +78,13 @@ def simulate(
     (one sub-folder per site, e.g. CDD-CESM imported per machine) instead of generated ones."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir).resolve()
-    cfg = RunConfig(**{**PRESET, "min_available_sites": sites, "min_train_sites": 1, "min_evaluate_sites": 1, "seed": seed}).replace(**(overrides or {}))
+    family = str((overrides or {}).get("model", "multiview"))
+    if family not in PRESETS:
+        raise ConfigError(f"model {family!r}: no simulation preset; one of {', '.join(PRESETS)}")
+    base = {**PRESET, **PRESETS[family], "min_available_sites": sites, "min_train_sites": 1, "min_evaluate_sites": 1, "seed": seed}
+    cfg = RunConfig(**base).replace(**(overrides or {}))
+    if baselines and cfg.model != "multiview":
+        raise ConfigError(f"--baselines: local-only and pooled baselines exist for the multiview family only, not {cfg.model!r}")
     if sites_dir is not None:
         sites_root = Path(sites_dir).resolve()
         site_dirs = sorted(p for p in sites_root.iterdir() if p.is_dir())
@@ -78,11 +99,11 @@ def simulate(
     site_data = []
     for d in site_dirs:
         try:
-            site_data.append(site_for(d, cfg))
+            site_data.append(task_for(cfg).open(d, cfg))
         except SiteUnavailable as exc:  # the federation runs on; that site reports itself unable
             echo(f"warning: {d.name} cannot train: {exc}")
     echo(f"caches warm in {time.perf_counter() - t:.0f} s: "
-         + ", ".join(f"{s.name} {s.exams('train')}/{s.exams('val')}/{s.exams('test')} train/val/test exams" for s in site_data))
+         + ", ".join(f"{s.name} {s.exams('train')}/{s.exams('val')}/{s.exams('test')} train/val/test {task_for(cfg).count_unit}s" for s in site_data))
     run_config = {**cfg.to_flower(), "sim-sites-dir": str(sites_root), "run-dir": str(run_dir)}
     t = time.perf_counter()
     record = run_simulation(run_dir, run_config, num_sites=len(site_dirs))

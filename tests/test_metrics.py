@@ -185,6 +185,16 @@ def test_bad_inputs_raise_clear_value_error(y, s, match):
         binary_metrics(y, s)
 
 
+def test_operating_threshold_maximises_youden_j(data):
+    from fedbreast.shared.metrics import operating_threshold
+
+    y, s = data
+    t = operating_threshold(y, s)
+    j = lambda cut: binary_metrics(y, s, threshold=cut)["sensitivity"] + binary_metrics(y, s, threshold=cut)["specificity"] - 1
+    assert all(j(t) >= j(c) - 1e-12 for c in np.unique(s))
+    assert operating_threshold(np.zeros(5, int), np.linspace(0, 1, 5)) == 0.5  # one class: the default
+
+
 def test_threshold_out_of_range_raises(data):
     with pytest.raises(ValueError, match="threshold"):
         binary_metrics(*data, threshold=1.2)

@@ -13,6 +13,7 @@ from .classification import (
     binary_metrics,
     confusion_counts,
     metrics_from_confusion,
+    operating_threshold,
 )
 from .histogram import (
     DEFAULT_BINS,
@@ -38,6 +39,7 @@ __all__ = [
     "bootstrap_ci",
     "confusion_counts",
     "default_bin_edges",
+    "operating_threshold",
     "delong_test",
     "delong_variance",
     "max_aggregate",

@@ -105,6 +105,23 @@ def _check_threshold(threshold: float) -> float:
     return t
 
 
+def operating_threshold(y_true: ArrayLike, scores: ArrayLike, default: float = 0.5) -> float:
+    """The score cut-off that maximises Youden's J (sensitivity + specificity - 1).
+
+    Chosen on a site's validation split and applied to its test split, as a clinical
+    operating point is: 0.5 on an uncalibrated model trained on imbalanced data can call
+    every breast benign. ``default`` when the split lacks one of the classes.
+    """
+    from sklearn.metrics import roc_curve
+
+    y, s = check_binary_inputs(y_true, scores)
+    if y.min() == y.max():
+        return default
+    fpr, tpr, thresholds = roc_curve(y, s)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thresholds[best], 0.0, 1.0))
+
+
 def midranks(x: NDArray[np.float64]) -> NDArray[np.float64]:
     """1-based ranks of ``x`` with ties given their average rank."""
     n = x.shape[0]

@@ -73,6 +73,33 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
 
+class RawNetBody(nn.Module):
+    """Seed 000's RawNet convolutions: five conv+BN+ReLU layers and three max-pools.
+
+    The seed gives the layer counts and about 240K parameters in all; the widths here are
+    ours, chosen so that with its two FC layers (:class:`fedbreast.shared.models.birads.BiradsNet`,
+    FC1 128 -> 256) the whole network has about 240K parameters.
+    """
+
+    widths = (24, 48, 64, 96, 128)
+
+    def __init__(self, in_channels: int = 1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for i, c_out in enumerate(self.widths):
+            k, stride = (5, 2) if i == 0 else (3, 1)
+            layers += [nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            if i in (0, 2, 4):
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        _kaiming_init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
 def _kaiming_init(module: nn.Module) -> None:
     # Same scheme torchvision uses for VGG/ResNet, so the fast paths below match it.
     for m in module.modules():
@@ -129,6 +156,7 @@ _REGISTRY: dict[str, _Spec] = {
         lambda m: (m.features, m.classifier[0].in_features),
     ),
     "smallcnn": _Spec(lambda: SmallCNN(3), lambda m: (m.features, SmallCNN.widths[-1])),
+    "rawnet": _Spec(lambda: RawNetBody(3), lambda m: (m.features, RawNetBody.widths[-1])),
 }
 
 

@@ -78,6 +78,7 @@ class MultiViewFusionNet(nn.Module):
         self.backbone_name = backbone
         self.in_channels = in_channels
         self.channels_last = False  # set by use_channels_last(); NHWC convs are faster on oneDNN and tensor cores
+        self.split_views = False  # set by DP-SGD: one backbone call per view, so the batch axis is always exams
         self.view_fusion = view_fusion
         self.head_kind = head
         self.image_hw = tuple(image_hw) if head == "vgg_fc" else None
@@ -119,10 +120,16 @@ class MultiViewFusionNet(nn.Module):
             )
         # One backbone call over all views: better batching than four calls, and BN
         # statistics see the whole exam batch exactly as with four weight-shared CNNs.
-        views = x.flatten(0, 1)
-        if self.channels_last:
-            views = views.contiguous(memory_format=torch.channels_last)
-        emb = self.embed(self.backbone(views)).view(b, len(VIEW_ORDER), -1)
+        if self.split_views:
+            # Opacus' per-sample gradients follow the batch axis of each layer call; with the
+            # views folded into it they would be per image, and DP's unit is the exam.
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            emb = torch.stack([self.embed(self.backbone(v.contiguous(memory_format=fmt))) for v in x.unbind(1)], 1)
+        else:
+            views = x.flatten(0, 1)
+            if self.channels_last:
+                views = views.contiguous(memory_format=torch.channels_last)
+            emb = self.embed(self.backbone(views)).view(b, len(VIEW_ORDER), -1)
         lcc, lmlo, rcc, rmlo = emb.unbind(1)
         # (B, 2 breasts, 2E): own breast first, contralateral second.
         cc = torch.stack((torch.cat((lcc, rcc), 1), torch.cat((rcc, lcc), 1)), 1)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fedbreast.shared.training.dp import LocalDP
 
 # A batch is a mapping with "x" (B, 4, C, H, W), "y" (B, 2) per-breast labels and "y_mask"
 # (B, 2) marking labelled breasts, as the datasets in shared/data/datasets.py collate it.
@@ -113,12 +116,20 @@ def train_local(
     amp: str = "auto",
     proximal_mu: float = 0.0,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, int]] | None = None,
+    dp: "LocalDP | None" = None,
 ) -> TrainStats:
     """SGD with momentum and weight decay (seed 001) for ``epochs`` or ``steps`` batches.
 
     ``proximal_mu`` > 0 adds FedProx's (mu/2)·||w - w_global||² with w_global the weights
-    the round started from.
+    the round started from. ``loss_fn(model, batch) -> (loss, examples)`` replaces the
+    multi-view x / y / y_mask step for the other model families (run under autocast; 0
+    examples skips the batch). ``dp`` (from :func:`fedbreast.shared.training.dp.local_dp_for`):
+    DP-SGD instead, on Poisson batches for the steps its plan fixes (``epochs``/``steps`` unused).
     """
+    if dp is not None:
+        return dp.train(model, loader, lr=lr, momentum=momentum, weight_decay=weight_decay, device=device,
+                        amp=amp, proximal_mu=proximal_mu, augment=augment, loss_fn=loss_fn)
     device = device or next(model.parameters()).device
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -128,16 +139,23 @@ def train_local(
     t0 = time.perf_counter()
     in_channels = _in_channels(model)
     for batch in _batches(loader, epochs, steps):
-        images, labels, mask = batch["x"], batch["y"], batch["y_mask"]
-        if mask.sum() == 0:
-            continue
-        images = match_channels(images.to(device, non_blocking=True), in_channels)
-        labels, mask = labels.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        if augment is not None:
-            images = augment(images)
-        with autocast(device, amp):
-            logits = model(images)
-        loss = masked_bce(logits, labels, mask)
+        if loss_fn is not None:
+            with autocast(device, amp):
+                loss, count = loss_fn(model, batch)
+            if count == 0:
+                continue
+        else:
+            images, labels, mask = batch["x"], batch["y"], batch["y_mask"]
+            if mask.sum() == 0:
+                continue
+            images = match_channels(images.to(device, non_blocking=True), in_channels)
+            labels, mask = labels.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            if augment is not None:
+                images = augment(images)
+            with autocast(device, amp):
+                logits = model(images)
+            loss = masked_bce(logits, labels, mask)
+            count = images.shape[0]
         if anchor is not None:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             loss = loss + 0.5 * proximal_mu * prox
@@ -146,8 +164,8 @@ def train_local(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += loss.item() * images.shape[0]
-        n_examples += images.shape[0]
+        total += loss.item() * count
+        n_examples += count
         n_steps += 1
     seconds = time.perf_counter() - t0
     return TrainStats(loss=total / max(n_examples, 1), examples=n_examples, steps=n_steps, seconds=seconds)
