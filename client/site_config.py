@@ -11,6 +11,7 @@ Example (deploy/site.example.toml)::
     state-dir = "/var/lib/fedbreast"  # the daemon's own state
     gpu-required = false
     dp-max-epsilon = 8.0              # refuse runs whose DP budget would exceed this
+    # debug-delay-seconds = 30        # drills only: delay every training reply (a straggler)
 
     [superlink]
     address = "coordinator.example.org:9092"
@@ -56,6 +57,9 @@ class SiteConfig:
     max_backoff_seconds: float = 60.0
     warm_image_size: tuple[int, int] = (256, 128)
     warm_window: str = "percentile"
+    # Test hook, off unless set: the ClientApp sleeps this long before each training reply,
+    # making the site a straggler for fault-tolerance drills (tests/test_fault_tolerance.py).
+    debug_delay_seconds: float | None = None
 
     def node_config(self) -> dict[str, Any]:
         """What the ClientApp sees as ``context.node_config`` (client/app.py reads these keys)."""
@@ -64,6 +68,8 @@ class SiteConfig:
             out["dp-max-epsilon"] = self.dp_max_epsilon
         if self.hist_noise_epsilon is not None:
             out["hist-noise-epsilon"] = self.hist_noise_epsilon
+        if self.debug_delay_seconds:
+            out["debug-delay-seconds"] = self.debug_delay_seconds
         return out
 
 
@@ -124,6 +130,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
     "site": {
         "name": (_name, True), "data-path": (_str, True), "state-dir": (_str, False),
         "gpu-required": (_bool, False), "dp-max-epsilon": (_positive, False), "hist-noise-epsilon": (_non_negative, False),
+        "debug-delay-seconds": (_non_negative, False),
     },
     "superlink": {"address": (_address, True), "root-certificates": (_str, False)},
     "keys": {"private-key": (_str, False)},
@@ -188,5 +195,6 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         gpu_required=values.get("site.gpu-required", False),
         dp_max_epsilon=values.get("site.dp-max-epsilon"),
         hist_noise_epsilon=values.get("site.hist-noise-epsilon"),
+        debug_delay_seconds=values.get("site.debug-delay-seconds"),
         **daemon,
     )
