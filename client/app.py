@@ -220,6 +220,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     threshold = 0.5
     for split in ("val", "test"):
         y, p, loss = task.predict(model.to(device), data, split, cfg, device, server_round=server_round)
+        if not np.isfinite(p).all():  # a diverged or poisoned global model: say so, do not crash
+            return _unable(msg, context, f"the global model gives non-finite scores on the {split} split; nothing to evaluate")
         if split == "val" and len(y):
             # The site's operating point (Youden's J) comes from its validation split and applies to test.
             threshold = operating_threshold(y, p)

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from fedbreast.server.checkpoints import check_resumable, load_checkpoint, save_checkpoint
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.server.strategies import build_strategy
-from fedbreast.server.validation import check_update
+from fedbreast.server.validation import check_update, clip_to_median_norm
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.metrics import auc_binning_bound, pooled_auc_from_histograms, weighted_mean
 from fedbreast.shared.training.dp import CentralLedger
@@ -254,6 +254,8 @@ class FederatedRun:
                       f"({self.cfg.min_train_sites}); the global model is unchanged this round")
             self._train_aggregate(server_round, good, released=False)
             return
+        if self.cfg.update_norm_bound > 0:  # model replacement: a scaled update is cut down before it is averaged
+            self._clip_updates(server_round, good)
         if self.central_dp is not None:  # central DP: noise std sigma*C/k for the k sites actually averaged
             self.strategy.num_sampled_clients = len(good)
         # Replies must share metric keys for Flower's aggregation; ours do by construction.
@@ -264,6 +266,18 @@ class FederatedRun:
             # Branches only some sites train (mgus' ultrasound net, late fusion's CESM nets) average over those sites.
             self.arrays = task_for(self.cfg).after_train(self.cfg, before, self.arrays, [(r.arrays, r.metrics) for r in good])
         self._train_aggregate(server_round, good, released=agg is not None)
+
+    def _clip_updates(self, server_round: int, good: list[SiteReply]) -> None:
+        """Clip each update's change to update-norm-bound x the round's median change norm
+        (server/validation.py); the clipped arrays replace the reply's before aggregation."""
+        clipped_arrays, clipped = clip_to_median_norm([r.arrays for r in good], self.arrays, self.cfg.update_norm_bound)
+        for i, norm, limit in clipped:
+            r = good[i]
+            r.arrays = clipped_arrays[i]
+            r.message.content["arrays"] = to_record(r.arrays)
+            log.warning("round %d train: site %s: update norm %.3g clipped to %.3g", server_round, r.site, norm, limit)
+            self.echo(f"  round {server_round} train: site {r.site}: update norm {norm:.3g} clipped to {limit:.3g} "
+                      f"({self.cfg.update_norm_bound:g} x the median)")
 
     def _train_aggregate(self, server_round: int, good: list[SiteReply], released: bool) -> None:
         """One "aggregate-train" row: means over sites, but privacy budgets (dp_epsilon, dp_delta)

@@ -54,3 +54,38 @@ def check_update(
     if max_update_norm is not None and sq_norm**0.5 > max_update_norm:
         return UpdateProblem(site, f"update norm {sq_norm ** 0.5:.3g} exceeds the bound {max_update_norm:.3g}")
     return None
+
+
+def delta_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the change of the floating-point tensors (integer buffers are counters)."""
+    sq = 0.0
+    for key, ref in reference.items():
+        if np.issubdtype(ref.dtype, np.floating):
+            diff = update[key].astype(np.float64) - ref
+            sq += float(np.vdot(diff, diff))
+    return sq**0.5
+
+
+def clip_to_median_norm(
+    updates: list[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray], bound: float
+) -> tuple[list[dict[str, np.ndarray]], list[tuple[int, float, float]]]:
+    """Scale every update whose change exceeds ``bound`` x the median change norm back to that limit.
+
+    A site that scales its update (model replacement) cannot then outweigh the honest ones,
+    and its direction still counts: with honest norms alike, the clipped update is about the
+    honest one. The median needs a majority of honest sites. Returns the updates (clipped
+    copies where needed) and (index, norm, limit) for each clipped one.
+    """
+    norms = [delta_norm(u, reference) for u in updates]
+    limit = bound * float(np.median(norms)) if norms else 0.0
+    out: list[dict[str, np.ndarray]] = []
+    clipped: list[tuple[int, float, float]] = []
+    for i, (u, n) in enumerate(zip(updates, norms)):
+        if n <= limit or n == 0.0:
+            out.append(dict(u))
+            continue
+        f = limit / n
+        out.append({k: (ref + f * (u[k].astype(np.float64) - ref)).astype(u[k].dtype) if np.issubdtype(ref.dtype, np.floating) else u[k]
+                    for k, ref in reference.items()})
+        clipped.append((i, n, limit))
+    return out, clipped

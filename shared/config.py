@@ -88,6 +88,7 @@ class RunConfig:
     server_lr: float = 0.01  # FedAdam / FedYogi
     trim_beta: float = 0.2  # FedTrimmedAvg
     krum_byzantine: int = 0  # Krum: number of malicious sites tolerated
+    update_norm_bound: float = 0.0  # >0: clip each update's change to this multiple of the round's median change norm
     # local training (seed 001: SGD, momentum 0.9, weight decay 5e-4, lr 1e-3 halved at 10/30/40)
     local_epochs: int = 1
     local_steps: int = 0  # > 0: this many batches per round instead of epochs
@@ -221,7 +222,7 @@ class RunConfig:
         for name in ("round_timeout", "wait_for_sites", "lr"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
-        for name in ("local_steps", "weight_decay", "proximal_mu", "krum_byzantine", "bootstrap", "hist_noise_epsilon", "workers"):
+        for name in ("local_steps", "weight_decay", "proximal_mu", "krum_byzantine", "update_norm_bound", "bootstrap", "hist_noise_epsilon", "workers"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
         if not 0 <= self.momentum < 1:
