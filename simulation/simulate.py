@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from fedbreast.server.report import write_report
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.generate import generate_federation
 from fedbreast.shared.data.ingest import ingest
+from fedbreast.shared.data.pseudonym import KEY_FILE
 from fedbreast.shared.data.rules import ConfigError
 from fedbreast.shared.training.tasks import task_for
 from fedbreast.simulation.flower_runner import run_simulation
@@ -42,6 +44,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _fix_generated_key(site_dir: Path, seed: int, k: int) -> None:
+    """Generated (synthetic) sites get a pseudonymisation key derived from the seed: splits
+    follow pseudonyms, so a random key would give each fresh run a different test set.
+    Real sites keep the random key ``site ingest`` creates."""
+    key_file = site_dir / KEY_FILE
+    if not key_file.exists():
+        site_dir.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(hashlib.sha256(f"fedbreast-generated-{seed}-site-{k}".encode()).hexdigest() + "\n")
+
+
 def prepare_federation(data_dir: Path, sites: int, patients: int, seed: int, echo=print) -> list[Path]:
     """Generate (if this exact federation is not there yet) and ingest; return site directories."""
     data_dir = Path(data_dir)
@@ -56,6 +68,7 @@ def prepare_federation(data_dir: Path, sites: int, patients: int, seed: int, ech
     for k in range(1, sites + 1):
         src = data_dir / "generated" / f"site-{k}"
         site_dir = data_dir / "sites" / f"site-{k}"
+        _fix_generated_key(site_dir, seed, k)
         report = ingest(src / "dicom", site_dir, annotations=src / "annotations.csv", site=f"site-{k}", workers=2)
         if report.processed:
             echo(f"ingested site-{k}: {report.images} images, {report.exams} exams, {report.rejected} rejected")
