@@ -71,12 +71,7 @@ def processes_mentioning(text: str) -> list[int]:
 def stop(proc: subprocess.Popen, timeout: float = 45) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
+    return reap(proc, timeout)
 
 
 def reap(proc: subprocess.Popen, timeout: float = 45) -> int:
