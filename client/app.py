@@ -30,6 +30,7 @@ from fedbreast.client.personal import (
     personaliser_for,
     psft_metrics,
 )
+from fedbreast.client.secure_aggregation import secure_aggregation_mod
 from fedbreast.client.site_data import SiteData, SiteUnavailable
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.manifest import read_site_meta
@@ -40,7 +41,8 @@ from fedbreast.shared.training.local import pick_device
 from fedbreast.shared.training.tasks import FamilySite, task_for
 
 log = logging.getLogger("fedbreast.client")
-app = ClientApp(mods=[egress_mod])  # outermost: every reply is audited on the site's disk as it leaves
+# egress_mod outermost: every reply is audited on the site's disk as it leaves (masked or not).
+app = ClientApp(mods=[egress_mod, secure_aggregation_mod])
 
 # Run-config keys that steer the simulation harness, not the model; the ClientApp ignores them.
 SIM_KEYS = ("sim-sites-dir", "run-dir")
@@ -114,6 +116,8 @@ def hello(msg: Message, context: Context) -> Message:
     except SiteUnavailable as exc:
         return _unable(msg, context, str(exc))
     counts = {f"{split}_exams": data.exams(split) for split in ("train", "val", "test")}
+    # Training samples (exams, or patches for the patch family): SecAgg+ sizes its weights from them.
+    counts["train_samples"] = len(data.datasets["train"])
     return _reply(
         msg,
         {
@@ -138,8 +142,8 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(cfg.seed * 1000 + server_round)
     device = pick_device()
     personaliser = personaliser_for(context, cfg, site_dir_of(context)) if cfg.fedbn else None
-    if personaliser is not None:  # FedBN: train with the site's own normalisation layers
-        personaliser.use_local_norms(model, server_round)
+    # FedBN: train with the site's own normalisation layers (from its disk, so also after a restart)
+    own_norms = personaliser.use_local_norms(model, server_round) if personaliser is not None else False
     try:  # the family's local training (train_local underneath; keyword arguments pass through to it)
         stats = task_for(cfg).train(model.to(device), data, cfg, server_round, device, dp=dp)
     except SiteUnavailable as exc:  # e.g. no ultrasound for mgus' fusion step
@@ -152,6 +156,8 @@ def train(msg: Message, context: Context) -> Message:
         "train_steps": stats.steps,
         "lr": cfg.lr_at(server_round),
     }
+    if personaliser is not None:
+        metrics["fedbn_own_norms"] = int(own_norms)  # 0 until the site has trained once in this run
     if dp is not None:
         metrics.update(dp.metrics())  # epsilon spent in this run so far; the un-noised train loss withheld
     straggle(context)

@@ -135,7 +135,7 @@ def describe(request: Message, reply: Message | None, context: Context, status: 
         else:
             status, reason = str(site_info.get("status", "ok")), str(site_info.get("reason", "") or "")
     now = time.time()
-    eps = metrics.get("dp_epsilon")
+    eps = metrics.get("dp_epsilon", config.get("fitres.metrics", {}).get("dp_epsilon"))  # SecAgg+ replies: legacy FitRes metrics
     return {
         "time": round(now, 3),
         "utc": datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -199,8 +199,14 @@ def egress_mod(msg: Message, context: Context, call_next: Callable[[Message, Con
         reply = call_next(msg, context)
     except Exception as exc:
         # The full exception stays in the site's log; the coordinator gets only its type.
-        log.exception("the %s handler failed", msg.metadata.message_type)
-        reason = f"{type(exc).__name__} in the site's {msg.metadata.message_type} handler (details in the site's log)"
+        from fedbreast.client.secure_aggregation import SecureAggregationRefused  # here: it imports app-side code
+
+        if isinstance(exc, SecureAggregationRefused):  # our own refusal, worded for the coordinator (paths redacted)
+            log.warning("%s", exc)
+            reason = redact(str(exc), site_dir)
+        else:
+            log.exception("the %s handler failed", msg.metadata.message_type)
+            reason = f"{type(exc).__name__} in the site's {msg.metadata.message_type} handler (details in the site's log)"
         _write(site_dir, describe(msg, None, context, status="error", reason=reason))
         raise RuntimeError(reason) from None
     _redact_reply(reply, site_dir)

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from fedbreast.server.checkpoints import check_resumable, load_checkpoint, save_checkpoint
 from fedbreast.server.metric_store import MetricStore
+from fedbreast.server.secure_aggregation import secure_train_round
 from fedbreast.server.strategies import build_strategy
 from fedbreast.server.validation import check_update, clip_to_median_norm
 from fedbreast.shared.config import RunConfig
@@ -33,6 +34,7 @@ from fedbreast.shared.training.tasks import task_for
 log = logging.getLogger("fedbreast.server")
 
 HIST_KEYS = ("test_hist_pos", "test_hist_neg")
+TIMEOUT_REASON = "no reply within the round timeout ({:.0f} s)"
 POLL_SECONDS = 0.1  # replies are pulled from the local SuperLink; polling is cheap
 
 
@@ -46,7 +48,7 @@ class SiteReply:
     node_id: int
     metrics: dict[str, Any]
     arrays: dict[str, np.ndarray] | None
-    message: Message
+    message: Message | None  # None under secure aggregation: the site's update is never seen alone
 
 
 @dataclass
@@ -60,6 +62,7 @@ class RoundOutcome:
     site_seconds: dict[str, float] = field(default_factory=dict)  # local train + eval time per site
     bytes_sent: int = 0  # model array bytes to / from sites (the coordinator's /metrics)
     bytes_received: int = 0
+    timed_out: set[int] = field(default_factory=set)  # nodes that missed a wave's timeout this round
 
     @property
     def slowest_site_seconds(self) -> float:
@@ -86,6 +89,7 @@ class FederatedRun:
         self.strategy = build_strategy(cfg)
         self.central_dp = CentralLedger(self.run_dir, cfg) if cfg.dp == "central" else None  # the coordinator's epsilon
         self.names: dict[int, str] = {}  # node id -> site name, learned from replies
+        self.train_samples: dict[int, int] = {}  # node id -> training samples, from the roll call
         self.echo = echo
         self.arrays = initial
         self.start_round = 1
@@ -165,6 +169,7 @@ class FederatedRun:
         outcome = RoundOutcome(0)
         messages = [Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         for reply in self._exchange(messages, "roll-call", 0, outcome):
+            self.train_samples[reply.node_id] = int(reply.metrics.get("train_samples", 0))
             counts = ", ".join(f"{k.split('_')[0]} {int(v)}" for k, v in reply.metrics.items() if k.endswith("_exams"))
             self.echo(f"site {reply.site} ready: {counts} exams")
 
@@ -199,7 +204,8 @@ class FederatedRun:
             arrays = to_numpy(content["arrays"]) if "arrays" in content.array_records else None
             usable.append(SiteReply(self._site(node), node, metrics, arrays, reply))
         for node in sent_to - answered:
-            self._fail(outcome, server_round, phase, node, f"no reply within the round timeout ({self.cfg.round_timeout:.0f} s)")
+            outcome.timed_out.add(node)
+            self._fail(outcome, server_round, phase, node, TIMEOUT_REASON.format(self.cfg.round_timeout))
         return usable
 
     def _send_and_collect(self, messages: list[Message]) -> tuple[list[Message], dict[str, int]]:
@@ -233,6 +239,9 @@ class FederatedRun:
     def train_round(self, server_round: int, outcome: RoundOutcome) -> None:
         config = ConfigRecord({"server-round": server_round})
         messages = self.strategy.configure_train(server_round, to_record(self.arrays), config, self.grid)
+        if self.cfg.secure_aggregation:  # SecAgg+: the same sampled sites, their updates summed under masks
+            secure_train_round(self, server_round, outcome, [m.metadata.dst_node_id for m in messages])
+            return
         replies = self._exchange(messages, "train", server_round, outcome)
         good: list[SiteReply] = []
         for r in replies:
@@ -294,6 +303,11 @@ class FederatedRun:
     def evaluate_round(self, server_round: int, outcome: RoundOutcome) -> None:
         config = ConfigRecord({"server-round": server_round})
         messages = self.strategy.configure_evaluate(server_round, to_record(self.arrays), config, self.grid)
+        # A site that missed the train wave's timeout is still busy with (or lost) that message: an
+        # evaluate message would only queue behind it and hold the round for a second timeout.
+        for m in [m for m in messages if m.metadata.dst_node_id in outcome.timed_out]:
+            self._fail(outcome, server_round, "evaluate", m.metadata.dst_node_id, "skipped: no train reply within the round timeout")
+        messages = [m for m in messages if m.metadata.dst_node_id not in outcome.timed_out]
         replies = self._exchange(messages, "evaluate", server_round, outcome)
         outcome.sites_evaluated = [r.site for r in replies]
         for r in replies:

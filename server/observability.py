@@ -36,6 +36,10 @@ def failure_kind(reason: str) -> str:
         return "unable"
     if text.startswith("update dropped"):
         return "update_dropped"
+    if text.startswith("skipped"):  # evaluate after a train timeout (federation.py evaluate_round)
+        return "timeout"
+    if text.startswith("left secure aggregation"):
+        return "secure_aggregation"
     return "other"
 
 

@@ -89,6 +89,11 @@ class RunConfig:
     trim_beta: float = 0.2  # FedTrimmedAvg
     krum_byzantine: int = 0  # Krum: number of malicious sites tolerated
     update_norm_bound: float = 0.0  # >0: clip each update's change to this multiple of the round's median change norm
+    # SecAgg+ (server/secure_aggregation.py): the coordinator sees only the sum of the updates
+    secure_aggregation: bool = False
+    secagg_shares: float = 1.0  # fraction of the sampled sites each site shares its key with
+    secagg_threshold: float = 0.67  # fraction of those shares needed to unmask a dropped site
+    secagg_clip_range: float = 4.0  # a site's per-value change must lie in [-clip, clip] (it is quantised there)
     # local training (seed 001: SGD, momentum 0.9, weight decay 5e-4, lr 1e-3 halved at 10/30/40)
     local_epochs: int = 1
     local_steps: int = 0  # > 0: this many batches per round instead of epochs
@@ -255,6 +260,7 @@ class RunConfig:
         if not groups or any(g not in BIRADS_LEXICON for g in groups) or len(set(groups)) != len(groups):
             raise bad("birads_groups", f"must be a comma-separated list of distinct groups among {', '.join(BIRADS_LEXICON)}")
         self._validate_dp(bad)
+        self._validate_secure_aggregation(bad)
         if self.head == "vgg_fc" and self.backbone != "vgg16_bn":
             raise bad("head", "the faithful vgg_fc head needs backbone = 'vgg16_bn'")
         if self.psft_scope not in PSFT_SCOPES:
@@ -278,6 +284,26 @@ class RunConfig:
     def personalised(self) -> bool:
         """Sites keep a personal model (fine-tuned on their train split, or with their own norm layers)."""
         return self.personal_epochs > 0 or self.personal_steps > 0 or self.fedbn
+
+    def _validate_secure_aggregation(self, bad) -> None:
+        if not 0 < self.secagg_shares <= 1:
+            raise bad("secagg_shares", "must be a fraction in (0, 1]")
+        if not 0 < self.secagg_threshold <= 1:
+            raise bad("secagg_threshold", "must be a fraction in (0, 1]")
+        if not (self.secagg_clip_range > 0 and math.isfinite(self.secagg_clip_range)):
+            raise bad("secagg_clip_range", "must be positive")
+        if not self.secure_aggregation:
+            return
+        # Everything below needs to see single updates, which secure aggregation exists to hide.
+        if self.strategy != "fedavg":
+            raise bad("secure_aggregation", f"works with strategy = 'fedavg' only (a masked sum is a weighted mean); got {self.strategy!r}")
+        if self.update_norm_bound > 0:
+            raise bad("secure_aggregation", "cannot run with update-norm-bound: the coordinator never sees one site's update to clip it")
+        if self.dp == "central":
+            raise bad("secure_aggregation", "cannot run with dp = 'central' (it clips single updates at the server); use dp = 'local'")
+        if self.model in ("mgus", "latefusion"):
+            raise bad("secure_aggregation", f"model {self.model!r} averages some branches over only the sites that train them, "
+                      "which needs per-site updates; use it without secure aggregation")
 
     def _validate_dp(self, bad) -> None:
         if self.dp not in DP_MODES:

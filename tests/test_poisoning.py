@@ -22,6 +22,7 @@ claimed defence here.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import time
@@ -71,7 +72,9 @@ class ClientAppGrid:
             m.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
             node = m.metadata.dst_node_id
             try:
-                reply = self.app(m, self.contexts[node])
+                # A copy, as serialisation would give: messages may share records (SecAgg+'s do),
+                # and a mod that edits its copy must not change another site's.
+                reply = self.app(copy.deepcopy(m), self.contexts[node])
             except RuntimeError as exc:  # as Flower does: the ClientApp's exception becomes an error reply
                 reply = Message(Error(code=0, reason=str(exc)), reply_to=m)
                 reply.metadata.__dict__["_src_node_id"] = node
@@ -113,8 +116,8 @@ def run_federation(sites_dir: Path, run_dir: Path, seed: int, attacks: dict[str,
     from fedbreast.server.app import initial_arrays
 
     as_task()
-    cfg = RunConfig(**{**PRESETS["birads"], **TINY, "seed": seed, "min_available_sites": SITES, **changes})
     site_dirs = sorted(p for p in sites_dir.iterdir() if p.is_dir())
+    cfg = RunConfig(**{**PRESETS["birads"], **TINY, "seed": seed, "min_available_sites": len(site_dirs), **changes})
     grid = ClientAppGrid(site_dirs, cfg.to_flower(), attacks)
     fed = FederatedRun(grid, cfg, run_dir, initial_arrays(cfg), echo=echo)
     fed.run()
@@ -123,10 +126,10 @@ def run_federation(sites_dir: Path, run_dir: Path, seed: int, attacks: dict[str,
     return (float(final[0]["test_pooled_auc"]) if final else 0.5), store
 
 
-def make_sites(data_dir: Path) -> Path:
-    """Five FFDM sites with small images (fast to generate, enough test lesions for an AUC)."""
-    profiles = [SiteProfile(name=f"site-{i + 1}", n_patients=PATIENTS, modalities="ffdm", image_hw=IMAGE_HW, prevalence=0.5)
-                for i in range(SITES)]
+def make_sites(data_dir: Path, sites: int = SITES, patients: int = PATIENTS) -> Path:
+    """FFDM sites with small images (fast to generate; five of 40 patients give enough test lesions for an AUC)."""
+    profiles = [SiteProfile(name=f"site-{i + 1}", n_patients=patients, modalities="ffdm", image_hw=IMAGE_HW, prevalence=0.5)
+                for i in range(sites)]
     generate_federation(data_dir / "generated", profiles=profiles, seed=DATA_SEED, workers=1)
     for p in profiles:
         src, site_dir = data_dir / "generated" / p.name, data_dir / "sites" / p.name

@@ -1,0 +1,190 @@
+"""SecAgg+ for the FedAvg train wave: the coordinator learns the weighted mean of the sites'
+updates and never any single site's update.
+
+Flower 1.41 ships SecAgg+ only as a legacy workflow (``SecAggPlusWorkflow`` driving a
+``flwr.server.strategy`` strategy through a ``LegacyContext``, with ``secaggplus_mod`` on the
+client). We run that workflow unchanged for the train wave of a round and adapt at its two
+edges: a duck-typed legacy strategy hands it the round's FitIns and takes back the unmasked
+sum, and ``fedbreast.client.secure_aggregation`` turns the legacy FitIns into our ordinary
+train message at the site. The rest of the round (evaluation, checkpoints, reports) is the
+same as without it.
+
+What the sites mask is their *change* to the global model, not their weights: the protocol
+quantises values into [-clip, clip] before masking, which model weights (and BatchNorm
+statistics) would overflow while one round's changes do not.
+
+Limitations, by construction of secure aggregation: the coordinator cannot validate or clip
+an individual update (NaN, shape, norm bound), so those checks move to the site
+(``client/secure_aggregation.py`` refuses a non-finite or out-of-range change) and
+``update-norm-bound``, robust strategies and central DP are refused with it (shared/config.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import ServerConfig
+from flwr.server.compat import LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+import flwr.compat.common.recorddict_compat as compat
+
+if TYPE_CHECKING:
+    from fedbreast.server.federation import FederatedRun, RoundOutcome
+
+log = logging.getLogger("fedbreast.server")
+
+ARRAY_NAMES_KEY = "fedbreast-array-names"  # FitIns config: the arrays' names, newline-joined (legacy Parameters have none)
+SITE_NAME_KEY = "fedbreast-site-name"  # FitRes metrics: the site's name (legacy replies have no "site" record)
+QUANTIZATION_RANGE = 1 << 22  # Flower's default: with ratio 1 a step of 2*clip/4M (2e-6 for clip 4)
+
+
+@dataclass
+class _Proxy:
+    """The workflow only reads ``node_id`` from the legacy ClientProxy it is handed."""
+
+    node_id: int
+
+
+@dataclass
+class _RoundStrategy:
+    """The two legacy Strategy calls SecAggPlusWorkflow makes, for one round."""
+
+    nodes: list[int]
+    config: dict[str, Any]
+    results: list[tuple[_Proxy, Any]] = field(default_factory=list)
+    mean_delta: list[np.ndarray] | None = None
+
+    def configure_fit(self, server_round: int, parameters, client_manager) -> list[tuple[_Proxy, FitIns]]:
+        return [(_Proxy(n), FitIns(parameters, dict(self.config))) for n in self.nodes]
+
+    def aggregate_fit(self, server_round: int, results, failures):
+        # The workflow has already put the unmasked weighted mean into every result's parameters.
+        self.results = list(results)
+        if results:
+            self.mean_delta = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}  # the workflow's own history and state are not used
+
+
+class _WatchedGrid:
+    """The run's Grid, as the workflow sees it: replies are pulled every 0.1 s (not Flower's 3 s),
+    error replies are remembered per node so a site that drops out is named, and bytes are counted."""
+
+    def __init__(self, run: "FederatedRun", outcome: "RoundOutcome"):
+        self._run, self._outcome = run, outcome
+        self.errors: dict[int, str] = {}
+        self.answered: dict[str, set[int]] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self._run.grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        self._outcome.bytes_sent += sum(_payload_bytes(m) for m in messages)
+        replies, by_msg_id = self._run._send_and_collect(messages)
+        for reply in replies:
+            node = by_msg_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if reply.has_error():
+                self.errors.setdefault(node, reply.error.reason)
+            else:
+                self._outcome.bytes_received += _payload_bytes(reply)
+        return replies
+
+
+def _payload_bytes(message: Message) -> int:
+    """Array bytes plus the byte strings SecAgg+ carries in config records (keys, shares, masked vectors)."""
+    if not message.has_content():
+        return 0
+    content = message.content
+    total = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+    for rec in content.config_records.values():
+        for v in rec.values():
+            if isinstance(v, bytes):
+                total += len(v)
+            elif isinstance(v, list):
+                total += sum(len(x) for x in v if isinstance(x, bytes))
+    return total
+
+
+def _apply(current: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    new = current + delta.reshape(current.shape)
+    # Integer buffers (BatchNorm's step counter) are rounded, not truncated, back to their dtype.
+    return (np.rint(new) if np.issubdtype(current.dtype, np.integer) else new).astype(current.dtype)
+
+
+def expected_weight(run: "FederatedRun", nodes: list[int]) -> float:
+    """The largest FedAvg weight (samples trained this round) a sampled site should report.
+
+    Each site masks ``change x weight / max_weight``, quantised in steps of 2 clip / 2^22: a
+    max_weight near the real largest weight keeps the full resolution. A weight a little
+    over it (DP's Poisson batches) is harmless: one round's change is far inside the clip.
+    """
+    cfg = run.cfg
+    samples = max((run.train_samples.get(n, 0) for n in nodes), default=0)
+    per_round = cfg.local_steps * cfg.batch_size if cfg.local_steps > 0 else samples * cfg.local_epochs
+    return float(max(per_round, 1))
+
+
+def secure_train_round(run: "FederatedRun", server_round: int, outcome: "RoundOutcome", nodes: list[int]) -> None:
+    """One train wave under SecAgg+: every sampled site masks its change, the coordinator
+    unmasks only the sum. Per-site training metrics (time, loss, epsilon) still arrive: they
+    are aggregate statistics, not the update."""
+    from fedbreast.server.federation import TIMEOUT_REASON, SiteReply
+
+    cfg = run.cfg
+    names = list(run.arrays)
+    config = {"server-round": server_round, ARRAY_NAMES_KEY: "\n".join(names)}
+    strategy = _RoundStrategy(nodes=nodes, config=config)
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy)  # type: ignore[arg-type]
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters([run.arrays[k] for k in names]), keep_input=True)
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+    workflow = SecAggPlusWorkflow(
+        num_shares=cfg.secagg_shares,
+        reconstruction_threshold=cfg.secagg_threshold,
+        max_weight=expected_weight(run, nodes),
+        clipping_range=cfg.secagg_clip_range,
+        quantization_range=QUANTIZATION_RANGE,
+        timeout=cfg.round_timeout,
+    )
+    grid = _WatchedGrid(run, outcome)
+    t0 = time.monotonic()
+    workflow(grid, legacy)  # type: ignore[arg-type]
+    log.info("round %d: secure aggregation took %.1f s", server_round, time.monotonic() - t0)
+
+    good: list[SiteReply] = []
+    for proxy, fitres in strategy.results:
+        metrics = dict(fitres.metrics)
+        site = str(metrics.pop(SITE_NAME_KEY, "")) or run._site(proxy.node_id)
+        run.names[proxy.node_id] = site
+        metrics["num-examples"] = fitres.num_examples
+        good.append(SiteReply(site, proxy.node_id, metrics, None, None))
+    trained = {r.node_id for r in good}
+    for node in nodes:
+        if node not in trained:
+            if node not in grid.errors:
+                outcome.timed_out.add(node)
+            reason = grid.errors.get(node, TIMEOUT_REASON.format(cfg.round_timeout))
+            run._fail(outcome, server_round, "train", node, f"left secure aggregation: {reason}")
+    outcome.sites_trained = [r.site for r in good]
+    for r in good:
+        run.store.append(server_round, "train", r.site, r.metrics)
+        outcome.site_seconds[r.site] = float(r.metrics.get("train_seconds", 0.0))
+    released = strategy.mean_delta is not None and len(good) >= cfg.min_train_sites
+    if strategy.mean_delta is not None and not released:
+        run.echo(f"  round {server_round}: {len(good)} site(s) in the secure sum, fewer than min-train-sites "
+                 f"({cfg.min_train_sites}); the global model is unchanged this round")
+    elif strategy.mean_delta is None:
+        run.echo(f"  round {server_round}: secure aggregation did not complete (too few sites answered every stage); "
+                 "the global model is unchanged this round")
+    if released:
+        run.arrays = {k: _apply(run.arrays[k], d) for k, d in zip(names, strategy.mean_delta)}
+    run._train_aggregate(server_round, good, released=released)
