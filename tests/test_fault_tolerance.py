@@ -1,7 +1,7 @@
 """Fault tolerance with real processes on loopback (issue 6, item 4): the coordinator killed
-mid-run and resumed from its checkpoint, and a straggler that does not hold a round past
-its timeout. (A killed SuperNode restarted under its identity and a bad data folder are in
-tests/test_deploy.py.)
+mid-run and resumed from its checkpoint; a site killed mid-round that rejoins under its identity
+and resumes its DP ledger and FedBN state; a straggler that does not hold a round past its
+timeout. (A bad data folder is in tests/test_deploy.py.)
 
 The federation is test_deploy's: `fedbreast server start` with TLS and SuperNode
 authentication, registered site keys, `fedbreast site start` daemons; the model is the
@@ -131,19 +131,22 @@ def test_a_server_killed_mid_run_resumes_at_the_next_round_without_double_counti
     print(f"server killed after round {killed_round}; resumed and finished {rounds} rounds {recovered:.1f} s after the kill")
 
 
-def test_a_site_killed_mid_round_rejoins_and_trains_in_a_later_round(fed):
-    env, run_dir, timeout, rounds, site = fed["env"], fed["root"] / "run-site-killed", 45, 3, GOOD_SITES[0]
+def test_a_site_killed_mid_round_rejoins_and_resumes_its_dp_ledger_and_fedbn_state(fed):
+    env, run_dir, timeout, rounds, site = fed["env"], fed["root"] / "run-site-killed", 45, 4, GOOD_SITES[0]
     _, _, folder = fed["daemons"][site]
     daemon_log = folder / "daemon.log"
     trains_before = daemon_log.read_text().count("Receiving: train message")
     # min-available-sites 2: later rounds go on with whoever is online while the site is away.
-    flags = ["--rounds", str(rounds), *TINY_FLAGS, "--set", "min-available-sites=2", "--set", f"round-timeout={timeout}"]
+    # DP-SGD and FedBN: the state a restarted site must pick up from its disk.
+    flags = ["--rounds", str(rounds), *TINY_FLAGS, "--set", "min-available-sites=2", "--set", f"round-timeout={timeout}",
+             "--set", "dp=local", "--set", "dp-noise-multiplier=1.0", "--set", "fedbn=true"]
     with open(fed["root"] / "run-site-killed.log", "w") as log:
         run = subprocess.Popen([FEDBREAST, "run", fed["name"], "--run-dir", str(run_dir), *flags], env=env, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: daemon_log.read_text().count("Receiving: train message") > trains_before or run.poll() is not None,
-                 240, f"{site} to receive round 1's training message", step=0.2)
+        # Round 1 trains normally; the site is killed while it trains in round 2.
+        wait_for(lambda: daemon_log.read_text().count("Receiving: train message") > trains_before + 1 or run.poll() is not None,
+                 300, f"{site} to receive round 2's training message", step=0.2)
         assert run.poll() is None
         os.kill(int((folder / "state" / "supernode.pid").read_text()), signal.SIGKILL)  # while it trains
         killed_at = time.monotonic()
@@ -153,15 +156,23 @@ def test_a_site_killed_mid_round_rejoins_and_trains_in_a_later_round(fed):
     output = (fed["root"] / "run-site-killed.log").read_text()
     assert code == 0 and "finished:completed" in output, output
     store = MetricStore(run_dir)
-    first = next(r for r in store.rows("round") if r["round"] == 1)
-    assert any(f["site"] == site and f["stage"] == "train" for f in store.rows("failure") if f["round"] == 1)
-    assert sorted(r["site"] for r in store.rows("train") if r["round"] == 1) == sorted(GOOD_SITES[1:])
-    assert first["train_phase_seconds"] < timeout + 10  # the round went on with the others within its timeout
-    later = sorted(r["round"] for r in store.rows("train") if r["site"] == site)
-    assert later and later[0] in (2, 3), f"{site} never trained again: {later}"
+    killed_round = next(r for r in store.rows("round") if r["round"] == 2)
+    assert any(f["site"] == site and f["stage"] == "train" for f in store.rows("failure") if f["round"] == 2)
+    assert sorted(r["site"] for r in store.rows("train") if r["round"] == 2) == sorted(GOOD_SITES[1:])
+    assert killed_round["train_phase_seconds"] < timeout + 10  # the round went on with the others within its timeout
+    mine = {r["round"]: r for r in store.rows("train") if r["site"] == site}
+    later = sorted(rnd for rnd in mine if rnd > 2)
+    assert 1 in mine and later, f"{site} never trained again: {sorted(mine)}"
     assert "restart 1" in daemon_log.read_text()
     assert set(wait_online(fed, len(GOOD_SITES))) == {fed["node_ids"][s] for s in GOOD_SITES}  # same node ids, no new one
-    print(f"{site} killed in round 1; trained again in round {later[0]}; run done {time.monotonic() - killed_at:.1f} s after the kill")
+    back = mine[later[0]]
+    # The restarted process read the site's DP ledger: epsilon went on from round 1's, it did not restart at
+    # zero (the same steps from zero would spend exactly round 1's epsilon again).
+    assert back["dp_epsilon"] > 1.05 * mine[1]["dp_epsilon"], (mine[1]["dp_epsilon"], back["dp_epsilon"])
+    # ... and its own FedBN norm layers, kept on its disk since round 1.
+    assert mine[1]["fedbn_own_norms"] == 0 and back["fedbn_own_norms"] == 1
+    print(f"{site} killed in round 2; trained again in round {later[0]} with its ledger (epsilon {mine[1]['dp_epsilon']:.2f} -> "
+          f"{back['dp_epsilon']:.2f}) and FedBN norms; run done {time.monotonic() - killed_at:.1f} s after the kill")
 
 
 def test_a_straggler_does_not_hold_the_round_past_its_timeout(fed):
@@ -190,6 +201,8 @@ def test_a_straggler_does_not_hold_the_round_past_its_timeout(fed):
         summary = next(r for r in store.rows("round") if r["round"] == rnd)
         # The train wave closed at the timeout, not at the straggler's delay.
         assert timeout <= summary["train_phase_seconds"] < timeout + 10, summary
+        # ... and the evaluate wave did not wait for it again: one timeout per round, not two.
+        assert summary["evaluate_phase_seconds"] < timeout, summary
         assert summary["sites_trained"] == len(GOOD_SITES)
     assert re.search(rf"^1\s+{STRAGGLER}\s+LEFT OUT\s+train: no reply within the round timeout", out.stdout, re.M)
     print(f"1 round with a {delay} s straggler and a {timeout} s round timeout: {seconds:.1f} s")

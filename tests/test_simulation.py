@@ -8,53 +8,53 @@ from pathlib import Path
 
 import pytest
 
+from fedbreast.server.app import initial_arrays
+from fedbreast.server.checkpoints import CheckpointError
+from fedbreast.server.federation import FederatedRun
 from fedbreast.server.metric_store import MetricStore
-from fedbreast.simulation.flower_runner import SimulationFailed
-from fedbreast.simulation.simulate import simulate
+from fedbreast.shared.config import RunConfig
+from fedbreast.simulation.simulate import prepare_federation, simulate
 
 TINY = dict(backbone="smallcnn", image_h=64, image_w=32, bootstrap=100, hist_bins=64, rounds=2)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("federation")
+    data = tmp_path_factory.mktemp("federation")
+    prepare_federation(data, sites=3, patients=8, seed=0, echo=lambda _line: None)
+    return data
 
 
-def test_two_round_three_site_simulation_writes_a_full_report(tmp_path, data_dir):
+def test_a_run_resumes_at_the_next_round_and_writes_a_full_report(tmp_path, data_dir):
     run = tmp_path / "run"
-    result = simulate(run, sites=3, patients=8, overrides=TINY, data_dir=data_dir)
+    simulate(run, sites=3, patients=8, overrides={**TINY, "rounds": 1}, data_dir=data_dir)
+    result = simulate(run, sites=3, patients=8, overrides=TINY, data_dir=data_dir)  # round 2, from round 1's checkpoint
     assert result["run"]["status"] == "finished:completed"
+    assert "resuming" in (run / "flower" / "run.log").read_text()
     store = MetricStore(run)
     evaluations = store.rows("evaluate")
-    assert {(r["round"], r["site"]) for r in evaluations} == {(rnd, f"site-{k}") for rnd in (1, 2) for k in (1, 2, 3)}
+    # Round 1 not repeated: each (round, site) once.
+    assert sorted((r["round"], r["site"]) for r in evaluations) == [(rnd, f"site-{k}") for rnd in (1, 2) for k in (1, 2, 3)]
     assert len(store.rows("train")) == 6
     for name in ("summary.md", "summary.csv", "roc.png", "learning_curves.png", "config.json"):
         assert (run / name).stat().st_size > 0, name
     # "best" needs a defined validation AUC, which 8-patient sites may not have.
     for kind in ("latest", "final"):
         meta = json.loads((run / "checkpoints" / f"{kind}.json").read_text())
-        assert meta["sha256"] and meta["config"]["backbone"] == "smallcnn"
+        assert meta["sha256"] and meta["config"]["backbone"] == "smallcnn" and meta["round"] == 2
     summary = (run / "summary.md").read_text()
     assert all(f"| site-{k} |" in summary for k in (1, 2, 3))
     # Only aggregate metrics came back: no per-exam lists other than the fixed-size histograms.
     for row in evaluations:
         lists = {k: v for k, v in row.items() if isinstance(v, list)}
         assert set(lists) == {"test_hist_pos", "test_hist_neg"} and all(len(v) == 64 for v in lists.values())
-
-
-def test_resume_continues_at_the_next_round_and_refuses_another_model(tmp_path, data_dir):
-    run = tmp_path / "run"
-    simulate(run, sites=3, patients=8, overrides={**TINY, "rounds": 1}, data_dir=data_dir)
-    simulate(run, sites=3, patients=8, overrides=TINY, data_dir=data_dir)
-    rounds = sorted({r["round"] for r in MetricStore(run).rows("evaluate")})
-    assert rounds == [1, 2]  # round 1 not repeated
-    assert "resuming" in (run / "flower" / "run.log").read_text()
-    with pytest.raises(SimulationFailed, match="different model"):
-        simulate(run, sites=3, patients=8, overrides={**TINY, "rounds": 3, "image_h": 96}, data_dir=data_dir)
+    # Resuming with another model is refused (the ServerApp's own check, run here without a Flower start-up).
+    other = RunConfig.from_flower(json.loads((run / "config.json").read_text())).replace(rounds=3, image_h=96)
+    with pytest.raises(CheckpointError, match="different model"):
+        FederatedRun(None, other, run, initial_arrays(other), echo=lambda _line: None)
 
 
 def test_a_site_that_cannot_train_does_not_fail_the_round(tmp_path, data_dir):
-    simulate(tmp_path / "warm", sites=3, patients=8, overrides={**TINY, "rounds": 1}, data_dir=data_dir)
     sites = tmp_path / "sites"
     shutil.copytree(data_dir / "sites", sites, ignore=shutil.ignore_patterns("cache"))
     (sites / "site-2" / "manifest.jsonl").write_text("{not json\n")

@@ -16,8 +16,14 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision import models as tvm
-from torchvision.models import vgg as tv_vgg
+
+
+def _tvm():
+    """torchvision.models, imported on first use: importing it pulls in torch._dynamo (about
+    1.7 s), paid by every deployment message's fresh ClientApp process even for small CNNs."""
+    from torchvision import models
+
+    return models
 
 DEFAULT_BACKBONE = "resnet18"
 
@@ -115,6 +121,8 @@ def _kaiming_init(module: nn.Module) -> None:
 def _vgg16_bn_features() -> tuple[nn.Module, int]:
     # Building torchvision's full VGG16 allocates and initialises a 120M-parameter
     # classifier that is thrown away; build only the conv stack (same layers and keys).
+    from torchvision.models import vgg as tv_vgg
+
     features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=True)
     _kaiming_init(features)
     return features, 512
@@ -139,20 +147,20 @@ class _Spec:
 
 
 _REGISTRY: dict[str, _Spec] = {
-    "resnet18": _Spec(lambda: tvm.resnet18(weights=None), _resnet_body),
-    "resnet34": _Spec(lambda: tvm.resnet34(weights=None), _resnet_body),
-    "resnet50": _Spec(lambda: tvm.resnet50(weights=None), _resnet_body),
+    "resnet18": _Spec(lambda: _tvm().resnet18(weights=None), _resnet_body),
+    "resnet34": _Spec(lambda: _tvm().resnet34(weights=None), _resnet_body),
+    "resnet50": _Spec(lambda: _tvm().resnet50(weights=None), _resnet_body),
     "vgg16_bn": _Spec(
-        lambda: tvm.vgg16_bn(weights=None), lambda m: (m.features, 512), _vgg16_bn_features
+        lambda: _tvm().vgg16_bn(weights=None), lambda m: (m.features, 512), _vgg16_bn_features
     ),
     "efficientnet_b0": _Spec(
-        lambda: tvm.efficientnet_b0(weights=None),
+        lambda: _tvm().efficientnet_b0(weights=None),
         lambda m: (m.features, m.classifier[1].in_features),
     ),
-    "densenet121": _Spec(lambda: tvm.densenet121(weights=None), _densenet_body),
-    "alexnet": _Spec(lambda: tvm.alexnet(weights=None), lambda m: (m.features, 256)),
+    "densenet121": _Spec(lambda: _tvm().densenet121(weights=None), _densenet_body),
+    "alexnet": _Spec(lambda: _tvm().alexnet(weights=None), lambda m: (m.features, 256)),
     "mobilenet_v3_small": _Spec(
-        lambda: tvm.mobilenet_v3_small(weights=None),
+        lambda: _tvm().mobilenet_v3_small(weights=None),
         lambda m: (m.features, m.classifier[0].in_features),
     ),
     "smallcnn": _Spec(lambda: SmallCNN(3), lambda m: (m.features, SmallCNN.widths[-1])),

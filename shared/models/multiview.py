@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import vgg as tv_vgg
 
 from .backbones import DEFAULT_BACKBONE, build_backbone
 
@@ -206,6 +205,8 @@ def faithful_vgg_report(
     """
     if view_fusion not in VIEW_FUSIONS:
         raise ValueError(f"view_fusion must be one of {VIEW_FUSIONS}, got {view_fusion!r}")
+    from torchvision.models import vgg as tv_vgg
+
     fh, fw = _vgg_feature_hw(image_hw)
     conv = bn = bn_buffers = n_bn = 0
     c = in_channels

@@ -24,6 +24,7 @@ under local DP because it would be an un-noised statistic of the private trainin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -88,11 +89,12 @@ def _hook_safe_residuals(model: nn.Module) -> None:
     """torchvision's ResNet blocks do ``out += identity``; swap in classes that add out-of-place."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
+    safe_basic, safe_bottleneck = _block_classes()
     for m in model.modules():
         if type(m) is BasicBlock:
-            m.__class__ = _BasicBlock
+            m.__class__ = safe_basic
         elif type(m) is Bottleneck:
-            m.__class__ = _Bottleneck
+            m.__class__ = safe_bottleneck
 
 
 def _basic_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +112,9 @@ def _bottleneck_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.relu(out + identity)
 
 
-def _make_block_classes() -> tuple[type, type]:
+@functools.lru_cache(maxsize=1)
+def _block_classes() -> tuple[type, type]:
+    # Built on first use: torchvision costs every fresh ClientApp process ~1.7 s to import.
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     return (
@@ -118,8 +122,6 @@ def _make_block_classes() -> tuple[type, type]:
         type("Bottleneck", (Bottleneck,), {"forward": _bottleneck_forward, "__module__": __name__}),
     )
 
-
-_BasicBlock, _Bottleneck = _make_block_classes()
 
 
 def backbone_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
