@@ -192,7 +192,7 @@ def test_a_robust_rule_keeps_the_auc_within_002_of_the_clean_run(sites_dir, tmp_
 
 
 def teardown_module() -> None:
-    """The measured AUCs (shown with pytest -s), for the record."""
+    """The measured AUCs (shown with pytest -n 0 -s), for the record."""
     for (seed, variant), auc in sorted(RESULTS.items()):
         print(f"seed {seed} {variant:16s} pooled test AUC {auc:.4f}")
 
