@@ -19,7 +19,7 @@ from fedbreast.server.checkpoints import load_checkpoint
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import ConfigError, RunConfig
 from fedbreast.simulation.simulate import simulate
-from test_poisoning import make_sites, run_federation
+from test_poisoning import ClientAppGrid, make_sites, run_federation
 
 SITES = 4
 
@@ -33,9 +33,21 @@ def final_arrays(run_dir: Path) -> dict[str, np.ndarray]:
     return load_checkpoint(run_dir, "final").arrays
 
 
-def test_the_masked_sum_gives_the_fedavg_model(sites_dir, tmp_path):
+def test_the_masked_sum_gives_the_fedavg_model(sites_dir, tmp_path, monkeypatch):
     run_federation(sites_dir, tmp_path / "plain", 0, {}, rounds=1)
+    replies = []
+    pull = ClientAppGrid.pull_messages
+    monkeypatch.setattr(ClientAppGrid, "pull_messages", lambda self, ids: replies.extend(out := pull(self, ids)) or out)
     _, secure = run_federation(sites_dir, tmp_path / "secure", 0, {}, rounds=1, secure_aggregation=True)
+    # What left the sites in the train wave: no model array at all, only keys, shares and masked
+    # vectors (bytes) and the aggregate training metrics.
+    train = [r for r in replies if r.metadata.message_type == "train"]
+    assert len(train) == 4 * SITES  # four stages
+    for r in train:
+        assert all(len(rec) == 0 for rec in r.content.array_records.values())
+        assert set(r.content.config_records) <= {"secaggplus_configs", "fitres.metrics", "fitres.status"}
+        for v in r.content.config_records.get("fitres.metrics", {}).values():
+            assert isinstance(v, (int, float)) or v in {f"site-{i}" for i in range(1, SITES + 1)}, v
     assert not secure.rows("failure"), secure.rows("failure")
     assert sorted(r["site"] for r in secure.rows("train")) == [f"site-{i}" for i in range(1, SITES + 1)]
     a, b = final_arrays(tmp_path / "plain"), final_arrays(tmp_path / "secure")
