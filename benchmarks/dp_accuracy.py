@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.simulation.simulate import simulate
 
-VARIANTS = {"no DP": {}, "eps=1000 (DP architecture, ~no noise)": {"dp": "local", "dp_epsilon": 1000.0}}
+# "no DP, again": the same run twice shows the run-to-run spread (thread timing, bf16) at this size.
+VARIANTS = {"no DP": {}, "no DP, again": {}, "eps=1000 (DP architecture, ~no noise)": {"dp": "local", "dp_epsilon": 1000.0}}
 VARIANTS |= {f"eps={e:g}": {"dp": "local", "dp_epsilon": float(e)} for e in (8, 3, 1)}
+# Every layer trained under DP (dp-freeze-blocks = 0): 2.5x slower steps (benchmarks/bench_dp.py),
+# but no random frozen features when no ImageNet weights are given.
+VARIANTS |= {f"{name}+freeze0": {**VARIANTS[name], "dp_freeze_blocks": 0} for name in ("eps=1000 (DP architecture, ~no noise)", "eps=8")}
+# A 5x learning rate: clipped per-exam gradients (norm <= 1) make much smaller steps than plain SGD's.
+VARIANTS |= {f"{name}, lr 0.05": {**VARIANTS[name], "lr": 0.05} for name in ("eps=1000 (DP architecture, ~no noise)", "eps=8")}
 
 
 def final_row(run_dir: Path) -> dict:
@@ -47,12 +54,16 @@ def main() -> None:
     for name, changes in VARIANTS.items():
         if args.only and name not in args.only:
             continue
-        run_dir = args.out / name.split(" ")[0].replace("=", "")
+        run_dir = args.out / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         t = time.perf_counter()
         simulate(run_dir, sites=args.sites, patients=args.patients, seed=args.seed, data_dir=args.out / "data",
                  overrides={"rounds": args.rounds, "dp_delta": 1e-5, **changes}, echo=lambda _line: None)
         results[name] = final_row(run_dir) | {"seconds": round(time.perf_counter() - t, 1)}
         print(name, json.dumps(results[name]), flush=True)
+    if args.json:  # merged with earlier results, so variants can be run in several calls (--only)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        results = (json.loads(args.json.read_text()) if args.json.exists() else {}) | results
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     base = results.get("no DP", {}).get("pooled_test_auc")
     sites = sorted({s for r in results.values() for s in r["site_test_auc"]})
     print("\n| variant | ε spent (max over sites) | pooled test AUC | Δ vs no DP | " + " | ".join(sites) + " |")
@@ -62,9 +73,6 @@ def main() -> None:
         delta = "" if base is None or r["pooled_test_auc"] is None else f"{r['pooled_test_auc'] - base:+.3f}"
         cells = " | ".join(f"{r['site_test_auc'].get(s, float('nan')):.3f}" for s in sites)
         print(f"| {name} | {eps} | {r['pooled_test_auc']:.3f} | {delta} | {cells} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
