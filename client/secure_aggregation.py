@@ -24,7 +24,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 import flwr.compat.common.recorddict_compat as compat
 
-from fedbreast.server.secure_aggregation import ARRAY_NAMES_KEY, SITE_NAME_KEY
+from fedbreast.shared.secure_aggregation import ARRAY_NAMES_KEY, SITE_NAME_KEY
 
 log = logging.getLogger("fedbreast.client")
 

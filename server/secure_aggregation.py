@@ -36,13 +36,13 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 import flwr.compat.common.recorddict_compat as compat
 
+from fedbreast.shared.secure_aggregation import ARRAY_NAMES_KEY, SITE_NAME_KEY
+
 if TYPE_CHECKING:
     from fedbreast.server.federation import FederatedRun, RoundOutcome
 
 log = logging.getLogger("fedbreast.server")
 
-ARRAY_NAMES_KEY = "fedbreast-array-names"  # FitIns config: the arrays' names, newline-joined (legacy Parameters have none)
-SITE_NAME_KEY = "fedbreast-site-name"  # FitRes metrics: the site's name (legacy replies have no "site" record)
 QUANTIZATION_RANGE = 1 << 22  # Flower's default: with ratio 1 a step of 2*clip/4M (2e-6 for clip 4)
 
 
