@@ -24,6 +24,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 import flwr.compat.common.recorddict_compat as compat
 
+from fedbreast.shared.config import RunConfig
 from fedbreast.shared.secure_aggregation import ARRAY_NAMES_KEY, SITE_NAME_KEY
 
 log = logging.getLogger("fedbreast.client")
@@ -61,7 +62,7 @@ def _train_for_secagg(msg: Message, context: Context, call_next: ClientAppCallab
     if str(site.get("status", "ok")) != "ok":
         raise SecureAggregationRefused(f"unable: {site.get('reason', '')}")
     trained = {k: v.numpy() for k, v in content["arrays"].items()}
-    clip = float(context.run_config.get("secagg-clip-range", 4.0))
+    clip = float(context.run_config.get("secagg-clip-range", RunConfig.secagg_clip_range))
     # Flat: Flower's unmasking offsets each array in place, which a 0-d array (a step counter) escapes.
     delta = [change(n, trained[n], base, clip).reshape(-1) for n, base in zip(names, received)]
     metrics = dict(next(iter(content.metric_records.values()), {}))

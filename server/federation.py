@@ -305,8 +305,8 @@ class FederatedRun:
         messages = self.strategy.configure_evaluate(server_round, to_record(self.arrays), config, self.grid)
         # A site that missed the train wave's timeout is still busy with (or lost) that message: an
         # evaluate message would only queue behind it and hold the round for a second timeout.
-        for m in [m for m in messages if m.metadata.dst_node_id in outcome.timed_out]:
-            self._fail(outcome, server_round, "evaluate", m.metadata.dst_node_id, "skipped: no train reply within the round timeout")
+        for node in {m.metadata.dst_node_id for m in messages} & outcome.timed_out:
+            self._fail(outcome, server_round, "evaluate", node, "skipped: no train reply within the round timeout")
         messages = [m for m in messages if m.metadata.dst_node_id not in outcome.timed_out]
         replies = self._exchange(messages, "evaluate", server_round, outcome)
         outcome.sites_evaluated = [r.site for r in replies]

@@ -80,7 +80,6 @@ class _WatchedGrid:
     def __init__(self, run: "FederatedRun", outcome: "RoundOutcome"):
         self._run, self._outcome = run, outcome
         self.errors: dict[int, str] = {}
-        self.answered: dict[str, set[int]] = {}
 
     def __getattr__(self, name: str):
         return getattr(self._run.grid, name)
@@ -100,11 +99,12 @@ class _WatchedGrid:
 
 def _payload_bytes(message: Message) -> int:
     """Array bytes plus the byte strings SecAgg+ carries in config records (keys, shares, masked vectors)."""
+    from fedbreast.server.federation import array_bytes  # here: federation.py imports this module
+
     if not message.has_content():
         return 0
-    content = message.content
-    total = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
-    for rec in content.config_records.values():
+    total = array_bytes(message)
+    for rec in message.content.config_records.values():
         for v in rec.values():
             if isinstance(v, bytes):
                 total += len(v)
