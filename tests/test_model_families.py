@@ -255,6 +255,33 @@ def test_a_site_without_ultrasound_trains_the_mammography_branch_only(federation
         task.train(model, site, cfg, cfg.mgus_modality_rounds + 1, torch.device("cpu"))  # two-step, step 2
 
 
+@pytest.mark.parametrize("family", ["birads", "dualmode", "mgus", "latefusion"])
+def test_augment_reaches_every_family_reproducibly(federation, family) -> None:
+    """`augment` is a run-config key for every family, not only multiview: on, the training
+    inputs are warped (seeded by seed and round, so a site's round is reproducible); off, not."""
+    task = TASKS[family]
+    x = torch.rand(3, 2, 1, 32, 32)
+    on, off = _cfg(family, augment=True), _cfg(family, augment=False)
+    assert torch.equal(task.augmenter(off, 1)(x), x)
+    warped = task.augmenter(on, 1)(x)
+    assert warped.shape == x.shape and not torch.equal(warped, x)
+    torch.testing.assert_close(task.augmenter(on, 1)(x), warped)  # same seed and round: same warp
+    assert not torch.equal(task.augmenter(on, 2)(x), warped)  # a new round draws new warps
+    assert task.augmenter(on, 1)(x[:0]).shape == (0, 2, 1, 32, 32)  # an empty selection passes through
+    site = task.open(federation / "sites" / "site-1", on)
+
+    def trained(cfg: RunConfig) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        torch.manual_seed(1)
+        task.train(model, site, cfg, 1, torch.device("cpu"), steps=2)
+        return model.state_dict()
+
+    a, b, c = trained(on), trained(off), trained(off)
+    assert all(torch.equal(b[k], c[k]) for k in b)  # training is deterministic ...
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # ... and augment changes it
+
+
 def _final_aggregate(run: Path) -> dict:
     rows = MetricStore(run).rows("aggregate")
     return max(rows, key=lambda r: r["round"])

@@ -112,7 +112,7 @@ def augment(
         return augment(x[:, None], cfg, generator, shared_across_views)[:, 0]
     if x.ndim != 5:
         raise ValueError(f"augment: expected (B, K, C, H, W) or (B, C, H, W), got shape {tuple(x.shape)}")
-    if cfg.is_identity:
+    if cfg.is_identity or x.shape[0] == 0:  # grid_sample refuses an empty batch
         return x.clone()
     B, K, C, H, W = x.shape
     theta = sample_theta(B if shared_across_views else B * K, H, W, cfg, generator)

@@ -135,6 +135,19 @@ class Task:
     family = ""
     unit = "breast"  # what predict() scores
     count_unit = "breast"  # what exams(split) counts
+    augment_preset = ""  # AUGMENT_PRESETS key for the family's training images
+    augment_shared_views = False  # one warp for all images of a sample (multi-view exams), or one each
+
+    def augmenter(self, cfg: RunConfig, server_round: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The training-time warp of one round (identity with ``augment = false``).
+
+        Seeded by (seed, round), so a site's round is reproducible; the warp runs on the
+        tensor's device, after the batch has been moved there."""
+        if not cfg.augment:
+            return lambda x: x
+        aug_cfg, shared = AUGMENT_PRESETS[self.augment_preset], self.augment_shared_views
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + server_round)
+        return lambda x: augment(x, aug_cfg, gen, shared_across_views=shared)
 
     def open(self, site_dir: str | Path, cfg: RunConfig) -> Any:
         raise NotImplementedError
@@ -211,18 +224,17 @@ def _masked_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> to
 
 class MultiviewTask(Task):
     family, unit, count_unit = "multiview", "breast", "exam"
+    augment_preset, augment_shared_views = "multiview", True  # keep the four views' correspondences
 
     def open(self, site_dir: str | Path, cfg: RunConfig) -> Any:
         return site_for(site_dir, cfg)
 
     def train(self, model, site, cfg, server_round, device, **local):
-        aug_cfg = AUGMENT_PRESETS["multiview"]
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + server_round)
         kwargs = dict(
             lr=cfg.lr_at(server_round), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             epochs=cfg.local_epochs, steps=cfg.local_steps, device=device, amp=cfg.amp,
             proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
-            augment=(lambda x: augment(x, aug_cfg, gen)) if cfg.augment else None,
+            augment=self.augmenter(cfg, server_round) if cfg.augment else None,
         )
         loader = site.loader("train", cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed + server_round)
         return train_local(model.to(device), loader, **{**kwargs, **local})
@@ -239,6 +251,7 @@ class BiradsTask(Task):
     """Unit: the lesion (one lesion breast: the mean over the patches of its images)."""
 
     family, unit, count_unit = "birads", "lesion", "lesion"
+    augment_preset = "patches"
 
     def open(self, site_dir, cfg):
         return self._site(site_dir, cfg)
@@ -286,13 +299,14 @@ class BiradsTask(Task):
     def train(self, model, site, cfg, server_round, device, **local):
         vec = site.info["birads"]["train"]
         decision = getattr(model, "birads_fusion", "") == "decision"
+        warp = self.augmenter(cfg, server_round)
 
         def loss_fn(m: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
             keep = batch["y_mask"].bool()
             n = int(keep.sum())
             if n == 0:
                 return torch.zeros((), device=device), 0
-            x = batch["x"][keep].to(device, non_blocking=True)
+            x = warp(batch["x"][keep].to(device, non_blocking=True))
             y = batch["y"][keep].to(device)
             b = vec[batch["image"][keep]].to(device)
             logits = m(x, b)
@@ -335,6 +349,7 @@ class BiradsTask(Task):
 
 class DualModeTask(Task):
     family, unit, count_unit = "dualmode", "lesion", "lesion"
+    augment_preset = "roi_box"  # CC and MLO are two projections: each box gets its own warp
 
     def open(self, site_dir, cfg):
         return self._site(site_dir, cfg)
@@ -359,12 +374,13 @@ class DualModeTask(Task):
 
     def train(self, model, site, cfg, server_round, device, **local):
         site.datasets["train"].set_epoch(server_round)
+        warp = self.augmenter(cfg, server_round)
 
         def loss_fn(m, batch):
             n = int(batch["y_mask"].sum())
             if n == 0:
                 return torch.zeros((), device=device), 0
-            logits = m(batch["x"].to(device, non_blocking=True))
+            logits = m(warp(batch["x"].to(device, non_blocking=True)))
             return _masked_bce(logits, batch["y"].to(device), batch["y_mask"].to(device)), n
 
         loader = site.loader("train", cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed + server_round)
@@ -397,6 +413,7 @@ class MgusTask(Task):
     is scored by the mammography branch alone."""
 
     family, unit, count_unit = "mgus", "lesion", "lesion"
+    augment_preset = "us"  # seed 002: translation, rotation and flips of both lesion crops
     MG_ENERGIES = ("FFDM", "LE")
 
     def open(self, site_dir, cfg):
@@ -439,6 +456,7 @@ class MgusTask(Task):
         site.datasets["train"].set_epoch(server_round)
         for branch in (model.mg, model.us):
             branch.requires_grad_(not fusion_only)
+        warp = self.augmenter(cfg, server_round)
 
         def loss_fn(m, batch):
             ym = batch["y_mask"].bool()
@@ -450,8 +468,8 @@ class MgusTask(Task):
             # ultrasound image: a batch without one leaves their weights and BN statistics untouched.
             sel = batch["has_us"].bool().to(device)
             n_us = int((sel & mask).sum())
-            mg_x = batch["mg"].to(device, non_blocking=True)
-            us_x = batch["us"].to(device, non_blocking=True)[sel]
+            mg_x = warp(batch["mg"].to(device, non_blocking=True))
+            us_x = warp(batch["us"].to(device, non_blocking=True)[sel])
             if fusion_only:  # step 2: frozen modality networks (eval mode: BN statistics stay as trained)
                 if n_us == 0:
                     return torch.zeros((), device=device), 0
@@ -508,6 +526,7 @@ class LateFusionTask(Task):
     (24 counts, :data:`FUSION_UNITS` order); the server turns the sums into MCC weights."""
 
     family, unit, count_unit = "latefusion", "breast", "breast"
+    augment_preset = "modality_view"  # one CNN per slot: each slot image gets its own warp
 
     def open(self, site_dir, cfg):
         return self._site(site_dir, cfg)
@@ -527,13 +546,15 @@ class LateFusionTask(Task):
         return site
 
     def train(self, model, site, cfg, server_round, device, **local):
+        warp = self.augmenter(cfg, server_round)
+
         def loss_fn(m, batch):
             avail = batch["available"].to(device)
             mask = avail & batch["y_mask"].bool().to(device)[:, None]
             n = int(mask.any(dim=1).sum())
             if n == 0:
                 return torch.zeros((), device=device), 0
-            logits = m(batch["x"].to(device, non_blocking=True), avail)
+            logits = m(warp(batch["x"].to(device, non_blocking=True)), avail)
             y = batch["y"].to(device)[:, None].expand_as(logits)
             return _masked_bce(logits, y, mask), n
 
