@@ -140,14 +140,16 @@ def psft_metrics(task: Task, site: Any, model: nn.Module, cfg: RunConfig, device
     out: dict[str, Any] = {}
     threshold = 0.5
     for split in ("val", "test"):
-        result = _psft_split(site, model, cfg, pcfg, device, split)
+        result = psft_split(site, model, cfg, pcfg, device, split)
         if split == "val" and len(result.y):
             threshold = operating_threshold(result.y, result.p_psft)
         out.update(result.metrics(split, threshold=threshold))
     return out
 
 
-def _psft_split(site: Any, model: nn.Module, cfg: RunConfig, pcfg, device: torch.device, split: str):
+def psft_split(site: Any, model: nn.Module, cfg: RunConfig, pcfg, device: torch.device, split: str):
+    """One split's lesion scores without and with patient-specific fine-tuning (a :class:`PSFTResult`);
+    per unit, so it stays on the site."""
     from fedbreast.shared.training.patient_finetune import evaluate_patient_finetune
 
     lesion_ds = site.datasets[split]

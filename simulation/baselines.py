@@ -37,17 +37,24 @@ def test_auc(model: torch.nn.Module, data: SiteData, cfg: RunConfig) -> float:
     return binary_metrics(y, p)["auc"] if len(y) else float("nan")
 
 
+def train_local_only(data: SiteData, cfg: RunConfig) -> torch.nn.Module:
+    """A model trained on one site's train split alone, with the federated run's budget."""
+    return _train(data.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=cfg.seed), cfg)
+
+
+def train_pooled(sites: list[SiteData], cfg: RunConfig) -> torch.nn.Module:
+    """A model trained on all sites' train splits as if they could be pooled, same budget."""
+    loaders = [s.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=cfg.seed) for s in sites]
+    return _train(InterleavedLoader(loaders, seed=cfg.seed), cfg)
+
+
 def run_baselines(sites: list[SiteData], cfg: RunConfig, echo=print) -> dict[str, dict[str, float]]:
     """{site: {"local": test AUC of its local-only model, "pooled": test AUC of the pooled model}}."""
     out: dict[str, dict[str, float]] = {s.name: {} for s in sites}
     for data in sites:
-        model = _train(data.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=cfg.seed), cfg)
-        out[data.name]["local"] = test_auc(model, data, cfg)
+        out[data.name]["local"] = test_auc(train_local_only(data, cfg), data, cfg)
         echo(f"baseline local-only {data.name}: test AUC {out[data.name]['local']:.3f}")
-    pooled_loader = InterleavedLoader(
-        [s.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=cfg.seed) for s in sites], seed=cfg.seed
-    )
-    model = _train(pooled_loader, cfg)
+    model = train_pooled(sites, cfg)
     for data in sites:
         out[data.name]["pooled"] = test_auc(model, data, cfg)
     echo("baseline pooled: " + ", ".join(f"{n} {v['pooled']:.3f}" for n, v in out.items()))

@@ -84,6 +84,25 @@ def test_swapping_breasts_swaps_outputs(backbone: str, view_fusion: str) -> None
     torch.testing.assert_close(swapped, out.flip(1), rtol=1e-5, atol=1e-6)
 
 
+def test_single_view_scores_each_view_alone_and_averages_cc_mlo() -> None:
+    torch.manual_seed(0)
+    model = MultiViewFusionNet("smallcnn", view_fusion="single").eval()
+    x = _exam(b=3)
+    with torch.no_grad():
+        out = model(x)
+        alone = torch.sigmoid(model.view_head(model.backbone(x.flatten(0, 1))).view(3, 4))
+        changed = x.clone()
+        changed[:, VIEW_ORDER.index("RCC")] = torch.randn(3, 2, H, W)
+        out_changed = model(changed)
+    assert out.shape == (3, 2)
+    # Each view image is scored on its own; a breast is the mean of its CC and MLO probabilities.
+    lcc, lmlo, rcc, rmlo = alone.unbind(1)
+    torch.testing.assert_close(torch.sigmoid(out), torch.stack(((lcc + lmlo) / 2, (rcc + rmlo) / 2), 1), rtol=1e-5, atol=1e-6)
+    # No left-right fusion: another right-breast image leaves the left breast's score as it was.
+    torch.testing.assert_close(out_changed[:, 0], out[:, 0])
+    assert not torch.allclose(out_changed[:, 1], out[:, 1])
+
+
 def test_mean_probability_logit_averages_probabilities_stably() -> None:
     z1 = torch.tensor([-60.0, -2.0, 0.0, 3.0, 60.0])
     z2 = torch.tensor([60.0, 1.0, 0.0, -1.0, 59.0])

@@ -4,7 +4,10 @@ One CNN with shared weights encodes the four views of an exam. For each breast a
 view, its own features are concatenated with the contralateral breast's features of
 the same view (own first), then CC and MLO are fused either by averaging the per-view
 predicted probabilities ("average", the paper's decision fusion, Fig. 2b) or by
-concatenating the features into one classifier ("concat", Fig. 2c).
+concatenating the features into one classifier ("concat", Fig. 2c). "single" is the
+paper's no-fusion baseline: the same CNN and one linear head score every view image on
+its own, and a breast's probability is the mean of its CC and MLO probabilities (no
+left-right and no CC-MLO feature fusion).
 
 The paper's 2-way softmax over (benign, malignant) is re-parametrised as a single
 logit per breast: softmax([a, b])[1] == sigmoid(b - a), so a 1-output FC is exactly as
@@ -25,7 +28,7 @@ from .backbones import DEFAULT_BACKBONE, build_backbone
 
 VIEW_ORDER: tuple[str, str, str, str] = ("LCC", "LMLO", "RCC", "RMLO")
 BREAST_ORDER: tuple[str, str] = ("L", "R")
-VIEW_FUSIONS = ("average", "concat")
+VIEW_FUSIONS = ("average", "concat", "single")
 HEADS = ("pooled", "vgg_fc")
 
 # Widths of the FC stack after the flattened VGG16 map in the authors' released code
@@ -99,7 +102,10 @@ class MultiViewFusionNet(nn.Module):
             self.embed_dim = VGG_FC_DIMS[-1]
 
         pair_dim = 2 * self.embed_dim  # [own breast, contralateral breast] of one view
-        if view_fusion == "average":
+        if view_fusion == "single":
+            # One FC for every view image: a view never sees another view's features.
+            self.view_head = nn.Linear(self.embed_dim, 1)
+        elif view_fusion == "average":
             # One FC per view, shared by both breasts so that the model is left/right symmetric.
             self.cc_head = nn.Linear(pair_dim, 1)
             self.mlo_head = nn.Linear(pair_dim, 1)
@@ -129,6 +135,9 @@ class MultiViewFusionNet(nn.Module):
             if self.channels_last:
                 views = views.contiguous(memory_format=torch.channels_last)
             emb = self.embed(self.backbone(views)).view(b, len(VIEW_ORDER), -1)
+        if self.view_fusion == "single":
+            z = self.view_head(emb).squeeze(-1)  # (B, 4) per-view logits in VIEW_ORDER
+            return torch.stack((mean_probability_logit(z[:, 0], z[:, 1]), mean_probability_logit(z[:, 2], z[:, 3])), 1)
         lcc, lmlo, rcc, rmlo = emb.unbind(1)
         # (B, 2 breasts, 2E): own breast first, contralateral second.
         cc = torch.stack((torch.cat((lcc, rcc), 1), torch.cat((rcc, lcc), 1)), 1)
@@ -187,6 +196,8 @@ def model_nbytes(model: nn.Module) -> int:
 
 def _head_params(embed_dim: int, view_fusion: str) -> int:
     pair = 2 * embed_dim
+    if view_fusion == "single":
+        return embed_dim + 1
     return 2 * (pair + 1) if view_fusion == "average" else 2 * pair + 1
 
 
