@@ -35,13 +35,13 @@ PRESET = dict(backbone="resnet18", image_h=256, image_w=128, rounds=4, local_epo
 PRESETS: dict[str, dict[str, Any]] = {
     "multiview": {},
     # DES patches at CEM sites and FFDM patches at FFDM sites, so every site takes part.
-    # Augmentation stays on (each family's seed warp, shared/data/augment.py) except for late
-    # fusion, whose seed (004) names none.
+    # `augment` is on only where it was measured to help: dualmode's boxes (docs/model-families.md,
+    # "What was tried on 2026-12-01"); the other families' warps are there with --set augment=true.
     "birads": dict(model="birads", backbone="rawnet", patch_size=64, n_patches=32, patch_energies="DES,FFDM",
-                   batch_size=64, lr=0.01),
+                   batch_size=64, lr=0.01, augment=False),
     "dualmode": dict(model="dualmode", backbone="resnet18", box_size=96, batch_size=8, lr=0.01),
     "mgus": dict(model="mgus", backbone="resnet18", crop_size=96, batch_size=16, lr=0.01, mgus_modality_rounds=2,
-                 rounds=5),
+                 rounds=5, augment=False),
     "latefusion": dict(model="latefusion", backbone="resnet18", image_h=128, image_w=128, batch_size=8, lr=0.01, augment=False),
 }
 
