@@ -161,8 +161,7 @@ class Experiment:
     def _psft(self, name: str, family: str, overrides: dict[str, Any]) -> ArmResult:
         model, sites, _, _ = self._trained(family, overrides)
         cfg = _config(family, overrides, self.seed)
-        pcfg = PSFTConfig(lr=cfg.psft_lr, epochs=cfg.psft_epochs, batch_size=cfg.psft_batch_size, scope=cfg.psft_scope,
-                          amp=cfg.amp, seed=cfg.seed)
+        pcfg = PSFTConfig.from_run(cfg)
         t = time.perf_counter()
         runs = [(s.name, psft_split(s, model, cfg, pcfg, CPU, "test")) for s in sites]
         out = _concat(name, [(n, r.y, r.p_psft) for n, r in runs], task_for(cfg).unit, time.perf_counter() - t)

@@ -135,8 +135,7 @@ def psft_metrics(task: Task, site: Any, model: nn.Module, cfg: RunConfig, device
 
     if task.family != "birads":
         raise ValueError(f"patient-finetune needs the patch family 'birads', not {task.family!r}")
-    pcfg = PSFTConfig(lr=cfg.psft_lr, epochs=cfg.psft_epochs, batch_size=cfg.psft_batch_size, scope=cfg.psft_scope,
-                      amp=cfg.amp, seed=cfg.seed)
+    pcfg = PSFTConfig.from_run(cfg)
     out: dict[str, Any] = {}
     threshold = 0.5
     for split in ("val", "test"):

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from fedbreast.shared.config import MODELS, VIEW_FUSIONS  # light: no torch
+
 
 def _progress(label: str):
     def report(done: int, total: int) -> None:
@@ -164,10 +166,10 @@ def cmd_site_start(args: argparse.Namespace) -> int:
 
 
 def _add_run_config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=["multiview", "birads", "dualmode", "mgus", "latefusion"], help="model family")
+    p.add_argument("--model", choices=MODELS, help="model family")
     p.add_argument("--rounds", type=int)
     p.add_argument("--backbone")
-    p.add_argument("--view-fusion", choices=["average", "concat", "single"])
+    p.add_argument("--view-fusion", choices=VIEW_FUSIONS)
     p.add_argument("--strategy")
     p.add_argument("--image-size", help="HxW per view, e.g. 256x128")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key, e.g. --set local-epochs=2")
@@ -184,11 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients", type=int, default=80, help="patients per site (sites differ in size around this)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", choices=["multiview", "birads", "dualmode", "mgus", "latefusion"],
+    p.add_argument("--model", choices=MODELS,
                    help="model family (seeds 001, 000, 003, 002, 004), each with its own preset; default multiview")
     p.add_argument("--rounds", type=int)
     p.add_argument("--backbone")
-    p.add_argument("--view-fusion", choices=["average", "concat", "single"])
+    p.add_argument("--view-fusion", choices=VIEW_FUSIONS)
     p.add_argument("--strategy")
     p.add_argument("--image-size", help="HxW per view, e.g. 256x128")
     p.add_argument("--baselines", action="store_true", help="also train local-only and pooled models with the same budget")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.datasets import LesionPatchDataset, NormalPatchDataset
 from fedbreast.shared.metrics import BINARY_METRIC_KEYS, binary_metrics
 from fedbreast.shared.training.local import autocast
@@ -80,6 +81,12 @@ class PSFTConfig:
     update_norm_stats: bool = False
     amp: str = "off"
     seed: int = 0
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig) -> PSFTConfig:
+        """The run config's psft-* keys (a site's evaluate, and the claims benchmark)."""
+        return cls(lr=cfg.psft_lr, epochs=cfg.psft_epochs, batch_size=cfg.psft_batch_size, scope=cfg.psft_scope,
+                   amp=cfg.amp, seed=cfg.seed)
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
