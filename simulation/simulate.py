@@ -19,7 +19,7 @@ from typing import Any
 from fedbreast.client.site_data import SiteUnavailable
 from fedbreast.server.report import write_report
 from fedbreast.shared.config import RunConfig
-from fedbreast.shared.data.generate import generate_federation
+from fedbreast.shared.data.generate import SiteProfile, generate_federation
 from fedbreast.shared.data.ingest import ingest
 from fedbreast.shared.data.pseudonym import KEY_FILE
 from fedbreast.shared.data.rules import ConfigError
@@ -66,14 +66,32 @@ def prepare_federation(data_dir: Path, sites: int, patients: int, seed: int, ech
         generate_federation(data_dir / "generated", n_sites=sites, patients_per_site=patients, seed=seed)
         stamp.write_text(json.dumps(params))
         echo(f"generated {sites} sites x ~{patients} patients as DICOM in {time.perf_counter() - t:.0f} s")
+    return _ingest_generated(data_dir, [f"site-{k}" for k in range(1, sites + 1)], seed, echo)
+
+
+def prepare_sites(data_dir: Path, profiles: list[SiteProfile], seed: int, echo=print) -> list[Path]:
+    """Like :func:`prepare_federation`, for hand-picked site profiles (a federation of one
+    kind of hospital, small images): generate once per (profiles, seed), ingest, return site directories."""
+    data_dir = Path(data_dir)
+    params = {"profiles": [p.to_dict() for p in profiles], "seed": seed}
+    stamp = data_dir / "generated" / "params.json"
+    if not stamp.exists() or json.loads(stamp.read_text()) != json.loads(json.dumps(params)):
+        t = time.perf_counter()
+        generate_federation(data_dir / "generated", profiles=profiles, seed=seed)
+        stamp.write_text(json.dumps(params))
+        echo(f"generated {len(profiles)} sites as DICOM in {time.perf_counter() - t:.0f} s")
+    return _ingest_generated(data_dir, [p.name for p in profiles], seed, echo)
+
+
+def _ingest_generated(data_dir: Path, names: list[str], seed: int, echo) -> list[Path]:
     out = []
-    for k in range(1, sites + 1):
-        src = data_dir / "generated" / f"site-{k}"
-        site_dir = data_dir / "sites" / f"site-{k}"
+    for k, name in enumerate(names, start=1):
+        src = data_dir / "generated" / name
+        site_dir = data_dir / "sites" / name
         _fix_generated_key(site_dir, seed, k)
-        report = ingest(src / "dicom", site_dir, annotations=src / "annotations.csv", site=f"site-{k}", workers=2)
+        report = ingest(src / "dicom", site_dir, annotations=src / "annotations.csv", site=name, workers=2)
         if report.processed:
-            echo(f"ingested site-{k}: {report.images} images, {report.exams} exams, {report.rejected} rejected")
+            echo(f"ingested {name}: {report.images} images, {report.exams} exams, {report.rejected} rejected")
         out.append(site_dir)
     return out
 
