@@ -80,19 +80,19 @@ def _trainers(store: MetricStore, rnd: int) -> set[str]:
 
 def test_dualmode_learns_from_lesion_boxes(tmp_path, cem_sites) -> None:
     store, final = _run(tmp_path, cem_sites, "dualmode", box_size=64, batch_size=8, lr=0.02, local_epochs=2,
-                        rounds=8, augment=True)
-    assert all(_trainers(store, r) == set(FAMILY_SITES) for r in (1, 8))
+                        rounds=6, augment=True)
+    assert all(_trainers(store, r) == set(FAMILY_SITES) for r in (1, 6))
     reasons = {f["site"]: f["reason"] for f in store.rows("failure") if f["stage"] == "train"}
     assert set(reasons) == {"site-5"} and "has no CEM" in reasons["site-5"]
-    assert _pooled_auc_lower_bound(store, final) > 0.5, final  # measured 0.689 / 0.729 on 91 test lesions: bound 0.578 / 0.624
+    assert _pooled_auc_lower_bound(store, final) > 0.5, final  # measured 0.686 / 0.713 on 91 test lesions: bound 0.575 / 0.605
 
 
 def test_mgus_learns_and_the_site_without_ultrasound_trains_the_mammography_branch(tmp_path, us_sites) -> None:
-    store, final = _run(tmp_path, us_sites, "mgus", crop_size=48, batch_size=16, lr=0.02, local_epochs=2, rounds=4,
+    store, final = _run(tmp_path, us_sites, "mgus", crop_size=48, batch_size=16, lr=0.02, local_epochs=2, rounds=3,
                         mgus_modality_rounds=2, augment=True)
     assert _trainers(store, 1) == {*FAMILY_SITES, "site-5"}  # step 1: modality networks, site-5 its MG branch
     assert _trainers(store, 3) == set(FAMILY_SITES)  # step 2: the fusion network needs both modalities
-    assert _pooled_auc_lower_bound(store, final) > 0.55, final  # measured 0.785 / 0.807 / 0.819 on 75 test lesions: bound 0.649 at 0.785
+    assert _pooled_auc_lower_bound(store, final) > 0.55, final  # measured 0.785 / 0.793 / 0.809 on 75 test lesions: bound 0.63 at 0.785
 
 
 def test_latefusion_learns_with_federated_mcc_weights(tmp_path, cem_sites) -> None:
