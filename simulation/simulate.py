@@ -19,7 +19,7 @@ from typing import Any
 from fedbreast.client.site_data import SiteUnavailable
 from fedbreast.server.report import write_report
 from fedbreast.shared.config import RunConfig
-from fedbreast.shared.data.generate import SiteProfile, generate_federation
+from fedbreast.shared.data.generate import SiteProfile, default_profiles, generate_federation
 from fedbreast.shared.data.ingest import ingest
 from fedbreast.shared.data.pseudonym import KEY_FILE
 from fedbreast.shared.data.rules import ConfigError
@@ -58,34 +58,23 @@ def _fix_generated_key(site_dir: Path, seed: int, k: int) -> None:
 
 def prepare_federation(data_dir: Path, sites: int, patients: int, seed: int, echo=print) -> list[Path]:
     """Generate (if this exact federation is not there yet) and ingest; return site directories."""
-    data_dir = Path(data_dir)
-    params = {"sites": sites, "patients": patients, "seed": seed}
-    stamp = data_dir / "generated" / "params.json"
-    if not stamp.exists() or json.loads(stamp.read_text()) != params:
-        t = time.perf_counter()
-        generate_federation(data_dir / "generated", n_sites=sites, patients_per_site=patients, seed=seed)
-        stamp.write_text(json.dumps(params))
-        echo(f"generated {sites} sites x ~{patients} patients as DICOM in {time.perf_counter() - t:.0f} s")
-    return _ingest_generated(data_dir, [f"site-{k}" for k in range(1, sites + 1)], seed, echo)
+    return prepare_sites(data_dir, default_profiles(sites, patients), seed, echo)
 
 
 def prepare_sites(data_dir: Path, profiles: list[SiteProfile], seed: int, echo=print) -> list[Path]:
-    """Like :func:`prepare_federation`, for hand-picked site profiles (a federation of one
-    kind of hospital, small images): generate once per (profiles, seed), ingest, return site directories."""
+    """:func:`prepare_federation` for hand-picked site profiles (e.g. four hospitals of one
+    kind): generate once per (profiles, seed), ingest, return the site directories."""
     data_dir = Path(data_dir)
-    params = {"profiles": [p.to_dict() for p in profiles], "seed": seed}
+    params = json.loads(json.dumps({"profiles": [p.to_dict() for p in profiles], "seed": seed}))
     stamp = data_dir / "generated" / "params.json"
-    if not stamp.exists() or json.loads(stamp.read_text()) != json.loads(json.dumps(params)):
+    if not stamp.exists() or json.loads(stamp.read_text()) != params:
         t = time.perf_counter()
         generate_federation(data_dir / "generated", profiles=profiles, seed=seed)
         stamp.write_text(json.dumps(params))
-        echo(f"generated {len(profiles)} sites as DICOM in {time.perf_counter() - t:.0f} s")
-    return _ingest_generated(data_dir, [p.name for p in profiles], seed, echo)
-
-
-def _ingest_generated(data_dir: Path, names: list[str], seed: int, echo) -> list[Path]:
+        n = sum(p.n_patients for p in profiles)
+        echo(f"generated {len(profiles)} sites ({n} patients) as DICOM in {time.perf_counter() - t:.0f} s")
     out = []
-    for k, name in enumerate(names, start=1):
+    for k, name in enumerate((p.name for p in profiles), start=1):
         src = data_dir / "generated" / name
         site_dir = data_dir / "sites" / name
         _fix_generated_key(site_dir, seed, k)
