@@ -84,7 +84,7 @@ def test_dualmode_learns_from_lesion_boxes(tmp_path, cem_sites) -> None:
     assert all(_trainers(store, r) == set(FAMILY_SITES) for r in (1, 6))
     reasons = {f["site"]: f["reason"] for f in store.rows("failure") if f["stage"] == "train"}
     assert set(reasons) == {"site-5"} and "has no CEM" in reasons["site-5"]
-    assert _pooled_auc_lower_bound(store, final) > 0.5, final  # measured 0.686 / 0.713 on 91 test lesions: bound 0.575 / 0.605
+    assert _pooled_auc_lower_bound(store, final) > 0.5, final  # measured 0.677 on 91 test lesions: bound 0.566
 
 
 def test_mgus_learns_and_the_site_without_ultrasound_trains_the_mammography_branch(tmp_path, us_sites) -> None:
@@ -92,7 +92,7 @@ def test_mgus_learns_and_the_site_without_ultrasound_trains_the_mammography_bran
                         mgus_modality_rounds=2, augment=True)
     assert _trainers(store, 1) == {*FAMILY_SITES, "site-5"}  # step 1: modality networks, site-5 its MG branch
     assert _trainers(store, 3) == set(FAMILY_SITES)  # step 2: the fusion network needs both modalities
-    assert _pooled_auc_lower_bound(store, final) > 0.55, final  # measured 0.785 / 0.793 / 0.809 on 75 test lesions: bound 0.63 at 0.785
+    assert _pooled_auc_lower_bound(store, final) > 0.55, final  # measured 0.785-0.809 on 75 test lesions: bound 0.638 at 0.787
 
 
 def test_latefusion_learns_with_federated_mcc_weights(tmp_path, cem_sites) -> None:
@@ -102,4 +102,4 @@ def test_latefusion_learns_with_federated_mcc_weights(tmp_path, cem_sites) -> No
     evaluations = [r for r in store.rows("evaluate") if r["round"] == 3 and r["site"] != "ALL"]
     assert all(len(r["val_confusion"]) == 24 for r in evaluations)  # sites sent confusion counts ...
     assert {f"fusion_mcc_{u}" for u in FUSION_UNITS} <= set(final)  # ... the server made them weights
-    assert _pooled_auc_lower_bound(store, final) > 0.55, final  # measured 0.735 on 202 test breasts: bound 0.64
+    assert _pooled_auc_lower_bound(store, final) > 0.55, final  # measured 0.735 on 202 test breasts: bound 0.643
