@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 from fedbreast.shared.config import MODELS, VIEW_FUSIONS  # light: no torch
+from fedbreast.shared.data.schema import MODALITY_SETS
+
+MODALITIES_HELP = "every generated site acquires this (default: the sites cycle CEM, FFDM, FFDM+US)"
 
 
 def _progress(label: str):
@@ -69,7 +72,8 @@ def cmd_site_check(args: argparse.Namespace) -> int:
 def cmd_site_generate(args: argparse.Namespace) -> int:
     from fedbreast.shared.data.generate import generate_federation
 
-    summaries = generate_federation(Path(args.out), n_sites=args.sites, patients_per_site=args.patients, seed=args.seed)
+    summaries = generate_federation(Path(args.out), n_sites=args.sites, patients_per_site=args.patients, seed=args.seed,
+                                    modalities=args.modalities)
     for s in summaries:
         print(
             f"{s.name}: {s.n_patients} patients, {s.n_images} images, {s.n_malignant_breasts} malignant breasts, "
@@ -124,7 +128,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     overrides = _parse_overrides(args)
     simulate(Path(args.out), sites=args.sites, patients=args.patients, seed=args.seed, baselines=args.baselines,
              overrides=overrides, data_dir=Path(args.data) if args.data else None,
-             sites_dir=Path(args.sites_dir) if args.sites_dir else None)
+             sites_dir=Path(args.sites_dir) if args.sites_dir else None, modalities=args.modalities)
     return 0
 
 
@@ -185,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites-dir", help="run on these already-ingested site directories (one folder per site) instead of generated ones")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients", type=int, default=80, help="patients per site (sites differ in size around this)")
+    p.add_argument("--modalities", choices=MODALITY_SETS, help=MODALITIES_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", choices=MODELS,
                    help="model family (seeds 001, 000, 003, 002, 004), each with its own preset; default multiview")
@@ -261,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients", type=int, default=100, help="patients per site")
+    p.add_argument("--modalities", choices=MODALITY_SETS, help=MODALITIES_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_site_generate)
 

@@ -56,9 +56,11 @@ def _fix_generated_key(site_dir: Path, seed: int, k: int) -> None:
         key_file.write_text(hashlib.sha256(f"fedbreast-generated-{seed}-site-{k}".encode()).hexdigest() + "\n")
 
 
-def prepare_federation(data_dir: Path, sites: int, patients: int, seed: int, echo=print) -> list[Path]:
-    """Generate (if this exact federation is not there yet) and ingest; return site directories."""
-    return prepare_sites(data_dir, default_profiles(sites, patients), seed, echo)
+def prepare_federation(data_dir: Path, sites: int, patients: int, seed: int, echo=print,
+                       modalities: str | None = None) -> list[Path]:
+    """Generate (if this exact federation is not there yet) and ingest; return site directories.
+    ``modalities`` (cem | ffdm | ffdm+us) makes every site that kind of hospital."""
+    return prepare_sites(data_dir, default_profiles(sites, patients, modalities), seed, echo)
 
 
 def prepare_sites(data_dir: Path, profiles: list[SiteProfile], seed: int, echo=print) -> list[Path]:
@@ -95,6 +97,7 @@ def simulate(
     data_dir: Path | None = None,
     sites_dir: Path | None = None,
     echo=print,
+    modalities: str | None = None,
 ) -> dict[str, Any]:
     """Run the federation; with ``sites_dir``, on already-ingested site directories
     (one sub-folder per site, e.g. CDD-CESM imported per machine) instead of generated ones."""
@@ -115,7 +118,7 @@ def simulate(
         cfg = cfg.replace(min_available_sites=len(site_dirs))
     else:
         data_dir = Path(data_dir or run_dir.parent / "data").resolve()
-        site_dirs = prepare_federation(data_dir, sites, patients, seed, echo)
+        site_dirs = prepare_federation(data_dir, sites, patients, seed, echo, modalities)
         sites_root = data_dir / "sites"
     t = time.perf_counter()
     site_data = []

@@ -188,6 +188,29 @@ def test_sites_are_heterogeneous(images) -> None:
     assert len({p.name for p in profiles}) == 7 and len({(p.gamma, p.noise, p.vendor) for p in profiles}) == 7
     assert all(0.3 <= p.prevalence <= 0.6 for p in profiles)
     assert sum(p.n_patients for p in profiles[:3]) == 150
+    # A consortium of one kind of hospital keeps every other difference between the sites.
+    one_kind = default_profiles(7, 50, "cem")
+    assert {p.modalities for p in one_kind} == {"cem"}
+    for cem, mixed in zip(one_kind, profiles):
+        assert {**cem.to_dict(), "modalities": mixed.modalities} == mixed.to_dict()
+    with pytest.raises(ValueError, match="modalities must be one of"):
+        default_profiles(2, 5, "mri")
+
+
+def test_simulate_and_site_generate_take_one_kind_of_hospital(tmp_path, monkeypatch, capsys) -> None:
+    from fedbreast import cli
+    from fedbreast.simulation import simulate as simulate_module
+
+    assert cli.main(["site", "generate", "--out", str(tmp_path), "--sites", "2", "--patients", "2",
+                     "--modalities", "ffdm+us"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("site-")]
+    assert len(lines) == 2 and all("modalities ffdm+us" in line for line in lines)
+    seen = {}
+    monkeypatch.setattr(simulate_module, "simulate", lambda *a, **kw: seen.update(kw))
+    assert cli.main(["simulate", "--modalities", "cem", "--sites", "4"]) == 0
+    assert seen["modalities"] == "cem" and seen["sites"] == 4
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["simulate", "--modalities", "mri"])
 
 
 def test_lesion_enhances_in_des_and_is_hypoechoic_in_us(fed, images) -> None:

@@ -32,8 +32,8 @@ from pydicom.uid import generate_uid
 
 from . import phantom
 from .dicom_writer import DicomMeta, write_dicom
+from .schema import MODALITY_SETS
 
-MODALITY_SETS = ("cem", "ffdm", "ffdm+us")
 ANNOTATION_COLUMNS = (
     "patient_id",
     "accession_number",
@@ -196,14 +196,20 @@ _SIZE_FACTORS = (1.0, 0.7, 1.3)
 _PREVALENCE_CYCLE = (0.0, -0.05, 0.05, -0.1, 0.1)
 
 
-def default_profiles(n_sites: int, patients_per_site: int) -> list[SiteProfile]:
+def default_profiles(n_sites: int, patients_per_site: int, modalities: str | None = None) -> list[SiteProfile]:
     """Heterogeneous sites cycling CEM / FFDM / FFDM+US; later cycles perturb the curve,
-    noise and prevalence so no two sites are identical. Sizes average ``patients_per_site``."""
+    noise and prevalence so no two sites are identical. Sizes average ``patients_per_site``.
+    ``modalities`` gives every site that acquisition (a consortium of one kind of hospital)
+    and keeps the rest of each site's profile: vendor curve, image size, noise, prevalence."""
     if n_sites < 1:
         raise ValueError(f"n_sites must be >= 1, got {n_sites}")
+    if modalities is not None and modalities not in MODALITY_SETS:
+        raise ValueError(f"modalities must be one of {MODALITY_SETS}, got {modalities!r}")
     profiles = []
     for i in range(n_sites):
         t = dict(_TEMPLATES[i % len(_TEMPLATES)])
+        if modalities is not None:
+            t["modalities"] = modalities
         cycle = i // len(_TEMPLATES)
         if cycle:
             t["gamma"] = round(t["gamma"] * (1.0 + 0.08 * ((cycle % 3) - 1)), 3)
@@ -634,10 +640,11 @@ def generate_federation(
     seed: int = 0,
     profiles: list[SiteProfile] | None = None,
     workers: int | None = None,
+    modalities: str | None = None,
 ) -> list[SiteSummary]:
     """Write ``out/site-1 ... site-N`` (one directory per profile, named after it)."""
     out = Path(out)
-    profiles = profiles if profiles is not None else default_profiles(n_sites, patients_per_site)
+    profiles = profiles if profiles is not None else default_profiles(n_sites, patients_per_site, modalities)
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
         raise ValueError(f"site names must be unique, got {names}")

@@ -29,6 +29,10 @@ class Modality(str, enum.Enum):
     US = "US"  # ultrasound
 
 
+# What a (generated) hospital acquires: CEM (LE + DES), FFDM only, or FFDM with ultrasound.
+MODALITY_SETS = ("cem", "ffdm", "ffdm+us")
+
+
 class Energy(str, enum.Enum):
     LE = "LE"  # CEM low-energy image (equivalent to an FFDM)
     DES = "DES"  # CEM dual-energy subtracted / recombined image
