@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedbreast.shared.config import HEADS, VIEW_FUSIONS  # one list each, also the run config's choices
+
 from .backbones import DEFAULT_BACKBONE, build_backbone
 
 VIEW_ORDER: tuple[str, str, str, str] = ("LCC", "LMLO", "RCC", "RMLO")
 BREAST_ORDER: tuple[str, str] = ("L", "R")
-VIEW_FUSIONS = ("average", "concat", "single")
-HEADS = ("pooled", "vgg_fc")
 
 # Widths of the FC stack after the flattened VGG16 map in the authors' released code
 # (github.com/anne226/MF_MODEL, models/vgg.py); the first layer is the ~268M-param one.
