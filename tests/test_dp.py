@@ -332,13 +332,20 @@ def test_central_mod_passes_through_without_a_clipping_norm_and_for_unable_repli
 # ---- a real simulation -----------------------------------------------------------------------------
 
 
-def test_simulation_with_local_dp_reports_growing_epsilon(tmp_path):
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory) -> Path:
+    """One generated 2-site federation for both DP simulations (its DP ledgers are per run)."""
+    return tmp_path_factory.mktemp("dp-federation")
+
+
+@pytest.mark.simulation
+def test_simulation_with_local_dp_reports_growing_epsilon(tmp_path, two_sites):
     from fedbreast.simulation.simulate import simulate
 
     overrides = dict(backbone="smallcnn", image_h=64, image_w=32, bootstrap=50, hist_bins=64, rounds=2, dp="local",
                      dp_epsilon=8.0, dp_freeze_blocks=1)
     run = tmp_path / "run"
-    result = simulate(run, sites=2, patients=8, overrides=overrides, data_dir=tmp_path / "data")
+    result = simulate(run, sites=2, patients=8, overrides=overrides, data_dir=two_sites)
     assert result["run"]["status"] == "finished:completed"
     store = MetricStore(run)
     by_site: dict[str, list[float]] = {}
@@ -353,13 +360,14 @@ def test_simulation_with_local_dp_reports_growing_epsilon(tmp_path):
     assert len(store.rows("evaluate")) == 4  # evaluation replies stay valid
 
 
-def test_simulation_with_central_dp_clips_at_sites_and_accounts_at_the_server(tmp_path):
+@pytest.mark.simulation
+def test_simulation_with_central_dp_clips_at_sites_and_accounts_at_the_server(tmp_path, two_sites):
     from fedbreast.simulation.simulate import simulate
 
     overrides = dict(backbone="smallcnn", image_h=64, image_w=32, bootstrap=50, hist_bins=64, rounds=2, dp="central",
                      dp_epsilon=10.0, dp_max_grad_norm=0.5)
     run = tmp_path / "run"
-    result = simulate(run, sites=2, patients=8, overrides=overrides, data_dir=tmp_path / "data")
+    result = simulate(run, sites=2, patients=8, overrides=overrides, data_dir=two_sites)
     assert result["run"]["status"] == "finished:completed"
     store = MetricStore(run)
     assert len(store.rows("train")) == 4 and len(store.rows("evaluate")) == 4  # the mod is on train only

@@ -1,6 +1,10 @@
 """The pixel-only families (dualmode, mgus, latefusion) learn: a real Flower simulation per
 family, on a generated federation of the hospitals it is built for, beats chance clearly.
 
+(The in-process engine, ``simulate(engine="inprocess")``, was tried here on 2026-12-02: it
+trains the sites one after another, and the dualmode run took 406 s against 212 s on Ray,
+whose actors train the sites at once; so these stay on Ray, one simulation at a time.)
+
 The mixed 4-site federation of ``test_model_families.py`` has one or two sites per
 modality and 24 patients a site: 10-20 test lesions per family, too few for any pixel model
 to beat chance reliably (docs/model-families.md, "Tiny runs"). Here each family gets four
@@ -31,6 +35,7 @@ LEARN = dict(backbone="rawnet", bootstrap=0, hist_bins=2048, workers=0)
 FFDM_SITE = SiteProfile(name="site-5", n_patients=12, modalities="ffdm", image_hw=(300, 200), pixel_spacing_mm=0.9,
                         prevalence=0.5)
 FAMILY_SITES = [f"site-{k}" for k in range(1, 5)]
+pytestmark = pytest.mark.simulation
 
 
 def _federation(root: Path, patients: int, **profile) -> Path:

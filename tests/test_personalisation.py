@@ -300,6 +300,7 @@ def test_patient_finetune_in_the_birads_evaluate_reply(tmp_path, federation):
         assert {k for k, v in m.items() if isinstance(v, list)} == {"test_hist_pos", "test_hist_neg"}
 
 
+@pytest.mark.simulation
 def test_simulation_with_cross_site_matrix(tmp_path, federation):
     from fedbreast.server.metric_store import MetricStore
     from fedbreast.simulation.simulate import simulate
