@@ -128,7 +128,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     overrides = _parse_overrides(args)
     simulate(Path(args.out), sites=args.sites, patients=args.patients, seed=args.seed, baselines=args.baselines,
              overrides=overrides, data_dir=Path(args.data) if args.data else None,
-             sites_dir=Path(args.sites_dir) if args.sites_dir else None, modalities=args.modalities)
+             sites_dir=Path(args.sites_dir) if args.sites_dir else None, modalities=args.modalities,
+             engine=args.engine)
     return 0
 
 
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=80, help="patients per site (sites differ in size around this)")
     p.add_argument("--modalities", choices=MODALITY_SETS, help=MODALITIES_HELP)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
+                   help="ray: Flower's simulation engine, one SuperNode per site (default); inprocess: the same apps "
+                        "in this process, sites in turn, no Ray (faster for small runs; not the Flower runtime path)")
     p.add_argument("--model", choices=MODELS,
                    help="model family (seeds 001, 000, 003, 002, 004), each with its own preset; default multiview")
     p.add_argument("--rounds", type=int)

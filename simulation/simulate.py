@@ -24,8 +24,9 @@ from fedbreast.shared.data.ingest import ingest
 from fedbreast.shared.data.pseudonym import KEY_FILE
 from fedbreast.shared.data.rules import ConfigError
 from fedbreast.shared.training.tasks import task_for
-from fedbreast.simulation.flower_runner import run_simulation
+from fedbreast.simulation.flower_runner import SimulationFailed, run_simulation
 
+ENGINES = ("ray", "inprocess")  # Flower's simulation engine, or both apps in this process (simulation/inprocess.py)
 # The CPU preset: finishes in a few minutes on 2 cores with a real resnet18.
 PRESET = dict(backbone="resnet18", image_h=256, image_w=128, rounds=4, local_epochs=1, batch_size=8, lr=0.01,
               lr_decay_rounds="3", workers=0, bootstrap=1000, round_timeout=900.0, wait_for_sites=120.0)
@@ -98,10 +99,15 @@ def simulate(
     sites_dir: Path | None = None,
     echo=print,
     modalities: str | None = None,
+    engine: str = "ray",
 ) -> dict[str, Any]:
     """Run the federation; with ``sites_dir``, on already-ingested site directories
-    (one sub-folder per site, e.g. CDD-CESM imported per machine) instead of generated ones."""
+    (one sub-folder per site, e.g. CDD-CESM imported per machine) instead of generated ones.
+    ``engine``: ``ray`` (Flower's simulation engine, one SuperNode per site) or ``inprocess``
+    (the same apps in this process, sites in turn: simulation/inprocess.py)."""
     t0 = time.perf_counter()
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
     run_dir = Path(run_dir).resolve()
     family = str((overrides or {}).get("model", "multiview"))
     if family not in PRESETS:
@@ -131,7 +137,14 @@ def simulate(
          + ", ".join(f"{s.name} {s.exams('train')}/{s.exams('val')}/{s.exams('test')} train/val/test {task_for(cfg).count_unit}s" for s in site_data))
     run_config = {**cfg.to_flower(), "sim-sites-dir": str(sites_root), "run-dir": str(run_dir)}
     t = time.perf_counter()
-    record = run_simulation(run_dir, run_config, num_sites=len(site_dirs))
+    if engine == "inprocess":
+        from fedbreast.simulation.inprocess import run_inprocess
+
+        record = run_inprocess(run_config, site_dirs)
+        if record["status"] != "finished:completed":
+            raise SimulationFailed(f"in-process run ended {record['status']}: {record['status-details']}")
+    else:
+        record = run_simulation(run_dir, run_config, num_sites=len(site_dirs))
     federated_s = time.perf_counter() - t
     results: dict[str, Any] = {"run": record, "federated_seconds": federated_s}
     if baselines:

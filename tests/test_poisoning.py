@@ -24,23 +24,21 @@ claimed defence here.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import itertools
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Error, Message
+from flwr.app import Message
 
-from clientapp_messages import as_task, site_context
 from fedbreast.server.federation import FederatedRun, to_record
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.generate import SiteProfile, generate_federation
 from fedbreast.shared.data.ingest import ingest
+from fedbreast.simulation.inprocess import InProcessGrid, ReplyHook
 from fedbreast.simulation.simulate import PRESETS
 
 torch.set_num_threads(1)
@@ -52,51 +50,17 @@ ATTACK = {"site-4": "nan", "site-5": "scale"}  # the others stay honest
 SCALE = 100.0
 
 
-class ClientAppGrid:
-    """A Grid whose nodes are the real ClientApp, one per site folder, answered in-process.
-    ``attacks[site]`` corrupts that site's honest train reply before it is sent."""
+def attacker(attacks: dict[str, str]) -> ReplyHook:
+    """``attacks[site]`` corrupts that site's honest train reply before it is sent."""
 
-    def __init__(self, site_dirs: list[Path], run_config: dict, attacks: dict[str, str]):
-        from fedbreast.client.app import app
+    def on_reply(site_dir: Path, request: Message, reply: Message) -> Message:
+        how = attacks.get(site_dir.name)
+        if how and request.metadata.message_type == "train" and "arrays" in reply.content.array_records:
+            sent = {k: v.numpy() for k, v in request.content["arrays"].items()}
+            reply.content["arrays"] = to_record(corrupt(how, sent, {k: v.numpy() for k, v in reply.content["arrays"].items()}))
+        return reply
 
-        self.app, self.attacks = app, attacks
-        self.nodes = {100 + i: d for i, d in enumerate(site_dirs)}
-        self.contexts = {n: site_context(d, run_config, site_name=d.name) for n, d in self.nodes.items()}
-        self._ids = itertools.count(1)
-        self._outbox: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
-            node = m.metadata.dst_node_id
-            try:
-                # A copy, as serialisation would give: messages may share records (SecAgg+'s do),
-                # and a mod that edits its copy must not change another site's.
-                reply = self.app(copy.deepcopy(m), self.contexts[node])
-            except RuntimeError as exc:  # as Flower does: the ClientApp's exception becomes an error reply
-                reply = Message(Error(code=0, reason=str(exc)), reply_to=m)
-                reply.metadata.__dict__["_src_node_id"] = node
-                self._outbox.append(reply)
-                ids.append(m.metadata.message_id)
-                continue
-            how = self.attacks.get(self.nodes[node].name)
-            if how and m.metadata.message_type == "train" and "arrays" in reply.content.array_records:
-                sent = {k: v.numpy() for k, v in m.content["arrays"].items()}
-                reply.content["arrays"] = to_record(corrupt(how, sent, {k: v.numpy() for k, v in reply.content["arrays"].items()}))
-            reply.metadata.__dict__["_src_node_id"] = node
-            self._outbox.append(reply)
-            ids.append(m.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids) -> list[Message]:
-        wanted = set(message_ids)
-        out = [r for r in self._outbox if r.metadata.reply_to_message_id in wanted]
-        self._outbox = [r for r in self._outbox if r.metadata.reply_to_message_id not in wanted]
-        return out
+    return on_reply
 
 
 def corrupt(how: str, global_w: dict[str, np.ndarray], local_w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -117,10 +81,9 @@ def run_federation(sites_dir: Path, run_dir: Path, seed: int, attacks: dict[str,
     0.5 (chance) when no site could evaluate it (a wrecked model scores NaN everywhere)."""
     from fedbreast.server.app import initial_arrays
 
-    as_task()
     site_dirs = sorted(p for p in sites_dir.iterdir() if p.is_dir())
     cfg = RunConfig(**{**PRESETS["birads"], **TINY, "seed": seed, "min_available_sites": len(site_dirs), **changes})
-    grid = ClientAppGrid(site_dirs, cfg.to_flower(), attacks)
+    grid = InProcessGrid(site_dirs, cfg.to_flower(), attacker(attacks), site_names=True)
     fed = FederatedRun(grid, cfg, run_dir, initial_arrays(cfg), echo=echo)
     fed.run()
     store = MetricStore(run_dir)

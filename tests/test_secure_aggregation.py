@@ -1,6 +1,6 @@
 """SecAgg+ on the FedAvg train wave (issue 5, item 3).
 
-In-process, against the real ClientApp (tests/test_poisoning.py's ClientAppGrid): the masked
+In-process, against the real ClientApp (simulation/inprocess.py's InProcessGrid): the masked
 sum gives the same global model as plain FedAvg, and a site that drops out at the masking
 stage is unmasked away while the others' sum completes. Then the same through a real Flower
 simulation; the deployment run over TLS is in tests/test_deploy.py.
@@ -19,7 +19,8 @@ from fedbreast.server.checkpoints import load_checkpoint
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import ConfigError, RunConfig
 from fedbreast.simulation.simulate import simulate
-from test_poisoning import ClientAppGrid, make_sites, run_federation
+from fedbreast.simulation.inprocess import InProcessGrid
+from test_poisoning import make_sites, run_federation
 
 SITES = 4
 
@@ -36,8 +37,8 @@ def final_arrays(run_dir: Path) -> dict[str, np.ndarray]:
 def test_the_masked_sum_gives_the_fedavg_model(sites_dir, tmp_path, monkeypatch):
     run_federation(sites_dir, tmp_path / "plain", 0, {}, rounds=1)
     replies = []
-    pull = ClientAppGrid.pull_messages
-    monkeypatch.setattr(ClientAppGrid, "pull_messages", lambda self, ids: replies.extend(out := pull(self, ids)) or out)
+    pull = InProcessGrid.pull_messages
+    monkeypatch.setattr(InProcessGrid, "pull_messages", lambda self, ids: replies.extend(out := pull(self, ids)) or out)
     _, secure = run_federation(sites_dir, tmp_path / "secure", 0, {}, rounds=1, secure_aggregation=True)
     # What left the sites in the train wave: no model array at all, only keys, shares and masked
     # vectors (bytes) and the aggregate training metrics.
@@ -111,6 +112,7 @@ def test_secure_aggregation_refuses_what_needs_single_updates(changes, message):
         RunConfig(**{"secure_aggregation": True, **changes})
 
 
+@pytest.mark.simulation
 def test_secure_aggregation_in_a_flower_simulation(tmp_path):
     run = tmp_path / "run"
     tiny = dict(backbone="smallcnn", image_h=64, image_w=32, bootstrap=100, hist_bins=64, rounds=1, secure_aggregation=True)
