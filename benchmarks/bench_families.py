@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedbreast.client.site_data import SiteUnavailable
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.data.site_data import SiteUnavailable
 from fedbreast.shared.metrics import binary_metrics
 from fedbreast.shared.models.factory import build_model
 from fedbreast.shared.training.tasks import Task, task_for

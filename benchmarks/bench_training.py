@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from fedbreast.client.site_data import site_for
 from fedbreast.server.app import initial_arrays
 from fedbreast.server.federation import to_record
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.data.site_data import site_for
 from fedbreast.shared.models.factory import build_model
 from fedbreast.shared.models.multiview import MultiViewFusionNet, faithful_vgg_report
 from fedbreast.shared.training.local import bf16_supported, match_channels, train_local

@@ -33,8 +33,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-
 from bench_families import federate, open_sites
+
 from fedbreast.client.personal import psft_split
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.metrics import binary_metrics, bootstrap_ci, delong_test

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedbreast.client.audit import egress_mod
@@ -31,10 +31,18 @@ from fedbreast.client.personal import (
     psft_metrics,
 )
 from fedbreast.client.secure_aggregation import secure_aggregation_mod
-from fedbreast.client.site_data import SiteData, SiteUnavailable
+from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.manifest import read_site_meta
-from fedbreast.shared.metrics import BINARY_METRIC_KEYS, operating_threshold, add_laplace_noise, binary_metrics, bootstrap_ci, score_histogram
+from fedbreast.shared.data.site_data import SiteData, SiteUnavailable
+from fedbreast.shared.metrics import (
+    BINARY_METRIC_KEYS,
+    add_laplace_noise,
+    binary_metrics,
+    bootstrap_ci,
+    operating_threshold,
+    score_histogram,
+)
 from fedbreast.shared.models.factory import build_model
 from fedbreast.shared.training.dp import DPRefused, central_dp_mod, local_dp_for
 from fedbreast.shared.training.local import pick_device
@@ -81,26 +89,20 @@ def site_name_of(context: Context, data: SiteData | None = None) -> str:
         return folder.name
 
 
-def _reply(msg: Message, records: dict) -> Message:
-    return Message(RecordDict(records), reply_to=msg)
+def _ok(context: Context, data: SiteData | FamilySite | None = None) -> protocol.SiteInfo:
+    return protocol.SiteInfo(site_name_of(context, data))
 
 
 def _unable(msg: Message, context: Context, reason: str) -> Message:
     log.warning("site cannot take part: %s", reason)
-    return _reply(
-        msg,
-        {
-            "metrics": MetricRecord({"num-examples": 0}),
-            "site": ConfigRecord({"name": site_name_of(context), "status": "unable", "reason": reason}),
-        },
-    )
+    return protocol.unable(msg, site_name_of(context), reason)
 
 
 def _load(msg: Message, context: Context) -> tuple[RunConfig, SiteData | FamilySite, torch.nn.Module]:
     cfg = RunConfig.from_flower(context.run_config, ignore=SIM_KEYS)
     data = task_for(cfg).open(site_dir_of(context), cfg)  # the family's inputs at this site
     model = build_model(cfg)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict(), strict=True)
     return cfg, data, model
 
 
@@ -118,13 +120,7 @@ def hello(msg: Message, context: Context) -> Message:
     counts = {f"{split}_exams": data.exams(split) for split in ("train", "val", "test")}
     # Training samples (exams, or patches for the patch family): SecAgg+ sizes its weights from them.
     counts["train_samples"] = len(data.datasets["train"])
-    return _reply(
-        msg,
-        {
-            "metrics": MetricRecord({"num-examples": counts["train_exams"], **counts}),
-            "site": ConfigRecord({"name": site_name_of(context, data), "status": "ok", "reason": ""}),
-        },
-    )
+    return protocol.reply(msg, _ok(context, data), {protocol.NUM_EXAMPLES: counts["train_exams"], **counts})
 
 
 @app.train(mods=[central_dp_mod])  # clips the update only when the coordinator runs central DP
@@ -134,7 +130,7 @@ def train(msg: Message, context: Context) -> Message:
         cfg, data, model = _load(msg, context)
     except SiteUnavailable as exc:
         return _unable(msg, context, str(exc))
-    server_round = int(msg.content["config"].get("server-round", 1))
+    server_round = protocol.round_of(msg.content, default=1)
     try:  # local DP, or the site's privacy policy refusing this round (shared/training/dp.py)
         dp = local_dp_for(context, cfg, site_dir_of(context), len(data.datasets["train"]), server_round)
     except DPRefused as exc:
@@ -149,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
     except SiteUnavailable as exc:  # e.g. no ultrasound for mgus' fusion step
         return _unable(msg, context, str(exc))
     metrics = {
-        "num-examples": stats.examples,
+        protocol.NUM_EXAMPLES: stats.examples,
         "train_loss": stats.loss,
         "train_seconds": time.perf_counter() - t0,  # the whole local step: load the model, then train
         "train_images_per_s": stats.images_per_s,
@@ -161,16 +157,10 @@ def train(msg: Message, context: Context) -> Message:
     if dp is not None:
         metrics.update(dp.metrics())  # epsilon spent in this run so far; the un-noised train loss withheld
     straggle(context)
-    return _reply(
-        msg,
-        {
-            # FedBN: the trained norm layers stay on the site's disk; the received ones go back.
-            "arrays": ArrayRecord(personaliser.reply_state(model, msg.content["arrays"].to_torch_state_dict(), server_round)
-                                  if personaliser is not None else model.cpu().state_dict()),
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"name": site_name_of(context, data), "status": "ok", "reason": ""}),
-        },
-    )
+    # FedBN: the trained norm layers stay on the site's disk; the received ones go back.
+    received = msg.content[protocol.ARRAYS].to_torch_state_dict()
+    state = personaliser.reply_state(model, received, server_round) if personaliser is not None else model.cpu().state_dict()
+    return protocol.reply(msg, _ok(context, data), metrics, ArrayRecord(state))
 
 
 def straggle(context: Context) -> None:
@@ -217,7 +207,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _unable(msg, context, str(exc))
     device = pick_device()
     task = task_for(cfg)
-    server_round = int(msg.content["config"].get("server-round", cfg.rounds)) if "config" in msg.content else None
+    server_round = protocol.round_of(msg.content, default=None)
     personaliser = personaliser_for(context, cfg, site_dir_of(context)) if cfg.personalised else None
     digest = global_digest(model) if personaliser is not None else ""
     if personaliser is not None:  # FedBN: the global model is evaluated with the site's own norm layers
@@ -247,15 +237,9 @@ def evaluate(msg: Message, context: Context) -> Message:
                                         lambda s, y, p, loss, n, t: split_metrics(s, y, p, loss, n, cfg, with_ci=False, threshold=t)))
     if cfg.patient_finetune:  # seed 000: test metrics with patient-specific fine-tuning (*_psft keys)
         metrics.update(psft_metrics(task, data, model, cfg, device))
-    metrics["num-examples"] = data.exams("test")
+    metrics[protocol.NUM_EXAMPLES] = data.exams("test")
     metrics["eval_seconds"] = time.perf_counter() - t0
-    return _reply(
-        msg,
-        {
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"name": site_name_of(context, data), "status": "ok", "reason": ""}),
-        },
-    )
+    return protocol.reply(msg, _ok(context, data), metrics)
 
 
 @app.query("personal")
@@ -265,19 +249,12 @@ def personal(msg: Message, context: Context) -> Message:
         cfg, data, model = _load(msg, context)
     except SiteUnavailable as exc:
         return _unable(msg, context, str(exc))
-    server_round = int(msg.content["config"].get("server-round", cfg.rounds))
+    server_round = protocol.round_of(msg.content, default=cfg.rounds)
     personaliser = personaliser_for(context, cfg, site_dir_of(context))
     digest = global_digest(model)
     personaliser.use_local_norms(model, server_round)
     arrays = personal_arrays(task_for(cfg), data, model, digest, cfg, server_round, pick_device(), personaliser)
-    return _reply(
-        msg,
-        {
-            "arrays": ArrayRecord(arrays),
-            "metrics": MetricRecord({"num-examples": data.exams("train")}),
-            "site": ConfigRecord({"name": site_name_of(context, data), "status": "ok", "reason": ""}),
-        },
-    )
+    return protocol.reply(msg, _ok(context, data), {protocol.NUM_EXAMPLES: data.exams("train")}, ArrayRecord(arrays))
 
 
 @app.evaluate("cross_site")
@@ -291,8 +268,8 @@ def cross_site(msg: Message, context: Context) -> Message:
         data = task_for(cfg).open(site_dir_of(context), cfg)
     except SiteUnavailable as exc:
         return _unable(msg, context, str(exc))
-    config = msg.content["config"]
-    server_round = int(config.get("server-round", cfg.rounds))
+    config = msg.content[protocol.CONFIG]
+    server_round = protocol.round_of(msg.content, default=cfg.rounds)
     models = []
     for i, name in enumerate(config["models"]):
         m = build_model(cfg)
@@ -300,11 +277,5 @@ def cross_site(msg: Message, context: Context) -> Message:
         models.append((str(name), m))
     personaliser = personaliser_for(context, cfg, site_dir_of(context))
     metrics = cross_site_metrics(task_for(cfg), data, models, cfg, server_round, pick_device(), personaliser, CROSS_SITE_KEYS)
-    metrics["num-examples"] = data.exams("test")
-    return _reply(
-        msg,
-        {
-            "metrics": MetricRecord(metrics),
-            "site": ConfigRecord({"name": site_name_of(context, data), "status": "ok", "reason": ""}),
-        },
-    )
+    metrics[protocol.NUM_EXAMPLES] = data.exams("test")
+    return protocol.reply(msg, _ok(context, data), metrics)

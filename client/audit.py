@@ -173,7 +173,7 @@ def append_line(path: Path, line: dict[str, Any]) -> None:
 
 def _site_dir(context: Context) -> Path | None:
     from fedbreast.client.app import site_dir_of  # here: app.py imports this module
-    from fedbreast.client.site_data import SiteUnavailable
+    from fedbreast.shared.data.site_data import SiteUnavailable
 
     try:
         return site_dir_of(context)

@@ -154,10 +154,10 @@ class CacheWarmer(threading.Thread):
         self.status = "not started"
 
     def plan(self) -> tuple[object, list, int]:
-        from fedbreast.client.site_data import preprocess_for
         from fedbreast.shared.config import RunConfig
         from fedbreast.shared.data.cache import CacheError, open_cache
         from fedbreast.shared.data.manifest import load_manifest
+        from fedbreast.shared.data.site_data import preprocess_for
 
         h, w = self.cfg.warm_image_size
         pre = preprocess_for(RunConfig(image_h=h, image_w=w, window=self.cfg.warm_window))

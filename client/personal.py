@@ -18,10 +18,17 @@ import torch
 from flwr.app import Context
 from torch import nn
 
-from fedbreast.client.site_data import SiteUnavailable
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.data.site_data import SiteUnavailable
 from fedbreast.shared.metrics import BINARY_METRIC_KEYS, binary_metrics, operating_threshold
-from fedbreast.shared.training.personalise import PersonalSettings, PersonalStore, SitePersonaliser, run_key, state_digest, suffixed
+from fedbreast.shared.training.accounting import run_key
+from fedbreast.shared.training.personalise import (
+    PersonalSettings,
+    PersonalStore,
+    SitePersonaliser,
+    state_digest,
+    suffixed,
+)
 from fedbreast.shared.training.tasks import Task
 
 log = logging.getLogger("fedbreast.client")
@@ -33,7 +40,7 @@ SplitMetrics = Callable[[str, np.ndarray, np.ndarray, float, int, float], dict[s
 
 def personaliser_for(context: Context, cfg: RunConfig, site_dir: Path) -> SitePersonaliser:
     """This run's personal state on the site's disk (see shared/training/personalise.py)."""
-    key = run_key(context.run_config, context.run_id, cfg.model_signature())
+    key = run_key(context.run_config, context.run_id, model_signature=cfg.model_signature())
     settings = PersonalSettings(epochs=cfg.personal_epochs, steps=cfg.personal_steps, lr=cfg.personal_lr, fedbn=cfg.fedbn)
     return SitePersonaliser(PersonalStore(site_dir, key), settings)
 
@@ -117,9 +124,9 @@ def _normal_patches(site_dir: str, cfg: RunConfig, split: str):
     from fedbreast.shared.data.datasets import NormalPatchDataset
     from fedbreast.shared.data.manifest import load_manifest
     from fedbreast.shared.data.schema import Modality
-    from fedbreast.shared.training.tasks import TASKS
+    from fedbreast.shared.training.tasks import task_for
 
-    site = TASKS["birads"].open(site_dir, cfg)
+    site = task_for(cfg).open(site_dir, cfg)
     energies = cfg.patch_energy_list
     records = [r for r in load_manifest(Path(site_dir)) if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in energies]
     return NormalPatchDataset(records, site.datasets[split].cache, split=split, patch=cfg.patch_size,

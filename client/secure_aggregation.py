@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-import flwr.compat.common.recorddict_compat as compat
 
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.secure_aggregation import ARRAY_NAMES_KEY, SITE_NAME_KEY

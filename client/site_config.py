@@ -27,11 +27,10 @@ Example (deploy/site.example.toml)::
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-import tomllib
 
 from fedbreast.shared.data.rules import ConfigError
 

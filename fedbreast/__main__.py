@@ -1,4 +1,5 @@
 import sys
+
 from fedbreast.cli import main
 
 sys.exit(main())

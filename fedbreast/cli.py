@@ -8,8 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from fedbreast.shared.config import MODELS, VIEW_FUSIONS  # light: no torch
+from fedbreast.shared.config import VIEW_FUSIONS  # light: no torch
 from fedbreast.shared.data.schema import MODALITY_SETS
+from fedbreast.shared.families import FAMILIES
 
 MODALITIES_HELP = "every generated site acquires this (default: the sites cycle CEM, FFDM, FFDM+US)"
 
@@ -171,7 +172,7 @@ def cmd_site_start(args: argparse.Namespace) -> int:
 
 
 def _add_run_config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=MODELS, help="model family")
+    p.add_argument("--model", choices=tuple(FAMILIES), help="model family")
     p.add_argument("--rounds", type=int)
     p.add_argument("--backbone")
     p.add_argument("--view-fusion", choices=VIEW_FUSIONS)
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
                    help="ray: Flower's simulation engine, one SuperNode per site (default); inprocess: the same apps "
                         "in this process, sites in turn, no Ray (faster for small runs; not the Flower runtime path)")
-    p.add_argument("--model", choices=MODELS,
+    p.add_argument("--model", choices=tuple(FAMILIES),
                    help="model family (seeds 001, 000, 003, 002, 004), each with its own preset; default multiview")
     p.add_argument("--rounds", type=int)
     p.add_argument("--backbone")

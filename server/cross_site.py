@@ -26,6 +26,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedbreast.server.metric_store import MetricStore
+from fedbreast.shared import protocol
 from fedbreast.server.validation import check_update
 from fedbreast.shared.training.personalise import CROSS_SITE_KEYS, model_slot
 
@@ -50,24 +51,23 @@ def run_cross_site(run: "FederatedRun") -> dict[str, Path]:
     server_round = run.cfg.rounds
     outcome = RoundOutcome(server_round)
     nodes = list(run.grid.get_node_ids())
-    config = ConfigRecord({"server-round": server_round})
-    content = RecordDict({"arrays": to_record(run.arrays), "config": config})
+    content = protocol.instruction(server_round, to_record(run.arrays))
     ask = [Message(content, dst_node_id=n, message_type=COLLECT_TYPE) for n in nodes]
     models: list[tuple[str, dict[str, np.ndarray]]] = [(GLOBAL, run.arrays)]
-    for r in sorted(run._exchange(ask, "cross-site collect", server_round, outcome), key=lambda r: r.site):
+    for r in sorted(run.exchange(ask, "cross-site collect", server_round, outcome), key=lambda r: r.site):
         problem = check_update(r.site, r.arrays, run.arrays) if r.arrays is not None else None
         if r.arrays is None or problem is not None:
             why = "reply carried no model arrays" if r.arrays is None else problem.reason
-            run._fail(outcome, server_round, "cross-site collect", r.node_id, f"personal model dropped: {why}")
+            run.record_failure(outcome, server_round, "cross-site collect", r.node_id, f"personal model dropped: {why}")
             continue
         models.append((personal_name(r.site), r.arrays))
     names = [name for name, _ in models]
     run.echo(f"cross-site: evaluating {len(models)} models ({', '.join(names)}) on {len(nodes)} sites")
     records: dict[str, Any] = {model_slot(i): to_record(a) for i, (_, a) in enumerate(models)}
-    records["config"] = ConfigRecord({"server-round": server_round, "models": names})
+    records[protocol.CONFIG] = ConfigRecord({protocol.SERVER_ROUND: server_round, "models": names})
     payload = RecordDict(records)
     send = [Message(payload, dst_node_id=n, message_type=EVALUATE_TYPE) for n in nodes]
-    for r in run._exchange(send, "cross-site evaluate", server_round, outcome):
+    for r in run.exchange(send, "cross-site evaluate", server_round, outcome):
         for i, name in enumerate(names):
             values = {k: r.metrics.get(f"m{i}_{k}") for k in MATRIX_KEYS}
             run.store.append(server_round, PHASE, r.site, {"model": name, **values})

@@ -18,18 +18,19 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedbreast.server.central_dp import CentralLedger
 from fedbreast.server.checkpoints import check_resumable, load_checkpoint, save_checkpoint
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.server.secure_aggregation import secure_train_round
 from fedbreast.server.strategies import build_strategy
 from fedbreast.server.validation import check_update, clip_to_median_norm
+from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.families import family_of
 from fedbreast.shared.metrics import auc_binning_bound, pooled_auc_from_histograms, weighted_mean
-from fedbreast.shared.training.dp import CentralLedger
-from fedbreast.shared.training.tasks import task_for
 
 log = logging.getLogger("fedbreast.server")
 
@@ -167,20 +168,20 @@ class FederatedRun:
         """Ask every site for its name and readiness before round 1 (this also starts the
         ClientApp runtime, so round 1's time is training, not start-up)."""
         outcome = RoundOutcome(0)
-        messages = [Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        for reply in self._exchange(messages, "roll-call", 0, outcome):
+        messages = [protocol.query(n, 0) for n in nodes]
+        for reply in self.exchange(messages, "roll-call", 0, outcome):
             self.train_samples[reply.node_id] = int(reply.metrics.get("train_samples", 0))
             counts = ", ".join(f"{k.split('_')[0]} {int(v)}" for k, v in reply.metrics.items() if k.endswith("_exams"))
             self.echo(f"site {reply.site} ready: {counts} exams")
 
-    def _site(self, node_id: int) -> str:
+    def site_name(self, node_id: int) -> str:
         return self.names.get(node_id, f"node-{node_id}")
 
-    def _exchange(self, messages: Iterable[Message], phase: str, server_round: int, outcome: RoundOutcome) -> list[SiteReply]:
+    def exchange(self, messages: Iterable[Message], phase: str, server_round: int, outcome: RoundOutcome) -> list[SiteReply]:
         """Send, collect within the round timeout, and sort replies into usable ones and failures."""
         messages = list(messages)
         sent_to = {m.metadata.dst_node_id for m in messages}
-        replies, by_msg_id = self._send_and_collect(messages)
+        replies, by_msg_id = self.send_and_collect(messages)
         outcome.bytes_sent += sum(array_bytes(m) for m in messages)
         outcome.bytes_received += sum(array_bytes(r) for r in replies if not r.has_error())
         usable: list[SiteReply] = []
@@ -190,25 +191,23 @@ class FederatedRun:
             node = by_msg_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
             if reply.has_error():
-                self._fail(outcome, server_round, phase, node, f"error: {reply.error.reason}")
+                self.record_failure(outcome, server_round, phase, node, f"error: {reply.error.reason}")
                 continue
-            content = reply.content
-            site_info = content.get("site") if "site" in content else None
-            if isinstance(site_info, ConfigRecord) and site_info.get("name"):
-                self.names[node] = str(site_info["name"])
-            status = str(site_info.get("status", "ok")) if isinstance(site_info, ConfigRecord) else "ok"
-            if status != "ok":
-                self._fail(outcome, server_round, phase, node, f"unable: {site_info.get('reason', '')}")
+            got = protocol.read_reply(reply.content)
+            if got.site is not None and got.site.name:
+                self.names[node] = got.site.name
+            if got.site is not None and not got.site.ok:
+                self.record_failure(outcome, server_round, phase, node, f"unable: {got.site.reason}")
                 continue
-            metrics = dict(next(iter(content.metric_records.values()), {}))
-            arrays = to_numpy(content["arrays"]) if "arrays" in content.array_records else None
-            usable.append(SiteReply(self._site(node), node, metrics, arrays, reply))
+            metrics = got.metrics
+            arrays = to_numpy(got.arrays) if got.arrays is not None else None
+            usable.append(SiteReply(self.site_name(node), node, metrics, arrays, reply))
         for node in sent_to - answered:
             outcome.timed_out.add(node)
-            self._fail(outcome, server_round, phase, node, TIMEOUT_REASON.format(self.cfg.round_timeout))
+            self.record_failure(outcome, server_round, phase, node, TIMEOUT_REASON.format(self.cfg.round_timeout))
         return usable
 
-    def _send_and_collect(self, messages: list[Message]) -> tuple[list[Message], dict[str, int]]:
+    def send_and_collect(self, messages: list[Message]) -> tuple[list[Message], dict[str, int]]:
         """Push, then poll for replies every POLL_SECONDS until all answered or the round times out.
 
         ``Grid.send_and_receive`` sleeps 3 s between pulls, which adds 1.5 s on average to every
@@ -228,8 +227,8 @@ class FederatedRun:
             time.sleep(POLL_SECONDS)
         return replies, by_msg_id
 
-    def _fail(self, outcome: RoundOutcome, server_round: int, phase: str, node: int, reason: str) -> None:
-        site = self._site(node)
+    def record_failure(self, outcome: RoundOutcome, server_round: int, phase: str, node: int, reason: str) -> None:
+        site = self.site_name(node)
         outcome.failures[site] = reason
         log.warning("round %d %s: site %s: %s", server_round, phase, site, reason)
         self.echo(f"  round {server_round} {phase}: site {site} left out: {reason}")
@@ -237,12 +236,12 @@ class FederatedRun:
 
     # ---- one round --------------------------------------------------------------------------
     def train_round(self, server_round: int, outcome: RoundOutcome) -> None:
-        config = ConfigRecord({"server-round": server_round})
+        config = ConfigRecord({protocol.SERVER_ROUND: server_round})
         messages = self.strategy.configure_train(server_round, to_record(self.arrays), config, self.grid)
         if self.cfg.secure_aggregation:  # SecAgg+: the same sampled sites, their updates summed under masks
             secure_train_round(self, server_round, outcome, [m.metadata.dst_node_id for m in messages])
             return
-        replies = self._exchange(messages, "train", server_round, outcome)
+        replies = self.exchange(messages, "train", server_round, outcome)
         good: list[SiteReply] = []
         for r in replies:
             problem = check_update(r.site, r.arrays or {}, self.arrays) if r.arrays is not None else None
@@ -254,14 +253,14 @@ class FederatedRun:
                 good.append(r)
                 self.store.append(server_round, "train", r.site, r.metrics)
                 continue
-            self._fail(outcome, server_round, "train", r.node_id, f"update dropped: {problem_reason}")
+            self.record_failure(outcome, server_round, "train", r.node_id, f"update dropped: {problem_reason}")
         outcome.sites_trained = [r.site for r in good]
         for r in good:
             outcome.site_seconds[r.site] = float(r.metrics.get("train_seconds", 0.0))
         if len(good) < self.cfg.min_train_sites:
             self.echo(f"  round {server_round}: {len(good)} usable update(s), fewer than min-train-sites "
                       f"({self.cfg.min_train_sites}); the global model is unchanged this round")
-            self._train_aggregate(server_round, good, released=False)
+            self.record_train_aggregate(server_round, good, released=False)
             return
         if self.cfg.update_norm_bound > 0:  # model replacement: a scaled update is cut down before it is averaged
             self._clip_updates(server_round, good)
@@ -273,8 +272,8 @@ class FederatedRun:
             # Averaging turns integer buffers (BatchNorm's num_batches_tracked) into floats: cast back.
             before, self.arrays = self.arrays, {k: np.asarray(v.numpy()).astype(self.arrays[k].dtype) for k, v in agg.items()}
             # Branches only some sites train (mgus' ultrasound net, late fusion's CESM nets) average over those sites.
-            self.arrays = task_for(self.cfg).after_train(self.cfg, before, self.arrays, [(r.arrays, r.metrics) for r in good])
-        self._train_aggregate(server_round, good, released=agg is not None)
+            self.arrays = family_of(self.cfg.model).after_train(self.cfg, before, self.arrays, [(r.arrays, r.metrics) for r in good])
+        self.record_train_aggregate(server_round, good, released=agg is not None)
 
     def _clip_updates(self, server_round: int, good: list[SiteReply]) -> None:
         """Clip each update's change to update-norm-bound x the round's median change norm
@@ -288,27 +287,27 @@ class FederatedRun:
             self.echo(f"  round {server_round} train: site {r.site}: update norm {norm:.3g} clipped to {limit:.3g} "
                       f"({self.cfg.update_norm_bound:g} x the median)")
 
-    def _train_aggregate(self, server_round: int, good: list[SiteReply], released: bool) -> None:
+    def record_train_aggregate(self, server_round: int, good: list[SiteReply], released: bool) -> None:
         """One "aggregate-train" row: means over sites, but privacy budgets (dp_epsilon, dp_delta)
         by maximum: the federation's guarantee is that of its worst site, never the average."""
         if not good:
             return
         scalar = [{k: v for k, v in r.metrics.items() if isinstance(v, (int, float))} for r in good]
-        agg = weighted_mean(scalar, weight_key="num-examples", sum_keys=("num-examples", "train_steps"))
+        agg = weighted_mean(scalar, weight_key=protocol.NUM_EXAMPLES, sum_keys=(protocol.NUM_EXAMPLES, "train_steps"))
         if self.central_dp is not None:
             agg.update(self.central_dp.record(released))
         agg["sites"] = len(good)
         self.store.append(server_round, "aggregate-train", "ALL", agg)
 
     def evaluate_round(self, server_round: int, outcome: RoundOutcome) -> None:
-        config = ConfigRecord({"server-round": server_round})
+        config = ConfigRecord({protocol.SERVER_ROUND: server_round})
         messages = self.strategy.configure_evaluate(server_round, to_record(self.arrays), config, self.grid)
         # A site that missed the train wave's timeout is still busy with (or lost) that message: an
         # evaluate message would only queue behind it and hold the round for a second timeout.
         for node in {m.metadata.dst_node_id for m in messages} & outcome.timed_out:
-            self._fail(outcome, server_round, "evaluate", node, "skipped: no train reply within the round timeout")
+            self.record_failure(outcome, server_round, "evaluate", node, "skipped: no train reply within the round timeout")
         messages = [m for m in messages if m.metadata.dst_node_id not in outcome.timed_out]
-        replies = self._exchange(messages, "evaluate", server_round, outcome)
+        replies = self.exchange(messages, "evaluate", server_round, outcome)
         outcome.sites_evaluated = [r.site for r in replies]
         for r in replies:
             # Histograms are aggregate counts (no per-patient score); kept for per-site ROC curves.
@@ -317,7 +316,7 @@ class FederatedRun:
         if not replies:
             return
         scalar = [{k: v for k, v in r.metrics.items() if isinstance(v, (int, float))} for r in replies]
-        agg = weighted_mean(scalar, weight_key="num-examples", sum_keys=("num-examples", "val_exams", "test_exams", "val_n", "test_n"))
+        agg = weighted_mean(scalar, weight_key=protocol.NUM_EXAMPLES, sum_keys=(protocol.NUM_EXAMPLES, "val_exams", "test_exams", "val_n", "test_n"))
         hists = [{"hist_pos": r.metrics["test_hist_pos"], "hist_neg": r.metrics["test_hist_neg"]} for r in replies if "test_hist_pos" in r.metrics]
         if hists and sum(sum(h["hist_pos"]) for h in hists) and sum(sum(h["hist_neg"]) for h in hists):
             with_edges = [self._with_edges(h) for h in hists]
@@ -325,7 +324,7 @@ class FederatedRun:
             agg["test_pooled_auc_binning_bound"] = auc_binning_bound(with_edges)
         agg["sites"] = len(replies)
         # A family may update the global model from aggregate evaluation counts (late fusion: MCC weights).
-        self.arrays, family_agg = task_for(self.cfg).after_evaluate(self.arrays, [r.metrics for r in replies])
+        self.arrays, family_agg = family_of(self.cfg.model).after_evaluate(self.arrays, [r.metrics for r in replies])
         agg.update(family_agg)
         outcome.aggregate = agg
         self.store.append(server_round, "aggregate", "ALL", agg)

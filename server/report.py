@@ -75,7 +75,7 @@ def write_report(run_dir: Path, cfg: RunConfig, baselines: dict[str, dict[str, f
             row += [r.get(k) for k in extra]
             w.writerow(row)
 
-    lines = [f"# fedbreast run report", "", f"Model {cfg.model}/{cfg.backbone}, {cfg.view_fusion} view fusion, "
+    lines = ["# fedbreast run report", "", f"Model {cfg.model}/{cfg.backbone}, {cfg.view_fusion} view fusion, "
              f"{cfg.image_h}x{cfg.image_w}, strategy {cfg.strategy}, {last} of {cfg.rounds} rounds.", ""]
     lines += ["## Global model on each site's test split (95% bootstrap CI)", ""]
     lines.append("| site | exams | breasts | " + " | ".join(label for _, label in COLUMNS) + " |")

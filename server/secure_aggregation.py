@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
@@ -34,7 +35,6 @@ from flwr.server.compat import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
-import flwr.compat.common.recorddict_compat as compat
 
 from fedbreast.shared.secure_aggregation import ARRAY_NAMES_KEY, SITE_NAME_KEY
 
@@ -87,7 +87,7 @@ class _WatchedGrid:
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         self._outcome.bytes_sent += sum(_payload_bytes(m) for m in messages)
-        replies, by_msg_id = self._run._send_and_collect(messages)
+        replies, by_msg_id = self._run.send_and_collect(messages)
         for reply in replies:
             node = by_msg_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
@@ -163,7 +163,7 @@ def secure_train_round(run: "FederatedRun", server_round: int, outcome: "RoundOu
     good: list[SiteReply] = []
     for proxy, fitres in strategy.results:
         metrics = dict(fitres.metrics)
-        site = str(metrics.pop(SITE_NAME_KEY, "")) or run._site(proxy.node_id)
+        site = str(metrics.pop(SITE_NAME_KEY, "")) or run.site_name(proxy.node_id)
         run.names[proxy.node_id] = site
         metrics["num-examples"] = fitres.num_examples
         good.append(SiteReply(site, proxy.node_id, metrics, None, None))
@@ -173,7 +173,7 @@ def secure_train_round(run: "FederatedRun", server_round: int, outcome: "RoundOu
             if node not in grid.errors:
                 outcome.timed_out.add(node)
             reason = grid.errors.get(node, TIMEOUT_REASON.format(cfg.round_timeout))
-            run._fail(outcome, server_round, "train", node, f"left secure aggregation: {reason}")
+            run.record_failure(outcome, server_round, "train", node, f"left secure aggregation: {reason}")
     outcome.sites_trained = [r.site for r in good]
     for r in good:
         run.store.append(server_round, "train", r.site, r.metrics)
@@ -187,4 +187,4 @@ def secure_train_round(run: "FederatedRun", server_round: int, outcome: "RoundOu
                  "the global model is unchanged this round")
     if released:
         run.arrays = {k: _apply(run.arrays[k], d) for k, d in zip(names, strategy.mean_delta)}
-    run._train_aggregate(server_round, good, released=released)
+    run.record_train_aggregate(server_round, good, released=released)

@@ -11,7 +11,7 @@ def build_strategy(cfg: RunConfig) -> fl.Strategy:
     """The configured aggregation rule, wrapped in Flower's central-DP strategy when ``dp = central``."""
     strategy = _base_strategy(cfg)
     if cfg.dp == "central":
-        from fedbreast.shared.training.dp import central_dp_strategy
+        from fedbreast.server.central_dp import central_dp_strategy
 
         return central_dp_strategy(strategy, cfg)
     return strategy

@@ -21,11 +21,10 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-import tomllib
 
 from fedbreast.shared.processes import StopSignal, bin_path, flower_env, http_ok, probe_host, stop_group, wait_until
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from fedbreast.shared.data.rules import ConfigError
+from fedbreast.shared.families import FAMILIES
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
-MODELS = ("multiview", "birads", "dualmode", "mgus", "latefusion")
 BIRADS_FUSIONS = ("none", "feature", "decision")
 DECISION_FUSIONS = ("max", "linear", "stacked")
 MGUS_TRAININGS = ("two-step", "end-to-end")
@@ -33,15 +33,6 @@ KEY_METRICS = ("val_auc", "val_loss", "val_mcc", "val_accuracy")
 DP_MODES = ("off", "local", "central")  # shared/training/dp.py
 DP_GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")  # Opacus per-sample gradient engines
 PSFT_SCOPES = ("all", "head")
-
-# Per family, the settings that fix the model's tensors (part of model_signature).
-FAMILY_SIGNATURE_KEYS: dict[str, tuple[str, ...]] = {
-    "birads": ("patch_size", "patch_energies", "birads_fusion", "decision_fusion", "birads_groups"),
-    "dualmode": ("box_size",),
-    "mgus": ("crop_size", "descriptor_dim", "mgus_loss"),
-    "latefusion": (),
-}
-
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -162,8 +153,7 @@ class RunConfig:
     def model_signature(self) -> str:
         """Hash of what fixes the model's tensors: a checkpoint of another signature cannot resume."""
         keys: tuple[str, ...] = ("model", "backbone", "view_fusion", "head", "in_channels", "image_h", "image_w")
-        if self.model != "multiview":  # extra keys only for the new families: multiview hashes stay valid
-            keys += FAMILY_SIGNATURE_KEYS.get(self.model, ())
+        keys += FAMILIES[self.model].signature_keys  # none for multiview: its older checkpoints stay valid
         values = {k: getattr(self, k) for k in keys}
         if self.dp != "off":  # DP models use GroupNorm: other tensors than the BatchNorm model
             values["norm"] = "group"
@@ -192,7 +182,7 @@ class RunConfig:
             return ConfigError(f"run config: {self.flower_key(name)} = {getattr(self, name)!r}: {why}")
 
         for name, choices in (
-            ("model", MODELS),
+            ("model", tuple(FAMILIES)),
             ("strategy", STRATEGIES),
             ("view_fusion", VIEW_FUSIONS),
             ("head", HEADS),

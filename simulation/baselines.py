@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from fedbreast.client.site_data import SiteData
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.augment import AUGMENT_PRESETS, augment
+from fedbreast.shared.data.site_data import SiteData
 from fedbreast.shared.metrics import binary_metrics
 from fedbreast.shared.models.factory import build_model
 from fedbreast.shared.training.local import predict, train_local

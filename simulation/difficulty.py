@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedbreast.client.site_data import site_for
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.augment import AUGMENT_PRESETS, augment
 from fedbreast.shared.data.generate import generate_federation
 from fedbreast.shared.data.ingest import ingest
+from fedbreast.shared.data.site_data import site_for
 from fedbreast.shared.metrics import binary_metrics, bootstrap_ci
 from fedbreast.shared.models.factory import build_model
 from fedbreast.shared.training.local import match_channels, predict, train_local

@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedbreast.client.site_data import SiteUnavailable
 from fedbreast.server.report import write_report
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.generate import SiteProfile, default_profiles, generate_federation
 from fedbreast.shared.data.ingest import ingest
 from fedbreast.shared.data.pseudonym import KEY_FILE
 from fedbreast.shared.data.rules import ConfigError
+from fedbreast.shared.data.site_data import SiteUnavailable
+from fedbreast.shared.families import FAMILIES
 from fedbreast.shared.training.tasks import task_for
 from fedbreast.simulation.flower_runner import SimulationFailed, run_simulation
 
@@ -30,21 +31,10 @@ ENGINES = ("ray", "inprocess")  # Flower's simulation engine, or both apps in th
 # The CPU preset: finishes in a few minutes on 2 cores with a real resnet18.
 PRESET = dict(backbone="resnet18", image_h=256, image_w=128, rounds=4, local_epochs=1, batch_size=8, lr=0.01,
               lr_decay_rounds="3", workers=0, bootstrap=1000, round_timeout=900.0, wait_for_sites=120.0)
-# Per model family, on top of PRESET (``fedbreast simulate --model FAMILY``). Sizes suit the
-# generated sites (mammograms ~600x400 px at ~0.45 mm, lesions ~20 px in radius): the seeds'
-# 227-px patches / 256-px boxes on 3000x2000 images scale to 64 / 96 px here.
-PRESETS: dict[str, dict[str, Any]] = {
-    "multiview": {},
-    # DES patches at CEM sites and FFDM patches at FFDM sites, so every site takes part.
-    # `augment` is on only where it was measured to help: dualmode's boxes (docs/model-families.md,
-    # "What was tried on 2026-12-01"); the other families' warps are there with --set augment=true.
-    "birads": dict(model="birads", backbone="rawnet", patch_size=64, n_patches=32, patch_energies="DES,FFDM",
-                   batch_size=64, lr=0.01, augment=False),
-    "dualmode": dict(model="dualmode", backbone="resnet18", box_size=96, batch_size=8, lr=0.01),
-    "mgus": dict(model="mgus", backbone="resnet18", crop_size=96, batch_size=16, lr=0.01, mgus_modality_rounds=2,
-                 rounds=5, augment=False),
-    "latefusion": dict(model="latefusion", backbone="resnet18", image_h=128, image_w=128, batch_size=8, lr=0.01, augment=False),
-}
+# Per model family, on top of PRESET (``fedbreast simulate --model FAMILY``): each family's own
+# (shared/families). Sizes suit the generated sites (mammograms ~600x400 px at ~0.45 mm, lesions
+# ~20 px in radius): the seeds' 227-px patches / 256-px boxes on 3000x2000 images scale to 64 / 96 px.
+PRESETS: dict[str, dict[str, Any]] = {name: dict(f.preset) for name, f in FAMILIES.items()}
 
 
 def _fix_generated_key(site_dir: Path, seed: int, k: int) -> None:

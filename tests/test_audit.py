@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from clientapp_messages import as_task, reply, request, site_context
 from flwr.app import Array
 
-from clientapp_messages import as_task, reply, request, site_context
 from fedbreast.cli import main as cli_main
 from fedbreast.client.audit import SITE_DATA, AuditUnavailable, audit_path, egress_mod, read_audit
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from cdd_cesm_fixture import MACHINES, build_cdd_cesm_fixture
 from openpyxl import load_workbook
 
 from fedbreast.shared.data.cdd_cesm import (
@@ -25,8 +25,6 @@ from fedbreast.shared.data.check import check_site
 from fedbreast.shared.data.manifest import load_manifest, read_jsonl, read_site_meta
 from fedbreast.shared.data.pseudonym import load_or_create_key, pseudonymise
 from fedbreast.shared.data.schema import Energy, ImageRecord, Label, Modality, ShapeKind
-
-from cdd_cesm_fixture import MACHINES, build_cdd_cesm_fixture
 
 
 def _name(r: ImageRecord) -> str:

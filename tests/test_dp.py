@@ -21,7 +21,8 @@ from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.rules import ConfigError
 from fedbreast.shared.models.factory import build_model
 from fedbreast.shared.training import dp as dpmod
-from fedbreast.shared.training.dp import CENTRAL_WEIGHT_KEY, DPRefused, PrivacyLedger, local_dp_for
+from fedbreast.shared.training.accounting import CENTRAL_WEIGHT_KEY
+from fedbreast.shared.training.dp import DPRefused, PrivacyLedger, local_dp_for
 from fedbreast.shared.training.local import train_local
 
 TINY = dict(backbone="smallcnn", image_h=64, image_w=32, amp="off", workers=0, augment=False, batch_size=2)

@@ -1,6 +1,6 @@
 """Nothing patient-level leaves a site, in every model family (issue 5, item 5).
 
-For each family in shared/config.py MODELS, the real ClientApp answers a roll call, a train
+For each family in the registry (shared/families), the real ClientApp answers a roll call, a train
 and an evaluate message at a generated site that family can use (dualmode needs CEM, mgus
 ultrasound). Every reply must hold only the family's own model arrays (names and shapes of
 its state_dict, so no image or patch rides along), aggregate metrics, and no string naming a
@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from clientapp_messages import as_task, request, site_context
 from test_site_privacy import assert_clean, content_text, identifiers
+
 from fedbreast.client.audit import audit_path, read_audit
-from fedbreast.shared.config import MODELS, RunConfig
+from fedbreast.shared.config import RunConfig
+from fedbreast.shared.families import FAMILIES
 from fedbreast.shared.models.factory import build_model
 from fedbreast.simulation.simulate import PRESETS, prepare_federation
 
@@ -52,7 +53,7 @@ def sites(tmp_path_factory) -> Path:
 
 
 def test_every_family_is_covered() -> None:
-    assert set(FAMILY) == set(MODELS)
+    assert set(FAMILY) == set(FAMILIES)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY))

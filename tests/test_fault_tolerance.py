@@ -19,9 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-from fedbreast.server.metric_store import MetricStore
-from fedbreast.simulation.simulate import prepare_federation
 from test_deploy import (  # noqa: F401 - tls is a fixture used by this module
     FEDBREAST,
     GOOD_SITES,
@@ -34,6 +31,9 @@ from test_deploy import (  # noqa: F401 - tls is a fixture used by this module
     wait_for,
     wait_online,
 )
+
+from fedbreast.server.metric_store import MetricStore
+from fedbreast.simulation.simulate import prepare_federation
 
 STRAGGLER = "hospital-d"  # a key the tls fixture provisions; registered only for the straggler test
 TINY_FLAGS = ["--backbone", "smallcnn", "--image-size", "64x32", "--set", "bootstrap=100", "--set", "hist-bins=64",

@@ -14,17 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from fedbreast.client.site_data import SiteUnavailable
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.birads import parse_birads_cell
 from fedbreast.shared.data.rules import ConfigError
 from fedbreast.shared.data.schema import BiRads
+from fedbreast.shared.data.site_data import SiteUnavailable
+from fedbreast.shared.families import FAMILIES, family_of
 from fedbreast.shared.models.birads import BiradsEncoder, BiradsNet
 from fedbreast.shared.models.factory import build_model
 from fedbreast.shared.models.latefusion import FUSION_UNITS, LateFusionNet, mcc_from_counts, mcc_weights
 from fedbreast.shared.models.mgus import CosineHead, cosface_loss
-from fedbreast.shared.training.tasks import TASKS, confusion_table, task_for
+from fedbreast.shared.training.tasks import confusion_table, task_for
 from fedbreast.simulation.simulate import PRESETS, prepare_federation, simulate
 
 torch.set_num_threads(1)
@@ -156,14 +157,14 @@ def test_late_fusion_sites_send_counts_and_the_server_sums_them_into_weights() -
     assert table[8:12] == [1, 0, 1, 0]  # cesm_cc: breast 2 has no CESM
     arrays = {k: v.numpy().copy() for k, v in net.state_dict().items()}
     other = [0] * 24
-    out, agg = TASKS["latefusion"].after_evaluate(arrays, [{"val_confusion": table}, {"val_confusion": other}])
+    out, agg = FAMILIES["latefusion"].after_evaluate(arrays, [{"val_confusion": table}, {"val_confusion": other}])
     np.testing.assert_allclose(out["fusion_mcc"], mcc_weights(np.asarray(table).reshape(6, 4)))
     assert set(agg) == {f"fusion_mcc_{u}" for u in FUSION_UNITS}
     assert out["fusion_mcc"].dtype == arrays["fusion_mcc"].dtype
 
 
 def test_a_branch_only_some_sites_train_is_averaged_over_those_sites() -> None:
-    from fedbreast.shared.training.tasks import average_where_trained
+    from fedbreast.shared.families.aggregation import average_where_trained
 
     before = {"mg.w": np.zeros(2, np.float32), "us.w": np.zeros(2, np.float32), "n": np.array(3)}
     a = {"mg.w": np.full(2, 1.0, np.float32), "us.w": np.full(2, 3.0, np.float32), "n": np.array(4)}  # has US
@@ -191,7 +192,7 @@ def test_config_validates_family_fields_and_keeps_multiview_signature() -> None:
     old = hashlib.sha256(json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.model_signature() == old  # multiview checkpoints of earlier versions still resume
     assert RunConfig(model="birads").model_signature() != RunConfig(model="birads", birads_fusion="decision").model_signature()
-    assert set(PRESETS) == set(TASKS) == {"multiview", "birads", "dualmode", "mgus", "latefusion"}
+    assert set(PRESETS) == set(FAMILIES) == {"multiview", "birads", "dualmode", "mgus", "latefusion"}
 
 
 def test_simulate_cli_selects_the_family_and_its_preset() -> None:
@@ -260,7 +261,7 @@ def test_a_site_without_ultrasound_trains_the_mammography_branch_only(federation
 def test_augment_reaches_every_family_reproducibly(federation, family) -> None:
     """`augment` is a run-config key for every family, not only multiview: on, the training
     inputs are warped (seeded by seed and round, so a site's round is reproducible); off, not."""
-    task = TASKS[family]
+    task = family_of(family).task()
     x = torch.rand(3, 2, 1, 32, 32)
     on, off = _cfg(family, augment=True), _cfg(family, augment=False)
     assert torch.equal(task.augmenter(off, 1)(x), x)

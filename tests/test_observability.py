@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from flwr.app import Array
-from prometheus_client.parser import text_string_to_metric_families
-
 from clientapp_messages import as_task, reply, request, site_context
+from flwr.app import Array
 from promcheck import PROMTOOL, get, validate_exposition
+from prometheus_client.parser import text_string_to_metric_families
 from test_federation_loop import StubGrid, initial
+
 from fedbreast.client.audit import audit_path, egress_mod, read_audit
 from fedbreast.client.observability import TRAIN_BUCKETS, start_site_exporter
 from fedbreast.server.federation import FederatedRun

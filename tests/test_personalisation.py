@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from clientapp_messages import as_task, request, site_context
 from test_preprocess import breast_image, circle_lesion, make_record
 from test_simulation import TINY
+from torch import nn
 
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.cache import build_cache, open_cache
@@ -22,7 +21,12 @@ from fedbreast.shared.data.datasets import LesionPatchDataset, NormalPatchDatase
 from fedbreast.shared.data.preprocess import PreprocessConfig
 from fedbreast.shared.data.schema import Label, Lesion, ShapeKind, Split
 from fedbreast.shared.models import build_backbone
-from fedbreast.shared.training.patient_finetune import PSFTConfig, PatientFinetuner, evaluate_patient_finetune, malignancy_logit
+from fedbreast.shared.training.patient_finetune import (
+    PatientFinetuner,
+    PSFTConfig,
+    evaluate_patient_finetune,
+    malignancy_logit,
+)
 from fedbreast.shared.training.personalise import (
     PersonalSettings,
     PersonalStore,
@@ -231,7 +235,7 @@ def federation(tmp_path_factory) -> Path:
 
 def _clear_caches() -> None:
     from fedbreast.client.personal import _normal_patches
-    from fedbreast.client.site_data import open_site
+    from fedbreast.shared.data.site_data import open_site
     from fedbreast.shared.training import tasks
 
     open_site.cache_clear()

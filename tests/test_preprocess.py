@@ -22,7 +22,17 @@ from fedbreast.shared.data.preprocess import (
     lesion_mask,
     preprocess_image,
 )
-from fedbreast.shared.data.schema import Energy, ImageRecord, Label, Laterality, Lesion, Modality, ShapeKind, Split, View
+from fedbreast.shared.data.schema import (
+    Energy,
+    ImageRecord,
+    Label,
+    Laterality,
+    Lesion,
+    Modality,
+    ShapeKind,
+    Split,
+    View,
+)
 
 # --- synthetic site helpers (also used by test_datasets.py) -------------------------------------
 

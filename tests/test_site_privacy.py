@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from clientapp_messages import as_task, request, site_context
 from promcheck import get, validate_exposition
+
 from fedbreast.client.audit import audit_path, read_audit
 from fedbreast.client.observability import start_site_exporter
 from fedbreast.shared.config import RunConfig

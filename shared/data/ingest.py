@@ -29,7 +29,7 @@ from .pixels import PixelDecodeError, dicom_pixels
 from .pseudonym import load_or_create_key, pseudonymise
 from .rejects import Rejection, write_rejections
 from .rules import IngestRules, load_rules
-from .schema import ImageRecord, record_from_dict
+from .schema import record_from_dict
 from .splits import DEFAULT_FRACTIONS, assign_splits
 
 STATE = "ingest_state.jsonl"

@@ -10,8 +10,8 @@ is any registry backbone here.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 
 from .backbones import build_backbone
 

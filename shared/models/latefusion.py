@@ -9,35 +9,14 @@ sites (sites send counts, never scores), so the global model carries its own fus
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedbreast.shared.families.latefusion.fusion import FUSION_UNITS, MODALITIES, SLOTS, mcc_from_counts, mcc_weights
+
 from .backbones import build_backbone
 
-SLOTS = ("ffdm_cc", "ffdm_mlo", "cesm_cc", "cesm_mlo")
-MODALITIES = ("ffdm", "cesm")
-# Rows of the confusion table the sites send: the four slots, then the two view-fused modalities.
-FUSION_UNITS = SLOTS + MODALITIES
-
-
-def mcc_from_counts(tp: float, fp: float, tn: float, fn: float) -> float:
-    """Matthews correlation coefficient; 0 when undefined (a row or column of the table is empty)."""
-    den = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
-    return float((tp * tn - fp * fn) / np.sqrt(den)) if den > 0 else 0.0
-
-
-def mcc_weights(counts: Sequence[Sequence[float]]) -> np.ndarray:
-    """Fusion weights from summed confusion counts, one row (tp, fp, tn, fn) per :data:`FUSION_UNITS`.
-
-    The weight of a unit is its validation MCC, floored at 0 (a sub-model no better than
-    chance gets no say). The fusion falls back to a plain mean where a group's weights are all 0.
-    """
-    rows = np.asarray(counts, dtype=np.float64).reshape(len(FUSION_UNITS), 4)
-    return np.array([max(mcc_from_counts(*r), 0.0) for r in rows], dtype=np.float32)
-
+__all__ = ["FUSION_UNITS", "MODALITIES", "SLOTS", "LateFusionNet", "mcc_from_counts", "mcc_weights"]
 
 def _weighted(p: Tensor, w: Tensor, avail: Tensor) -> tuple[Tensor, Tensor]:
     """MCC-weighted mean over the last dim among available entries; equal weights if all are 0."""

@@ -25,7 +25,6 @@ under local DP because it would be an un-noised statistic of the private trainin
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -34,9 +33,8 @@ import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +44,7 @@ from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.datasets import passthrough_collate
 from fedbreast.shared.models.backbones import replace_inplace_relu
 from fedbreast.shared.models.multiview import VIEW_ORDER, MultiViewFusionNet
+from fedbreast.shared.training.accounting import ACCOUNTANT, CENTRAL_WEIGHT_KEY, epsilon_of, noise_for_budget, run_key
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
@@ -53,8 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedbreast.dp")
 
 CEILING_KEY = "dp-max-epsilon"  # site node config: the most epsilon this site will spend in one run
-CENTRAL_WEIGHT_KEY = "dp-unit-weight"  # central DP averages sites with equal weight (sensitivity C / k)
-ACCOUNTANT = "rdp"
 VIEWS = len(VIEW_ORDER)
 
 # The first trained layer after frozen ones gets no input gradient; Opacus only needs its output
@@ -195,16 +192,6 @@ class DPPlan:
     target_epsilon: float  # 0: noise multiplier given directly
 
 
-@lru_cache(maxsize=64)
-def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The noise multiplier that spends exactly ``target_epsilon`` after ``steps`` steps (RDP)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=ACCOUNTANT
-    ))
-
-
 def plan_local_round(cfg: RunConfig, n_train: int) -> DPPlan:
     """Sample rate = batch / exams; with a target epsilon, the noise that reaches it at the last round."""
     if n_train < 1:
@@ -230,15 +217,6 @@ def plan_local_round(cfg: RunConfig, n_train: int) -> DPPlan:
         expected_batch_size=max(1, round(n_train * q)),
         target_epsilon=cfg.dp_epsilon,
     )
-
-
-def epsilon_of(history: Iterable[tuple[float, float, int]], delta: float) -> float:
-    """Cumulative epsilon of Opacus RDP history entries (noise multiplier, sample rate, steps)."""
-    from opacus.accountants import RDPAccountant
-
-    acc = RDPAccountant()
-    acc.history = [tuple(h) for h in history]
-    return float(acc.get_epsilon(delta)) if acc.history else 0.0
 
 
 class PrivacyLedger:
@@ -281,13 +259,6 @@ class PrivacyLedger:
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({"mechanism": ACCOUNTANT, "history": self.history, "rounds": self.rounds}, indent=1))
         os.replace(tmp, self.path)
-
-
-def run_key(run_config: Mapping[str, Any], run_id: int) -> str:
-    """Which ledger a run uses: the run directory when the coordinator names one (a resumed run
-    keeps accumulating), else Flower's run id. A new run starts at epsilon 0."""
-    ident = str(run_config.get("run-dir") or "") or f"flower-run-{run_id}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 def site_ceiling(node_config: Mapping[str, Any]) -> float | None:
@@ -656,51 +627,7 @@ def local_dp_for(context: "Context", cfg: RunConfig, site_dir: Path, n_train: in
     return LocalDP(plan, ledger, cfg.dp_grad_sample_mode, cfg.dp_freeze_blocks, server_round)
 
 
-# ---- central DP ---------------------------------------------------------------------------
-
-
-def central_noise_multiplier(cfg: RunConfig) -> float:
-    """Noise for the coordinator's Gaussian release: one per round, no sampling amplification."""
-    if cfg.dp_epsilon > 0:
-        return noise_for_budget(cfg.dp_epsilon, cfg.dp_delta, 1.0, cfg.rounds)
-    return cfg.dp_noise_multiplier
-
-
-def central_dp_strategy(base: Any, cfg: RunConfig) -> Any:
-    """Flower's central-DP wrapper (client-side clipping) around ``base``, which must average
-    with equal weights: the noise std sigma*C/k assumes each site moves the mean by <= C/k."""
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
-    base.weighted_by_key = CENTRAL_WEIGHT_KEY
-    return DifferentialPrivacyClientSideFixedClipping(
-        base,
-        noise_multiplier=central_noise_multiplier(cfg),
-        clipping_norm=cfg.dp_max_grad_norm,
-        num_sampled_clients=cfg.min_train_sites,  # the round loop sets it to the sites that replied
-    )
-
-
-class CentralLedger:
-    """The coordinator's accountant for central DP: released rounds on disk in the run directory."""
-
-    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
-        self.path = Path(run_dir) / "dp" / "central.json"
-        self.noise_multiplier = central_noise_multiplier(cfg)
-        self.delta = cfg.dp_delta
-        self.releases = int(json.loads(self.path.read_text())["releases"]) if self.path.exists() else 0
-
-    def epsilon(self) -> float:
-        return epsilon_of([(self.noise_multiplier, 1.0, self.releases)] if self.releases else [], self.delta)
-
-    def record(self, released: bool) -> dict[str, float]:
-        """Count this round's noised aggregate (if any); the metrics for the round's train row."""
-        if released:
-            self.releases += 1
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"releases": self.releases, "noise_multiplier": self.noise_multiplier}))
-            os.replace(tmp, self.path)
-        return {"dp_epsilon": self.epsilon(), "dp_delta": self.delta, "dp_noise_multiplier": self.noise_multiplier}
+# ---- central DP: the site's side (the coordinator's is server/central_dp.py) ----------------
 
 
 def central_dp_mod(msg: "Message", context: "Context", call_next: Callable[["Message", "Context"], "Message"]) -> "Message":

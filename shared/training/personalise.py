@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -63,14 +62,6 @@ def state_digest(state: Mapping[str, Any]) -> str:
         h.update(f"{k}|{a.dtype}|{a.shape}|".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:32]
-
-
-def run_key(run_config: Mapping[str, Any], run_id: int, signature: str) -> str:
-    """File name of this run's state: the run directory when the run has one (a resumed run
-    keeps it, while Flower's run id changes), else the Flower run id; plus the model."""
-    run_dir = str(run_config.get("run-dir", "") or "")
-    ident = {"run": run_dir or f"flower-run-{run_id}", "model": signature}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _cpu_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -219,7 +210,6 @@ __all__ = [
     "SitePersonaliser",
     "model_slot",
     "norm_state_keys",
-    "run_key",
     "state_digest",
     "suffixed",
 ]

@@ -22,9 +22,8 @@ number of reporting units in the split; the reply keys keep the name ``{split}_e
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -34,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedbreast.client.site_data import SiteUnavailable, site_for, site_records
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.augment import AUGMENT_PRESETS, augment
 from fedbreast.shared.data.cache import build_cache, open_cache
@@ -48,7 +46,10 @@ from fedbreast.shared.data.datasets import (
 from fedbreast.shared.data.manifest import read_site_meta
 from fedbreast.shared.data.preprocess import PRESETS, PreprocessConfig
 from fedbreast.shared.data.schema import ImageRecord, Modality
-from fedbreast.shared.training.local import TrainStats, autocast, predict as predict_multiview, train_local
+from fedbreast.shared.data.site_data import SiteUnavailable, site_for, site_records
+from fedbreast.shared.families import family_of
+from fedbreast.shared.training.local import TrainStats, autocast, train_local
+from fedbreast.shared.training.local import predict as predict_multiview
 
 log = logging.getLogger("fedbreast.tasks")
 
@@ -162,12 +163,13 @@ class Task:
         return {}
 
     def after_evaluate(self, arrays: dict[str, np.ndarray], metrics: list[Mapping[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        return arrays, {}
+        """The coordinator's hook after an evaluate wave: the family's (shared/families), numpy only."""
+        return family_of(self.family).after_evaluate(arrays, metrics)
 
     def after_train(self, cfg: RunConfig, before: dict[str, np.ndarray], aggregated: dict[str, np.ndarray],
                     updates: list[tuple[dict[str, np.ndarray], Mapping[str, Any]]]) -> dict[str, np.ndarray]:
-        """The server's hook after aggregating a train wave; families with partial branches override it."""
-        return aggregated
+        """The coordinator's hook after a train wave: the family's (shared/families), numpy only."""
+        return family_of(self.family).after_train(cfg, before, aggregated, updates)
 
     # helpers shared by the families that use train_local with their own loss
     def _train_with(self, model: nn.Module, loader, cfg: RunConfig, server_round: int, device: torch.device,
@@ -186,31 +188,7 @@ class Task:
 
 @lru_cache(maxsize=8)
 def _open_family(family: str, site_dir: str, cfg: RunConfig) -> FamilySite:
-    return TASKS[family].build(Path(site_dir), cfg)
-
-
-def average_where_trained(cfg: RunConfig, before: dict[str, np.ndarray], aggregated: dict[str, np.ndarray],
-                          updates: list[tuple[dict[str, np.ndarray], Mapping[str, Any]]]) -> dict[str, np.ndarray]:
-    """Per-tensor FedAvg over only the sites that changed the tensor.
-
-    A site that cannot train a branch (no ultrasound, no CESM) sends it back unchanged;
-    plain FedAvg would then pull that branch's update towards zero by the share of such
-    sites' examples. For FedAvg / FedProx, a tensor that some but not all sites changed is
-    re-averaged (``num-examples`` weights) over those that changed it. Other strategies
-    (robust or adaptive aggregation) keep their own result.
-    """
-    if cfg.strategy not in ("fedavg", "fedprox") or len(updates) < 2:
-        return aggregated
-    out = dict(aggregated)
-    weights = [float(m.get("num-examples", 0)) for _, m in updates]
-    for key, ref in before.items():
-        if not np.issubdtype(ref.dtype, np.floating):
-            continue
-        changed = [(a[key], w) for (a, _), w in zip(updates, weights) if key in a and not np.array_equal(a[key], ref)]
-        total = sum(w for _, w in changed)
-        if 0 < len(changed) < len(updates) and total > 0:
-            out[key] = (sum(a.astype(np.float64) * w for a, w in changed) / total).astype(ref.dtype)
-    return out
+    return _task(family).build(Path(site_dir), cfg)
 
 
 def _masked_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -440,8 +418,6 @@ class MgusTask(Task):
             log.info("%s has no ultrasound: it trains the mammography branch only", name)
         return site
 
-    after_train = staticmethod(average_where_trained)
-
     @staticmethod
     def fusion_phase(cfg: RunConfig, server_round: int | None) -> bool:
         """Two-step training: the fusion network trains (and scores) after the modality rounds."""
@@ -588,19 +564,6 @@ class LateFusionTask(Task):
         p_slots, avail, y, m = self._slot_probs(model, site, "val", cfg, device)
         return {"val_confusion": confusion_table(model.cpu(), p_slots, avail, y, m)}  # fusion maths on the CPU copy
 
-    after_train = staticmethod(average_where_trained)
-
-    def after_evaluate(self, arrays, metrics):
-        from fedbreast.shared.models.latefusion import FUSION_UNITS, mcc_weights
-
-        tables = [np.asarray(mt["val_confusion"], dtype=np.float64) for mt in metrics if "val_confusion" in mt]
-        if not tables:
-            return arrays, {}
-        weights = mcc_weights(np.sum(tables, axis=0))
-        out = dict(arrays)
-        out["fusion_mcc"] = weights.astype(arrays["fusion_mcc"].dtype).reshape(arrays["fusion_mcc"].shape)
-        return out, {f"fusion_mcc_{u}": float(w) for u, w in zip(FUSION_UNITS, weights)}
-
 
 def confusion_table(model: nn.Module, p_slots: torch.Tensor, avail: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor) -> list[int]:
     """24 ints: (tp, fp, tn, fn) at 0.5 for the four slots, then the two view-fused modalities."""
@@ -614,12 +577,11 @@ def confusion_table(model: nn.Module, p_slots: torch.Tensor, avail: torch.Tensor
     return out
 
 
-TASKS: dict[str, Task] = {t.family: t for t in (MultiviewTask(), BiradsTask(), DualModeTask(), MgusTask(), LateFusionTask())}
+@cache
+def _task(family: str) -> Task:
+    return family_of(family).task()
 
 
 def task_for(cfg: RunConfig) -> Task:
-    """The task of the configured family; ValueError for a family without one."""
-    try:
-        return TASKS[cfg.model]
-    except KeyError:
-        raise ValueError(f"model {cfg.model!r} has no task; known: {', '.join(TASKS)}") from None
+    """The site Task of the configured family (the registry in shared/families names it)."""
+    return _task(cfg.model)

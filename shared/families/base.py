@@ -1,0 +1,65 @@
+"""What a model family is to the rest of the system: one :class:`Family` per seed model.
+
+A family's registry entry is light (no torch, no data stack): the coordinator, the config
+validation and the command line read it without loading any site code. What runs at a
+site (the family's data, training and scoring: a :class:`~fedbreast.shared.training.tasks.Task`)
+and its network are named by import path and loaded only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fedbreast.shared.config import RunConfig
+    from fedbreast.shared.training.tasks import Task
+
+Arrays = dict[str, np.ndarray]
+# The coordinator's hook after a train wave: (run config, global arrays before the round, the
+# strategy's aggregate, [(a site's arrays, its metrics)]) -> the new global arrays.
+AfterTrain = Callable[["RunConfig", Arrays, Arrays, list[tuple[Arrays, Mapping[str, Any]]]], Arrays]
+# After an evaluate wave: (global arrays, the sites' evaluate metrics) -> (new arrays, aggregate metrics).
+AfterEvaluate = Callable[[Arrays, list[Mapping[str, Any]]], tuple[Arrays, dict[str, float]]]
+
+
+def keep_aggregate(cfg: RunConfig, before: Arrays, aggregated: Arrays, updates: list[tuple[Arrays, Mapping[str, Any]]]) -> Arrays:
+    return aggregated
+
+
+def no_evaluate_update(arrays: Arrays, metrics: list[Mapping[str, Any]]) -> tuple[Arrays, dict[str, float]]:
+    return arrays, {}
+
+
+def load(path: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute (imported on first use)."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the run-config value of ``model``
+    seed: str  # the paper in shared/seeds/ it comes from
+    title: str
+    unit: str  # what a prediction scores: breast, lesion
+    count_unit: str  # what a split's size counts: exam, lesion, breast
+    task_path: str  # "module:Class" of its site Task (data, training, scoring)
+    model_path: str  # "module:function" building its network from the run config
+    signature_keys: tuple[str, ...] = ()  # run-config keys that fix its tensors, beyond the common ones
+    preset: Mapping[str, Any] = field(default_factory=dict)  # `fedbreast simulate --model NAME`, on top of the CPU preset
+    after_train: AfterTrain = keep_aggregate  # numpy only: runs at the coordinator
+    after_evaluate: AfterEvaluate = no_evaluate_update  # numpy only: runs at the coordinator
+
+    def task(self) -> Task:
+        """The family's site Task (loads the site's data and training stack)."""
+        return load(self.task_path)()
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        return load(self.model_path)(cfg)

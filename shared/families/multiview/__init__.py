@@ -1,0 +1,14 @@
+"""Seed 001: multi-view dual-energy fusion over LCC, LMLO, RCC and RMLO (the default family)."""
+
+from fedbreast.shared.families.base import Family
+
+FAMILY = Family(
+    name="multiview",
+    seed="001",
+    title="multi-view dual-energy fusion",
+    unit="breast",
+    count_unit="exam",
+    task_path="fedbreast.shared.training.tasks:MultiviewTask",
+    model_path="fedbreast.shared.families.multiview.model:build",
+    # Its signature is the common keys alone, so checkpoints from before the registry still resume.
+)
