@@ -74,14 +74,33 @@ def write_site(root: Path, n_exams: int, rows: int, cols: int, seed: int = 0) ->
                     path = write_dicom(
                         root / f"P{e}" / f"{lat}{view}_{energy}.dcm",
                         pixels,
-                        DicomMeta(patient_id=f"P{e}", study_uid=study, laterality=lat, view=view, energy=energy, window=(2200, 1200)),
+                        DicomMeta(
+                            patient_id=f"P{e}",
+                            study_uid=study,
+                            laterality=lat,
+                            view=view,
+                            energy=energy,
+                            window=(2200, 1200),
+                        ),
                     )
-                    records.append(ImageRecord(
-                        site="bench", patient=f"P{e}", exam=f"E{e}", laterality=Laterality(lat), view=View(view),
-                        modality=Modality.MG, energy=Energy(energy), path=str(path),
-                        sha256=hashlib.sha256(path.read_bytes()).hexdigest(), rows=rows, cols=cols, window=(2200.0, 1200.0),
-                        label=Label.MALIGNANT if (e + (lat == "R")) % 3 == 0 else Label.BENIGN, split=Split.TRAIN,
-                    ))
+                    records.append(
+                        ImageRecord(
+                            site="bench",
+                            patient=f"P{e}",
+                            exam=f"E{e}",
+                            laterality=Laterality(lat),
+                            view=View(view),
+                            modality=Modality.MG,
+                            energy=Energy(energy),
+                            path=str(path),
+                            sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                            rows=rows,
+                            cols=cols,
+                            window=(2200.0, 1200.0),
+                            label=Label.MALIGNANT if (e + (lat == "R")) % 3 == 0 else Label.BENIGN,
+                            split=Split.TRAIN,
+                        )
+                    )
     return records
 
 
@@ -156,7 +175,12 @@ def main() -> None:
     cfg = replace(PRESETS["multiview"], size=tuple(args.size))
     tmp = Path(tempfile.mkdtemp(prefix="fedbreast-bench-data-"))
     res: dict[str, object] = {
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "device": str(device)},
+        "host": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": str(device),
+        },
         "args": vars(args),
         "config": cfg.to_dict(),
     }
@@ -168,7 +192,9 @@ def main() -> None:
         res["generate_s"] = time.perf_counter() - t
         raw = read_pixels(big[0].path)
         for name, fn in {
-            "resize_torch_ms": lambda: F.interpolate(torch.from_numpy(raw)[None, None], size=tuple(args.size), mode="bilinear", antialias=True),
+            "resize_torch_ms": lambda: F.interpolate(
+                torch.from_numpy(raw)[None, None], size=tuple(args.size), mode="bilinear", antialias=True
+            ),
             "resize_pil_ms": lambda: __import__("PIL.Image").Image.fromarray(raw, mode="F").resize(args.size[::-1], 2),
         }.items():
             fn()
@@ -197,7 +223,9 @@ def main() -> None:
             loader = make_loader(ds, batch_size=args.batch, sampler=sampler, num_workers=args.workers)
             res[f"loader_{label}_exams_per_s"] = loader_rate(loader, device)
             if label == "float16":
-                res["loader_aug_float16_exams_per_s"] = loader_rate(loader, device, torch.Generator().manual_seed(0), warm=False)
+                res["loader_aug_float16_exams_per_s"] = loader_rate(
+                    loader, device, torch.Generator().manual_seed(0), warm=False
+                )
             del loader
         x = ExamDataset(small, cache).__getitems__(list(range(args.batch)))["x"].to(device)
         g = torch.Generator().manual_seed(0)
@@ -211,8 +239,12 @@ def main() -> None:
         # --- baseline: no cache ----------------------------------------------------------------
         naive = NaiveExamDataset(big, cfg)
         # Two batches, timed cold: start-up is small next to decoding 512 full-size images.
-        sampler = RandomSampler(naive, replacement=True, num_samples=args.batch * 2, generator=torch.Generator().manual_seed(0))
-        loader = DataLoader(naive, batch_size=args.batch, sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda")
+        sampler = RandomSampler(
+            naive, replacement=True, num_samples=args.batch * 2, generator=torch.Generator().manual_seed(0)
+        )
+        loader = DataLoader(
+            naive, batch_size=args.batch, sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda"
+        )
         res["naive_exams_per_s"] = loader_rate(loader, device, warm=False)
         res["cached_over_naive"] = res["loader_float32_exams_per_s"] / res["naive_exams_per_s"]  # type: ignore[operator]
     finally:
@@ -233,8 +265,10 @@ def main() -> None:
         ("naive decode+preprocess per item, exams/s", res["naive_exams_per_s"]),
         ("cached / naive", res["cached_over_naive"]),
     ]
-    print(f"fedbreast data bench: {args.rows}x{args.cols} stored, {args.size[0]}x{args.size[1]} x 4 views x 2 channels, "
-          f"batch {args.batch}, {args.workers} loader workers, {os.cpu_count()} cpus, device {device}")
+    print(
+        f"fedbreast data bench: {args.rows}x{args.cols} stored, {args.size[0]}x{args.size[1]} x 4 views x 2 channels, "
+        f"batch {args.batch}, {args.workers} loader workers, {os.cpu_count()} cpus, device {device}"
+    )
     for name, value in rows:
         print(f"  {name:<46} {value:>10.1f}")  # type: ignore[str-format]
     if args.json:

@@ -164,8 +164,20 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             if name in errors:
                 continue
-            cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--threads", str(args.threads), "--device", args.device] + (["--small"] if args.small else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+            ] + (["--small"] if args.small else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if proc.returncode != 0:
                 errors[name] = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -173,29 +185,41 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             runs[name].append(row)
-            print(f"[{r + 1}/{args.repeats}] {name:16s} {row['step_s']:7.3f} s/step  {row['cpu_s']:7.3f} CPU-s/step  "
-                  f"peak RSS {row['peak_rss_mib']:6.0f} MiB", flush=True)
+            print(
+                f"[{r + 1}/{args.repeats}] {name:16s} {row['step_s']:7.3f} s/step  {row['cpu_s']:7.3f} CPU-s/step  "
+                f"peak RSS {row['peak_rss_mib']:6.0f} MiB",
+                flush=True,
+            )
     results: list[dict] = []
     for name in names:
         if name in errors:
             results.append({"config": name, "error": errors[name]})
             continue
         rows = runs[name]
-        results.append({**{k: v for k, v in rows[0].items() if k not in ("step_s", "cpu_s", "peak_rss_mib")},
-                        "step_s_min": min(x["step_s"] for x in rows),
-                        "cpu_s_min": min(x["cpu_s"] for x in rows),
-                        "step_s_median": statistics.median(x["step_s"] for x in rows),
-                        "cpu_s_median": statistics.median(x["cpu_s"] for x in rows),
-                        "step_s_all": [x["step_s"] for x in rows], "cpu_s_all": [x["cpu_s"] for x in rows],
-                        "peak_rss_mib": max(x["peak_rss_mib"] for x in rows)})
+        results.append(
+            {
+                **{k: v for k, v in rows[0].items() if k not in ("step_s", "cpu_s", "peak_rss_mib")},
+                "step_s_min": min(x["step_s"] for x in rows),
+                "cpu_s_min": min(x["cpu_s"] for x in rows),
+                "step_s_median": statistics.median(x["step_s"] for x in rows),
+                "cpu_s_median": statistics.median(x["cpu_s"] for x in rows),
+                "step_s_all": [x["step_s"] for x in rows],
+                "cpu_s_all": [x["cpu_s"] for x in rows],
+                "peak_rss_mib": max(x["peak_rss_mib"] for x in rows),
+            }
+        )
 
     ok = {r["config"]: r for r in results if "error" not in r}
     base = ok.get("nondp")
     default_name = f"dp-{default.dp_grad_sample_mode}"
-    print(f"\nmodel: {'smallcnn 64x32' if args.small else f'{default.model}/{default.backbone} {default.in_channels}ch 4x{default.image_h}x{default.image_w}'}, "
-          f"batch {default.batch_size}; default DP: mode {default.dp_grad_sample_mode}, {default.dp_freeze_blocks} frozen backbone blocks")
-    print(f"{'config':18s}{'mode':>10s}{'frozen':>7s}{'trainable':>11s}{'s/step':>9s}{'x non-DP':>10s}"
-          f"{'CPU-s/step':>12s}{'x non-DP':>10s}{'peak MiB':>10s}")
+    print(
+        f"\nmodel: {'smallcnn 64x32' if args.small else f'{default.model}/{default.backbone} {default.in_channels}ch 4x{default.image_h}x{default.image_w}'}, "
+        f"batch {default.batch_size}; default DP: mode {default.dp_grad_sample_mode}, {default.dp_freeze_blocks} frozen backbone blocks"
+    )
+    print(
+        f"{'config':18s}{'mode':>10s}{'frozen':>7s}{'trainable':>11s}{'s/step':>9s}{'x non-DP':>10s}"
+        f"{'CPU-s/step':>12s}{'x non-DP':>10s}{'peak MiB':>10s}"
+    )
     for r in results:
         if "error" in r:
             print(f"{r['config']:18s}  failed: {r['error']}")
@@ -203,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         r["ratio_vs_nondp"] = r["step_s_min"] / base["step_s_min"] if base else float("nan")
         r["cpu_ratio_vs_nondp"] = r["cpu_s_min"] / base["cpu_s_min"] if base else float("nan")
         mark = "  <- default DP" if r["config"] == default_name else ""
-        print(f"{r['config']:18s}{str(r['grad_sample_mode'] or '-'):>10s}{r['frozen_blocks']:>7d}{r['trainable_params']:>11,d}"
-              f"{r['step_s_min']:>9.3f}{r['ratio_vs_nondp']:>10.2f}{r['cpu_s_min']:>12.3f}{r['cpu_ratio_vs_nondp']:>10.2f}"
-              f"{r['peak_rss_mib']:>10.0f}{mark}")
+        print(
+            f"{r['config']:18s}{str(r['grad_sample_mode'] or '-'):>10s}{r['frozen_blocks']:>7d}{r['trainable_params']:>11,d}"
+            f"{r['step_s_min']:>9.3f}{r['ratio_vs_nondp']:>10.2f}{r['cpu_s_min']:>12.3f}{r['cpu_ratio_vs_nondp']:>10.2f}"
+            f"{r['peak_rss_mib']:>10.0f}{mark}"
+        )
     verdict = {}
     if base and default_name in ok:
         d = ok[default_name]
@@ -214,12 +240,23 @@ def main(argv: list[str] | None = None) -> int:
         verdict["goal_ratio_le_1_8"] = verdict["default_dp_ratio"] <= 1.8 and verdict["default_dp_cpu_ratio"] <= 1.8
         for ref in ("opacus-default", "dp-hooks"):
             if ref in ok and ref != default_name:
-                verdict[f"beats_{ref}"] = d["step_s_min"] < ok[ref]["step_s_min"] and d["cpu_s_min"] < ok[ref]["cpu_s_min"]
+                verdict[f"beats_{ref}"] = (
+                    d["step_s_min"] < ok[ref]["step_s_min"] and d["cpu_s_min"] < ok[ref]["cpu_s_min"]
+                )
         print("\n" + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else f"{k} = {v}" for k, v in verdict.items()))
     if args.out:
-        args.out.write_text(json.dumps({"small": args.small, "results": results, "verdict": verdict,
-                                        "default": {"mode": default.dp_grad_sample_mode, "freeze_blocks": default.dp_freeze_blocks},
-                                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "small": args.small,
+                    "results": results,
+                    "verdict": verdict,
+                    "default": {"mode": default.dp_grad_sample_mode, "freeze_blocks": default.dp_freeze_blocks},
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+                indent=2,
+            )
+        )
         print(f"results: {args.out}")
     return 0
 

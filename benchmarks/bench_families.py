@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -47,7 +47,9 @@ def open_sites(task: Task, site_dirs: list[Path], cfg: RunConfig) -> list:
     return opened
 
 
-def _train_round(task: Task, cfg: RunConfig, opened: list, arrays: dict[str, np.ndarray], rnd: int, dev: torch.device) -> dict[str, np.ndarray]:
+def _train_round(
+    task: Task, cfg: RunConfig, opened: list, arrays: dict[str, np.ndarray], rnd: int, dev: torch.device
+) -> dict[str, np.ndarray]:
     """One FedAvg round: every site trains from ``arrays``; examples-weighted mean, then the family's hook."""
     updates = []
     for site in opened:
@@ -57,14 +59,22 @@ def _train_round(task: Task, cfg: RunConfig, opened: list, arrays: dict[str, np.
             stats = task.train(model, site, cfg, rnd, dev)
         except SiteUnavailable:
             continue
-        updates.append(({k: v.detach().numpy().copy() for k, v in model.state_dict().items()}, {"num-examples": stats.examples}))
+        updates.append(
+            ({k: v.detach().numpy().copy() for k, v in model.state_dict().items()}, {"num-examples": stats.examples})
+        )
     w = np.array([u[1]["num-examples"] for u in updates], float)
-    agg = {k: np.asarray(sum(u[0][k].astype(np.float64) * wi for u, wi in zip(updates, w)) / w.sum()).astype(arrays[k].dtype)
-           for k in arrays}
+    agg = {
+        k: np.asarray(sum(u[0][k].astype(np.float64) * wi for u, wi in zip(updates, w)) / w.sum()).astype(
+            arrays[k].dtype
+        )
+        for k in arrays
+    }
     return task.after_train(cfg, arrays, agg, updates)
 
 
-def federate(task: Task, cfg: RunConfig, opened: list, on_round: Callable[[int, torch.nn.Module, dict], None] | None = None) -> torch.nn.Module:
+def federate(
+    task: Task, cfg: RunConfig, opened: list, on_round: Callable[[int, torch.nn.Module, dict], None] | None = None
+) -> torch.nn.Module:
     """``cfg.rounds`` of in-process FedAvg over ``opened`` sites; returns the final global model.
 
     ``on_round(round, global model, server metrics)`` sees the model each round, before the
@@ -75,7 +85,9 @@ def federate(task: Task, cfg: RunConfig, opened: list, on_round: Callable[[int, 
     for rnd in range(1, cfg.rounds + 1):
         arrays = _train_round(task, cfg, opened, arrays, rnd, dev)
         model = _load(build_model(cfg), arrays)
-        arrays, extra = task.after_evaluate(arrays, [task.extra_metrics(model, s, cfg, dev, server_round=rnd) for s in opened])
+        arrays, extra = task.after_evaluate(
+            arrays, [task.extra_metrics(model, s, cfg, dev, server_round=rnd) for s in opened]
+        )
         if on_round is not None:
             on_round(rnd, model, extra)
     return _load(build_model(cfg), arrays)

@@ -67,8 +67,12 @@ def main() -> None:
             read_header(ds, rules)
         headers = rate(len(paths), time.perf_counter() - t)
 
-        results = {"files": len(paths), "image": f"{args.rows}x{args.cols} uint16", "dcmread_header_only_per_s": baseline,
-                   "headers_interpreted_per_s": headers}
+        results = {
+            "files": len(paths),
+            "image": f"{args.rows}x{args.cols} uint16",
+            "dcmread_header_only_per_s": baseline,
+            "headers_interpreted_per_s": headers,
+        }
         for workers in (1, 2):
             site = tmp / f"site-{workers}"
             report = ingest(tmp / "dicom", site, workers=workers)

@@ -37,7 +37,9 @@ def main() -> None:
     boot = best_of(lambda: bootstrap_ci(y, s, metrics=BOOTSTRAP_METRICS, n_boot=args.boot))
     hist = best_of(lambda: score_histogram(y, s))
     print(f"binary_metrics (n={args.n})                 {point * 1e3:8.2f} ms")
-    print(f"bootstrap_ci, all metrics, {args.boot} replicates  {boot * 1e3:8.2f} ms  ({boot / point:.0f}x the point estimate)")
+    print(
+        f"bootstrap_ci, all metrics, {args.boot} replicates  {boot * 1e3:8.2f} ms  ({boot / point:.0f}x the point estimate)"
+    )
     print(f"score_histogram                             {hist * 1e3:8.2f} ms")
 
 

@@ -45,7 +45,9 @@ class SyntheticPatches:
     """``patients`` x ``per_patient`` patches in the LesionPatchDataset / NormalPatchDataset
     interface (patients, indices_for_patient, __getitems__, patient_skipped)."""
 
-    def __init__(self, patients: int, images: int, per_image: int, patch: int, label: float, seed: int, bank: int = 512) -> None:
+    def __init__(
+        self, patients: int, images: int, per_image: int, patch: int, label: float, seed: int, bank: int = 512
+    ) -> None:
         rng = np.random.default_rng(seed)
         self._bank = torch.from_numpy(rng.random((bank, 1, patch, patch), dtype=np.float32))
         self.per_patient = images * per_image
@@ -89,8 +91,12 @@ def bench(backbone: str, scope: str, device: torch.device, args: argparse.Namesp
 
     cfg = PSFTConfig(lr=1e-4, epochs=1, batch_size=args.batch, scope=scope, amp=args.amp)
     patients = lesion.patients()
-    evaluate_patient_finetune(model, lesion, normal, cfg, device, forward=forward, extras=extras, patients=patients[:1])  # warm-up
-    res = evaluate_patient_finetune(model, lesion, normal, cfg, device, forward=forward, extras=extras, patients=patients[1:])
+    evaluate_patient_finetune(
+        model, lesion, normal, cfg, device, forward=forward, extras=extras, patients=patients[:1]
+    )  # warm-up
+    res = evaluate_patient_finetune(
+        model, lesion, normal, cfg, device, forward=forward, extras=extras, patients=patients[1:]
+    )
     # What a naive implementation pays per patient on top: a deepcopy and a new optimiser.
     t0 = time.perf_counter()
     for _ in range(3):
@@ -138,7 +144,11 @@ def main() -> None:
         raise SystemExit("--device cuda: CUDA is not available on this machine")
     rows = []
     for device in devices:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+        name = (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+        )
         amp = args.amp == "bf16" or (args.amp == "auto" and bf16_supported(device))
         print(f"# {device}: {name}; bf16 autocast: {'on' if amp else 'off'}", flush=True)
         for backbone in args.backbones.split(","):
@@ -146,11 +156,14 @@ def main() -> None:
                 row = bench(backbone.strip(), scope.strip(), device, args)
                 row["device_name"], row["bf16"] = name, amp
                 rows.append(row)
-                print(f"{row['device']:5s} {row['backbone']:8s} scope={row['scope']:4s} params={row['parameters']:>9,d}  "
-                      f"normal patches/patient {row['normal_patches_per_patient']}, lesion {row['lesion_patches_per_patient']}, "
-                      f"steps {row['steps_per_patient']:.0f}:  {row['seconds_per_patient']:.3f} s/patient "
-                      f"(process CPU {row['cpu_seconds_per_patient']:.2f} s)  "
-                      f"(a deepcopy + new Adam per patient would add {row['naive_copy_seconds'] * 1000:.1f} ms)", flush=True)
+                print(
+                    f"{row['device']:5s} {row['backbone']:8s} scope={row['scope']:4s} params={row['parameters']:>9,d}  "
+                    f"normal patches/patient {row['normal_patches_per_patient']}, lesion {row['lesion_patches_per_patient']}, "
+                    f"steps {row['steps_per_patient']:.0f}:  {row['seconds_per_patient']:.3f} s/patient "
+                    f"(process CPU {row['cpu_seconds_per_patient']:.2f} s)  "
+                    f"(a deepcopy + new Adam per patient would add {row['naive_copy_seconds'] * 1000:.1f} ms)",
+                    flush=True,
+                )
     if not torch.cuda.is_available():
         print("# no CUDA device here: GPU figures not measured")
     if args.out:

@@ -47,7 +47,9 @@ def plain_loop(model: torch.nn.Module, dataset, steps: int, batch_size: int) -> 
             if done == 1:  # first step warms caches and allocators, as for ours
                 t0, seen = time.perf_counter(), 0
             x = match_channels(x, 2)
-            loss = (torch.nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none") * m).sum() / m.sum().clamp_min(1)
+            loss = (
+                torch.nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none") * m
+            ).sum() / m.sum().clamp_min(1)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -82,7 +84,9 @@ def round_overhead(run_dir: Path) -> list[dict]:
     rows = MetricStore(run_dir).rows("round")
     for r in rows:
         wall, slowest = r["seconds"], r["slowest_site_seconds"]
-        out.append({"round": r["round"], "wall_s": wall, "slowest_site_s": slowest, "overhead": (wall - slowest) / wall})
+        out.append(
+            {"round": r["round"], "wall_s": wall, "slowest_site_s": slowest, "overhead": (wall - slowest) / wall}
+        )
     if rows:
         wall, slowest = sum(r["seconds"] for r in rows), sum(r["slowest_site_seconds"] for r in rows)
         out.append({"round": "all", "wall_s": wall, "slowest_site_s": slowest, "overhead": (wall - slowest) / wall})
@@ -97,13 +101,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--data", help="folder for the generated site (default: a temp folder)")
     ap.add_argument("--run-dir", help="a finished run directory, for round overhead")
-    ap.add_argument("--simulate", action="store_true", help="run the default `fedbreast simulate` and report its round overhead")
+    ap.add_argument(
+        "--simulate", action="store_true", help="run the default `fedbreast simulate` and report its round overhead"
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     h, w = (int(v) for v in args.image_size.split("x"))
     cfg = RunConfig(backbone=args.backbone, image_h=h, image_w=w, workers=0)
-    results: dict = {"backbone": args.backbone, "image": args.image_size, "batch": args.batch_size,
-                     "torch_threads": torch.get_num_threads(), "bf16_autocast": bf16_supported(torch.device("cpu"))}
+    results: dict = {
+        "backbone": args.backbone,
+        "image": args.image_size,
+        "batch": args.batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "bf16_autocast": bf16_supported(torch.device("cpu")),
+    }
 
     data_dir = Path(args.data or tempfile.mkdtemp(prefix="fedbreast-bench-"))
     site_dir = prepare_federation(data_dir, sites=1, patients=40, seed=0, echo=lambda *_: None)[0]
@@ -132,15 +143,23 @@ def main() -> None:
     if args.run_dir:
         results["round_overhead"] = round_overhead(Path(args.run_dir))
 
-    print(f"training, {args.backbone} {args.image_size} x 4 views x 2 channels, batch {args.batch_size}, {torch.get_num_threads()} threads:")
+    print(
+        f"training, {args.backbone} {args.image_size} x 4 views x 2 channels, batch {args.batch_size}, {torch.get_num_threads()} threads:"
+    )
     print(f"  plain PyTorch loop (fp32, NCHW)      {results['plain_loop_images_per_s']:7.1f} images/s")
-    print(f"  fedbreast loop (bf16={results['bf16_autocast']}, NHWC)   {results['fedbreast_loop_images_per_s']:7.1f} images/s   ({results['speedup']:.2f}x)")
-    print(f"bytes per round per site: {results['bytes_per_round_per_site'] / 1e6:.1f} MB "
-          f"({results['bytes_per_round_vs_fp32']:.2f}x the fp32 model, one copy down + one up)")
+    print(
+        f"  fedbreast loop (bf16={results['bf16_autocast']}, NHWC)   {results['fedbreast_loop_images_per_s']:7.1f} images/s   ({results['speedup']:.2f}x)"
+    )
+    print(
+        f"bytes per round per site: {results['bytes_per_round_per_site'] / 1e6:.1f} MB "
+        f"({results['bytes_per_round_vs_fp32']:.2f}x the fp32 model, one copy down + one up)"
+    )
     v = results["faithful_vgg_512x256"]
     print(f"faithful VGG16 head at 512x256: {json.dumps(v)}")
     for r in results.get("round_overhead", []):
-        print(f"round {r['round']}: wall {r['wall_s']:.1f} s, slowest site {r['slowest_site_s']:.1f} s, overhead {100 * r['overhead']:.1f}%")
+        print(
+            f"round {r['round']}: wall {r['wall_s']:.1f} s, slowest site {r['slowest_site_s']:.1f} s, overhead {100 * r['overhead']:.1f}%"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
 

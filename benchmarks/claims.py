@@ -27,9 +27,10 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,18 +76,55 @@ class Comparison:
 
 
 CLAIMS: dict[str, list[Comparison]] = {
-    "multiview": [Comparison("multiview", "1", "multi-view fusion beats single view (seed 001)",
-                             "multiview CEM, federated", "single view CEM, federated")],
-    "cem": [Comparison("cem", "2", "CEM (LE + DES) beats LE only (seed 001)",
-                       "multiview CEM, federated", "multiview LE only, federated", cem_sites_only_too=True)],
-    "birads": [Comparison("birads", "3", "BI-RADS feature fusion beats pixels only (seed 000)",
-                          "birads feature fusion", "birads pixels only")],
-    "psft": [Comparison("psft", "4", "patient-specific fine-tuning improves the BI-RADS model (seed 000)",
-                        "birads feature fusion + PSFT", "birads feature fusion")],
+    "multiview": [
+        Comparison(
+            "multiview",
+            "1",
+            "multi-view fusion beats single view (seed 001)",
+            "multiview CEM, federated",
+            "single view CEM, federated",
+        )
+    ],
+    "cem": [
+        Comparison(
+            "cem",
+            "2",
+            "CEM (LE + DES) beats LE only (seed 001)",
+            "multiview CEM, federated",
+            "multiview LE only, federated",
+            cem_sites_only_too=True,
+        )
+    ],
+    "birads": [
+        Comparison(
+            "birads",
+            "3",
+            "BI-RADS feature fusion beats pixels only (seed 000)",
+            "birads feature fusion",
+            "birads pixels only",
+        )
+    ],
+    "psft": [
+        Comparison(
+            "psft",
+            "4",
+            "patient-specific fine-tuning improves the BI-RADS model (seed 000)",
+            "birads feature fusion + PSFT",
+            "birads feature fusion",
+        )
+    ],
     "federation": [
-        Comparison("federation", "5a", "federated beats local-only", "multiview CEM, federated", "multiview CEM, local-only"),
-        Comparison("federation", "5b", f"federated comes within {NON_INFERIORITY_MARGIN} AUC of pooled",
-                   "multiview CEM, federated", "multiview CEM, pooled", non_inferior=True),
+        Comparison(
+            "federation", "5a", "federated beats local-only", "multiview CEM, federated", "multiview CEM, local-only"
+        ),
+        Comparison(
+            "federation",
+            "5b",
+            f"federated comes within {NON_INFERIORITY_MARGIN} AUC of pooled",
+            "multiview CEM, federated",
+            "multiview CEM, pooled",
+            non_inferior=True,
+        ),
     ],
 }
 
@@ -121,7 +159,9 @@ class Experiment:
     def __init__(self, site_dirs: list[Path], seed: int, echo: Callable[[str], None]) -> None:
         self.site_dirs, self.seed, self.echo = site_dirs, seed, echo
         self.results: dict[str, ArmResult] = {}
-        self.federated: dict[str, tuple[torch.nn.Module, list, RunConfig, float]] = {}  # cache key -> model, sites, cfg, s
+        self.federated: dict[
+            str, tuple[torch.nn.Module, list, RunConfig, float]
+        ] = {}  # cache key -> model, sites, cfg, s
         self.cem_sites: set[str] = set()
 
     def arm(self, name: str) -> ArmResult:
@@ -129,8 +169,10 @@ class Experiment:
             family, overrides, how = ARMS[name]
             t = time.perf_counter()
             result = getattr(self, f"_{how}")(name, family, overrides)
-            self.echo(f"{name}: pooled test AUC {_auc(result.y, result.p):.3f} on {len(result.y)} {result.unit}s "
-                      f"({time.perf_counter() - t:.0f} s)")
+            self.echo(
+                f"{name}: pooled test AUC {_auc(result.y, result.p):.3f} on {len(result.y)} {result.unit}s "
+                f"({time.perf_counter() - t:.0f} s)"
+            )
             self.results[name] = result
         return self.results[name]
 
@@ -148,7 +190,9 @@ class Experiment:
         if key not in self.federated:
             t = time.perf_counter()
             task, sites, cfg = self._open(family, overrides)
-            model = federate(task, cfg, sites, lambda rnd, _m, _e: self.echo(f"  {family} {overrides}: round {rnd} done"))
+            model = federate(
+                task, cfg, sites, lambda rnd, _m, _e: self.echo(f"  {family} {overrides}: round {rnd} done")
+            )
             self.federated[key] = (model, sites, cfg, time.perf_counter() - t)
         return self.federated[key]
 
@@ -166,9 +210,11 @@ class Experiment:
         runs = [(s.name, psft_split(s, model, cfg, pcfg, CPU, "test")) for s in sites]
         out = _concat(name, [(n, r.y, r.p_psft) for n, r in runs], task_for(cfg).unit, time.perf_counter() - t)
         base = np.concatenate([r.p_base for _, r in runs])
-        out.extra = {"patients_finetuned": sum(r.patients for _, r in runs),
-                     "patients_skipped": sum(sum(r.skipped.values()) for _, r in runs),
-                     "mean_abs_score_change": float(np.mean(np.abs(out.p - base))) if len(base) else float("nan")}
+        out.extra = {
+            "patients_finetuned": sum(r.patients for _, r in runs),
+            "patients_skipped": sum(sum(r.skipped.values()) for _, r in runs),
+            "mean_abs_score_change": float(np.mean(np.abs(out.p - base))) if len(base) else float("nan"),
+        }
         return out
 
     def _local(self, name: str, family: str, overrides: dict[str, Any]) -> ArmResult:
@@ -253,13 +299,24 @@ def compare(c: Comparison, a: ArmResult, b: ArmResult, seed: int, sites: set[str
     diff = paired_auc_difference(y, pa, pb, seed)
     delong_ok = min(int(y.sum()), int(len(y) - y.sum())) >= 2  # DeLong's variance needs two of each class
     return {
-        "claim": c.claim, "number": c.number, "statement": c.statement, "a": a.name, "b": b.name,
-        "sites": "all" if sites is None else ",".join(sorted(sites)), "unit": a.unit,
-        "n": int(len(y)), "n_pos": int(y.sum()), "n_neg": int(len(y) - y.sum()),
-        "auc_a": auc_ci(y, pa, seed), "auc_b": auc_ci(y, pb, seed),
-        "spec_at_sens100_a": _spec100(y, pa), "spec_at_sens100_b": _spec100(y, pb),
-        "diff": diff, "delong_p": delong_test(y, pa, pb)[3] if delong_ok else float("nan"),
-        "non_inferior": c.non_inferior, "verdict": verdict(diff, c.non_inferior),
+        "claim": c.claim,
+        "number": c.number,
+        "statement": c.statement,
+        "a": a.name,
+        "b": b.name,
+        "sites": "all" if sites is None else ",".join(sorted(sites)),
+        "unit": a.unit,
+        "n": int(len(y)),
+        "n_pos": int(y.sum()),
+        "n_neg": int(len(y) - y.sum()),
+        "auc_a": auc_ci(y, pa, seed),
+        "auc_b": auc_ci(y, pb, seed),
+        "spec_at_sens100_a": _spec100(y, pa),
+        "spec_at_sens100_b": _spec100(y, pb),
+        "diff": diff,
+        "delong_p": delong_test(y, pa, pb)[3] if delong_ok else float("nan"),
+        "non_inferior": c.non_inferior,
+        "verdict": verdict(diff, c.non_inferior),
     }
 
 
@@ -278,8 +335,12 @@ def per_site_rows(results: dict[str, ArmResult]) -> list[str]:
     names = sorted({s for r in results.values() for s in r.site.tolist()})
     rows = ["| arm | " + " | ".join(names) + " | seconds |", "|---|" + "---|" * (len(names) + 1)]
     for r in results.values():
-        cells = [f"{_auc(r.y[r.site == s], r.p[r.site == s]):.3f} ({int((r.site == s).sum())})" if (r.site == s).any() else "-"
-                 for s in names]
+        cells = [
+            f"{_auc(r.y[r.site == s], r.p[r.site == s]):.3f} ({int((r.site == s).sum())})"
+            if (r.site == s).any()
+            else "-"
+            for s in names
+        ]
         rows.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.seconds:.0f} |")
     return rows
 
@@ -313,46 +374,62 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, ArmResult], meta: di
     ]
     for r in rows:
         scope = "" if r["sites"] == "all" else f" ({r['sites']} only)"
-        head.append(f"| {r['number']} | {r['statement']}{scope} | {r['a']} | {r['b']} | {r['n']} {r['unit']}s ({r['n_pos']}) | "
-                    f"{_ci(r['auc_a'])} | {_ci(r['auc_b'])} | {_diff(r['diff'])} | {r['delong_p']:.3f} | "
-                    f"{r['spec_at_sens100_a']:.2f} / {r['spec_at_sens100_b']:.2f} | {r['verdict']} |")
-    head += ["", "Test AUC per site (test units), and each arm's seconds (training and scoring; the PSFT arm: its "
-             "evaluation only, the model is the feature-fusion arm's):", ""]
+        head.append(
+            f"| {r['number']} | {r['statement']}{scope} | {r['a']} | {r['b']} | {r['n']} {r['unit']}s ({r['n_pos']}) | "
+            f"{_ci(r['auc_a'])} | {_ci(r['auc_b'])} | {_diff(r['diff'])} | {r['delong_p']:.3f} | "
+            f"{r['spec_at_sens100_a']:.2f} / {r['spec_at_sens100_b']:.2f} | {r['verdict']} |"
+        )
+    head += [
+        "",
+        "Test AUC per site (test units), and each arm's seconds (training and scoring; the PSFT arm: its "
+        "evaluation only, the model is the feature-fusion arm's):",
+        "",
+    ]
     head += per_site_rows(results)
     head += _notes(results)
     return "\n".join(head) + "\n"
 
 
 def _notes(results: dict[str, ArmResult]) -> list[str]:
-    out = ["", "## How the arms differ from the seeds", "",
-           "- Single view (`view_fusion=single`, seed 001's no-fusion model): one CNN and one linear head score each "
-           "view image alone; a breast is the mean of its CC and MLO probabilities. Unlike the seed it is trained "
-           "end to end on the breast label through that mean (the seed trained per image), so it is scored at the "
-           "same unit as the fusion model.",
-           "- LE only (`in_channels=1`): CEM sites feed their LE images, FFDM sites their FFDM images; the CEM arm "
-           "feeds LE + DES at CEM sites and FFDM with a zero DES channel elsewhere. Only CEM sites' units can differ "
-           "in input, so claim 2 is also given on them alone.",
-           "- Claim 4 scores the same federated BI-RADS feature-fusion model with and without patient-specific "
-           "fine-tuning (`client/personal.py: psft_split`, the code behind `test_auc_psft`)."]
+    out = [
+        "",
+        "## How the arms differ from the seeds",
+        "",
+        "- Single view (`view_fusion=single`, seed 001's no-fusion model): one CNN and one linear head score each "
+        "view image alone; a breast is the mean of its CC and MLO probabilities. Unlike the seed it is trained "
+        "end to end on the breast label through that mean (the seed trained per image), so it is scored at the "
+        "same unit as the fusion model.",
+        "- LE only (`in_channels=1`): CEM sites feed their LE images, FFDM sites their FFDM images; the CEM arm "
+        "feeds LE + DES at CEM sites and FFDM with a zero DES channel elsewhere. Only CEM sites' units can differ "
+        "in input, so claim 2 is also given on them alone.",
+        "- Claim 4 scores the same federated BI-RADS feature-fusion model with and without patient-specific "
+        "fine-tuning (`client/personal.py: psft_split`, the code behind `test_auc_psft`).",
+    ]
     psft = next((r for r in results.values() if "patients_finetuned" in r.extra), None)
     if psft is not None:
         e = psft.extra
-        out.append(f"  It fine-tuned {e['patients_finetuned']} test patients ({e['patients_skipped']} without normal tissue "
-                   f"kept their scores); the mean absolute change of a lesion's score was {e['mean_abs_score_change']:.4f}.")
-    out += ["- Backbones: multiview resnet18 at 256 x 128 per view (the spine's model); birads `rawnet` on 64-px "
-            "patches (the preset). Seed 000 found patient-specific fine-tuning helpful with FT-AlexNet (specificity "
-            "at 100 % sensitivity 0.60 -> 0.66) but harmful with RawNet (AUC down to 0.71); FT-AlexNet needs ImageNet "
-            "weights, which this offline run does not have.",
-            "- Scale: seed 001 tested on 523 patients, seed 000 on 129 lesions (five-fold CV). The gaps seed 001 reports "
-            "(AUC 0.93 -> 0.96 from no fusion to multi-view fusion, 0.94 -> 0.96 from LE to CEM) are far smaller than "
-            "what test sets of the size above can resolve: read the CIs before the point estimates."]
+        out.append(
+            f"  It fine-tuned {e['patients_finetuned']} test patients ({e['patients_skipped']} without normal tissue "
+            f"kept their scores); the mean absolute change of a lesion's score was {e['mean_abs_score_change']:.4f}."
+        )
+    out += [
+        "- Backbones: multiview resnet18 at 256 x 128 per view (the spine's model); birads `rawnet` on 64-px "
+        "patches (the preset). Seed 000 found patient-specific fine-tuning helpful with FT-AlexNet (specificity "
+        "at 100 % sensitivity 0.60 -> 0.66) but harmful with RawNet (AUC down to 0.71); FT-AlexNet needs ImageNet "
+        "weights, which this offline run does not have.",
+        "- Scale: seed 001 tested on 523 patients, seed 000 on 129 lesions (five-fold CV). The gaps seed 001 reports "
+        "(AUC 0.93 -> 0.96 from no fusion to multi-view fusion, 0.94 -> 0.96 from LE to CEM) are far smaller than "
+        "what test sets of the size above can resolve: read the CIs before the point estimates.",
+    ]
     return out
 
 
 # ---- command line -----------------------------------------------------------------------------------
 
 
-def run_claims(data: Path, sites: int, patients: int, seed: int, only: list[str], echo: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict[str, ArmResult]]:
+def run_claims(
+    data: Path, sites: int, patients: int, seed: int, only: list[str], echo: Callable[[str], None] = print
+) -> tuple[list[dict[str, Any]], dict[str, ArmResult]]:
     """Train the arms the chosen claims need and compare them; returns (table rows, arm results)."""
     torch.set_num_threads(1)
     site_dirs = prepare_federation(data, sites, patients, seed, echo=echo)
@@ -374,10 +451,18 @@ def run_claims(data: Path, sites: int, patients: int, seed: int, only: list[str]
 def _jsonable(results: dict[str, ArmResult], rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     arms = {}
     for r in results.values():
-        arms[r.name] = {"unit": r.unit, "n": int(len(r.y)), "n_pos": int(r.y.sum()), "seconds": r.seconds,
-                        "auc": _auc(r.y, r.p), "extra": r.extra,
-                        "per_site": {s: {"n": int((r.site == s).sum()), "auc": _auc(r.y[r.site == s], r.p[r.site == s])}
-                                     for s in dict.fromkeys(r.site.tolist())}}
+        arms[r.name] = {
+            "unit": r.unit,
+            "n": int(len(r.y)),
+            "n_pos": int(r.y.sum()),
+            "seconds": r.seconds,
+            "auc": _auc(r.y, r.p),
+            "extra": r.extra,
+            "per_site": {
+                s: {"n": int((r.site == s).sum()), "auc": _auc(r.y[r.site == s], r.p[r.site == s])}
+                for s in dict.fromkeys(r.site.tolist())
+            },
+        }
     return {"meta": meta, "comparisons": rows, "arms": arms}
 
 
@@ -387,10 +472,18 @@ def main() -> None:
     ap.add_argument("--out", default="docs/claims.md")
     ap.add_argument("--json", default="benchmarks/results/claims.json")
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--patients", type=int, default=60, help="patients per site; 60 keeps the run near 30 min on one core")
+    ap.add_argument(
+        "--patients", type=int, default=60, help="patients per site; 60 keeps the run near 30 min on one core"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", nargs="+", choices=list(CLAIMS), default=list(CLAIMS), metavar="CLAIM",
-                    help=f"claims to check (default all): {' '.join(CLAIMS)}")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(CLAIMS),
+        default=list(CLAIMS),
+        metavar="CLAIM",
+        help=f"claims to check (default all): {' '.join(CLAIMS)}",
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
     echo = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -398,10 +491,18 @@ def main() -> None:
     keys = ("backbone", "image_h", "image_w", "rounds", "local_epochs", "batch_size", "lr", "augment")
     meta = {
         "command": ".venv/bin/python benchmarks/claims.py " + shlex.join(sys.argv[1:]),
-        "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "sites": args.sites, "patients": args.patients, "seed": args.seed,
+        "wall_s": time.perf_counter() - t0,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "sites": args.sites,
+        "patients": args.patients,
+        "seed": args.seed,
         "multiview": ", ".join(f"{k}={getattr(_config('multiview', {}, args.seed), k)}" for k in keys),
-        "birads": ", ".join(f"{k}={getattr(_config('birads', {}, args.seed), k)}" for k in (*keys, "patch_size", "n_patches", "patch_energies")),
+        "birads": ", ".join(
+            f"{k}={getattr(_config('birads', {}, args.seed), k)}"
+            for k in (*keys, "patch_size", "n_patches", "patch_energies")
+        ),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(markdown(rows, results, meta))

@@ -21,17 +21,29 @@ from fedbreast.server.metric_store import MetricStore
 from fedbreast.simulation.simulate import simulate
 
 # "no DP, again": the same run twice shows the run-to-run spread (thread timing, bf16) at this size.
-VARIANTS = {"no DP": {}, "no DP, again": {}, "eps=1000 (DP architecture, ~no noise)": {"dp": "local", "dp_epsilon": 1000.0}}
+VARIANTS = {
+    "no DP": {},
+    "no DP, again": {},
+    "eps=1000 (DP architecture, ~no noise)": {"dp": "local", "dp_epsilon": 1000.0},
+}
 VARIANTS |= {f"eps={e:g}": {"dp": "local", "dp_epsilon": float(e)} for e in (8, 3, 1)}
 # Every layer trained under DP (dp-freeze-blocks = 0): 2.5x slower steps (benchmarks/bench_dp.py),
 # but no random frozen features when no ImageNet weights are given.
-VARIANTS |= {f"{name}+freeze0": {**VARIANTS[name], "dp_freeze_blocks": 0} for name in ("eps=1000 (DP architecture, ~no noise)", "eps=8")}
+VARIANTS |= {
+    f"{name}+freeze0": {**VARIANTS[name], "dp_freeze_blocks": 0}
+    for name in ("eps=1000 (DP architecture, ~no noise)", "eps=8")
+}
 # A 5x learning rate: clipped per-exam gradients (norm <= 1) make much smaller steps than plain SGD's.
-VARIANTS |= {f"{name}, lr 0.05": {**VARIANTS[name], "lr": 0.05} for name in ("eps=1000 (DP architecture, ~no noise)", "eps=8")}
+VARIANTS |= {
+    f"{name}, lr 0.05": {**VARIANTS[name], "lr": 0.05} for name in ("eps=1000 (DP architecture, ~no noise)", "eps=8")
+}
 # DP-SGD practice (De et al. 2022 and others): with clip norm 1 the averaged clipped gradient is
 # tiny, so the learning rate that works is 1-2 orders of magnitude above plain SGD's.
-VARIANTS |= {f"{name}, lr {lr:g}": {**VARIANTS[name], "lr": lr}
-             for lr in (0.5, 2.0) for name in ("eps=1000 (DP architecture, ~no noise)", "eps=8")}
+VARIANTS |= {
+    f"{name}, lr {lr:g}": {**VARIANTS[name], "lr": lr}
+    for lr in (0.5, 2.0)
+    for name in ("eps=1000 (DP architecture, ~no noise)", "eps=8")
+}
 
 
 def final_row(run_dir: Path) -> dict:
@@ -40,8 +52,12 @@ def final_row(run_dir: Path) -> dict:
     agg = next(r for r in store.rows("aggregate") if r["round"] == last)
     train = [r for r in store.rows("aggregate-train") if r["round"] == last]
     sites = {r["site"]: r.get("test_auc") for r in store.rows("evaluate") if r["round"] == last}
-    return {"rounds": last, "pooled_test_auc": agg.get("test_pooled_auc"), "site_test_auc": sites,
-            "epsilon_max": train[0].get("dp_epsilon") if train else None}
+    return {
+        "rounds": last,
+        "pooled_test_auc": agg.get("test_pooled_auc"),
+        "site_test_auc": sites,
+        "epsilon_max": train[0].get("dp_epsilon") if train else None,
+    }
 
 
 def noise_table(train_exams: list[int], rounds: int, epsilons: tuple[float, ...] = (1000.0, 8.0, 3.0, 1.0)) -> None:
@@ -64,14 +80,21 @@ def noise_table(train_exams: list[int], rounds: int, epsilons: tuple[float, ...]
         for n in train_exams:
             plan = plan_local_round(base.replace(dp_epsilon=eps), n)
             ratio = plan.noise_multiplier * plan.max_grad_norm / plan.expected_batch_size
-            print(f"| {eps:g} | {n} | {plan.noise_multiplier:.3f} | {plan.planned_steps} | {ratio * d ** 0.5:.0f} | {ratio * 1000 ** 0.5:.1f} |")
+            print(
+                f"| {eps:g} | {n} | {plan.noise_multiplier:.3f} | {plan.planned_steps} | {ratio * d**0.5:.0f} | {ratio * 1000**0.5:.1f} |"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--noise-table", action="store_true", help="print DP-SGD's per-step noise over signal and exit")
-    ap.add_argument("--train-exams", type=int, nargs="*", default=[38, 57, 73],
-                    help="sites' training exams for --noise-table (default: the 3 x 80 federation's)")
+    ap.add_argument(
+        "--train-exams",
+        type=int,
+        nargs="*",
+        default=[38, 57, 73],
+        help="sites' training exams for --noise-table (default: the 3 x 80 federation's)",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/dp-acc"))
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--patients", type=int, default=80)
@@ -88,8 +111,15 @@ def main() -> None:
             continue
         run_dir = args.out / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         t = time.perf_counter()
-        simulate(run_dir, sites=args.sites, patients=args.patients, seed=args.seed, data_dir=args.out / "data",
-                 overrides={"rounds": args.rounds, "dp_delta": 1e-5, **changes}, echo=lambda _line: None)
+        simulate(
+            run_dir,
+            sites=args.sites,
+            patients=args.patients,
+            seed=args.seed,
+            data_dir=args.out / "data",
+            overrides={"rounds": args.rounds, "dp_delta": 1e-5, **changes},
+            echo=lambda _line: None,
+        )
         results[name] = final_row(run_dir) | {"seconds": round(time.perf_counter() - t, 1)}
         print(name, json.dumps(results[name]), flush=True)
     if args.json:  # merged with earlier results, so variants can be run in several calls (--only)

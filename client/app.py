@@ -159,7 +159,11 @@ def train(msg: Message, context: Context) -> Message:
     straggle(context)
     # FedBN: the trained norm layers stay on the site's disk; the received ones go back.
     received = msg.content[protocol.ARRAYS].to_torch_state_dict()
-    state = personaliser.reply_state(model, received, server_round) if personaliser is not None else model.cpu().state_dict()
+    state = (
+        personaliser.reply_state(model, received, server_round)
+        if personaliser is not None
+        else model.cpu().state_dict()
+    )
     return protocol.reply(msg, _ok(context, data), metrics, ArrayRecord(state))
 
 
@@ -172,19 +176,34 @@ def straggle(context: Context) -> None:
         time.sleep(delay)
 
 
-def split_metrics(split: str, y: np.ndarray, p: np.ndarray, loss: float, exams: int, cfg: RunConfig, with_ci: bool,
-                  threshold: float = 0.5) -> dict:
+def split_metrics(
+    split: str,
+    y: np.ndarray,
+    p: np.ndarray,
+    loss: float,
+    exams: int,
+    cfg: RunConfig,
+    with_ci: bool,
+    threshold: float = 0.5,
+) -> dict:
     """Fixed key set per split, NaN where undefined, so every site's reply has the same keys.
     Thresholded metrics (accuracy, sensitivity...) use ``threshold``: the site's operating point."""
-    out: dict[str, float | int | list[int]] = {f"{split}_exams": exams, f"{split}_loss": loss if math.isfinite(loss) else float("nan"),
-                                               f"{split}_threshold": threshold}
+    out: dict[str, float | int | list[int]] = {
+        f"{split}_exams": exams,
+        f"{split}_loss": loss if math.isfinite(loss) else float("nan"),
+        f"{split}_threshold": threshold,
+    }
     if len(y):
         point = binary_metrics(y, p, threshold=threshold)
     else:
         point = {k: float("nan") for k in BINARY_METRIC_KEYS} | {"n": 0, "n_pos": 0, "n_neg": 0}
     out.update({f"{split}_{k}": v for k, v in point.items()})
     if with_ci:
-        ci = bootstrap_ci(y, p, metrics=CI_METRICS, n_boot=cfg.bootstrap, seed=cfg.seed, threshold=threshold) if len(y) and cfg.bootstrap else {}
+        ci = (
+            bootstrap_ci(y, p, metrics=CI_METRICS, n_boot=cfg.bootstrap, seed=cfg.seed, threshold=threshold)
+            if len(y) and cfg.bootstrap
+            else {}
+        )
         for m in CI_METRICS:
             _, lo, hi = ci.get(m, (math.nan, math.nan, math.nan))
             out[f"{split}_{m}_lo"], out[f"{split}_{m}_hi"] = lo, hi
@@ -217,11 +236,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     for split in ("val", "test"):
         y, p, loss = task.predict(model.to(device), data, split, cfg, device, server_round=server_round)
         if not np.isfinite(p).all():  # a diverged or poisoned global model: say so, do not crash
-            return _unable(msg, context, f"the global model gives non-finite scores on the {split} split; nothing to evaluate")
+            return _unable(
+                msg, context, f"the global model gives non-finite scores on the {split} split; nothing to evaluate"
+            )
         if split == "val" and len(y):
             # The site's operating point (Youden's J) comes from its validation split and applies to test.
             threshold = operating_threshold(y, p)
-        metrics.update(split_metrics(split, y, p, loss, data.exams(split), cfg, with_ci=split == "test", threshold=threshold))
+        metrics.update(
+            split_metrics(split, y, p, loss, data.exams(split), cfg, with_ci=split == "test", threshold=threshold)
+        )
         if split == "test":
             hist = score_histogram(y, p, bins=cfg.hist_bins) if len(y) else None
             n_bins = cfg.hist_bins
@@ -233,8 +256,19 @@ def evaluate(msg: Message, context: Context) -> Message:
                 metrics["test_hist_pos"], metrics["test_hist_neg"] = noisy["hist_pos"], noisy["hist_neg"]
     metrics.update(task.extra_metrics(model, data, cfg, device, server_round=server_round))
     if personaliser is not None:  # the personalised model side by side (*_personal keys)
-        metrics.update(personal_metrics(task, data, model, digest, cfg, server_round or cfg.rounds, device, personaliser,
-                                        lambda s, y, p, loss, n, t: split_metrics(s, y, p, loss, n, cfg, with_ci=False, threshold=t)))
+        metrics.update(
+            personal_metrics(
+                task,
+                data,
+                model,
+                digest,
+                cfg,
+                server_round or cfg.rounds,
+                device,
+                personaliser,
+                lambda s, y, p, loss, n, t: split_metrics(s, y, p, loss, n, cfg, with_ci=False, threshold=t),
+            )
+        )
     if cfg.patient_finetune:  # seed 000: test metrics with patient-specific fine-tuning (*_psft keys)
         metrics.update(psft_metrics(task, data, model, cfg, device))
     metrics[protocol.NUM_EXAMPLES] = data.exams("test")
@@ -276,6 +310,8 @@ def cross_site(msg: Message, context: Context) -> Message:
         m.load_state_dict(msg.content[model_slot(i)].to_torch_state_dict(), strict=True)
         models.append((str(name), m))
     personaliser = personaliser_for(context, cfg, site_dir_of(context))
-    metrics = cross_site_metrics(task_for(cfg), data, models, cfg, server_round, pick_device(), personaliser, CROSS_SITE_KEYS)
+    metrics = cross_site_metrics(
+        task_for(cfg), data, models, cfg, server_round, pick_device(), personaliser, CROSS_SITE_KEYS
+    )
     metrics[protocol.NUM_EXAMPLES] = data.exams("test")
     return protocol.reply(msg, _ok(context, data), metrics)

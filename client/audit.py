@@ -25,10 +25,11 @@ import os
 import re
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from flwr.app import Context, Message
 
@@ -114,7 +115,9 @@ def round_of(msg: Message) -> int | None:
     return int(group) if str(group).isdigit() else None
 
 
-def describe(request: Message, reply: Message | None, context: Context, status: str | None = None, reason: str = "") -> dict[str, Any]:
+def describe(
+    request: Message, reply: Message | None, context: Context, status: str | None = None, reason: str = ""
+) -> dict[str, Any]:
     """The audit line for ``reply`` (None when the handler raised: Flower sends an error)."""
     arrays: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
@@ -122,7 +125,15 @@ def describe(request: Message, reply: Message | None, context: Context, status: 
     if reply is not None and reply.has_content():
         for rec_name, record in reply.content.array_records.items():
             for name, arr in record.items():
-                arrays.append({"record": rec_name, "name": name, "shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": len(arr.data)})
+                arrays.append(
+                    {
+                        "record": rec_name,
+                        "name": name,
+                        "shape": list(arr.shape),
+                        "dtype": str(arr.dtype),
+                        "bytes": len(arr.data),
+                    }
+                )
         for rec_name, record in reply.content.metric_records.items():
             for key, value in record.items():
                 metrics[key if rec_name == "metrics" else f"{rec_name}.{key}"] = _json_value(value)
@@ -135,10 +146,12 @@ def describe(request: Message, reply: Message | None, context: Context, status: 
         else:
             status, reason = str(site_info.get("status", "ok")), str(site_info.get("reason", "") or "")
     now = time.time()
-    eps = metrics.get("dp_epsilon", config.get("fitres.metrics", {}).get("dp_epsilon"))  # SecAgg+ replies: legacy FitRes metrics
+    eps = metrics.get(
+        "dp_epsilon", config.get("fitres.metrics", {}).get("dp_epsilon")
+    )  # SecAgg+ replies: legacy FitRes metrics
     return {
         "time": round(now, 3),
-        "utc": datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "utc": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "run_id": int(context.run_id),
         "node_id": int(context.node_id),
         "app_hash": app_hash(),
@@ -165,7 +178,7 @@ def append_line(path: Path, line: dict[str, Any]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
         while data:  # O_APPEND: each write lands at the end, so concurrent writers' lines do not overlap
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -206,7 +219,9 @@ def egress_mod(msg: Message, context: Context, call_next: Callable[[Message, Con
             reason = redact(str(exc), site_dir)
         else:
             log.exception("the %s handler failed", msg.metadata.message_type)
-            reason = f"{type(exc).__name__} in the site's {msg.metadata.message_type} handler (details in the site's log)"
+            reason = (
+                f"{type(exc).__name__} in the site's {msg.metadata.message_type} handler (details in the site's log)"
+            )
         _write(site_dir, describe(msg, None, context, status="error", reason=reason))
         raise RuntimeError(reason) from None
     _redact_reply(reply, site_dir)
@@ -227,6 +242,7 @@ def _write(site_dir: Path | None, line: dict[str, Any]) -> None:
 
 
 # ---- reading -------------------------------------------------------------------------------
+
 
 def read_audit(site_dir: Path) -> list[dict[str, Any]]:
     """Every complete line of the site's audit log (a line cut by a crash is skipped)."""
@@ -285,12 +301,19 @@ def render_table(lines: Iterable[dict[str, Any]], width: int = 80) -> str:
         n += 1
         total += int(line.get("array_bytes", 0) or 0)
         eps = line.get("dp_epsilon")
-        rows.append((
-            str(line.get("utc", "")), str(line.get("run_id", "")),
-            "-" if line.get("round") is None else str(line.get("round")), str(line.get("type", "")),
-            str(line.get("status", "")), str(line.get("array_count", 0)), _human_bytes(int(line.get("array_bytes", 0) or 0)),
-            "-" if eps is None else f"{eps:.3g}", _metric_summary(line, width),
-        ))
+        rows.append(
+            (
+                str(line.get("utc", "")),
+                str(line.get("run_id", "")),
+                "-" if line.get("round") is None else str(line.get("round")),
+                str(line.get("type", "")),
+                str(line.get("status", "")),
+                str(line.get("array_count", 0)),
+                _human_bytes(int(line.get("array_bytes", 0) or 0)),
+                "-" if eps is None else f"{eps:.3g}",
+                _metric_summary(line, width),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -298,5 +321,15 @@ def render_table(lines: Iterable[dict[str, Any]], width: int = 80) -> str:
     return "\n".join(out)
 
 
-__all__ = ["AUDIT_FILE", "AuditUnavailable", "app_hash", "append_line", "audit_path", "describe",
-           "egress_mod", "read_audit", "redact", "render_table"]
+__all__ = [
+    "AUDIT_FILE",
+    "AuditUnavailable",
+    "app_hash",
+    "append_line",
+    "audit_path",
+    "describe",
+    "egress_mod",
+    "read_audit",
+    "redact",
+    "render_table",
+]

@@ -25,9 +25,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from fedbreast.client.site_config import SiteConfig
 from fedbreast.shared.processes import StopSignal, bin_path, flower_env, stop_group
@@ -79,6 +79,7 @@ class Preflight:
 
 # ---- preflight ---------------------------------------------------------------------------------
 
+
 def check_private_key(path: Path) -> Check:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -88,13 +89,23 @@ def check_private_key(path: Path) -> Check:
     except OSError as exc:
         return Check("site key", False, f"{path}: {exc.strerror or exc}", fatal=True)
     except (ValueError, TypeError) as exc:
-        return Check("site key", False, f"{path}: not an unencrypted OpenSSH private key ({exc}); "
-                     "create one with deploy/tls/make-site-key.sh", fatal=True)
+        return Check(
+            "site key",
+            False,
+            f"{path}: not an unencrypted OpenSSH private key ({exc}); create one with deploy/tls/make-site-key.sh",
+            fatal=True,
+        )
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        return Check("site key", False, f"{path}: {type(key).__name__}, but SuperNode authentication needs ECDSA "
-                     "(ssh-keygen -t ecdsa -b 384)", fatal=True)
+        return Check(
+            "site key",
+            False,
+            f"{path}: {type(key).__name__}, but SuperNode authentication needs ECDSA (ssh-keygen -t ecdsa -b 384)",
+            fatal=True,
+        )
     if path.stat().st_mode & 0o077:
-        return Check("site key", True, f"{path}: ECDSA {key.curve.name}; readable by other users: chmod 600 it", warn=True)
+        return Check(
+            "site key", True, f"{path}: ECDSA {key.curve.name}; readable by other users: chmod 600 it", warn=True
+        )
     return Check("site key", True, f"{path}: ECDSA {key.curve.name}")
 
 
@@ -123,8 +134,12 @@ def check_gpu(required: bool) -> Check:
 
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         return Check("GPU", True, f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")
-    return Check("GPU", False, "gpu-required = true but torch sees no CUDA device (driver, container --gpus, "
-                 "or CUDA_VISIBLE_DEVICES?)", fatal=True)
+    return Check(
+        "GPU",
+        False,
+        "gpu-required = true but torch sees no CUDA device (driver, container --gpus, or CUDA_VISIBLE_DEVICES?)",
+        fatal=True,
+    )
 
 
 def check_data(cfg: SiteConfig) -> Check:
@@ -180,7 +195,9 @@ class CacheWarmer(threading.Thread):
             self.status = f"warm ({total} images at {h}x{w})"
             return Check("cache", True, self.status)
         self.status = f"warming: {cached}/{total} images at {h}x{w}"
-        return Check("cache", True, f"{cached}/{total} images preprocessed at {h}x{w}; warming in the background", warn=True)
+        return Check(
+            "cache", True, f"{cached}/{total} images preprocessed at {h}x{w}; warming in the background", warn=True
+        )
 
     def run(self) -> None:
         from fedbreast.shared.data.cache import build_cache
@@ -216,6 +233,7 @@ def preflight(cfg: SiteConfig, insecure: bool) -> tuple[Preflight, CacheWarmer |
 
 # ---- the SuperNode -----------------------------------------------------------------------------
 
+
 def write_node_config(cfg: SiteConfig) -> Path:
     """The node config as a TOML file (flower-supernode accepts one), so paths need no shell quoting."""
     import json
@@ -231,19 +249,33 @@ def write_node_config(cfg: SiteConfig) -> Path:
 def supernode_command(cfg: SiteConfig, node_config: Path, insecure: bool) -> list[str]:
     cmd = [
         bin_path("flower-supernode"),
-        "--superlink", cfg.superlink,
-        "--node-config", str(node_config),
-        "--host", "127.0.0.1",  # the local runtime API: never exposed beyond this machine
-        "--port", str(cfg.clientapp_port),
+        "--superlink",
+        cfg.superlink,
+        "--node-config",
+        str(node_config),
+        "--host",
+        "127.0.0.1",  # the local runtime API: never exposed beyond this machine
+        "--port",
+        str(cfg.clientapp_port),
     ]
     if insecure:
         return cmd + ["--insecure"]
-    return cmd + ["--root-certificates", str(cfg.root_certificates), "--auth-supernode-private-key", str(cfg.private_key)]
+    return cmd + [
+        "--root-certificates",
+        str(cfg.root_certificates),
+        "--auth-supernode-private-key",
+        str(cfg.private_key),
+    ]
 
 
 class SiteDaemon:
-    def __init__(self, cfg: SiteConfig, insecure: bool = False, max_restarts: int | None = None,
-                 echo: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        cfg: SiteConfig,
+        insecure: bool = False,
+        max_restarts: int | None = None,
+        echo: Callable[[str], None] = print,
+    ) -> None:
         self.cfg, self.insecure, self.max_restarts, self.echo = cfg, insecure, max_restarts, echo
         self.data_problem: str | None = None
         self.link_problem: str | None = "starting"
@@ -264,8 +296,13 @@ class SiteDaemon:
             return None
         from fedbreast.client.observability import start_site_exporter
 
-        server = start_site_exporter(self.cfg.data_path, port=self.cfg.metrics_port, host=self.cfg.metrics_host,
-                                     health=self.health, site_name=self.cfg.name)
+        server = start_site_exporter(
+            self.cfg.data_path,
+            port=self.cfg.metrics_port,
+            host=self.cfg.metrics_host,
+            health=self.health,
+            site_name=self.cfg.name,
+        )
         self.echo(f"metrics and health: http://{self.cfg.metrics_host}:{self.cfg.metrics_port}/metrics and /healthz")
         return server
 
@@ -274,12 +311,16 @@ class SiteDaemon:
         report, self.warmer = preflight(cfg, self.insecure)
         self.echo(report.render(cfg))
         if report.fatal:
-            self.echo(f"fedbreast site {cfg.name}: not joining: " + "; ".join(f"{c.name}: {c.detail}" for c in report.fatal))
+            self.echo(
+                f"fedbreast site {cfg.name}: not joining: " + "; ".join(f"{c.name}: {c.detail}" for c in report.fatal)
+            )
             return 2
         self.data_problem = report.data_problem
         if self.data_problem:
-            self.echo(f"fedbreast site {cfg.name}: joining anyway, reporting unhealthy; the site will answer "
-                      f"'unable' until the data is fixed ({self.data_problem})")
+            self.echo(
+                f"fedbreast site {cfg.name}: joining anyway, reporting unhealthy; the site will answer "
+                f"'unable' until the data is fixed ({self.data_problem})"
+            )
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         node_config = write_node_config(cfg)
         cmd = supernode_command(cfg, node_config, self.insecure)
@@ -304,8 +345,16 @@ class SiteDaemon:
             self.echo(line.rstrip("\n"))
 
     def _start_child(self, cmd: list[str]) -> tuple[subprocess.Popen, deque, threading.Thread]:
-        child = subprocess.Popen(cmd, cwd=self.cfg.state_dir, env=flower_env(), start_new_session=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        child = subprocess.Popen(
+            cmd,
+            cwd=self.cfg.state_dir,
+            env=flower_env(),
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
         (self.cfg.state_dir / "supernode.pid").write_text(f"{child.pid}\n")
         tail: deque = deque(maxlen=60)
         reader = threading.Thread(target=self._pump, args=(child.stdout, tail), daemon=True, name="supernode-output")
@@ -319,9 +368,11 @@ class SiteDaemon:
         last_data_check = time.monotonic()
         with StopSignal() as stop:
             while True:
-                self.echo(f"fedbreast site {cfg.name}: joining {cfg.superlink} "
-                          f"({'INSECURE' if self.insecure else 'TLS, key ' + str(cfg.private_key)})"
-                          + (f", restart {self.restarts}" if self.restarts else ""))
+                self.echo(
+                    f"fedbreast site {cfg.name}: joining {cfg.superlink} "
+                    f"({'INSECURE' if self.insecure else 'TLS, key ' + str(cfg.private_key)})"
+                    + (f", restart {self.restarts}" if self.restarts else "")
+                )
                 started = time.monotonic()
                 self.child, tail, reader = self._start_child(cmd)
                 self.link_problem = None
@@ -342,7 +393,9 @@ class SiteDaemon:
                 ran = time.monotonic() - started
                 flower_code = flower_exit_code(tail)
                 if KEY_INVALID in (code, flower_code):
-                    self.echo(f"fedbreast site {cfg.name}: the SuperNode cannot use the key {cfg.private_key} (exit {KEY_INVALID})")
+                    self.echo(
+                        f"fedbreast site {cfg.name}: the SuperNode cannot use the key {cfg.private_key} (exit {KEY_INVALID})"
+                    )
                     return 2
                 refused = REFUSED in (code, flower_code)
                 if refused:
@@ -351,7 +404,8 @@ class SiteDaemon:
                         f"the SuperLink {cfg.superlink} refused to activate this site (Flower exit {REFUSED}): either its "
                         f"public key is not registered under '{cfg.name}' (coordinator: deploy/tls/register-site.sh "
                         f"{cfg.name} site.key.pub), or the SuperLink still counts it online after an unclean stop "
-                        f"(that clears within {STALE_NODE_SECONDS:.0f} s)")
+                        f"(that clears within {STALE_NODE_SECONDS:.0f} s)"
+                    )
                 else:
                     refused_since = None
                     self.link_problem = f"SuperNode exited with code {code} after {ran:.0f} s"
@@ -387,9 +441,12 @@ def run_site(config_path: Path, insecure: bool = False, max_restarts: int | None
 
     cfg = load_site_config(config_path, insecure=insecure)
     if insecure:
-        print("WARNING: --insecure: this site connects WITHOUT TLS and WITHOUT its site key. Model updates travel "
-              "unencrypted and the coordinator cannot tell this site from an impostor. Test networks only.",
-              file=sys.stderr, flush=True)
+        print(
+            "WARNING: --insecure: this site connects WITHOUT TLS and WITHOUT its site key. Model updates travel "
+            "unencrypted and the coordinator cannot tell this site from an impostor. Test networks only.",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def echo(line: str) -> None:
         print(line, flush=True)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -147,20 +148,32 @@ class SiteCollector:
     def _families(self, st: SiteState) -> Iterator[Metric]:
         site = self.site
         ok, _ = self.healthy()
-        g = GaugeMetricFamily("fedbreast_site_healthy", "1 if the site passes its health check (see /healthz for the reason), else 0", labels=["site"])
+        g = GaugeMetricFamily(
+            "fedbreast_site_healthy",
+            "1 if the site passes its health check (see /healthz for the reason), else 0",
+            labels=["site"],
+        )
         g.add_metric([site], 1.0 if ok else 0.0)
         yield g
 
         counts = self.exams_per_split()
-        g = GaugeMetricFamily("fedbreast_site_manifest_readable", "1 if the site's manifest can be read, else 0", labels=["site"])
+        g = GaugeMetricFamily(
+            "fedbreast_site_manifest_readable", "1 if the site's manifest can be read, else 0", labels=["site"]
+        )
         g.add_metric([site], 0.0 if counts is None else 1.0)
         yield g
-        g = GaugeMetricFamily("fedbreast_site_exams", "Exams in the site's manifest per split", labels=["site", "split"])
+        g = GaugeMetricFamily(
+            "fedbreast_site_exams", "Exams in the site's manifest per split", labels=["site", "split"]
+        )
         for split, n in (counts or {}).items():
             g.add_metric([site, split], float(n))
         yield g
 
-        c = CounterMetricFamily("fedbreast_site_messages_sent", "Replies the ClientApp sent, by message type and status (from the audit log)", labels=["site", "type", "status"])
+        c = CounterMetricFamily(
+            "fedbreast_site_messages_sent",
+            "Replies the ClientApp sent, by message type and status (from the audit log)",
+            labels=["site", "type", "status"],
+        )
         for (kind, status), n in sorted(st.messages.items()):
             c.add_metric([site, kind, status], float(n))
         yield c
@@ -168,41 +181,71 @@ class SiteCollector:
         for (kind, status), n in st.messages.items():
             if status == "unable":
                 refused[kind] += n
-        c = CounterMetricFamily("fedbreast_site_refused_messages", "Messages the site answered with status unable (site policy such as the DP ceiling, or unusable data)", labels=["site", "type"])
+        c = CounterMetricFamily(
+            "fedbreast_site_refused_messages",
+            "Messages the site answered with status unable (site policy such as the DP ceiling, or unusable data)",
+            labels=["site", "type"],
+        )
         for kind in ("query", "train", "evaluate"):
             refused.setdefault(kind, 0)
         for kind, n in sorted(refused.items()):
             c.add_metric([site, kind], float(n))
         yield c
-        c = CounterMetricFamily("fedbreast_site_sent_bytes", "Model array bytes the site sent (from the audit log)", labels=["site"])
+        c = CounterMetricFamily(
+            "fedbreast_site_sent_bytes", "Model array bytes the site sent (from the audit log)", labels=["site"]
+        )
         c.add_metric([site], float(st.sent_bytes))
         yield c
 
-        h = HistogramMetricFamily("fedbreast_site_train_duration_seconds", "Local training time per round", labels=["site"])
+        h = HistogramMetricFamily(
+            "fedbreast_site_train_duration_seconds", "Local training time per round", labels=["site"]
+        )
         h.add_metric([site], st.train_seconds.buckets(), sum_value=st.train_seconds.sum)
         yield h
-        g = GaugeMetricFamily("fedbreast_site_train_images_per_second", "Training throughput of the latest round (images per second)", labels=["site"])
+        g = GaugeMetricFamily(
+            "fedbreast_site_train_images_per_second",
+            "Training throughput of the latest round (images per second)",
+            labels=["site"],
+        )
         if st.images_per_s is not None:
             g.add_metric([site], st.images_per_s)
         yield g
-        g = GaugeMetricFamily("fedbreast_site_last_success_timestamp_seconds", "Unix time of the latest successful train or evaluate reply", labels=["site"])
+        g = GaugeMetricFamily(
+            "fedbreast_site_last_success_timestamp_seconds",
+            "Unix time of the latest successful train or evaluate reply",
+            labels=["site"],
+        )
         if st.last_success_time is not None:
             g.add_metric([site], st.last_success_time)
         yield g
-        g = GaugeMetricFamily("fedbreast_site_last_success_round", "Server round of the latest successful train or evaluate reply", labels=["site"])
+        g = GaugeMetricFamily(
+            "fedbreast_site_last_success_round",
+            "Server round of the latest successful train or evaluate reply",
+            labels=["site"],
+        )
         if st.last_success_round is not None:
             g.add_metric([site], float(st.last_success_round))
         yield g
-        g = GaugeMetricFamily("fedbreast_site_dp_epsilon", "Privacy budget (epsilon) spent, as reported in the latest reply that carried it", labels=["site", "run"])
+        g = GaugeMetricFamily(
+            "fedbreast_site_dp_epsilon",
+            "Privacy budget (epsilon) spent, as reported in the latest reply that carried it",
+            labels=["site", "run"],
+        )
         if st.epsilon is not None:
             g.add_metric([site, st.epsilon[0]], st.epsilon[1])
         yield g
-        c = CounterMetricFamily("fedbreast_site_audit_unreadable_lines", "Complete audit-log lines that were not JSON objects", labels=["site"])
+        c = CounterMetricFamily(
+            "fedbreast_site_audit_unreadable_lines",
+            "Complete audit-log lines that were not JSON objects",
+            labels=["site"],
+        )
         c.add_metric([site], float(self._tail.bad_lines))
         yield c
 
 
-def site_registry(site_dir: Path, site_name: str | None = None, health: HealthCheck | None = None) -> tuple[CollectorRegistry, SiteCollector]:
+def site_registry(
+    site_dir: Path, site_name: str | None = None, health: HealthCheck | None = None
+) -> tuple[CollectorRegistry, SiteCollector]:
     registry = CollectorRegistry(auto_describe=False)
     collector = SiteCollector(site_dir, site_name, health)
     registry.register(collector)

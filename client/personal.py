@@ -9,9 +9,10 @@ returns for a reply is model weights or aggregate metrics only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,9 @@ SplitMetrics = Callable[[str, np.ndarray, np.ndarray, float, int, float], dict[s
 def personaliser_for(context: Context, cfg: RunConfig, site_dir: Path) -> SitePersonaliser:
     """This run's personal state on the site's disk (see shared/training/personalise.py)."""
     key = run_key(context.run_config, context.run_id, model_signature=cfg.model_signature())
-    settings = PersonalSettings(epochs=cfg.personal_epochs, steps=cfg.personal_steps, lr=cfg.personal_lr, fedbn=cfg.fedbn)
+    settings = PersonalSettings(
+        epochs=cfg.personal_epochs, steps=cfg.personal_steps, lr=cfg.personal_lr, fedbn=cfg.fedbn
+    )
     return SitePersonaliser(PersonalStore(site_dir, key), settings)
 
 
@@ -50,15 +53,26 @@ def global_digest(model: nn.Module) -> str:
     return state_digest(model.state_dict())
 
 
-def personal_fine_tune(task: Task, site: Any, cfg: RunConfig, server_round: int, device: torch.device) -> Callable[[nn.Module], Any]:
+def personal_fine_tune(
+    task: Task, site: Any, cfg: RunConfig, server_round: int, device: torch.device
+) -> Callable[[nn.Module], Any]:
     """Fine-tuning of a copy of the global model on the site's train split, with the family's
     own training step: ``personal-epochs`` (or ``personal-steps`` batches), no FedProx term."""
     lr = cfg.personal_lr or cfg.lr_at(server_round)
 
     def fine_tune(model: nn.Module) -> Any:
         try:
-            return task.train(model.to(device), site, cfg, server_round, device, lr=lr,
-                              epochs=max(cfg.personal_epochs, 1), steps=cfg.personal_steps, proximal_mu=0.0)
+            return task.train(
+                model.to(device),
+                site,
+                cfg,
+                server_round,
+                device,
+                lr=lr,
+                epochs=max(cfg.personal_epochs, 1),
+                steps=cfg.personal_steps,
+                proximal_mu=0.0,
+            )
         except SiteUnavailable as exc:  # e.g. mgus' fusion step at a site without ultrasound
             log.info("personal fine-tuning skipped this round: %s", exc)
             return None
@@ -67,14 +81,23 @@ def personal_fine_tune(task: Task, site: Any, cfg: RunConfig, server_round: int,
 
 
 def personal_metrics(
-    task: Task, site: Any, model: nn.Module, digest: str, cfg: RunConfig, server_round: int,
-    device: torch.device, personaliser: SitePersonaliser, split_metrics: SplitMetrics,
+    task: Task,
+    site: Any,
+    model: nn.Module,
+    digest: str,
+    cfg: RunConfig,
+    server_round: int,
+    device: torch.device,
+    personaliser: SitePersonaliser,
+    split_metrics: SplitMetrics,
 ) -> dict[str, Any]:
     """The personalised model's val/test metrics under ``*_personal`` keys (same keys at every
     site), plus whether it was reused from disk. As for the global model, the thresholded
     metrics use the personal model's own operating point from the validation split.
     ``model`` holds the global weights (with the site's norm layers under FedBN) and is not changed."""
-    personal, reused = personaliser.personal_model(model, digest, server_round, personal_fine_tune(task, site, cfg, server_round, device))
+    personal, reused = personaliser.personal_model(
+        model, digest, server_round, personal_fine_tune(task, site, cfg, server_round, device)
+    )
     out: dict[str, Any] = {}
     threshold = 0.5
     for split in ("val", "test"):
@@ -87,17 +110,31 @@ def personal_metrics(
 
 
 def personal_arrays(
-    task: Task, site: Any, model: nn.Module, digest: str, cfg: RunConfig, server_round: int,
-    device: torch.device, personaliser: SitePersonaliser,
+    task: Task,
+    site: Any,
+    model: nn.Module,
+    digest: str,
+    cfg: RunConfig,
+    server_round: int,
+    device: torch.device,
+    personaliser: SitePersonaliser,
 ) -> dict[str, torch.Tensor]:
     """The personalised weights for the cross-site phase (from disk, or fine-tuned now)."""
-    personal, _ = personaliser.personal_model(model, digest, server_round, personal_fine_tune(task, site, cfg, server_round, device))
+    personal, _ = personaliser.personal_model(
+        model, digest, server_round, personal_fine_tune(task, site, cfg, server_round, device)
+    )
     return {k: v.detach().cpu() for k, v in personal.state_dict().items()}
 
 
 def cross_site_metrics(
-    task: Task, site: Any, models: list[tuple[str, nn.Module]], cfg: RunConfig, server_round: int,
-    device: torch.device, personaliser: SitePersonaliser, keys: tuple[str, ...],
+    task: Task,
+    site: Any,
+    models: list[tuple[str, nn.Module]],
+    cfg: RunConfig,
+    server_round: int,
+    device: torch.device,
+    personaliser: SitePersonaliser,
+    keys: tuple[str, ...],
 ) -> dict[str, Any]:
     """Every model on this site's test split: ``m{i}_{key}`` per model (NaN where undefined).
 
@@ -108,7 +145,11 @@ def cross_site_metrics(
         if name == "global":
             personaliser.use_local_norms(model, server_round)
         y, p, _ = task.predict(model.to(device), site, "test", cfg, device, server_round=server_round)
-        m = binary_metrics(y, p) if len(y) else {k: float("nan") for k in BINARY_METRIC_KEYS} | {"n": 0, "n_pos": 0, "n_neg": 0}
+        m = (
+            binary_metrics(y, p)
+            if len(y)
+            else {k: float("nan") for k in BINARY_METRIC_KEYS} | {"n": 0, "n_pos": 0, "n_neg": 0}
+        )
         for key in keys:
             out[f"m{i}_{key}"] = m.get(key.removeprefix("test_"), float("nan"))
     return out
@@ -128,9 +169,20 @@ def _normal_patches(site_dir: str, cfg: RunConfig, split: str):
 
     site = task_for(cfg).open(site_dir, cfg)
     energies = cfg.patch_energy_list
-    records = [r for r in load_manifest(Path(site_dir)) if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in energies]
-    return NormalPatchDataset(records, site.datasets[split].cache, split=split, patch=cfg.patch_size,
-                              n_patches=cfg.n_patches, seed=cfg.seed, energies=energies)
+    records = [
+        r
+        for r in load_manifest(Path(site_dir))
+        if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in energies
+    ]
+    return NormalPatchDataset(
+        records,
+        site.datasets[split].cache,
+        split=split,
+        patch=cfg.patch_size,
+        n_patches=cfg.n_patches,
+        seed=cfg.seed,
+        energies=energies,
+    )
 
 
 def psft_metrics(task: Task, site: Any, model: nn.Module, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
@@ -179,8 +231,19 @@ def psft_split(site: Any, model: nn.Module, cfg: RunConfig, pcfg, device: torch.
 
     def fuse(ids: np.ndarray, p: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            out = model.fuse(torch.as_tensor(p, dtype=torch.float32, device=device), unit_vec[torch.from_numpy(ids)].to(device))
+            out = model.fuse(
+                torch.as_tensor(p, dtype=torch.float32, device=device), unit_vec[torch.from_numpy(ids)].to(device)
+            )
         return out.cpu().numpy().astype(np.float64)
 
-    return evaluate_patient_finetune(model.to(device), lesion_ds, normal_ds, pcfg, device, forward=forward, extras=extras,
-                                     unit_of=lambda images: unit_of_image[images], fuse=fuse)
+    return evaluate_patient_finetune(
+        model.to(device),
+        lesion_ds,
+        normal_ds,
+        pcfg,
+        device,
+        forward=forward,
+        extras=extras,
+        unit_of=lambda images: unit_of_image[images],
+        fuse=fuse,
+    )

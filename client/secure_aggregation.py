@@ -47,12 +47,18 @@ def _train_for_secagg(msg: Message, context: Context, call_next: ClientAppCallab
     names = str(config.pop(ARRAY_NAMES_KEY, "")).split("\n")
     received = parameters_to_ndarrays(fitins.parameters)
     if len(names) != len(received):
-        raise SecureAggregationRefused(f"secure aggregation: {len(received)} arrays but {len(names)} names in the train message")
+        raise SecureAggregationRefused(
+            f"secure aggregation: {len(received)} arrays but {len(names)} names in the train message"
+        )
     secagg_configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-    msg.content = RecordDict({
-        "arrays": ArrayRecord(OrderedDict((n, Array(np.require(a, requirements="C"))) for n, a in zip(names, received))),
-        "config": ConfigRecord(config),
-    })
+    msg.content = RecordDict(
+        {
+            "arrays": ArrayRecord(
+                OrderedDict((n, Array(np.require(a, requirements="C"))) for n, a in zip(names, received))
+            ),
+            "config": ConfigRecord(config),
+        }
+    )
     reply = call_next(msg, context)
     msg.content.config_records[RECORD_KEY_CONFIGS] = secagg_configs  # the mod reads its stage config back afterwards
     if reply.has_error():
@@ -75,7 +81,9 @@ def _train_for_secagg(msg: Message, context: Context, call_next: ClientAppCallab
 def change(name: str, trained: np.ndarray, received: np.ndarray, clip: float) -> np.ndarray:
     """The site's change to one array, checked the way the coordinator checks a plain update."""
     if trained.shape != received.shape:
-        raise SecureAggregationRefused(f"secure aggregation: {name} has shape {trained.shape}, the global model {received.shape}")
+        raise SecureAggregationRefused(
+            f"secure aggregation: {name} has shape {trained.shape}, the global model {received.shape}"
+        )
     delta = trained.astype(np.float64) - received.astype(np.float64)
     if not np.isfinite(delta).all():
         raise SecureAggregationRefused(f"secure aggregation: the update of {name} is not finite; not sent")
@@ -87,5 +95,6 @@ def change(name: str, trained: np.ndarray, received: np.ndarray, clip: float) ->
     if worst > clip:
         raise SecureAggregationRefused(
             f"secure aggregation: {name} changed by {worst:.3g}, beyond secagg-clip-range {clip:g}; "
-            "raise secagg-clip-range or lower the learning rate")
+            "raise secagg-clip-range or lower the learning rate"
+        )
     return delta.astype(np.float32)

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedbreast.shared.data.rules import ConfigError
 
@@ -62,7 +63,11 @@ class SiteConfig:
 
     def node_config(self) -> dict[str, Any]:
         """What the ClientApp sees as ``context.node_config`` (client/app.py reads these keys)."""
-        out: dict[str, Any] = {"data-path": str(self.data_path), "site-name": self.name, "state-dir": str(self.state_dir)}
+        out: dict[str, Any] = {
+            "data-path": str(self.data_path),
+            "site-name": self.name,
+            "state-dir": str(self.state_dir),
+        }
         if self.dp_max_epsilon is not None:
             out["dp-max-epsilon"] = self.dp_max_epsilon
         if self.hist_noise_epsilon is not None:
@@ -127,15 +132,23 @@ def _image_size(v: Any) -> tuple[int, int]:
 
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
     "site": {
-        "name": (_name, True), "data-path": (_str, True), "state-dir": (_str, False),
-        "gpu-required": (_bool, False), "dp-max-epsilon": (_positive, False), "hist-noise-epsilon": (_non_negative, False),
+        "name": (_name, True),
+        "data-path": (_str, True),
+        "state-dir": (_str, False),
+        "gpu-required": (_bool, False),
+        "dp-max-epsilon": (_positive, False),
+        "hist-noise-epsilon": (_non_negative, False),
         "debug-delay-seconds": (_non_negative, False),
     },
     "superlink": {"address": (_address, True), "root-certificates": (_str, False)},
     "keys": {"private-key": (_str, False)},
     "daemon": {
-        "metrics-host": (_str, False), "metrics-port": (_port, False), "clientapp-port": (_port, False),
-        "max-backoff-seconds": (_positive, False), "warm-image-size": (_image_size, False), "warm-window": (_str, False),
+        "metrics-host": (_str, False),
+        "metrics-port": (_port, False),
+        "clientapp-port": (_port, False),
+        "max-backoff-seconds": (_positive, False),
+        "warm-image-size": (_image_size, False),
+        "warm-window": (_str, False),
     },
 }
 
@@ -170,8 +183,10 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         for need in ("superlink.root-certificates", "keys.private-key"):
             if need not in values:
                 section, key = need.split(".")
-                raise ConfigError(f"{path}: [{section}] {key}: required (TLS and site authentication are on; "
-                                  "`fedbreast site start --insecure` only on a test network)")
+                raise ConfigError(
+                    f"{path}: [{section}] {key}: required (TLS and site authentication are on; "
+                    "`fedbreast site start --insecure` only on a test network)"
+                )
 
     base = path.resolve().parent
 

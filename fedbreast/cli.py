@@ -51,7 +51,7 @@ def cmd_site_audit(args: argparse.Namespace) -> int:
     if args.run is not None:
         lines = [line for line in lines if str(line.get("run_id")) == args.run]
     if args.last:
-        lines = lines[-args.last:]
+        lines = lines[-args.last :]
     if args.json:
         for line in lines:
             print(json.dumps(line, sort_keys=True))
@@ -73,22 +73,27 @@ def cmd_site_check(args: argparse.Namespace) -> int:
 def cmd_site_generate(args: argparse.Namespace) -> int:
     from fedbreast.shared.data.generate import generate_federation
 
-    summaries = generate_federation(Path(args.out), n_sites=args.sites, patients_per_site=args.patients, seed=args.seed,
-                                    modalities=args.modalities)
+    summaries = generate_federation(
+        Path(args.out), n_sites=args.sites, patients_per_site=args.patients, seed=args.seed, modalities=args.modalities
+    )
     for s in summaries:
         print(
             f"{s.name}: {s.n_patients} patients, {s.n_images} images, {s.n_malignant_breasts} malignant breasts, "
             f"modalities {s.modalities}, oracle AUC {s.oracle_auc:.3f} -> {s.path}"
         )
-    print(f"next: fedbreast site ingest {Path(args.out) / 'site-1' / 'dicom'} --annotations "
-          f"{Path(args.out) / 'site-1' / 'annotations.csv'} --out SITE_DIR")
+    print(
+        f"next: fedbreast site ingest {Path(args.out) / 'site-1' / 'dicom'} --annotations "
+        f"{Path(args.out) / 'site-1' / 'annotations.csv'} --out SITE_DIR"
+    )
     return 0
 
 
 def cmd_site_import_cdd_cesm(args: argparse.Namespace) -> int:
     from fedbreast.shared.data.cdd_cesm import import_cdd_cesm
 
-    report = import_cdd_cesm(Path(args.root), Path(args.out), split_by_machine=args.split_by_machine, seed=args.split_seed)
+    report = import_cdd_cesm(
+        Path(args.root), Path(args.out), split_by_machine=args.split_by_machine, seed=args.split_seed
+    )
     print(report.summary() if hasattr(report, "summary") else report)
     return 0
 
@@ -110,7 +115,13 @@ def _parse_overrides(args: argparse.Namespace) -> dict:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a run-config key such as local-epochs=2")
         key, value = item.split("=", 1)
         raw[key.strip()] = value.strip()
-    for flag, key in (("model", "model"), ("rounds", "rounds"), ("backbone", "backbone"), ("view_fusion", "view-fusion"), ("strategy", "strategy")):
+    for flag, key in (
+        ("model", "model"),
+        ("rounds", "rounds"),
+        ("backbone", "backbone"),
+        ("view_fusion", "view-fusion"),
+        ("strategy", "strategy"),
+    ):
         if getattr(args, flag, None) is not None:
             raw[key] = getattr(args, flag)
     if args.image_size:
@@ -127,10 +138,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedbreast.simulation.simulate import simulate
 
     overrides = _parse_overrides(args)
-    simulate(Path(args.out), sites=args.sites, patients=args.patients, seed=args.seed, baselines=args.baselines,
-             overrides=overrides, data_dir=Path(args.data) if args.data else None,
-             sites_dir=Path(args.sites_dir) if args.sites_dir else None, modalities=args.modalities,
-             engine=args.engine)
+    simulate(
+        Path(args.out),
+        sites=args.sites,
+        patients=args.patients,
+        seed=args.seed,
+        baselines=args.baselines,
+        overrides=overrides,
+        data_dir=Path(args.data) if args.data else None,
+        sites_dir=Path(args.sites_dir) if args.sites_dir else None,
+        modalities=args.modalities,
+        engine=args.engine,
+    )
     return 0
 
 
@@ -140,9 +159,13 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     settings = SuperLinkSettings(
         state_dir=Path(args.state_dir).resolve(),
         tls_dir=Path(args.tls_dir).resolve() if args.tls_dir else None,
-        host=args.host, port=args.port, federation=args.federation,
+        host=args.host,
+        port=args.port,
+        federation=args.federation,
         flwr_home=Path(args.flwr_home).resolve() if args.flwr_home else None,
-        metrics_host=args.metrics_host, metrics_port=args.metrics_port, insecure=args.insecure,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        insecure=args.insecure,
         connect_address=args.connect_address,
     )
     return run_superlink(settings)
@@ -155,7 +178,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {k.replace("_", "-"): v for k, v in _parse_overrides(args).items()}
     flwr_home = Path(args.flwr_home).resolve() if args.flwr_home else None
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.federation, flwr_home, time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = (
+        Path(args.run_dir)
+        if args.run_dir
+        else default_run_dir(args.federation, flwr_home, time.strftime("%Y%m%d-%H%M%S"))
+    )
     try:
         launch(args.federation, run_dir, overrides, app_dir=Path(args.app) if args.app else None, flwr_home=flwr_home)
     except RunFailed as exc:
@@ -185,25 +212,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedbreast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("simulate", help="the main job: a federated run on generated hospitals, ending in a per-site report")
+    p = sub.add_parser(
+        "simulate", help="the main job: a federated run on generated hospitals, ending in a per-site report"
+    )
     p.add_argument("--out", default="runs/simulate", help="run directory (config, metrics.jsonl, report, checkpoints)")
     p.add_argument("--data", help="where generated and ingested sites live (default: next to the run directory)")
-    p.add_argument("--sites-dir", help="run on these already-ingested site directories (one folder per site) instead of generated ones")
+    p.add_argument(
+        "--sites-dir",
+        help="run on these already-ingested site directories (one folder per site) instead of generated ones",
+    )
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients", type=int, default=80, help="patients per site (sites differ in size around this)")
     p.add_argument("--modalities", choices=MODALITY_SETS, help=MODALITIES_HELP)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", choices=("ray", "inprocess"), default="ray",
-                   help="ray: Flower's simulation engine, one SuperNode per site (default); inprocess: the same apps "
-                        "in this process, sites in turn, no Ray (faster for small runs; not the Flower runtime path)")
-    p.add_argument("--model", choices=tuple(FAMILIES),
-                   help="model family (seeds 001, 000, 003, 002, 004), each with its own preset; default multiview")
+    p.add_argument(
+        "--engine",
+        choices=("ray", "inprocess"),
+        default="ray",
+        help="ray: Flower's simulation engine, one SuperNode per site (default); inprocess: the same apps "
+        "in this process, sites in turn, no Ray (faster for small runs; not the Flower runtime path)",
+    )
+    p.add_argument(
+        "--model",
+        choices=tuple(FAMILIES),
+        help="model family (seeds 001, 000, 003, 002, 004), each with its own preset; default multiview",
+    )
     p.add_argument("--rounds", type=int)
     p.add_argument("--backbone")
     p.add_argument("--view-fusion", choices=VIEW_FUSIONS)
     p.add_argument("--strategy")
     p.add_argument("--image-size", help="HxW per view, e.g. 256x128")
-    p.add_argument("--baselines", action="store_true", help="also train local-only and pooled models with the same budget")
+    p.add_argument(
+        "--baselines", action="store_true", help="also train local-only and pooled models with the same budget"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key, e.g. --set local-epochs=2")
     p.set_defaults(func=cmd_simulate)
 
@@ -216,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="launch a federated run on a deployed federation and watch it per round and site")
     p.add_argument("federation", help="connection name in $FLWR_HOME/config.toml (written by `fedbreast server start`)")
-    p.add_argument("--run-dir", help="run directory on the coordinator (default: the SuperLink's STATE/runs/FEDERATION-TIMESTAMP)")
+    p.add_argument(
+        "--run-dir", help="run directory on the coordinator (default: the SuperLink's STATE/runs/FEDERATION-TIMESTAMP)"
+    )
     p.add_argument("--app", help="Flower app folder to submit (default: generated from the installed fedbreast)")
     p.add_argument("--flwr-home", help="Flower config folder (default $FLWR_HOME or ~/.flwr)")
     _add_run_config_flags(p)
@@ -224,13 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("server", help="coordinator commands").add_subparsers(dest="server_command", required=True)
     p = server.add_parser("start", help="start the SuperLink: TLS + site authentication, persistent state, /metrics")
-    p.add_argument("--state-dir", default="fedbreast-server", help="SuperLink database, run directories (default ./fedbreast-server)")
-    p.add_argument("--tls-dir", help="folder with ca.crt, server.crt, server.key (deploy/tls/provision.sh; default STATE/tls)")
+    p.add_argument(
+        "--state-dir",
+        default="fedbreast-server",
+        help="SuperLink database, run directories (default ./fedbreast-server)",
+    )
+    p.add_argument(
+        "--tls-dir", help="folder with ca.crt, server.crt, server.key (deploy/tls/provision.sh; default STATE/tls)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 to accept remote sites")
     p.add_argument("--port", type=int, default=9092)
     p.add_argument("--federation", default="fedbreast", help="connection name written to $FLWR_HOME/config.toml")
-    p.add_argument("--connect-address", help="HOST:PORT written to that connection (default: this machine's address of the "
-                   "SuperLink); must be a name in the server certificate")
+    p.add_argument(
+        "--connect-address",
+        help="HOST:PORT written to that connection (default: this machine's address of the "
+        "SuperLink); must be a name in the server certificate",
+    )
     p.add_argument("--flwr-home", help="Flower config folder (default $FLWR_HOME or ~/.flwr)")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus endpoint port; 0 turns it off")
@@ -239,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     site = sub.add_parser("site", help="hospital-site data commands").add_subparsers(dest="site_command", required=True)
 
-    p = site.add_parser("start", help="the site daemon: preflight, then a supervised SuperNode with /metrics and /healthz")
+    p = site.add_parser(
+        "start", help="the site daemon: preflight, then a supervised SuperNode with /metrics and /healthz"
+    )
     p.add_argument("config", help="site TOML (deploy/site.example.toml)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no site key: closed test networks only")
     p.add_argument("--max-restarts", type=int, help="give up after this many SuperNode restarts (default: never)")
@@ -255,12 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="processes reading files (default 2)")
     p.set_defaults(func=cmd_site_ingest)
 
-    p = site.add_parser("check", help="report incomplete exams, label balance, duplicates, leaks; exit 1 if the site cannot train")
+    p = site.add_parser(
+        "check", help="report incomplete exams, label balance, duplicates, leaks; exit 1 if the site cannot train"
+    )
     p.add_argument("site_dir")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_site_check)
 
-    p = site.add_parser("audit", help="what left the site: one row per message the ClientApp sent (from SITE_DIR/audit/audit.jsonl)")
+    p = site.add_parser(
+        "audit", help="what left the site: one row per message the ClientApp sent (from SITE_DIR/audit/audit.jsonl)"
+    )
     p.add_argument("site_dir")
     p.add_argument("--json", action="store_true", help="print the raw audit lines (JSONL)")
     p.add_argument("--run", help="only this Flower run id")
@@ -275,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_site_generate)
 
-    p = site.add_parser("import-cdd-cesm", help="import the public CDD-CESM dataset as a site (or one site per machine)")
+    p = site.add_parser(
+        "import-cdd-cesm", help="import the public CDD-CESM dataset as a site (or one site per machine)"
+    )
     p.add_argument("root")
     p.add_argument("--out", required=True)
     p.add_argument("--split-by-machine", action="store_true")

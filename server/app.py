@@ -49,8 +49,10 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = run_dir_of(context)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_flower(), indent=2, sort_keys=True) + "\n")
-    echo(f"fedbreast: {cfg.rounds} rounds of {cfg.strategy} on {cfg.model}/{cfg.backbone} "
-         f"({cfg.image_h}x{cfg.image_w}), run directory {run_dir}")
+    echo(
+        f"fedbreast: {cfg.rounds} rounds of {cfg.strategy} on {cfg.model}/{cfg.backbone} "
+        f"({cfg.image_h}x{cfg.image_w}), run directory {run_dir}"
+    )
     federation = FederatedRun(grid, cfg, run_dir, initial_arrays(cfg), echo=echo)
     try:
         federation.run()

@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,10 @@ def save_checkpoint(run_dir: Path, kind: str, arrays: Mapping[str, np.ndarray], 
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     full_meta = {**meta, "kind": kind, "sha256": content_hash(arrays)}
-    payload = {"arrays": {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()}, "meta": full_meta}
+    payload = {
+        "arrays": {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()},
+        "meta": full_meta,
+    }
     path = folder / f"{kind}.pt"
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     os.close(fd)
@@ -87,7 +91,10 @@ def check_resumable(ckpt: Checkpoint, signature: str, path_hint: str = "checkpoi
     theirs = ckpt.meta.get("model_signature")
     if theirs != signature:
         cfg = ckpt.meta.get("config", {})
-        described = ", ".join(f"{k}={cfg.get(k)}" for k in ("model", "backbone", "view-fusion", "head", "in-channels", "image-h", "image-w"))
+        described = ", ".join(
+            f"{k}={cfg.get(k)}"
+            for k in ("model", "backbone", "view-fusion", "head", "in-channels", "image-h", "image-w")
+        )
         raise CheckpointError(
             f"{path_hint}: was written by a different model ({described}); refusing to resume. "
             "Use a new run directory, or the original model settings."

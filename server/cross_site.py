@@ -26,8 +26,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedbreast.server.metric_store import MetricStore
-from fedbreast.shared import protocol
 from fedbreast.server.validation import check_update
+from fedbreast.shared import protocol
 from fedbreast.shared.training.personalise import CROSS_SITE_KEYS, model_slot
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,7 +44,7 @@ def personal_name(site: str) -> str:
     return f"{site} personal"
 
 
-def run_cross_site(run: "FederatedRun") -> dict[str, Path]:
+def run_cross_site(run: FederatedRun) -> dict[str, Path]:
     """Collect the personalised models, evaluate every model at every site, write the table."""
     from fedbreast.server.federation import RoundOutcome, to_record
 
@@ -124,6 +124,10 @@ def matrix_markdown(sites: list[str], models: list[str], cells: dict[tuple[str, 
             v = _f(cells.get((s, m), {}).get("test_auc"))
             row.append(f"**{v}**" if m == own else v)
         lines.append(f"| {s} | {n if n is not None else 'n/a'} | " + " | ".join(row) + " |")
-    lines += ["", "Bold: a site's personalised model on its own test split. Each site evaluated every model on its own data; "
-              "only these aggregate metrics left the sites.", ""]
+    lines += [
+        "",
+        "Bold: a site's personalised model on its own test split. Each site evaluated every model on its own data; "
+        "only these aggregate metrics left the sites.",
+        "",
+    ]
     return lines

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
@@ -75,7 +76,11 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def array_bytes(message: Message) -> int:
-    return sum(len(a.data) for rec in message.content.array_records.values() for a in rec.values()) if message.has_content() else 0
+    return (
+        sum(len(a.data) for rec in message.content.array_records.values() for a in rec.values())
+        if message.has_content()
+        else 0
+    )
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -112,8 +117,10 @@ class FederatedRun:
         best = load_checkpoint(self.run_dir, "best")
         if best is not None:
             self.best_value = best.meta.get("key_value")
-        self.echo(f"resuming from {self.run_dir / 'checkpoints' / 'latest.pt'} at round {self.start_round}"
-                  + (f" ({dropped} metric rows of the interrupted round discarded)" if dropped else ""))
+        self.echo(
+            f"resuming from {self.run_dir / 'checkpoints' / 'latest.pt'} at round {self.start_round}"
+            + (f" ({dropped} metric rows of the interrupted round discarded)" if dropped else "")
+        )
 
     def _meta(self, server_round: int, aggregate: dict[str, float]) -> dict[str, Any]:
         return {
@@ -133,7 +140,9 @@ class FederatedRun:
         kinds = []
         value = aggregate.get(self.cfg.key_metric)
         if value is not None and math.isfinite(value):
-            better = self.best_value is None or (value < self.best_value if self.cfg.key_metric == "val_loss" else value > self.best_value)
+            better = self.best_value is None or (
+                value < self.best_value if self.cfg.key_metric == "val_loss" else value > self.best_value
+            )
             if better:
                 self.best_value = value
                 kinds.append("best")
@@ -141,7 +150,9 @@ class FederatedRun:
         kinds.append("latest")
         self._flush_checkpoints()
         arrays = self.arrays  # aggregation replaces the dict, never mutates it: safe to hand over
-        self._pending_checkpoint = self._writer.submit(lambda: [save_checkpoint(self.run_dir, k, arrays, meta) for k in kinds])
+        self._pending_checkpoint = self._writer.submit(
+            lambda: [save_checkpoint(self.run_dir, k, arrays, meta) for k in kinds]
+        )
 
     def _flush_checkpoints(self) -> None:
         """Wait for the checkpoint being written; a failed write surfaces here, not silently."""
@@ -177,7 +188,9 @@ class FederatedRun:
     def site_name(self, node_id: int) -> str:
         return self.names.get(node_id, f"node-{node_id}")
 
-    def exchange(self, messages: Iterable[Message], phase: str, server_round: int, outcome: RoundOutcome) -> list[SiteReply]:
+    def exchange(
+        self, messages: Iterable[Message], phase: str, server_round: int, outcome: RoundOutcome
+    ) -> list[SiteReply]:
         """Send, collect within the round timeout, and sort replies into usable ones and failures."""
         messages = list(messages)
         sent_to = {m.metadata.dst_node_id for m in messages}
@@ -258,8 +271,10 @@ class FederatedRun:
         for r in good:
             outcome.site_seconds[r.site] = float(r.metrics.get("train_seconds", 0.0))
         if len(good) < self.cfg.min_train_sites:
-            self.echo(f"  round {server_round}: {len(good)} usable update(s), fewer than min-train-sites "
-                      f"({self.cfg.min_train_sites}); the global model is unchanged this round")
+            self.echo(
+                f"  round {server_round}: {len(good)} usable update(s), fewer than min-train-sites "
+                f"({self.cfg.min_train_sites}); the global model is unchanged this round"
+            )
             self.record_train_aggregate(server_round, good, released=False)
             return
         if self.cfg.update_norm_bound > 0:  # model replacement: a scaled update is cut down before it is averaged
@@ -270,9 +285,14 @@ class FederatedRun:
         agg, _ = self.strategy.aggregate_train(server_round, [r.message for r in good])
         if agg is not None:
             # Averaging turns integer buffers (BatchNorm's num_batches_tracked) into floats: cast back.
-            before, self.arrays = self.arrays, {k: np.asarray(v.numpy()).astype(self.arrays[k].dtype) for k, v in agg.items()}
+            before, self.arrays = (
+                self.arrays,
+                {k: np.asarray(v.numpy()).astype(self.arrays[k].dtype) for k, v in agg.items()},
+            )
             # Branches only some sites train (mgus' ultrasound net, late fusion's CESM nets) average over those sites.
-            self.arrays = family_of(self.cfg.model).after_train(self.cfg, before, self.arrays, [(r.arrays, r.metrics) for r in good])
+            self.arrays = family_of(self.cfg.model).after_train(
+                self.cfg, before, self.arrays, [(r.arrays, r.metrics) for r in good]
+            )
         self.record_train_aggregate(server_round, good, released=agg is not None)
 
     def _clip_updates(self, server_round: int, good: list[SiteReply]) -> None:
@@ -284,8 +304,10 @@ class FederatedRun:
             r.arrays = clipped_arrays[i]
             r.message.content["arrays"] = to_record(r.arrays)
             log.warning("round %d train: site %s: update norm %.3g clipped to %.3g", server_round, r.site, norm, limit)
-            self.echo(f"  round {server_round} train: site {r.site}: update norm {norm:.3g} clipped to {limit:.3g} "
-                      f"({self.cfg.update_norm_bound:g} x the median)")
+            self.echo(
+                f"  round {server_round} train: site {r.site}: update norm {norm:.3g} clipped to {limit:.3g} "
+                f"({self.cfg.update_norm_bound:g} x the median)"
+            )
 
     def record_train_aggregate(self, server_round: int, good: list[SiteReply], released: bool) -> None:
         """One "aggregate-train" row: means over sites, but privacy budgets (dp_epsilon, dp_delta)
@@ -305,19 +327,31 @@ class FederatedRun:
         # A site that missed the train wave's timeout is still busy with (or lost) that message: an
         # evaluate message would only queue behind it and hold the round for a second timeout.
         for node in {m.metadata.dst_node_id for m in messages} & outcome.timed_out:
-            self.record_failure(outcome, server_round, "evaluate", node, "skipped: no train reply within the round timeout")
+            self.record_failure(
+                outcome, server_round, "evaluate", node, "skipped: no train reply within the round timeout"
+            )
         messages = [m for m in messages if m.metadata.dst_node_id not in outcome.timed_out]
         replies = self.exchange(messages, "evaluate", server_round, outcome)
         outcome.sites_evaluated = [r.site for r in replies]
         for r in replies:
             # Histograms are aggregate counts (no per-patient score); kept for per-site ROC curves.
             self.store.append(server_round, "evaluate", r.site, r.metrics)
-            outcome.site_seconds[r.site] = outcome.site_seconds.get(r.site, 0.0) + float(r.metrics.get("eval_seconds", 0.0))
+            outcome.site_seconds[r.site] = outcome.site_seconds.get(r.site, 0.0) + float(
+                r.metrics.get("eval_seconds", 0.0)
+            )
         if not replies:
             return
         scalar = [{k: v for k, v in r.metrics.items() if isinstance(v, (int, float))} for r in replies]
-        agg = weighted_mean(scalar, weight_key=protocol.NUM_EXAMPLES, sum_keys=(protocol.NUM_EXAMPLES, "val_exams", "test_exams", "val_n", "test_n"))
-        hists = [{"hist_pos": r.metrics["test_hist_pos"], "hist_neg": r.metrics["test_hist_neg"]} for r in replies if "test_hist_pos" in r.metrics]
+        agg = weighted_mean(
+            scalar,
+            weight_key=protocol.NUM_EXAMPLES,
+            sum_keys=(protocol.NUM_EXAMPLES, "val_exams", "test_exams", "val_n", "test_n"),
+        )
+        hists = [
+            {"hist_pos": r.metrics["test_hist_pos"], "hist_neg": r.metrics["test_hist_neg"]}
+            for r in replies
+            if "test_hist_pos" in r.metrics
+        ]
         if hists and sum(sum(h["hist_pos"]) for h in hists) and sum(sum(h["hist_neg"]) for h in hists):
             with_edges = [self._with_edges(h) for h in hists]
             agg["test_pooled_auc"] = pooled_auc_from_histograms(with_edges)
@@ -349,15 +383,31 @@ class FederatedRun:
             t2 = time.perf_counter()
             self._checkpoint(server_round, outcome.aggregate)
             outcome.seconds = time.perf_counter() - t0  # checkpointing is part of the round's cost
-            self.store.append(server_round, "round", "ALL", {
-                "seconds": outcome.seconds, "slowest_site_seconds": outcome.slowest_site_seconds,
-                "train_phase_seconds": t1 - t0, "evaluate_phase_seconds": t2 - t1, "checkpoint_seconds": outcome.seconds - (t2 - t0),
-                "sites_trained": len(outcome.sites_trained), "failures": len(outcome.failures),
-                "bytes_sent": outcome.bytes_sent, "bytes_received": outcome.bytes_received})
+            self.store.append(
+                server_round,
+                "round",
+                "ALL",
+                {
+                    "seconds": outcome.seconds,
+                    "slowest_site_seconds": outcome.slowest_site_seconds,
+                    "train_phase_seconds": t1 - t0,
+                    "evaluate_phase_seconds": t2 - t1,
+                    "checkpoint_seconds": outcome.seconds - (t2 - t0),
+                    "sites_trained": len(outcome.sites_trained),
+                    "failures": len(outcome.failures),
+                    "bytes_sent": outcome.bytes_sent,
+                    "bytes_received": outcome.bytes_received,
+                },
+            )
             self.history.append(outcome)
             self.echo(self._progress_line(outcome))
         self._flush_checkpoints()
-        save_checkpoint(self.run_dir, "final", self.arrays, self._meta(self.cfg.rounds, self.history[-1].aggregate if self.history else {}))
+        save_checkpoint(
+            self.run_dir,
+            "final",
+            self.arrays,
+            self._meta(self.cfg.rounds, self.history[-1].aggregate if self.history else {}),
+        )
         if self.cfg.cross_site:
             self.cross_site_matrix()
         return self.history
@@ -377,13 +427,14 @@ class FederatedRun:
 
     def _progress_line(self, o: RoundOutcome) -> str:
         per_site = ", ".join(
-            f"{r['site']} {_fmt(r.get('val_auc'))}"
-            for r in self.store.rows("evaluate") if r["round"] == o.round
+            f"{r['site']} {_fmt(r.get('val_auc'))}" for r in self.store.rows("evaluate") if r["round"] == o.round
         )
         agg = o.aggregate
-        return (f"round {o.round}/{self.cfg.rounds}  {o.seconds:5.1f} s  trained {len(o.sites_trained)}  "
-                f"val AUC mean {_fmt(agg.get('val_auc'))} [{per_site}]  test pooled AUC {_fmt(agg.get('test_pooled_auc'))}"
-                + (f"  failures: {', '.join(o.failures)}" if o.failures else ""))
+        return (
+            f"round {o.round}/{self.cfg.rounds}  {o.seconds:5.1f} s  trained {len(o.sites_trained)}  "
+            f"val AUC mean {_fmt(agg.get('val_auc'))} [{per_site}]  test pooled AUC {_fmt(agg.get('test_pooled_auc'))}"
+            + (f"  failures: {', '.join(o.failures)}" if o.failures else "")
+        )
 
 
 def _fmt(v: Any) -> str:

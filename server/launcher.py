@@ -20,16 +20,24 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from fedbreast.shared.processes import bin_path, flower_env
 
 # Columns of the live table: (header, metrics.jsonl key, width). Missing values print as "-".
 COLUMNS = (
-    ("round", "round", 5), ("site", "site", 16), ("phase", "phase", 9), ("examples", "num-examples", 8),
-    ("loss", "train_loss", 7), ("train s", "train_seconds", 7), ("img/s", "train_images_per_s", 7),
-    ("val AUC", "val_auc", 7), ("test AUC", "test_auc", 8), ("test loss", "test_loss", 9),
+    ("round", "round", 5),
+    ("site", "site", 16),
+    ("phase", "phase", 9),
+    ("examples", "num-examples", 8),
+    ("loss", "train_loss", 7),
+    ("train s", "train_seconds", 7),
+    ("img/s", "train_images_per_s", 7),
+    ("val AUC", "val_auc", 7),
+    ("test AUC", "test_auc", 8),
+    ("test loss", "test_loss", 9),
 )
 RUN_ID = re.compile(r"run\s+(\d+)", re.IGNORECASE)
 
@@ -61,8 +69,10 @@ def table_row(row: Mapping[str, Any]) -> str | None:
         head = "  ".join(_cell(row.get(k), w) for _, k, w in COLUMNS[:2])
         return f"{head}  {_cell('LEFT OUT', 9)}  {row.get('stage', '')}: {row.get('reason', '')}"
     if phase == "round":
-        return (f"{_cell(row.get('round'), 5)}  {_cell('all sites', 16)}  {_cell('done', 9)}  "
-                f"{row.get('seconds', 0):.1f} s, {row.get('sites_trained', 0)} trained, {row.get('failures', 0)} left out")
+        return (
+            f"{_cell(row.get('round'), 5)}  {_cell('all sites', 16)}  {_cell('done', 9)}  "
+            f"{row.get('seconds', 0):.1f} s, {row.get('sites_trained', 0)} trained, {row.get('failures', 0)} left out"
+        )
     return None
 
 
@@ -120,7 +130,9 @@ def run_status(federation: str, run_id: int | None, env: dict[str, str]) -> dict
     try:
         runs = json.loads(listing.stdout)["runs"]
     except (ValueError, KeyError):
-        raise RunFailed(f"could not read the run status from the SuperLink: {(listing.stdout or listing.stderr).strip()}") from None
+        raise RunFailed(
+            f"could not read the run status from the SuperLink: {(listing.stdout or listing.stderr).strip()}"
+        ) from None
     if not runs:
         raise RunFailed("the SuperLink lists no run")
     return runs[-1]
@@ -175,7 +187,11 @@ def launch(
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
-                if run_id is None and (m := RUN_ID.search(line)) and ("start" in line.lower() or "created" in line.lower()):
+                if (
+                    run_id is None
+                    and (m := RUN_ID.search(line))
+                    and ("start" in line.lower() or "created" in line.lower())
+                ):
                     run_id = int(m.group(1))
                     emit(f"run {run_id} started on '{federation}'; run directory {run_dir}")
                 if _is_progress(line):
@@ -188,7 +204,9 @@ def launch(
     record = run_status(federation, run_id, env)
     emit(f"run {record.get('run-id')}: {record.get('status')} in {time.monotonic() - t0:.0f} s")
     if record.get("status") != "finished:completed":
-        raise RunFailed(f"run {record.get('run-id')} ended {record.get('status')}: {record.get('status-details')} (log: {log_path})")
+        raise RunFailed(
+            f"run {record.get('run-id')} ended {record.get('status')}: {record.get('status-details')} (log: {log_path})"
+        )
     return record
 
 

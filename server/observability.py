@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -137,23 +138,64 @@ class ServerCollector:
 
     def _families(self, states: dict[str, RunState]) -> Iterator[Metric]:
         rounds = CounterMetricFamily("fedbreast_server_rounds_completed", "Federated rounds completed", labels=["run"])
-        hist = HistogramMetricFamily("fedbreast_server_round_duration_seconds", "Wall time of a round (train, validate, aggregate, evaluate)", labels=["run"])
+        hist = HistogramMetricFamily(
+            "fedbreast_server_round_duration_seconds",
+            "Wall time of a round (train, validate, aggregate, evaluate)",
+            labels=["run"],
+        )
         last = GaugeMetricFamily("fedbreast_server_last_round", "Number of the latest completed round", labels=["run"])
-        last_t = GaugeMetricFamily("fedbreast_server_last_round_timestamp_seconds", "Unix time the latest round completed", labels=["run"])
-        sites = GaugeMetricFamily("fedbreast_server_sites_participating", "Sites whose reply was used in the latest round, by phase", labels=["run", "phase"])
+        last_t = GaugeMetricFamily(
+            "fedbreast_server_last_round_timestamp_seconds", "Unix time the latest round completed", labels=["run"]
+        )
+        sites = GaugeMetricFamily(
+            "fedbreast_server_sites_participating",
+            "Sites whose reply was used in the latest round, by phase",
+            labels=["run", "phase"],
+        )
         sent = CounterMetricFamily("fedbreast_server_sent_bytes", "Model array bytes sent to sites", labels=["run"])
-        received = CounterMetricFamily("fedbreast_server_received_bytes", "Model array bytes received from sites", labels=["run"])
-        failures = CounterMetricFamily("fedbreast_server_failures", "Sites left out of a round phase, by reason (timeout, error, unable, update_dropped)",
-                                       labels=["run", "site", "reason", "stage"])
-        auc = GaugeMetricFamily("fedbreast_server_site_auc", "Per-site evaluation AUC of the global model in the site's latest evaluated round", labels=["run", "site", "split"])
-        loss = GaugeMetricFamily("fedbreast_server_site_loss", "Per-site evaluation loss of the global model in the site's latest evaluated round", labels=["run", "site", "split"])
-        eval_round = GaugeMetricFamily("fedbreast_server_site_last_evaluated_round", "Round of the site's latest evaluation", labels=["run", "site"])
-        eps = GaugeMetricFamily("fedbreast_server_site_dp_epsilon", "Privacy budget (epsilon) the site reported spent in its latest train reply", labels=["run", "site"])
-        pooled = GaugeMetricFamily("fedbreast_server_pooled_auc", "Test AUC pooled over sites from their score histograms, latest round", labels=["run"])
-        bad = CounterMetricFamily("fedbreast_server_metric_store_unreadable_lines", "Complete metrics.jsonl lines that were not JSON objects", labels=["run"])
+        received = CounterMetricFamily(
+            "fedbreast_server_received_bytes", "Model array bytes received from sites", labels=["run"]
+        )
+        failures = CounterMetricFamily(
+            "fedbreast_server_failures",
+            "Sites left out of a round phase, by reason (timeout, error, unable, update_dropped)",
+            labels=["run", "site", "reason", "stage"],
+        )
+        auc = GaugeMetricFamily(
+            "fedbreast_server_site_auc",
+            "Per-site evaluation AUC of the global model in the site's latest evaluated round",
+            labels=["run", "site", "split"],
+        )
+        loss = GaugeMetricFamily(
+            "fedbreast_server_site_loss",
+            "Per-site evaluation loss of the global model in the site's latest evaluated round",
+            labels=["run", "site", "split"],
+        )
+        eval_round = GaugeMetricFamily(
+            "fedbreast_server_site_last_evaluated_round",
+            "Round of the site's latest evaluation",
+            labels=["run", "site"],
+        )
+        eps = GaugeMetricFamily(
+            "fedbreast_server_site_dp_epsilon",
+            "Privacy budget (epsilon) the site reported spent in its latest train reply",
+            labels=["run", "site"],
+        )
+        pooled = GaugeMetricFamily(
+            "fedbreast_server_pooled_auc",
+            "Test AUC pooled over sites from their score histograms, latest round",
+            labels=["run"],
+        )
+        bad = CounterMetricFamily(
+            "fedbreast_server_metric_store_unreadable_lines",
+            "Complete metrics.jsonl lines that were not JSON objects",
+            labels=["run"],
+        )
         for run, st in sorted(states.items()):
             rounds.add_metric([run], float(st.rounds_completed))
-            buckets = [(repr(b), float(c)) for b, c in zip(ROUND_BUCKETS, st.round_counts)] + [("+Inf", float(st.round_count))]
+            buckets = [(repr(b), float(c)) for b, c in zip(ROUND_BUCKETS, st.round_counts)] + [
+                ("+Inf", float(st.round_count))
+            ]
             hist.add_metric([run], buckets, sum_value=st.round_sum)
             if st.last_round is not None:
                 last.add_metric([run], float(st.last_round))
@@ -181,7 +223,22 @@ class ServerCollector:
             if st.pooled_auc is not None:
                 pooled.add_metric([run], st.pooled_auc)
             bad.add_metric([run], float(self._runs[run].tail.bad_lines))
-        yield from (rounds, hist, last, last_t, sites, sent, received, failures, auc, loss, eval_round, eps, pooled, bad)
+        yield from (
+            rounds,
+            hist,
+            last,
+            last_t,
+            sites,
+            sent,
+            received,
+            failures,
+            auc,
+            loss,
+            eval_round,
+            eps,
+            pooled,
+            bad,
+        )
 
 
 def server_registry(runs_dir: Path) -> tuple[CollectorRegistry, ServerCollector]:
@@ -191,7 +248,9 @@ def server_registry(runs_dir: Path) -> tuple[CollectorRegistry, ServerCollector]
     return registry, collector
 
 
-def start_server_exporter(runs_dir: Path, port: int, host: str = "127.0.0.1", health: HealthCheck | None = None) -> ExporterServer:
+def start_server_exporter(
+    runs_dir: Path, port: int, host: str = "127.0.0.1", health: HealthCheck | None = None
+) -> ExporterServer:
     """Serve the coordinator's ``/metrics`` and ``/healthz`` on ``host:port`` (port 0: a free one).
 
     ``runs_dir`` is where the ServerApp writes run directories (``run-dir``, by default

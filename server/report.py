@@ -49,7 +49,9 @@ def final_site_rows(store: MetricStore) -> tuple[int, list[dict]]:
     return last, sorted((r for r in rows if r["round"] == last), key=lambda r: r["site"])
 
 
-def write_report(run_dir: Path, cfg: RunConfig, baselines: dict[str, dict[str, float]] | None = None) -> dict[str, Path]:
+def write_report(
+    run_dir: Path, cfg: RunConfig, baselines: dict[str, dict[str, float]] | None = None
+) -> dict[str, Path]:
     """Write summary.md, summary.csv, roc.png and learning_curves.png; return their paths."""
     run_dir = Path(run_dir)
     store = MetricStore(run_dir)
@@ -60,7 +62,11 @@ def write_report(run_dir: Path, cfg: RunConfig, baselines: dict[str, dict[str, f
 
     with open(paths["csv"], "w", newline="") as fh:
         w = csv.writer(fh)
-        header = ["site", "round", "test_exams", "test_n"] + [k for k, _ in COLUMNS] + [f"test_auc_{b}" for b in ("lo", "hi")]
+        header = (
+            ["site", "round", "test_exams", "test_n"]
+            + [k for k, _ in COLUMNS]
+            + [f"test_auc_{b}" for b in ("lo", "hi")]
+        )
         if baselines:
             header += ["local_only_test_auc", "pooled_test_auc"]
         extra = [k for k in SIDE_BY_SIDE_CSV if any(k in r for r in sites)]  # personalised / PSFT columns when run
@@ -75,22 +81,42 @@ def write_report(run_dir: Path, cfg: RunConfig, baselines: dict[str, dict[str, f
             row += [r.get(k) for k in extra]
             w.writerow(row)
 
-    lines = ["# fedbreast run report", "", f"Model {cfg.model}/{cfg.backbone}, {cfg.view_fusion} view fusion, "
-             f"{cfg.image_h}x{cfg.image_w}, strategy {cfg.strategy}, {last} of {cfg.rounds} rounds.", ""]
+    lines = [
+        "# fedbreast run report",
+        "",
+        f"Model {cfg.model}/{cfg.backbone}, {cfg.view_fusion} view fusion, "
+        f"{cfg.image_h}x{cfg.image_w}, strategy {cfg.strategy}, {last} of {cfg.rounds} rounds.",
+        "",
+    ]
     lines += ["## Global model on each site's test split (95% bootstrap CI)", ""]
     lines.append("| site | exams | breasts | " + " | ".join(label for _, label in COLUMNS) + " |")
     lines.append("|---|---|---|" + "---|" * len(COLUMNS))
     for r in sites:
-        cells = [_with_ci(r, k) if k in ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "test_mcc", "test_spec_at_sens100") else _f(r.get(k)) for k, _ in COLUMNS]
+        cells = [
+            _with_ci(r, k)
+            if k
+            in ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "test_mcc", "test_spec_at_sens100")
+            else _f(r.get(k))
+            for k, _ in COLUMNS
+        ]
         lines.append(f"| {r['site']} | {r.get('test_exams')} | {r.get('test_n')} | " + " | ".join(cells) + " |")
     thresholds = ", ".join(f"{r['site']} {_f(r.get('test_threshold'))}" for r in sites)
-    lines += ["", f"Weighted mean test AUC {_f(aggregate.get('test_auc'))}; pooled test AUC across sites from score histograms "
-              f"{_f(aggregate.get('test_pooled_auc'))} (binning error bound {_f(aggregate.get('test_pooled_auc_binning_bound'), 4)}); "
-              f"no per-patient score left any site. Accuracy, SEN, SPE, PPV, NPV, F1, MCC and G-mean are at each site's "
-              f"operating point, the score cut-off that maximises Youden's J on its own validation split "
-              f"({thresholds}).", ""]
+    lines += [
+        "",
+        f"Weighted mean test AUC {_f(aggregate.get('test_auc'))}; pooled test AUC across sites from score histograms "
+        f"{_f(aggregate.get('test_pooled_auc'))} (binning error bound {_f(aggregate.get('test_pooled_auc_binning_bound'), 4)}); "
+        f"no per-patient score left any site. Accuracy, SEN, SPE, PPV, NPV, F1, MCC and G-mean are at each site's "
+        f"operating point, the score cut-off that maximises Youden's J on its own validation split "
+        f"({thresholds}).",
+        "",
+    ]
     if baselines:
-        lines += ["## Federated vs local-only vs pooled (test AUC, same budget)", "", "| site | federated | local-only | pooled |", "|---|---|---|---|"]
+        lines += [
+            "## Federated vs local-only vs pooled (test AUC, same budget)",
+            "",
+            "| site | federated | local-only | pooled |",
+            "|---|---|---|---|",
+        ]
         for r in sites:
             b = baselines.get(r["site"], {})
             lines.append(f"| {r['site']} | {_f(r.get('test_auc'))} | {_f(b.get('local'))} | {_f(b.get('pooled'))} |")
@@ -100,7 +126,10 @@ def write_report(run_dir: Path, cfg: RunConfig, baselines: dict[str, dict[str, f
         lines += ["## Sites left out of a round", "", "| round | site | stage | reason |", "|---|---|---|---|"]
         lines += [f"| {f['round']} | {f['site']} | {f.get('stage')} | {f.get('reason')} |" for f in failures]
         lines.append("")
-    lines += ["Files: `metrics.jsonl` (round x site), `summary.csv`, `roc.png`, `learning_curves.png`, `checkpoints/`.", ""]
+    lines += [
+        "Files: `metrics.jsonl` (round x site), `summary.csv`, `roc.png`, `learning_curves.png`, `checkpoints/`.",
+        "",
+    ]
     paths["markdown"].write_text("\n".join(lines))
     paths.update(_plots(run_dir, store, sites, cfg))
     return paths
@@ -132,7 +161,12 @@ def _plots(run_dir: Path, store: MetricStore, sites: list[dict], cfg: RunConfig)
     for r in store.rows("evaluate"):
         by_site.setdefault(r["site"], []).append(r)
     for site, rows in sorted(by_site.items()):
-        a1.plot([r["round"] for r in rows], [r.get("val_auc") if r.get("val_auc") is not None else float("nan") for r in rows], marker="o", label=site)
+        a1.plot(
+            [r["round"] for r in rows],
+            [r.get("val_auc") if r.get("val_auc") is not None else float("nan") for r in rows],
+            marker="o",
+            label=site,
+        )
     train: dict[str, list[dict]] = {}
     for r in store.rows("train"):
         train.setdefault(r["site"], []).append(r)
@@ -150,9 +184,18 @@ def _plots(run_dir: Path, store: MetricStore, sites: list[dict], cfg: RunConfig)
 
 # ---- personalisation, patient-specific fine-tuning, cross-site (issue 4) ----------------------
 
-SIDE_BY_SIDE = (("auc", "AUC"), ("spec_at_sens100", "SPE@SEN100"), ("sensitivity", "SEN"), ("specificity", "SPE"), ("mcc", "MCC"))
+SIDE_BY_SIDE = (
+    ("auc", "AUC"),
+    ("spec_at_sens100", "SPE@SEN100"),
+    ("sensitivity", "SEN"),
+    ("specificity", "SPE"),
+    ("mcc", "MCC"),
+)
 SIDE_BY_SIDE_CSV = tuple(f"test_{k}{s}" for s in ("_personal", "_psft") for k, _ in SIDE_BY_SIDE) + (
-    "test_psft_patients", "test_psft_skipped_patients", "test_psft_seconds_per_patient")
+    "test_psft_patients",
+    "test_psft_skipped_patients",
+    "test_psft_seconds_per_patient",
+)
 
 
 def personal_sections(run_dir: Path, sites: list[dict]) -> list[str]:
@@ -172,9 +215,15 @@ def personal_sections(run_dir: Path, sites: list[dict]) -> list[str]:
             cells = " | ".join(f"{_f(r.get(f'test_{k}'))} | {_f(r.get(f'test_{k}{suffix}'))}" for k, _ in SIDE_BY_SIDE)
             lines.append(f"| {r['site']} | {cells} |")
         if suffix == "_psft":
-            lines += ["", "Patients fine-tuned / skipped (no normal tissue), s per patient: " + "; ".join(
-                f"{r['site']} {r.get('test_psft_patients')} / {r.get('test_psft_skipped_patients')}, "
-                f"{_f(r.get('test_psft_seconds_per_patient'))} s" for r in rows)]
+            lines += [
+                "",
+                "Patients fine-tuned / skipped (no normal tissue), s per patient: "
+                + "; ".join(
+                    f"{r['site']} {r.get('test_psft_patients')} / {r.get('test_psft_skipped_patients')}, "
+                    f"{_f(r.get('test_psft_seconds_per_patient'))} s"
+                    for r in rows
+                ),
+            ]
         lines.append("")
     matrix = Path(run_dir) / "cross_site.md"
     if matrix.exists():

@@ -77,7 +77,7 @@ class _WatchedGrid:
     """The run's Grid, as the workflow sees it: replies are pulled every 0.1 s (not Flower's 3 s),
     error replies are remembered per node so a site that drops out is named, and bytes are counted."""
 
-    def __init__(self, run: "FederatedRun", outcome: "RoundOutcome"):
+    def __init__(self, run: FederatedRun, outcome: RoundOutcome):
         self._run, self._outcome = run, outcome
         self.errors: dict[int, str] = {}
 
@@ -119,7 +119,7 @@ def _apply(current: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return (np.rint(new) if np.issubdtype(current.dtype, np.integer) else new).astype(current.dtype)
 
 
-def expected_weight(run: "FederatedRun", nodes: list[int]) -> float:
+def expected_weight(run: FederatedRun, nodes: list[int]) -> float:
     """The largest FedAvg weight (samples trained this round) a sampled site should report.
 
     Each site masks ``change x weight / max_weight``, quantised in steps of 2 clip / 2^22: a
@@ -132,7 +132,7 @@ def expected_weight(run: "FederatedRun", nodes: list[int]) -> float:
     return float(max(per_round, 1))
 
 
-def secure_train_round(run: "FederatedRun", server_round: int, outcome: "RoundOutcome", nodes: list[int]) -> None:
+def secure_train_round(run: FederatedRun, server_round: int, outcome: RoundOutcome, nodes: list[int]) -> None:
     """One train wave under SecAgg+: every sampled site masks its change, the coordinator
     unmasks only the sum. Per-site training metrics (time, loss, epsilon) still arrive: they
     are aggregate statistics, not the update."""
@@ -145,7 +145,8 @@ def secure_train_round(run: "FederatedRun", server_round: int, outcome: "RoundOu
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy)  # type: ignore[arg-type]
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        ndarrays_to_parameters([run.arrays[k] for k in names]), keep_input=True)
+        ndarrays_to_parameters([run.arrays[k] for k in names]), keep_input=True
+    )
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
     workflow = SecAggPlusWorkflow(
         num_shares=cfg.secagg_shares,
@@ -180,11 +181,15 @@ def secure_train_round(run: "FederatedRun", server_round: int, outcome: "RoundOu
         outcome.site_seconds[r.site] = float(r.metrics.get("train_seconds", 0.0))
     released = strategy.mean_delta is not None and len(good) >= cfg.min_train_sites
     if strategy.mean_delta is not None and not released:
-        run.echo(f"  round {server_round}: {len(good)} site(s) in the secure sum, fewer than min-train-sites "
-                 f"({cfg.min_train_sites}); the global model is unchanged this round")
+        run.echo(
+            f"  round {server_round}: {len(good)} site(s) in the secure sum, fewer than min-train-sites "
+            f"({cfg.min_train_sites}); the global model is unchanged this round"
+        )
     elif strategy.mean_delta is None:
-        run.echo(f"  round {server_round}: secure aggregation did not complete (too few sites answered every stage); "
-                 "the global model is unchanged this round")
+        run.echo(
+            f"  round {server_round}: secure aggregation did not complete (too few sites answered every stage); "
+            "the global model is unchanged this round"
+        )
     if released:
         run.arrays = {k: _apply(run.arrays[k], d) for k, d in zip(names, strategy.mean_delta)}
     run.record_train_aggregate(server_round, good, released=released)

@@ -22,9 +22,9 @@ import os
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from fedbreast.shared.processes import StopSignal, bin_path, flower_env, http_ok, probe_host, stop_group, wait_until
 
@@ -86,7 +86,8 @@ def check_tls(settings: SuperLinkSettings) -> dict[str, Path]:
     if problems:
         root = files["ca"].parent
         raise DeployError(
-            "TLS is on by default and its files are not usable: " + "; ".join(problems)
+            "TLS is on by default and its files are not usable: "
+            + "; ".join(problems)
             + f". Create them with `deploy/tls/provision.sh {root} --host YOUR_HOSTNAME SITE...` (or point --tls-dir at them);"
             " to run without TLS on a test network pass --insecure."
         )
@@ -96,18 +97,24 @@ def check_tls(settings: SuperLinkSettings) -> dict[str, Path]:
 def superlink_command(settings: SuperLinkSettings) -> list[str]:
     cmd = [
         bin_path("flower-superlink"),
-        "--database", str(settings.database),
-        "--host", settings.host,
-        "--port", str(settings.port),
+        "--database",
+        str(settings.database),
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
         "--disable-runtime-dependency-installation",
     ]
     if settings.insecure:
         return cmd + ["--insecure"]
     files = check_tls(settings)
     return cmd + [
-        "--ssl-ca-certfile", str(files["ca"]),
-        "--ssl-certfile", str(files["cert"]),
-        "--ssl-keyfile", str(files["key"]),
+        "--ssl-ca-certfile",
+        str(files["ca"]),
+        "--ssl-certfile",
+        str(files["cert"]),
+        "--ssl-keyfile",
+        str(files["key"]),
         "--enable-supernode-auth",
     ]
 
@@ -153,13 +160,19 @@ def write_pointer(flwr_home: Path, settings: SuperLinkSettings) -> Path:
     return path
 
 
-def _start_exporter(settings: SuperLinkSettings, health: Callable[[], tuple[bool, str]], echo: Callable[[str], None]) -> object | None:
+def _start_exporter(
+    settings: SuperLinkSettings, health: Callable[[], tuple[bool, str]], echo: Callable[[str], None]
+) -> object | None:
     if not settings.metrics_port:
         return None
     from fedbreast.server.observability import start_server_exporter
 
-    server = start_server_exporter(settings.runs_dir, port=settings.metrics_port, host=settings.metrics_host, health=health)
-    echo(f"coordinator metrics: http://{probe_host(settings.metrics_host)}:{settings.metrics_port}/metrics and /healthz")
+    server = start_server_exporter(
+        settings.runs_dir, port=settings.metrics_port, host=settings.metrics_host, health=health
+    )
+    echo(
+        f"coordinator metrics: http://{probe_host(settings.metrics_host)}:{settings.metrics_port}/metrics and /healthz"
+    )
     return server
 
 
@@ -194,17 +207,27 @@ def run_superlink(settings: SuperLinkSettings, echo: Callable[[str], None] = pri
     exporter = _start_exporter(settings, health, echo)
     try:
         with StopSignal(on_stop=lambda _sig: proc.poll() is None and proc.terminate()) as stop:
-            if wait_until(lambda: http_ok(health_url, ca), ready_timeout, alive=lambda: proc.poll() is None and stop.received is None):
+            if wait_until(
+                lambda: http_ok(health_url, ca),
+                ready_timeout,
+                alive=lambda: proc.poll() is None and stop.received is None,
+            ):
                 home = resolve_flwr_home(settings.flwr_home)
                 conf = write_connection(home, settings.federation, settings.connect_address or settings.address, ca)
                 write_pointer(home, settings)
-                echo(f"SuperLink ready on {settings.host}:{settings.port} "
-                     f"({'INSECURE' if settings.insecure else 'TLS, SuperNode authentication'}), state {settings.database}")
-                echo(f"federation '{settings.federation}' written to {conf}; "
-                     f"register sites with deploy/tls/register-site.sh SITE KEY.pub {settings.federation}, "
-                     f"then: fedbreast run {settings.federation}")
+                echo(
+                    f"SuperLink ready on {settings.host}:{settings.port} "
+                    f"({'INSECURE' if settings.insecure else 'TLS, SuperNode authentication'}), state {settings.database}"
+                )
+                echo(
+                    f"federation '{settings.federation}' written to {conf}; "
+                    f"register sites with deploy/tls/register-site.sh SITE KEY.pub {settings.federation}, "
+                    f"then: fedbreast run {settings.federation}"
+                )
             elif proc.poll() is None and stop.received is None:
-                echo(f"warning: the SuperLink did not answer {health_url} within {ready_timeout:.0f} s; still waiting on it")
+                echo(
+                    f"warning: the SuperLink did not answer {health_url} within {ready_timeout:.0f} s; still waiting on it"
+                )
             while proc.poll() is None and stop.received is None:
                 stop.sleep(0.5)
             code = stop_group(proc)

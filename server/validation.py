@@ -7,8 +7,8 @@ same dtypes, finite values, and (optionally) an update norm within a bound.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def check_update(
             diff = arr.astype(np.float64) - ref
             sq_norm += float(np.vdot(diff, diff))
     if max_update_norm is not None and sq_norm**0.5 > max_update_norm:
-        return UpdateProblem(site, f"update norm {sq_norm ** 0.5:.3g} exceeds the bound {max_update_norm:.3g}")
+        return UpdateProblem(site, f"update norm {sq_norm**0.5:.3g} exceeds the bound {max_update_norm:.3g}")
     return None
 
 
@@ -85,7 +85,13 @@ def clip_to_median_norm(
             out.append(dict(u))
             continue
         f = limit / n
-        out.append({k: (ref + f * (u[k].astype(np.float64) - ref)).astype(u[k].dtype) if np.issubdtype(ref.dtype, np.floating) else u[k]
-                    for k, ref in reference.items()})
+        out.append(
+            {
+                k: (ref + f * (u[k].astype(np.float64) - ref)).astype(u[k].dtype)
+                if np.issubdtype(ref.dtype, np.floating)
+                else u[k]
+                for k, ref in reference.items()
+            }
+        )
         clipped.append((i, n, limit))
     return out, clipped

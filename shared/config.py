@@ -13,8 +13,9 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from fedbreast.shared.data.rules import ConfigError
 from fedbreast.shared.families import FAMILIES
@@ -33,6 +34,7 @@ KEY_METRICS = ("val_auc", "val_loss", "val_mcc", "val_accuracy")
 DP_MODES = ("off", "local", "central")  # shared/training/dp.py
 DP_GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")  # Opacus per-sample gradient engines
 PSFT_SCOPES = ("all", "head")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -131,7 +133,7 @@ class RunConfig:
         return name.replace("_", "-")
 
     @classmethod
-    def from_flower(cls, run_config: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> "RunConfig":
+    def from_flower(cls, run_config: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> RunConfig:
         """Build from Flower's flat kebab-case dict; raises ConfigError naming the key."""
         by_key = {cls.flower_key(f.name): f for f in fields(cls)}
         values: dict[str, Any] = {}
@@ -147,7 +149,7 @@ class RunConfig:
     def to_flower(self) -> dict[str, Any]:
         return {self.flower_key(k): v for k, v in dataclasses.asdict(self).items()}
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
     def model_signature(self) -> str:
@@ -217,7 +219,16 @@ class RunConfig:
         for name in ("round_timeout", "wait_for_sites", "lr"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
-        for name in ("local_steps", "weight_decay", "proximal_mu", "krum_byzantine", "update_norm_bound", "bootstrap", "hist_noise_epsilon", "workers"):
+        for name in (
+            "local_steps",
+            "weight_decay",
+            "proximal_mu",
+            "krum_byzantine",
+            "update_norm_bound",
+            "bootstrap",
+            "hist_noise_epsilon",
+            "workers",
+        ):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
         if not 0 <= self.momentum < 1:
@@ -227,7 +238,7 @@ class RunConfig:
         if self.hist_bins < 16:
             raise bad("hist_bins", "must be at least 16")
         try:
-            self.decay_rounds
+            self.decay_rounds  # noqa: B018 - parsing it is the check
         except ValueError:
             raise bad("lr_decay_rounds", "must be comma-separated round numbers, e.g. '10,30,40'") from None
         for name in ("patch_size", "n_patches", "box_size", "crop_size", "descriptor_dim"):
@@ -248,7 +259,9 @@ class RunConfig:
 
         groups = self.birads_group_list
         if not groups or any(g not in BIRADS_LEXICON for g in groups) or len(set(groups)) != len(groups):
-            raise bad("birads_groups", f"must be a comma-separated list of distinct groups among {', '.join(BIRADS_LEXICON)}")
+            raise bad(
+                "birads_groups", f"must be a comma-separated list of distinct groups among {', '.join(BIRADS_LEXICON)}"
+            )
         self._validate_dp(bad)
         self._validate_secure_aggregation(bad)
         if self.head == "vgg_fc" and self.backbone != "vgg16_bn":
@@ -266,9 +279,14 @@ class RunConfig:
         if self.patient_finetune and self.model != "birads":
             raise bad("patient_finetune", "needs a patch classifier: model = 'birads' (seed 000)")
         if self.cross_site and not self.personalised:
-            raise bad("cross_site", "needs a personal model: set personal-epochs or personal-steps > 0, or fedbn = true")
+            raise bad(
+                "cross_site", "needs a personal model: set personal-epochs or personal-steps > 0, or fedbn = true"
+            )
         if self.cross_site and self.dp != "off":
-            raise bad("cross_site", "cannot run with dp: personal models are fine-tuned without DP and the cross-site phase sends them out")
+            raise bad(
+                "cross_site",
+                "cannot run with dp: personal models are fine-tuned without DP and the cross-site phase sends them out",
+            )
 
     @property
     def personalised(self) -> bool:
@@ -286,14 +304,26 @@ class RunConfig:
             return
         # Everything below needs to see single updates, which secure aggregation exists to hide.
         if self.strategy != "fedavg":
-            raise bad("secure_aggregation", f"works with strategy = 'fedavg' only (a masked sum is a weighted mean); got {self.strategy!r}")
+            raise bad(
+                "secure_aggregation",
+                f"works with strategy = 'fedavg' only (a masked sum is a weighted mean); got {self.strategy!r}",
+            )
         if self.update_norm_bound > 0:
-            raise bad("secure_aggregation", "cannot run with update-norm-bound: the coordinator never sees one site's update to clip it")
+            raise bad(
+                "secure_aggregation",
+                "cannot run with update-norm-bound: the coordinator never sees one site's update to clip it",
+            )
         if self.dp == "central":
-            raise bad("secure_aggregation", "cannot run with dp = 'central' (it clips single updates at the server); use dp = 'local'")
+            raise bad(
+                "secure_aggregation",
+                "cannot run with dp = 'central' (it clips single updates at the server); use dp = 'local'",
+            )
         if self.model in ("mgus", "latefusion"):
-            raise bad("secure_aggregation", f"model {self.model!r} averages some branches over only the sites that train them, "
-                      "which needs per-site updates; use it without secure aggregation")
+            raise bad(
+                "secure_aggregation",
+                f"model {self.model!r} averages some branches over only the sites that train them, "
+                "which needs per-site updates; use it without secure aggregation",
+            )
 
     def _validate_dp(self, bad) -> None:
         if self.dp not in DP_MODES:
@@ -310,8 +340,11 @@ class RunConfig:
         if self.dp != "off" and self.dp_epsilon == 0 and self.dp_noise_multiplier == 0:
             raise bad("dp_noise_multiplier", "must be positive when dp is on and dp-epsilon is 0 (no budget given)")
         if self.dp == "central" and self.strategy not in ("fedavg", "fedprox"):
-            raise bad("dp", "central DP needs an averaging strategy (fedavg or fedprox): its noise is "
-                      "calibrated to a mean of clipped updates")
+            raise bad(
+                "dp",
+                "central DP needs an averaging strategy (fedavg or fedprox): its noise is "
+                "calibrated to a mean of clipped updates",
+            )
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

@@ -17,9 +17,10 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -58,7 +59,9 @@ class JsonlTail:
         with fh:
             st = os.fstat(fh.fileno())
             reset = False
-            if self._inode is not None and (st.st_ino != self._inode or st.st_size < self.offset or not self._same_prefix(fh)):
+            if self._inode is not None and (
+                st.st_ino != self._inode or st.st_size < self.offset or not self._same_prefix(fh)
+            ):
                 reset = True
                 self.offset, self.bad_lines = 0, 0
             self._inode = st.st_ino
@@ -120,7 +123,9 @@ def check_health(health: HealthCheck | None) -> tuple[bool, str]:
     return bool(ok), str(reason or "")
 
 
-def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1", health: HealthCheck | None = None) -> ExporterServer:
+def serve(
+    registry: CollectorRegistry, port: int, host: str = "127.0.0.1", health: HealthCheck | None = None
+) -> ExporterServer:
     """Serve ``registry`` on ``/metrics`` and ``health`` on ``/healthz`` from a daemon thread.
 
     Port 0 picks a free port (see ``.port``). The default host is loopback: exposing the
@@ -135,7 +140,11 @@ def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1", healt
                     body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
                 except Exception as exc:
                     log.exception("collecting metrics failed")
-                    body, status, ctype = f"collecting metrics failed: {type(exc).__name__}\n".encode(), 500, "text/plain"
+                    body, status, ctype = (
+                        f"collecting metrics failed: {type(exc).__name__}\n".encode(),
+                        500,
+                        "text/plain",
+                    )
             elif path == "/healthz":
                 ok, reason = check_health(health)
                 body = json.dumps({"ok": ok, "reason": reason} if reason else {"ok": ok}).encode() + b"\n"
@@ -165,8 +174,24 @@ def serve(registry: CollectorRegistry, port: int, host: str = "127.0.0.1", healt
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 _LABEL = re.compile(r"^[a-z_][a-z0-9_]*$")
 # promlint: units must be base units and not abbreviated.
-_NON_BASE_UNITS = ("milliseconds", "microseconds", "nanoseconds", "minutes", "hours", "days", "weeks", "years",
-                   "kilobytes", "megabytes", "gigabytes", "terabytes", "bits", "percent", "celsius", "fahrenheit")
+_NON_BASE_UNITS = (
+    "milliseconds",
+    "microseconds",
+    "nanoseconds",
+    "minutes",
+    "hours",
+    "days",
+    "weeks",
+    "years",
+    "kilobytes",
+    "megabytes",
+    "gigabytes",
+    "terabytes",
+    "bits",
+    "percent",
+    "celsius",
+    "fahrenheit",
+)
 _ABBREVIATED = ("s", "ms", "us", "ns", "sec", "b", "kb", "mb", "gb", "tb", "pb", "m", "h", "d")
 _TYPES_IN_NAME = ("counter", "gauge", "histogram", "summary")
 
@@ -210,7 +235,9 @@ def lint_exposition(text: str, prefix: str = "fedbreast_") -> list[str]:
             if not any(s.startswith(name + "_total") for s in _sample_names(text)):
                 problems.append(f'{name} counter metrics should have "_total" suffix')
         if kind not in ("histogram", "summary") and name.endswith(("_sum", "_count", "_bucket")):
-            problems.append(f'{name} non-histogram and non-summary metrics should not have "_sum", "_count" or "_bucket" suffix')
+            problems.append(
+                f'{name} non-histogram and non-summary metrics should not have "_sum", "_count" or "_bucket" suffix'
+            )
         if kind != "counter" and name.endswith("_total"):
             problems.append(f"{name} only counters should end in _total")
     for family in text_string_to_metric_families(text):
@@ -222,7 +249,9 @@ def lint_exposition(text: str, prefix: str = "fedbreast_") -> list[str]:
         for s in family.samples:
             for label in s.labels:
                 if not _LABEL.match(label):
-                    problems.append(f"{family.name} label names should be written in 'snake_case' not 'camelCase': {label}")
+                    problems.append(
+                        f"{family.name} label names should be written in 'snake_case' not 'camelCase': {label}"
+                    )
     return problems
 
 

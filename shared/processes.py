@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # Hospitals allow no outbound traffic besides the SuperLink: these must reach every Flower
 # process (SuperLink, SuperExec, ServerApp, SuperNode, ClientApp), so they go in the env.
@@ -60,7 +60,9 @@ def http_ok(url: str, cafile: Path | None = None, timeout: float = 1.0) -> bool:
         return False
 
 
-def wait_until(check: Callable[[], bool], timeout: float, alive: Callable[[], bool] = lambda: True, step: float = 0.2) -> bool:
+def wait_until(
+    check: Callable[[], bool], timeout: float, alive: Callable[[], bool] = lambda: True, step: float = 0.2
+) -> bool:
     """Poll ``check`` until it is true (True), ``alive`` turns false or ``timeout`` passes (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,7 +105,7 @@ class StopSignal:
         self._on_stop = on_stop
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

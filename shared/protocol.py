@@ -116,8 +116,9 @@ def round_of(content: RecordDict, default: int | None) -> int | None:
     return int(content[CONFIG].get(SERVER_ROUND, default))  # type: ignore[arg-type]
 
 
-def reply(msg: Message, site: SiteInfo, metrics: Mapping[str, Any], arrays: ArrayRecord | None = None,
-          **records: Any) -> Message:
+def reply(
+    msg: Message, site: SiteInfo, metrics: Mapping[str, Any], arrays: ArrayRecord | None = None, **records: Any
+) -> Message:
     """A site's reply: its metrics, its name and status, and (train, personal) its model."""
     content: dict[str, Any] = {METRICS: MetricRecord(dict(metrics)), SITE: site.to_record(), **records}
     if arrays is not None:

@@ -25,8 +25,13 @@ def _train(loader, cfg: RunConfig) -> torch.nn.Module:
     aug = AUGMENT_PRESETS["multiview"]
     for epoch in range(1, cfg.rounds * cfg.local_epochs + 1):
         train_local(
-            model, loader, lr=cfg.lr_at((epoch - 1) // cfg.local_epochs + 1), momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay, steps=cfg.local_steps, amp=cfg.amp,
+            model,
+            loader,
+            lr=cfg.lr_at((epoch - 1) // cfg.local_epochs + 1),
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            steps=cfg.local_steps,
+            amp=cfg.amp,
             augment=(lambda x: augment(x, aug, gen)) if cfg.augment else None,
         )
     return model

@@ -23,7 +23,9 @@ def run_demo(out: Path, sites: int = 3, patients: int = 40, seed: int = 0, worke
     rows = []
     for s in summaries:
         site_dir = out / "sites" / s.name
-        report = ingest(Path(s.path) / "dicom", site_dir, annotations=Path(s.path) / "annotations.csv", site=s.name, workers=workers)
+        report = ingest(
+            Path(s.path) / "dicom", site_dir, annotations=Path(s.path) / "annotations.csv", site=s.name, workers=workers
+        )
         check = check_site(site_dir)
         train = check.balance.get("train", {})
         rows.append(

@@ -95,26 +95,49 @@ def main() -> None:
     ap.add_argument("--image-w", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--batch-size", type=int, default=8, help="exams per batch (4 views each)")
-    ap.add_argument("--decay-at", default="", help="comma-separated epochs after which the lr halves (default: 50%% and 75%% of --epochs)")
-    ap.add_argument("--batches", choices=("pooled", "per-site"), default="pooled",
-                    help="pooled: every batch mixes sites (default); per-site: one site per batch, interleaved")
+    ap.add_argument(
+        "--decay-at",
+        default="",
+        help="comma-separated epochs after which the lr halves (default: 50%% and 75%% of --epochs)",
+    )
+    ap.add_argument(
+        "--batches",
+        choices=("pooled", "per-site"),
+        default="pooled",
+        help="pooled: every batch mixes sites (default); per-site: one site per batch, interleaved",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     out = Path(args.out)
     t0 = time.perf_counter()
     site_dirs = prepare_sites(out, args.patients, args.seed)
-    cfg = RunConfig(backbone=args.backbone, image_h=args.image_h, image_w=args.image_w, workers=0, lr=args.lr, batch_size=args.batch_size)
-    decay_at = [int(e) for e in args.decay_at.split(",") if e.strip()] or [round(0.5 * args.epochs), round(0.75 * args.epochs)]
+    cfg = RunConfig(
+        backbone=args.backbone,
+        image_h=args.image_h,
+        image_w=args.image_w,
+        workers=0,
+        lr=args.lr,
+        batch_size=args.batch_size,
+    )
+    decay_at = [int(e) for e in args.decay_at.split(",") if e.strip()] or [
+        round(0.5 * args.epochs),
+        round(0.75 * args.epochs),
+    ]
     sites = [site_for(d, cfg) for d in site_dirs]
-    print(f"data ready in {time.perf_counter() - t0:.0f} s: " + ", ".join(f"{s.name} {s.exams('train')}/{s.exams('val')}/{s.exams('test')} exams" for s in sites))
+    print(
+        f"data ready in {time.perf_counter() - t0:.0f} s: "
+        + ", ".join(f"{s.name} {s.exams('train')}/{s.exams('val')}/{s.exams('test')} exams" for s in sites)
+    )
 
     torch.manual_seed(args.seed)
     model = build_model(cfg)
     if args.batches == "pooled":
         train = PooledLoader([s.datasets["train"] for s in sites], cfg.batch_size, cfg.in_channels, seed=args.seed)
     else:
-        train = InterleavedLoader([s.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=args.seed) for s in sites], seed=args.seed)
+        train = InterleavedLoader(
+            [s.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=args.seed) for s in sites], seed=args.seed
+        )
     gen = torch.Generator().manual_seed(args.seed)
     aug = AUGMENT_PRESETS["multiview"]
     best, best_auc, best_epoch, history = None, -1.0, 0, []
@@ -123,7 +146,9 @@ def main() -> None:
         stats = train_local(model, train, lr=lr, amp=cfg.amp, augment=lambda x: augment(x, aug, gen))
         _, yv, pv = evaluate(model, sites, "val", cfg)
         val_auc = binary_metrics(yv, pv)["auc"] if len(set(yv)) > 1 else float("nan")
-        history.append({"epoch": epoch, "train_loss": stats.loss, "val_auc": val_auc, "images_per_s": stats.images_per_s})
+        history.append(
+            {"epoch": epoch, "train_loss": stats.loss, "val_auc": val_auc, "images_per_s": stats.images_per_s}
+        )
         print(f"epoch {epoch:2d}  loss {stats.loss:.3f}  val AUC {val_auc:.3f}  {stats.images_per_s:.0f} img/s")
         if val_auc > best_auc:
             best_auc, best_epoch, best = val_auc, epoch, copy.deepcopy(model.state_dict())
@@ -133,8 +158,15 @@ def main() -> None:
     result = {"config": vars(args), "history": history, "best_val_auc": best_auc, "best_epoch": best_epoch, "test": {}}
     for name, (y, p) in list(per_site.items()) + [("pooled", (yt, pt))]:
         ci = bootstrap_ci(y, p, metrics=("auc",), n_boot=2000) if len(set(y)) > 1 else {"auc": (float("nan"),) * 3}
-        result["test"][name] = {"auc": ci["auc"][0], "ci": [ci["auc"][1], ci["auc"][2]], "breasts": int(len(y)), "malignant": int(y.sum())}
-        print(f"test {name:8s} AUC {ci['auc'][0]:.3f} (95% CI {ci['auc'][1]:.3f}-{ci['auc'][2]:.3f}), {len(y)} breasts, {int(y.sum())} malignant")
+        result["test"][name] = {
+            "auc": ci["auc"][0],
+            "ci": [ci["auc"][1], ci["auc"][2]],
+            "breasts": int(len(y)),
+            "malignant": int(y.sum()),
+        }
+        print(
+            f"test {name:8s} AUC {ci['auc'][0]:.3f} (95% CI {ci['auc'][1]:.3f}-{ci['auc'][2]:.3f}), {len(y)} breasts, {int(y.sum())} malignant"
+        )
     result["seconds"] = time.perf_counter() - t0
     (out / "difficulty.json").write_text(json.dumps(result, indent=2))
     print(f"written {out / 'difficulty.json'} in {result['seconds']:.0f} s")

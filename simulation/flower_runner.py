@@ -18,9 +18,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from fedbreast.shared.config import RunConfig
 
@@ -111,9 +112,20 @@ def simulation_superlink(home: Path, log_path: Path) -> Iterator[tuple[str, dict
     )
     log = open(log_path, "w")
     link = subprocess.Popen(
-        [bin_path("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            bin_path("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -156,8 +168,16 @@ def run_simulation(
     app_dir = write_app_dir(flower_dir / "app")
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
     with simulation_superlink(flower_dir / "home", flower_dir / "superlink.log") as (conn, env):
-        cmd = [bin_path("flwr"), "run", str(app_dir), conn, "--run-config", overrides,
-               "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site} init-args-num-cpus={ray_cpus}"]
+        cmd = [
+            bin_path("flwr"),
+            "run",
+            str(app_dir),
+            conn,
+            "--run-config",
+            overrides,
+            "--federation-config",
+            f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site} init-args-num-cpus={ray_cpus}",
+        ]
         if stream:
             cmd.append("--stream")
         with open(flower_dir / "flwr-run.log", "w") as out:
@@ -168,7 +188,9 @@ def run_simulation(
                 if stream and _is_progress(line):
                     print(_strip_log_prefix(line), flush=True)
             proc.wait()
-        listing = subprocess.run([bin_path("flwr"), "ls", conn, "--format", "json"], env=env, capture_output=True, text=True)
+        listing = subprocess.run(
+            [bin_path("flwr"), "ls", conn, "--format", "json"], env=env, capture_output=True, text=True
+        )
         try:
             runs = json.loads(listing.stdout)["runs"]
         except (ValueError, KeyError):
@@ -176,11 +198,15 @@ def run_simulation(
         if not runs:
             raise SimulationFailed(f"Flower started no run; see {flower_dir / 'flwr-run.log'}")
         record = runs[-1]
-        logs = subprocess.run([bin_path("flwr"), "log", str(record["run-id"]), conn, "--show"], env=env, capture_output=True, text=True)
+        logs = subprocess.run(
+            [bin_path("flwr"), "log", str(record["run-id"]), conn, "--show"], env=env, capture_output=True, text=True
+        )
         (flower_dir / "run.log").write_text(logs.stdout)
     if record.get("status") != "finished:completed":
-        raise SimulationFailed(f"Flower run {record.get('run-id')} ended {record.get('status')}: {record.get('status-details')} "
-                               f"(logs: {flower_dir / 'run.log'})")
+        raise SimulationFailed(
+            f"Flower run {record.get('run-id')} ended {record.get('status')}: {record.get('status-details')} "
+            f"(logs: {flower_dir / 'run.log'})"
+        )
     return record
 
 

@@ -40,15 +40,25 @@ class InProcessGrid:
     exception in the ClientApp becomes an error reply, as Flower's runtime makes it.
     """
 
-    def __init__(self, site_dirs: Iterable[Path], run_config: Mapping[str, Any], on_reply: ReplyHook = _honest,
-                 site_names: bool = False):
+    def __init__(
+        self,
+        site_dirs: Iterable[Path],
+        run_config: Mapping[str, Any],
+        on_reply: ReplyHook = _honest,
+        site_names: bool = False,
+    ):
         from fedbreast.client.app import app  # the site's code: loaded only when this engine runs sites
 
         self.app, self.on_reply = app, on_reply
         self.nodes = {100 + i: Path(d) for i, d in enumerate(site_dirs)}
         self.contexts = {
-            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=dict(run_config),
-                          node_config=self._node_config(i, len(self.nodes), d, site_names))
+            node: Context(
+                run_id=1,
+                node_id=node,
+                state=RecordDict(),
+                run_config=dict(run_config),
+                node_config=self._node_config(i, len(self.nodes), d, site_names),
+            )
             for i, (node, d) in enumerate(self.nodes.items())
         }
         self._ids = itertools.count(1)

@@ -29,8 +29,20 @@ from fedbreast.simulation.flower_runner import SimulationFailed, run_simulation
 
 ENGINES = ("ray", "inprocess")  # Flower's simulation engine, or both apps in this process (simulation/inprocess.py)
 # The CPU preset: finishes in a few minutes on 2 cores with a real resnet18.
-PRESET = dict(backbone="resnet18", image_h=256, image_w=128, rounds=4, local_epochs=1, batch_size=8, lr=0.01,
-              lr_decay_rounds="3", workers=0, bootstrap=1000, round_timeout=900.0, wait_for_sites=120.0)
+PRESET = dict(
+    backbone="resnet18",
+    image_h=256,
+    image_w=128,
+    rounds=4,
+    local_epochs=1,
+    batch_size=8,
+    lr=0.01,
+    lr_decay_rounds="3",
+    workers=0,
+    bootstrap=1000,
+    round_timeout=900.0,
+    wait_for_sites=120.0,
+)
 # Per model family, on top of PRESET (``fedbreast simulate --model FAMILY``): each family's own
 # (shared/families). Sizes suit the generated sites (mammograms ~600x400 px at ~0.45 mm, lesions
 # ~20 px in radius): the seeds' 227-px patches / 256-px boxes on 3000x2000 images scale to 64 / 96 px.
@@ -47,8 +59,9 @@ def _fix_generated_key(site_dir: Path, seed: int, k: int) -> None:
         key_file.write_text(hashlib.sha256(f"fedbreast-generated-{seed}-site-{k}".encode()).hexdigest() + "\n")
 
 
-def prepare_federation(data_dir: Path, sites: int, patients: int, seed: int, echo=print,
-                       modalities: str | None = None) -> list[Path]:
+def prepare_federation(
+    data_dir: Path, sites: int, patients: int, seed: int, echo=print, modalities: str | None = None
+) -> list[Path]:
     """Generate (if this exact federation is not there yet) and ingest; return site directories.
     ``modalities`` (cem | ffdm | ffdm+us) makes every site that kind of hospital."""
     return prepare_sites(data_dir, default_profiles(sites, patients, modalities), seed, echo)
@@ -102,10 +115,19 @@ def simulate(
     family = str((overrides or {}).get("model", "multiview"))
     if family not in PRESETS:
         raise ConfigError(f"model {family!r}: no simulation preset; one of {', '.join(PRESETS)}")
-    base = {**PRESET, **PRESETS[family], "min_available_sites": sites, "min_train_sites": 1, "min_evaluate_sites": 1, "seed": seed}
+    base = {
+        **PRESET,
+        **PRESETS[family],
+        "min_available_sites": sites,
+        "min_train_sites": 1,
+        "min_evaluate_sites": 1,
+        "seed": seed,
+    }
     cfg = RunConfig(**base).replace(**(overrides or {}))
     if baselines and cfg.model != "multiview":
-        raise ConfigError(f"--baselines: local-only and pooled baselines exist for the multiview family only, not {cfg.model!r}")
+        raise ConfigError(
+            f"--baselines: local-only and pooled baselines exist for the multiview family only, not {cfg.model!r}"
+        )
     if sites_dir is not None:
         sites_root = Path(sites_dir).resolve()
         site_dirs = sorted(p for p in sites_root.iterdir() if p.is_dir())
@@ -123,8 +145,13 @@ def simulate(
             site_data.append(task_for(cfg).open(d, cfg))
         except SiteUnavailable as exc:  # the federation runs on; that site reports itself unable
             echo(f"warning: {d.name} cannot train: {exc}")
-    echo(f"caches warm in {time.perf_counter() - t:.0f} s: "
-         + ", ".join(f"{s.name} {s.exams('train')}/{s.exams('val')}/{s.exams('test')} train/val/test {task_for(cfg).count_unit}s" for s in site_data))
+    echo(
+        f"caches warm in {time.perf_counter() - t:.0f} s: "
+        + ", ".join(
+            f"{s.name} {s.exams('train')}/{s.exams('val')}/{s.exams('test')} train/val/test {task_for(cfg).count_unit}s"
+            for s in site_data
+        )
+    )
     run_config = {**cfg.to_flower(), "sim-sites-dir": str(sites_root), "run-dir": str(run_dir)}
     t = time.perf_counter()
     if engine == "inprocess":

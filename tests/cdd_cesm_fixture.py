@@ -33,36 +33,87 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 COLUMNS = [
-    "Image_name", "Patient_ID", "Side", "Type", "Age", "Breast density (ACR)", "BIRADS",
-    "Findings", "View", "Tags", "Machine", "Pathology Classification/ Follow up",
+    "Image_name",
+    "Patient_ID",
+    "Side",
+    "Type",
+    "Age",
+    "Breast density (ACR)",
+    "BIRADS",
+    "Findings",
+    "View",
+    "Tags",
+    "Machine",
+    "Pathology Classification/ Follow up",
 ]
-VIA_HEADER = ["#filename", "file_size", "file_attributes", "region_count", "region_id",
-              "region_shape_attributes", "region_attributes"]
+VIA_HEADER = [
+    "#filename",
+    "file_size",
+    "file_attributes",
+    "region_count",
+    "region_id",
+    "region_shape_attributes",
+    "region_attributes",
+]
 MACHINES = ("GE Senographe DS", "Hologic Selenia Dimensions")
 SIZE = (64, 48)  # (cols, rows)
 
 # Per breast: pathology, density, BIRADS, Findings and Tags for the DM and the CESM rows.
 _BREASTS: dict[tuple[int, str], dict[str, str]] = {
-    (1, "L"): dict(path="Malignant", density="C", birads="5",
-                   dm_find="Irregular speculated mass", dm_tags="mass, irregular, Speculated",
-                   cm_find="Irregular mass with rim enhancement", cm_tags="mass enhancement, Heterogenous enhancement"),
+    (1, "L"): dict(
+        path="Malignant",
+        density="C",
+        birads="5",
+        dm_find="Irregular speculated mass",
+        dm_tags="mass, irregular, Speculated",
+        cm_find="Irregular mass with rim enhancement",
+        cm_tags="mass enhancement, Heterogenous enhancement",
+    ),
     (1, "R"): dict(path="Normal", density="C", birads="1", dm_find="", dm_tags="", cm_find="", cm_tags=""),
-    (2, "L"): dict(path="Malignant$Benign", density="B", birads="4$2",
-                   dm_find="mass$calcifications", dm_tags="mass, oval, circumscribed$calcifications, punctate",
-                   cm_find="non mass enhancement$no enhancement", cm_tags="Heterogenous non mass enhancement$"),
-    (2, "R"): dict(path="Benign", density="B", birads="3", dm_find="Oval circumscribed mass", dm_tags="Oval, circumscribed",
-                   cm_find="mild BPE, homogeneous enhancing mass", cm_tags="mass enhancement, homogenous"),
+    (2, "L"): dict(
+        path="Malignant$Benign",
+        density="B",
+        birads="4$2",
+        dm_find="mass$calcifications",
+        dm_tags="mass, oval, circumscribed$calcifications, punctate",
+        cm_find="non mass enhancement$no enhancement",
+        cm_tags="Heterogenous non mass enhancement$",
+    ),
+    (2, "R"): dict(
+        path="Benign",
+        density="B",
+        birads="3",
+        dm_find="Oval circumscribed mass",
+        dm_tags="Oval, circumscribed",
+        cm_find="mild BPE, homogeneous enhancing mass",
+        cm_tags="mass enhancement, homogenous",
+    ),
     (3, "L"): dict(path="Normal", density="A", birads="1", dm_find="", dm_tags="", cm_find="", cm_tags=""),
-    (3, "R"): dict(path="Benign", density="A", birads="2", dm_find="mass", dm_tags="Round - Oval",
-                   cm_find="", cm_tags=""),
-    (4, "L"): dict(path="Benign", density="D", birads="3", dm_find="mass", dm_tags="Galactocele",
-                   cm_find="", cm_tags="Moderate BPE"),
+    (3, "R"): dict(
+        path="Benign", density="A", birads="2", dm_find="mass", dm_tags="Round - Oval", cm_find="", cm_tags=""
+    ),
+    (4, "L"): dict(
+        path="Benign",
+        density="D",
+        birads="3",
+        dm_find="mass",
+        dm_tags="Galactocele",
+        cm_find="",
+        cm_tags="Moderate BPE",
+    ),
     (4, "R"): dict(path="Normal", density="D", birads="1", dm_find="", dm_tags="", cm_find="", cm_tags=""),
 }
 _DEFAULT = {
     "normal": dict(path="Normal", density="B", birads="1", dm_find="", dm_tags="", cm_find="", cm_tags=""),
-    "benign": dict(path="Benign", density="C", birads="2", dm_find="mass", dm_tags="oval, circumscribed",
-                   cm_find="", cm_tags="homogeneous enhancement"),
+    "benign": dict(
+        path="Benign",
+        density="C",
+        birads="2",
+        dm_find="mass",
+        dm_tags="oval, circumscribed",
+        cm_find="",
+        cm_tags="homogeneous enhancement",
+    ),
 }
 
 MISSING_IMAGE = "P5_R_CM_MLO"  # has a workbook row, no file
@@ -103,12 +154,16 @@ def _via_rows(images: dict[str, Path]) -> list[list[Any]]:
         return [filename, size, "{}", count, region_id, text, "{}"]
 
     return [
-        shape("P1_L_DM_CC.jpg", {"name": "polygon", "all_points_x": [14, 26, 26, 14], "all_points_y": [16, 16, 26, 26]}),
+        shape(
+            "P1_L_DM_CC.jpg", {"name": "polygon", "all_points_x": [14, 26, 26, 14], "all_points_y": [16, 16, 26, 26]}
+        ),
         shape("P1_L_CM_CC.jpg", {"name": "polygon", "all_points_x": [15, 27, 25], "all_points_y": [15, 17, 27]}),
         shape("P1_L_DM_MLO.jpg", {"name": "ellipse", "cx": 24, "cy": 21, "rx": 7, "ry": 5, "theta": 0.5}),
         shape("P2_L_CM_MLO (2).jpg", {"name": "circle", "cx": 24, "cy": 24, "r": 6}),
         shape("P2_L_DM_CC", {"name": "point", "cx": 20, "cy": 24}),
-        shape("P3_R_DM_CC.jpg", {"name": "polyline", "all_points_x": [34, 46, 46, 34], "all_points_y": [16, 16, 26, 26]}),
+        shape(
+            "P3_R_DM_CC.jpg", {"name": "polyline", "all_points_x": [34, 46, 46, 34], "all_points_y": [16, 16, 26, 26]}
+        ),
         shape("P4_R_DM_CC.jpg", "{}", count=0),
         shape("P4_L_CM_CC.jpg", '{"name":"polygon","all_points_x":[1,2,3],"all_points_y":[4,5'),
         shape("P99_L_DM_CC.jpg", {"name": "circle", "cx": 10, "cy": 10, "r": 3}),
@@ -149,12 +204,22 @@ def build_cdd_cesm_fixture(root: Path, n_patients: int = 6) -> dict[str, Any]:
                     cell_name = "P3_R_DM_CC " if name == "P3_R_DM_CC" else name
                     dm = code == "DM"
                     birads: Any = int(plan["birads"]) if plan["birads"].isdigit() else plan["birads"]
-                    rows.append([
-                        cell_name, pid, side, "DM" if dm else "CESM", 40 + pid,
-                        plan["density"] if dm else "_", birads,
-                        plan["dm_find" if dm else "cm_find"] or None, view,
-                        plan["dm_tags" if dm else "cm_tags"] or None, machine, plan["path"],
-                    ])
+                    rows.append(
+                        [
+                            cell_name,
+                            pid,
+                            side,
+                            "DM" if dm else "CESM",
+                            40 + pid,
+                            plan["density"] if dm else "_",
+                            birads,
+                            plan["dm_find" if dm else "cm_find"] or None,
+                            view,
+                            plan["dm_tags" if dm else "cm_tags"] or None,
+                            machine,
+                            plan["path"],
+                        ]
+                    )
 
     wb = Workbook()
     ws = wb.active

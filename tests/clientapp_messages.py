@@ -29,14 +29,30 @@ def request(kind: str, server_round: int, arrays: dict[str, np.ndarray] | None =
     return msg
 
 
-def site_context(site_dir: Path, run_config: dict | None = None, run_id: int = 42, site_name: str = "hospital-a") -> Context:
-    return Context(run_id=run_id, node_id=7, node_config={"data-path": str(site_dir), "site-name": site_name},
-                   state=RecordDict(), run_config=dict(run_config or {}))
+def site_context(
+    site_dir: Path, run_config: dict | None = None, run_id: int = 42, site_name: str = "hospital-a"
+) -> Context:
+    return Context(
+        run_id=run_id,
+        node_id=7,
+        node_config={"data-path": str(site_dir), "site-name": site_name},
+        state=RecordDict(),
+        run_config=dict(run_config or {}),
+    )
 
 
-def reply(msg: Message, metrics: dict, arrays: dict[str, np.ndarray] | None = None, status: str = "ok",
-          reason: str = "", name: str = "hospital-a") -> Message:
-    content = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": name, "status": status, "reason": reason})}
+def reply(
+    msg: Message,
+    metrics: dict,
+    arrays: dict[str, np.ndarray] | None = None,
+    status: str = "ok",
+    reason: str = "",
+    name: str = "hospital-a",
+) -> Message:
+    content = {
+        "metrics": MetricRecord(metrics),
+        "site": ConfigRecord({"name": name, "status": status, "reason": reason}),
+    }
     if arrays is not None:
         content["arrays"] = to_record(arrays)
     return Message(RecordDict(content), reply_to=msg)

@@ -34,7 +34,9 @@ def group_of(item: pytest.Item) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "simulation: runs a real Flower simulation (one at a time, see tests/conftest.py)")
+    config.addinivalue_line(
+        "markers", "simulation: runs a real Flower simulation (one at a time, see tests/conftest.py)"
+    )
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:

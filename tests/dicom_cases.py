@@ -81,7 +81,16 @@ def graft_compressed(path: Path, source: str, patient_id: str = "PX", laterality
     """
     src = pydicom.dcmread(get_testdata_file(source))
     ds = pydicom.dcmread(write_one(path, patient_id=patient_id, laterality=laterality, view=view, energy="FFDM"))
-    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
+    for keyword in (
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+    ):
         setattr(ds, keyword, getattr(src, keyword))
     ds.file_meta.TransferSyntaxUID = src.file_meta.TransferSyntaxUID
     ds.PixelData = src.PixelData

@@ -27,8 +27,11 @@ def validate_exposition(text: str) -> list[str]:
         assert done.returncode == 0 and not done.stdout.strip(), f"promtool check metrics:\n{done.stdout}{done.stderr}"
         ran.append("promtool check metrics")
     else:
-        warnings.warn("promtool is not on PATH: the exposition was checked by fedbreast's lint only "
-                      "(apt-get install prometheus to run promtool too)", stacklevel=2)
+        warnings.warn(
+            "promtool is not on PATH: the exposition was checked by fedbreast's lint only "
+            "(apt-get install prometheus to run promtool too)",
+            stacklevel=2,
+        )
     print(f"exposition validated by: {', '.join(ran)}")
     return ran
 

@@ -22,8 +22,14 @@ def task_identity():
 
 
 def _train_reply(msg, context):
-    metrics = {"num-examples": 12, "train_loss": 0.5, "train_seconds": 3.25, "train_images_per_s": 14.0,
-               "dp_epsilon": 1.5, "lr": 0.01}
+    metrics = {
+        "num-examples": 12,
+        "train_loss": 0.5,
+        "train_seconds": 3.25,
+        "train_images_per_s": 14.0,
+        "dp_epsilon": 1.5,
+        "lr": 0.01,
+    }
     return reply(msg, metrics, arrays=WEIGHTS)
 
 
@@ -42,8 +48,14 @@ def test_every_reply_gets_one_line_with_arrays_metrics_and_epsilon(tmp_path):
     assert len(line["app_hash"]) == 64 and line["node_id"] == 7
     expected = {k: len(Array(np.require(v, requirements="C")).data) for k, v in WEIGHTS.items()}
     assert {a["name"]: a["bytes"] for a in line["arrays"]} == expected
-    assert {a["name"]: a["shape"] for a in line["arrays"]} == {"conv.weight": [4, 2, 3, 3], "bn.num_batches_tracked": []}
-    assert {a["name"]: a["dtype"] for a in line["arrays"]} == {"conv.weight": "float32", "bn.num_batches_tracked": "int64"}
+    assert {a["name"]: a["shape"] for a in line["arrays"]} == {
+        "conv.weight": [4, 2, 3, 3],
+        "bn.num_batches_tracked": [],
+    }
+    assert {a["name"]: a["dtype"] for a in line["arrays"]} == {
+        "conv.weight": "float32",
+        "bn.num_batches_tracked": "int64",
+    }
     assert line["array_bytes"] == sum(expected.values()) and line["array_count"] == 2
     assert line["metrics"]["train_seconds"] == 3.25 and line["dp_epsilon"] == 1.5
     # What was logged is what was sent: the reply itself is unchanged.
@@ -75,7 +87,11 @@ def test_a_failing_handler_sends_only_the_exception_type(tmp_path):
     with pytest.raises(RuntimeError) as info:
         egress_mod(request("evaluate", 2, arrays=WEIGHTS), ctx, broken)
     # Flower sends str(exc) to the coordinator: it must name no file.
-    assert "FileNotFoundError" in str(info.value) and str(tmp_path) not in str(info.value) and "patient" not in str(info.value)
+    assert (
+        "FileNotFoundError" in str(info.value)
+        and str(tmp_path) not in str(info.value)
+        and "patient" not in str(info.value)
+    )
     line = read_audit(tmp_path)[0]
     assert line["status"] == "error" and line["type"] == "evaluate" and line["round"] == 2 and line["arrays"] == []
 
@@ -95,7 +111,11 @@ def test_the_clientapp_audits_every_handler():
 def test_site_audit_command_prints_what_left(tmp_path, capsys):
     ctx = site_context(tmp_path)
     egress_mod(request("train", 1, arrays=WEIGHTS), ctx, _train_reply)
-    egress_mod(request("query", 0), ctx, lambda m, c: reply(m, {"num-examples": 0}, status="unable", reason="dp ceiling 8 reached"))
+    egress_mod(
+        request("query", 0),
+        ctx,
+        lambda m, c: reply(m, {"num-examples": 0}, status="unable", reason="dp ceiling 8 reached"),
+    )
     assert cli_main(["site", "audit", str(tmp_path)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:5] == ["time", "(UTC)", "run", "round", "type"]

@@ -136,7 +136,10 @@ def test_rejections_are_reported_with_reasons(release: dict, imported) -> None:
     expected = {
         (str(le / "P6_L_DM_CC.jpg"), "Image_name"): "no row in sheet 'all'",
         (str(cm / "P6_R_CM_CC.jpg"), "read"): "cannot decode",
-        (f"Radiology manual annotations.xlsx:all:{_row_of(release, 'P5_R_CM_MLO')}", "Image_name"): "no image file P5_R_CM_MLO.jpg",
+        (
+            f"Radiology manual annotations.xlsx:all:{_row_of(release, 'P5_R_CM_MLO')}",
+            "Image_name",
+        ): "no image file P5_R_CM_MLO.jpg",
         (f"{via}:{release['via_lines']['malformed']}", "region_shape_attributes"): "not valid JSON",
         (f"{via}:{release['via_lines']['unknown_patient']}", "#filename"): "no image file P99_L_DM_CC.jpg",
     }
@@ -147,7 +150,9 @@ def test_rejections_are_reported_with_reasons(release: dict, imported) -> None:
     meta = read_site_meta(out)
     assert meta["rejected_files"] == 2
     assert meta["annotations"]["rows"] == xlsx_rows
-    assert meta["annotations"]["unmatched"] == [f"Radiology manual annotations.xlsx:all:{_row_of(release, 'P5_R_CM_MLO')}"]
+    assert meta["annotations"]["unmatched"] == [
+        f"Radiology manual annotations.xlsx:all:{_row_of(release, 'P5_R_CM_MLO')}"
+    ]
     assert "5 rejected" in (out / "rejected.txt").read_text()
 
 

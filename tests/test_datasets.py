@@ -33,8 +33,15 @@ BLOB = (0.3, 0.5, 0.08)
 WHOLE = Lesion(kind=ShapeKind.BOX, points=((0.0, 0.0), (COLS - 1.0, ROWS - 1.0)))
 
 
-def _exam(root: Path, p: str, energies: tuple[str, ...], labels: dict[str, Label | None], lesions: dict[str, tuple[Lesion, ...]],
-          split: Split, skip: tuple[str, ...] = ()) -> list:
+def _exam(
+    root: Path,
+    p: str,
+    energies: tuple[str, ...],
+    labels: dict[str, Label | None],
+    lesions: dict[str, tuple[Lesion, ...]],
+    split: Split,
+    skip: tuple[str, ...] = (),
+) -> list:
     recs = []
     for lat, chest in (("L", "left"), ("R", "right")):
         blob = BLOB if lesions.get(lat) else None
@@ -42,9 +49,21 @@ def _exam(root: Path, p: str, energies: tuple[str, ...], labels: dict[str, Label
             for e in energies:
                 if f"{lat}{view}-{e}" in skip:
                     continue
-                recs.append(make_record(root, f"{p}{lat}{view}{e}", breast_image(ROWS, COLS, chest=chest, blob=blob, seed=len(recs)),
-                                        patient=p, exam=f"E{p}", laterality=lat, view=view, energy=e, label=labels.get(lat),
-                                        lesions=lesions.get(lat, ()), split=split))
+                recs.append(
+                    make_record(
+                        root,
+                        f"{p}{lat}{view}{e}",
+                        breast_image(ROWS, COLS, chest=chest, blob=blob, seed=len(recs)),
+                        patient=p,
+                        exam=f"E{p}",
+                        laterality=lat,
+                        view=view,
+                        energy=e,
+                        label=labels.get(lat),
+                        lesions=lesions.get(lat, ()),
+                        split=split,
+                    )
+                )
     return recs
 
 
@@ -67,16 +86,34 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict:
     us_img = (np.random.default_rng(1).random((100, 140)) * 200).astype(np.uint8)
     us_les = (Lesion(kind=ShapeKind.ELLIPSE, points=((70.0, 50.0), (20.0, 12.0))),)
     for k, les in enumerate((us_les, ())):
-        recs.append(make_record(dcm, f"us{k}", us_img, patient="P0", exam="US0", laterality="L", view="US_TRANS", energy="NA",
-                                modality="US", label=Label.MALIGNANT, lesions=les, split=Split.TRAIN, window=None))
+        recs.append(
+            make_record(
+                dcm,
+                f"us{k}",
+                us_img,
+                patient="P0",
+                exam="US0",
+                laterality="L",
+                view="US_TRANS",
+                energy="NA",
+                modality="US",
+                label=Label.MALIGNANT,
+                lesions=les,
+                split=Split.TRAIN,
+                window=None,
+            )
+        )
     mg = [r for r in recs if r.modality.value == "MG"]
     us = [r for r in recs if r.modality.value == "US"]
     for cfg in (FIXED, NATIVE):
         assert build_cache(root, mg, cfg).failed == 0
     assert build_cache(root, us, PRESETS["us"]).failed == 0
     return {
-        "recs": recs, "by_name": {Path(r.path).stem: r for r in recs},
-        "fixed": open_cache(root, FIXED), "native": open_cache(root, NATIVE), "us": open_cache(root, PRESETS["us"]),
+        "recs": recs,
+        "by_name": {Path(r.path).stem: r for r in recs},
+        "fixed": open_cache(root, FIXED),
+        "native": open_cache(root, NATIVE),
+        "us": open_cache(root, PRESETS["us"]),
     }
 
 
@@ -102,7 +139,9 @@ def test_exam_dataset_channel_modes(site: dict) -> None:
     assert ffdm.exams == ["EP0", "EP1", "EP2", "EP3"]  # EP1's LE views are complete
     b = ffdm.__getitems__([0, 2])
     assert b["x"].shape == (2, 4, 1, 64, 32)
-    assert np.array_equal(b["x"][0, 0, 0].numpy(), site["fixed"].get(site["by_name"]["P0LCCLE"].sha256).astype(np.float32))
+    assert np.array_equal(
+        b["x"][0, 0, 0].numpy(), site["fixed"].get(site["by_name"]["P0LCCLE"].sha256).astype(np.float32)
+    )
     assert b["y"][1].tolist() == [0.0, 0.0] and b["y_mask"][1].tolist() == [False, True]  # P2: left unlabelled
     assert np.isnan(ffdm.labels()).sum() == 0 and ffdm.labels()[2] == 0.0
     le = ExamDataset(site["recs"], site["fixed"], channels="le_only")
@@ -119,7 +158,12 @@ def test_exam_dataset_through_dataloader(site: dict) -> None:
     loader = make_loader(ds, batch_size=3, num_workers=2, pin_memory=False)
     batches = list(loader)
     assert [b["x"].shape[0] for b in batches] == [3, 1]
-    assert batches[0]["x"].dtype == torch.float16 and sorted(torch.cat([b["index"] for b in batches]).tolist()) == [0, 1, 2, 3]
+    assert batches[0]["x"].dtype == torch.float16 and sorted(torch.cat([b["index"] for b in batches]).tolist()) == [
+        0,
+        1,
+        2,
+        3,
+    ]
     with pytest.raises(TypeError, match="passthrough_collate"):
         next(iter(DataLoader(ds, batch_size=2)))
 

@@ -42,9 +42,27 @@ BROKEN_SITE = "hospital-d"
 # refuses to train (proof that the node config reaches the ClientApp) but still evaluates.
 DP_SITE, DP_POLICY = "hospital-c", "dp-max-epsilon = 8.0\n"
 # The TINY model of tests/test_simulation.py, one round.
-RUN_FLAGS = ["--rounds", "1", "--backbone", "smallcnn", "--image-size", "64x32", "--set", "bootstrap=100",
-             "--set", "hist-bins=64", "--set", "workers=0", "--set", "min-available-sites=4",
-             "--set", "round-timeout=180", "--set", "wait-for-sites=60"]
+RUN_FLAGS = [
+    "--rounds",
+    "1",
+    "--backbone",
+    "smallcnn",
+    "--image-size",
+    "64x32",
+    "--set",
+    "bootstrap=100",
+    "--set",
+    "hist-bins=64",
+    "--set",
+    "workers=0",
+    "--set",
+    "min-available-sites=4",
+    "--set",
+    "round-timeout=180",
+    "--set",
+    "wait-for-sites=60",
+]
+
 
 def env_for(home: Path) -> dict[str, str]:
     path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
@@ -84,8 +102,9 @@ def reap(proc: subprocess.Popen, timeout: float = 45) -> int:
     return proc.returncode
 
 
-def site_toml(path: Path, name: str, data: Path, tls: Path, key: Path | None, link: str, metrics_port: int,
-              extra: str = "") -> Path:
+def site_toml(
+    path: Path, name: str, data: Path, tls: Path, key: Path | None, link: str, metrics_port: int, extra: str = ""
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = f'[keys]\nprivate-key = "{key}"\n' if key else ""
     path.write_text(
@@ -123,12 +142,15 @@ def wait_for(check, timeout: float, what: str, step: float = 0.5):
 
 # ---- deploy/tls ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory) -> Path:
     missing = [tool for tool in ("openssl", "ssh-keygen") if not shutil.which(tool)]
     assert not missing, f"deploy/tls needs {', '.join(missing)} (Debian packages openssl, openssh-client)"
     out = tmp_path_factory.mktemp("tls")
-    result = sh("bash", TLS_SCRIPTS / "provision.sh", out, "--host", "coordinator.test", *GOOD_SITES, BROKEN_SITE, "intruder")
+    result = sh(
+        "bash", TLS_SCRIPTS / "provision.sh", out, "--host", "coordinator.test", *GOOD_SITES, BROKEN_SITE, "intruder"
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -149,7 +171,10 @@ def test_tls_scripts_make_a_verifiable_chain_and_ecdsa_site_keys_idempotently(tl
     # A certificate that does not cover a newly asked name is re-issued, still under the same CA.
     assert "issued" in sh("bash", TLS_SCRIPTS / "make-server-cert.sh", tls, "coordinator.test", "10.9.8.7").stdout
     assert (tls / "ca.crt").read_bytes() == before[tls / "ca.crt"]
-    assert "IP Address:10.9.8.7" in sh("openssl", "x509", "-in", tls / "server.crt", "-noout", "-ext", "subjectAltName").stdout
+    assert (
+        "IP Address:10.9.8.7"
+        in sh("openssl", "x509", "-in", tls / "server.crt", "-noout", "-ext", "subjectAltName").stdout
+    )
 
 
 def test_site_keys_refuse_bad_names(tmp_path):
@@ -159,16 +184,26 @@ def test_site_keys_refuse_bad_names(tmp_path):
 
 # ---- configuration at the edge ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "body, message",
     [
         ('[site]\nname = "a"\n', r"\[site\] data-path: required"),
-        ('[site]\nname = "a"\ndata-path = "d"\ndp-max-epsilon = -1\n[superlink]\naddress = "h:1"\n', r"\[site\] dp-max-epsilon = -1: expected a number > 0"),
-        ('[site]\nname = "a"\ndata-path = "d"\n[superlink]\naddress = "https://h:1"\n', r"\[superlink\] address = 'https://h:1'"),
+        (
+            '[site]\nname = "a"\ndata-path = "d"\ndp-max-epsilon = -1\n[superlink]\naddress = "h:1"\n',
+            r"\[site\] dp-max-epsilon = -1: expected a number > 0",
+        ),
+        (
+            '[site]\nname = "a"\ndata-path = "d"\n[superlink]\naddress = "https://h:1"\n',
+            r"\[superlink\] address = 'https://h:1'",
+        ),
         ('[site]\nname = "a"\ndata-path = "d"\ngpu = true\n', r"\[site\] gpu: unknown key"),
         ('[site]\nname = "a b"\ndata-path = "d"\n', r"\[site\] name = 'a b'"),
-        ('[site]\nname = "a"\ndata-path = "d"\n[superlink]\naddress = "h:1"\n', r"\[superlink\] root-certificates: required"),
-        ('[daemon]\nmetrics-port = 70000\n', r"\[daemon\] metrics-port = 70000"),
+        (
+            '[site]\nname = "a"\ndata-path = "d"\n[superlink]\naddress = "h:1"\n',
+            r"\[superlink\] root-certificates: required",
+        ),
+        ("[daemon]\nmetrics-port = 70000\n", r"\[daemon\] metrics-port = 70000"),
         ("[site\n", r"not valid TOML"),
     ],
 )
@@ -183,16 +218,23 @@ def test_site_config_errors_name_the_key(tmp_path, body, message):
 def test_site_config_resolves_relative_paths_and_builds_the_node_config(tmp_path):
     path = tmp_path / "conf" / "site.toml"
     path.parent.mkdir()
-    path.write_text('[site]\nname = "h-1"\ndata-path = "../data"\ndp-max-epsilon = 3\n[superlink]\naddress = "127.0.0.1:9092"\n'
-                    'root-certificates = "tls/ca.crt"\n[keys]\nprivate-key = "/k/site.key"\n')
+    path.write_text(
+        '[site]\nname = "h-1"\ndata-path = "../data"\ndp-max-epsilon = 3\n[superlink]\naddress = "127.0.0.1:9092"\n'
+        'root-certificates = "tls/ca.crt"\n[keys]\nprivate-key = "/k/site.key"\n'
+    )
     cfg = load_site_config(path)
     assert cfg.data_path == tmp_path / "conf" / ".." / "data" and cfg.state_dir == tmp_path / "conf" / "state"
     assert cfg.root_certificates == tmp_path / "conf" / "tls" / "ca.crt"
-    assert cfg.node_config() == {"data-path": str(cfg.data_path), "site-name": "h-1", "state-dir": str(cfg.state_dir),
-                                 "dp-max-epsilon": 3.0}
+    assert cfg.node_config() == {
+        "data-path": str(cfg.data_path),
+        "site-name": "h-1",
+        "state-dir": str(cfg.state_dir),
+        "dp-max-epsilon": 3.0,
+    }
 
 
 # ---- insecure mode needs the flag ----------------------------------------------------------------
+
 
 def test_server_without_tls_files_refuses_and_insecure_warns(tmp_path):
     env = env_for(tmp_path / "home")
@@ -203,9 +245,24 @@ def test_server_without_tls_files_refuses_and_insecure_warns(tmp_path):
 
     port = free_port()
     log = open(tmp_path / "insecure.log", "w")
-    proc = subprocess.Popen([FEDBREAST, "server", "start", "--state-dir", str(tmp_path / "state"), "--port", str(port),
-                             "--metrics-port", "0", "--insecure"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            FEDBREAST,
+            "server",
+            "start",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--insecure",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 60, "the insecure SuperLink")
         wait_for(lambda: "SuperLink ready" in (tmp_path / "insecure.log").read_text(), 10, "the ready line")
@@ -224,13 +281,20 @@ def test_site_without_tls_settings_refuses_and_insecure_warns(tmp_path):
     toml = tmp_path / "site.toml"
     toml.write_text(f'[site]\nname = "h"\ndata-path = "{tmp_path / "nodata"}"\n[superlink]\naddress = "127.0.0.1:1"\n')
     refused = sh(FEDBREAST, "site", "start", toml, env=env_for(tmp_path / "home"))
-    assert refused.returncode == 2 and "root-certificates: required" in refused.stderr and "--insecure" in refused.stderr
+    assert (
+        refused.returncode == 2 and "root-certificates: required" in refused.stderr and "--insecure" in refused.stderr
+    )
     # With --insecure it warns, runs preflight (bad data is reported, not fatal) and tries to join;
     # with nothing listening on port 1 the SuperNode keeps retrying, so stop it with SIGTERM.
     toml.write_text(toml.read_text() + "[daemon]\nmetrics-port = 0\n")
     log = open(tmp_path / "site.log", "w")
-    proc = subprocess.Popen([FEDBREAST, "site", "start", str(toml), "--insecure"], env=env_for(tmp_path / "home"),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [FEDBREAST, "site", "start", str(toml), "--insecure"],
+        env=env_for(tmp_path / "home"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: "joining 127.0.0.1:1" in (tmp_path / "site.log").read_text(), 60, "the site to try joining")
     finally:
@@ -247,8 +311,16 @@ def test_a_site_that_requires_a_gpu_does_not_start_without_one(tls, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device: the refusal cannot be shown here")
-    toml = site_toml(tmp_path / "site.toml", GOOD_SITES[0], tmp_path / "data", tls, tls / "sites" / GOOD_SITES[0] / "site.key",
-                     "127.0.0.1:1", 0, extra="gpu-required = true\n")
+    toml = site_toml(
+        tmp_path / "site.toml",
+        GOOD_SITES[0],
+        tmp_path / "data",
+        tls,
+        tls / "sites" / GOOD_SITES[0] / "site.key",
+        "127.0.0.1:1",
+        0,
+        extra="gpu-required = true\n",
+    )
     out = sh(FEDBREAST, "site", "start", toml, env=env_for(tmp_path / "home"), timeout=120)
     assert out.returncode == 2  # a configuration error: systemd's RestartPreventExitStatus=2 does not loop on it
     assert "[FAIL] GPU: gpu-required = true but torch sees no CUDA device" in out.stdout
@@ -261,17 +333,46 @@ def test_superlink_state_survives_a_restart(tls, tmp_path):
 
     def start() -> subprocess.Popen:
         log = open(tmp_path / "server.log", "a")
-        proc = subprocess.Popen([FEDBREAST, "server", "start", "--state-dir", str(state), "--tls-dir", str(tls), "--port", str(port),
-                                 "--metrics-port", "0", "--federation", "restart"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                FEDBREAST,
+                "server",
+                "start",
+                "--state-dir",
+                str(state),
+                "--tls-dir",
+                str(tls),
+                "--port",
+                str(port),
+                "--metrics-port",
+                "0",
+                "--federation",
+                "restart",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
-        wait_for(lambda: http_ok(f"https://127.0.0.1:{port}/health", tls / "ca.crt") or proc.poll() is not None, 60, "the SuperLink")
+        wait_for(
+            lambda: http_ok(f"https://127.0.0.1:{port}/health", tls / "ca.crt") or proc.poll() is not None,
+            60,
+            "the SuperLink",
+        )
         assert proc.poll() is None, (tmp_path / "server.log").read_text()
         return proc
 
     proc = start()
     try:
-        reg = sh("bash", TLS_SCRIPTS / "register-site.sh", GOOD_SITES[1], tls / "sites" / GOOD_SITES[1] / "site.key.pub", "restart", env=env)
+        reg = sh(
+            "bash",
+            TLS_SCRIPTS / "register-site.sh",
+            GOOD_SITES[1],
+            tls / "sites" / GOOD_SITES[1] / "site.key.pub",
+            "restart",
+            env=env,
+        )
         assert reg.returncode == 0, reg.stdout + reg.stderr
         node_id = re.search(r'"node-id":\s*(\d+)', reg.stdout).group(1)
     finally:
@@ -279,7 +380,14 @@ def test_superlink_state_survives_a_restart(tls, tmp_path):
     proc = start()
     try:
         assert supernodes("restart", env)[node_id]["status"] == "registered"
-        again = sh("bash", TLS_SCRIPTS / "register-site.sh", GOOD_SITES[1], tls / "sites" / GOOD_SITES[1] / "site.key.pub", "restart", env=env)
+        again = sh(
+            "bash",
+            TLS_SCRIPTS / "register-site.sh",
+            GOOD_SITES[1],
+            tls / "sites" / GOOD_SITES[1] / "site.key.pub",
+            "restart",
+            env=env,
+        )
         assert again.returncode == 0 and "already registered" in again.stdout
     finally:
         assert stop(proc) == 0
@@ -288,17 +396,38 @@ def test_superlink_state_survives_a_restart(tls, tmp_path):
 
 # ---- the federation: SuperLink + 4 daemons on loopback -------------------------------------------
 
+
 def start_server(fed: dict) -> subprocess.Popen:
     """`fedbreast server start` on the federation's state folder and port (again after a crash:
     same database, so the same registrations and node ids)."""
     root = fed["root"]
-    readies = lambda: (root / "server.log").read_text().count("SuperLink ready") if (root / "server.log").exists() else 0  # noqa: E731
+
+    def readies() -> int:
+        return (root / "server.log").read_text().count("SuperLink ready") if (root / "server.log").exists() else 0
+
     ready = readies() + 1
     with open(root / "server.log", "a") as log:
         server = subprocess.Popen(
-            [FEDBREAST, "server", "start", "--state-dir", str(root / "server"), "--tls-dir", str(fed["tls"]), "--port", str(fed["port"]),
-             "--metrics-port", str(fed["server_metrics"]), "--federation", fed["name"]],
-            env=fed["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                FEDBREAST,
+                "server",
+                "start",
+                "--state-dir",
+                str(root / "server"),
+                "--tls-dir",
+                str(fed["tls"]),
+                "--port",
+                str(fed["port"]),
+                "--metrics-port",
+                str(fed["server_metrics"]),
+                "--federation",
+                fed["name"],
+            ],
+            env=fed["env"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     fed["server"] = server
     wait_for(lambda: readies() >= ready or server.poll() is not None, 90, "the SuperLink")
     assert server.poll() is None, (root / "server.log").read_text()
@@ -308,30 +437,63 @@ def start_server(fed: dict) -> subprocess.Popen:
 def add_site(fed: dict, site: str, data: Path, extra: str = "") -> subprocess.Popen:
     """Register ``site``'s key (provisioned by the tls fixture) and start its daemon."""
     root, env = fed["root"], fed["env"]
-    reg = sh("bash", TLS_SCRIPTS / "register-site.sh", site, fed["tls"] / "sites" / site / "site.key.pub", fed["name"], env=env)
+    reg = sh(
+        "bash",
+        TLS_SCRIPTS / "register-site.sh",
+        site,
+        fed["tls"] / "sites" / site / "site.key.pub",
+        fed["name"],
+        env=env,
+    )
     assert reg.returncode == 0, reg.stdout + reg.stderr
     fed["node_ids"][site] = re.search(r'"node-id":\s*(\d+)', reg.stdout).group(1)
     mport = free_port()
-    toml = site_toml(root / site / "site.toml", site, data, fed["tls"], fed["tls"] / "sites" / site / "site.key",
-                     f"127.0.0.1:{fed['port']}", mport, extra=extra)
+    toml = site_toml(
+        root / site / "site.toml",
+        site,
+        data,
+        fed["tls"],
+        fed["tls"] / "sites" / site / "site.key",
+        f"127.0.0.1:{fed['port']}",
+        mport,
+        extra=extra,
+    )
     with open(root / site / "daemon.log", "w") as log:
-        proc = subprocess.Popen([FEDBREAST, "site", "start", str(toml)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [FEDBREAST, "site", "start", str(toml)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     fed["daemons"][site] = (proc, mport, root / site)
     return proc
 
 
 def wait_online(fed: dict, count: int, timeout: float = 120) -> dict[str, dict]:
-    return wait_for(lambda: (lambda n: n if sum(v["status"] == "online" for v in n.values()) == count else None)(
-        supernodes(fed["name"], fed["env"])), timeout, f"{count} SuperNodes online")
+    return wait_for(
+        lambda: (lambda n: n if sum(v["status"] == "online" for v in n.values()) == count else None)(
+            supernodes(fed["name"], fed["env"])
+        ),
+        timeout,
+        f"{count} SuperNodes online",
+    )
 
 
 @contextmanager
 def running_federation(root: Path, tls: Path, sites: dict[str, tuple[Path, str]], name: str = "test-fed"):
     """A SuperLink and one daemon per site ({site: (data folder, extra [site] TOML)}), all real
     processes on loopback; stopped with SIGTERM on exit, which must be clean and leave nothing."""
-    fed = dict(root=root, env=env_for(root / "flwr-home"), port=free_port(), server_metrics=free_port(), tls=tls, name=name,
-               daemons={}, node_ids={})
+    fed = dict(
+        root=root,
+        env=env_for(root / "flwr-home"),
+        port=free_port(),
+        server_metrics=free_port(),
+        tls=tls,
+        name=name,
+        daemons={},
+        node_ids={},
+    )
     try:
         start_server(fed)
         for site, (data, extra) in sites.items():
@@ -343,7 +505,9 @@ def running_federation(root: Path, tls: Path, sites: dict[str, tuple[Path, str]]
         for proc, _, _ in daemons.values():  # stop all at once: each waits for its SuperNode to sign off
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        codes = {site: reap(proc) for site, (proc, _, _) in daemons.items()}  # no second SIGTERM: it would race the exit
+        codes = {
+            site: reap(proc) for site, (proc, _, _) in daemons.items()
+        }  # no second SIGTERM: it would race the exit
         server_code = stop(fed["server"]) if "server" in fed else 0
         leftovers = processes_mentioning(str(root))
         for pid in leftovers:
@@ -359,14 +523,16 @@ def federation(tmp_path_factory, tls):
     root = tmp_path_factory.mktemp("deploy")
     site_dirs = prepare_federation(root / "data", sites=3, patients=8, seed=0, echo=lambda _line: None)
     data_of = dict(zip(GOOD_SITES, site_dirs)) | {BROKEN_SITE: root / "data" / "sites" / "never-ingested"}
-    with running_federation(root, tls, {site: (data, DP_POLICY if site == DP_SITE else "") for site, data in data_of.items()}) as fed:
+    with running_federation(
+        root, tls, {site: (data, DP_POLICY if site == DP_SITE else "") for site, data in data_of.items()}
+    ) as fed:
         yield fed
 
 
 def test_registered_sites_are_accepted_under_their_registered_ids(federation):
     online = {nid for nid, n in federation["online"].items() if n["status"] == "online"}
     assert online == set(federation["node_ids"].values())
-    for site, (_, mport, folder) in federation["daemons"].items():
+    for site, (_, _mport, folder) in federation["daemons"].items():
         text = (folder / "daemon.log").read_text()
         assert "[  ok] site key" in text and "ECDSA secp384r1" in text and "[  ok] root certificate" in text
         node_config = (folder / "state" / "node-config.toml").read_text()
@@ -388,9 +554,15 @@ def test_health_endpoints_report_the_bad_data_folder(federation):
 
 def test_an_unregistered_key_is_refused(federation, tmp_path):
     # (no data folder: the refusal comes first, and the preflight skips the cache warm-up)
-    toml = site_toml(tmp_path / "intruder" / "site.toml", "intruder", tmp_path / "no-data",
-                     federation["tls"], federation["tls"] / "sites" / "intruder" / "site.key",
-                     f"127.0.0.1:{federation['port']}", 0)
+    toml = site_toml(
+        tmp_path / "intruder" / "site.toml",
+        "intruder",
+        tmp_path / "no-data",
+        federation["tls"],
+        federation["tls"] / "sites" / "intruder" / "site.key",
+        f"127.0.0.1:{federation['port']}",
+        0,
+    )
     refused = sh(FEDBREAST, "site", "start", toml, "--max-restarts", "0", env=federation["env"], timeout=120)
     # Flower means exit code 305 (it prints it; 305 does not fit an 8-bit exit status): the
     # daemon names it and exits EX_NOPERM (77) once it gives up.
@@ -406,8 +578,20 @@ def test_fedbreast_run_over_tls_reports_per_site_with_registered_names(federatio
     t0 = time.monotonic()
     # Under SecAgg+ (issue 5, item 3): 4 sites set up keys, 2 of them then refuse to train, and
     # their masks are reconstructed from the 2 others' shares (threshold 0.5 x 4 shares = 2).
-    out = sh(FEDBREAST, "run", "test-fed", "--run-dir", run_dir, *RUN_FLAGS, "--set", "secure-aggregation=true",
-             "--set", "secagg-threshold=0.5", env=env, timeout=420)
+    out = sh(
+        FEDBREAST,
+        "run",
+        "test-fed",
+        "--run-dir",
+        run_dir,
+        *RUN_FLAGS,
+        "--set",
+        "secure-aggregation=true",
+        "--set",
+        "secagg-threshold=0.5",
+        env=env,
+        timeout=420,
+    )
     seconds = time.monotonic() - t0
     assert out.returncode == 0, out.stdout + out.stderr
     store = MetricStore(run_dir)
@@ -440,8 +624,26 @@ def test_fedbreast_run_over_tls_reports_per_site_with_registered_names(federatio
 
 # ---- deploy/: compose, Dockerfiles, systemd --------------------------------------------------------
 
-DOCKER_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
-                       "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL", "MAINTAINER"}
+DOCKER_INSTRUCTIONS = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+    "MAINTAINER",
+}
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
@@ -457,7 +659,9 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
         if line.endswith("\\"):
             continue
         word, _, args = pending.partition(" ")
-        assert word.upper() == word and word in DOCKER_INSTRUCTIONS, f"{path.name}:{number}: {word!r} is not a Dockerfile instruction"
+        assert word.upper() == word and word in DOCKER_INSTRUCTIONS, (
+            f"{path.name}:{number}: {word!r} is not a Dockerfile instruction"
+        )
         out.append((word, args.strip()))
         pending = ""
     assert not pending, f"{path.name}: ends inside a continued line"

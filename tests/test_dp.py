@@ -83,7 +83,9 @@ def test_dp_model_has_groupnorm_no_inplace_ops_and_the_servers_keys(tmp_path):
 
 
 def test_resnet_residual_blocks_are_hook_safe(tmp_path):
-    cfg = RunConfig(backbone="resnet18", image_h=32, image_w=32, amp="off", dp="local", dp_freeze_blocks=0, batch_size=2)
+    cfg = RunConfig(
+        backbone="resnet18", image_h=32, image_w=32, amp="off", dp="local", dp_freeze_blocks=0, batch_size=2
+    )
     model = build_model(cfg)
     assert type(model.backbone.body.layer1[0]).__module__ == "fedbreast.shared.training.dp"
     session = local_dp_for(context(), cfg, tmp_path, 2, 1)
@@ -100,7 +102,9 @@ def test_every_grad_sample_mode_trains(tmp_path, mode):
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
-@pytest.mark.parametrize("engine, backbone", [("hooks", "smallcnn"), ("hooks", "resnet18"), ("functorch", "smallcnn"), ("ew", "smallcnn")])
+@pytest.mark.parametrize(
+    "engine, backbone", [("hooks", "smallcnn"), ("hooks", "resnet18"), ("functorch", "smallcnn"), ("ew", "smallcnn")]
+)
 def test_per_sample_gradients_are_exactly_each_exams_own_gradient(engine, backbone):
     # The backbone sees 4 views per exam; the unit of privacy is the exam. Compare Opacus'
     # per-sample gradients (hooks: folded in the grad samplers; functorch: folded after
@@ -138,8 +142,16 @@ def test_per_exam_gradients_are_clipped_per_exam():
     # most lr * C: the mean of per-exam gradients each clipped to C.
     cfg = RunConfig(**TINY, dp="local", dp_freeze_blocks=4, dp_max_grad_norm=0.01)
     model = build_model(cfg)
-    plan = dpmod.DPPlan(noise_multiplier=0.0, sample_rate=1.0, steps=1, planned_steps=1, max_grad_norm=0.01, delta=1e-5,
-                        expected_batch_size=6, target_epsilon=0.0)
+    plan = dpmod.DPPlan(
+        noise_multiplier=0.0,
+        sample_rate=1.0,
+        steps=1,
+        planned_steps=1,
+        max_grad_norm=0.01,
+        delta=1e-5,
+        expected_batch_size=6,
+        target_epsilon=0.0,
+    )
     session = dpmod.LocalDP(plan, PrivacyLedger(Path("/nonexistent/never-written.json")), "hooks", 4, 1)
     session.ledger.save = lambda *a, **k: None  # no disk in this test
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
@@ -288,8 +300,15 @@ def test_epsilon_is_aggregated_by_maximum(tmp_path, task_identity):
 
 
 def test_central_dp_clips_at_the_site_and_noises_the_mean_with_accounting(tmp_path, task_identity):
-    cfg = RunConfig(backbone="smallcnn", rounds=2, round_timeout=1, wait_for_sites=1, dp="central",
-                    dp_max_grad_norm=0.5, dp_noise_multiplier=1.0)
+    cfg = RunConfig(
+        backbone="smallcnn",
+        rounds=2,
+        round_timeout=1,
+        wait_for_sites=1,
+        dp="central",
+        dp_max_grad_norm=0.5,
+        dp_noise_multiplier=1.0,
+    )
     fed = FederatedRun(Grid({"a": -1, "b": -1, "c": -1}, step=1.0), cfg, tmp_path, initial(), echo=lambda s: None)
     fed.run()
     rows = MetricStore(tmp_path).rows("aggregate-train")
@@ -299,7 +318,7 @@ def test_central_dp_clips_at_the_site_and_noises_the_mean_with_accounting(tmp_pa
     # Each site's +1 update (norm 3) was clipped to 0.5 and the equal-weight mean noised (std
     # 1.0 * 0.5 / 3 per entry): about 1.0 of signal plus 0.7 of noise over two rounds, far from
     # the unclipped 6.0.
-    moved = np.sqrt(sum(float((v ** 2).sum()) for v in fed.arrays.values()))
+    moved = np.sqrt(sum(float((v**2).sum()) for v in fed.arrays.values()))
     assert 0 < moved < 3.0
     assert json.loads((tmp_path / "dp" / "central.json").read_text())["releases"] == 2
 
@@ -308,7 +327,9 @@ def test_central_mod_passes_through_without_a_clipping_norm_and_for_unable_repli
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
     arrays = to_record({"w": np.zeros(4, np.float32)})
-    plain = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), dst_node_id=5, message_type="train")
+    plain = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}), dst_node_id=5, message_type="train"
+    )
     big = to_record({"w": np.full(4, 10.0, np.float32)})
 
     def answer(m, _):
@@ -316,15 +337,25 @@ def test_central_mod_passes_through_without_a_clipping_norm_and_for_unable_repli
 
     out = dpmod.central_dp_mod(plain, None, answer)
     assert np.allclose(to_numpy(out.content["arrays"])["w"], 10.0) and CENTRAL_WEIGHT_KEY not in out.content["metrics"]
-    clipped = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, KEY_CLIPPING_NORM: 2.0})}),
-                      dst_node_id=5, message_type="train")
+    clipped = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, KEY_CLIPPING_NORM: 2.0})}),
+        dst_node_id=5,
+        message_type="train",
+    )
     out = dpmod.central_dp_mod(clipped, None, answer)
     assert np.linalg.norm(to_numpy(out.content["arrays"])["w"]) == pytest.approx(2.0, rel=1e-5)
     assert out.content["metrics"][CENTRAL_WEIGHT_KEY] == 1
 
     def unable(m, _):
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0}),
-                                   "site": ConfigRecord({"name": "s", "status": "unable", "reason": "no data"})}), reply_to=m)
+        return Message(
+            RecordDict(
+                {
+                    "metrics": MetricRecord({"num-examples": 0}),
+                    "site": ConfigRecord({"name": "s", "status": "unable", "reason": "no data"}),
+                }
+            ),
+            reply_to=m,
+        )
 
     out = dpmod.central_dp_mod(clipped, None, unable)
     assert not out.has_error() and out.content["site"]["status"] == "unable"
@@ -343,8 +374,17 @@ def two_sites(tmp_path_factory) -> Path:
 def test_simulation_with_local_dp_reports_growing_epsilon(tmp_path, two_sites):
     from fedbreast.simulation.simulate import simulate
 
-    overrides = dict(backbone="smallcnn", image_h=64, image_w=32, bootstrap=50, hist_bins=64, rounds=2, dp="local",
-                     dp_epsilon=8.0, dp_freeze_blocks=1)
+    overrides = dict(
+        backbone="smallcnn",
+        image_h=64,
+        image_w=32,
+        bootstrap=50,
+        hist_bins=64,
+        rounds=2,
+        dp="local",
+        dp_epsilon=8.0,
+        dp_freeze_blocks=1,
+    )
     run = tmp_path / "run"
     result = simulate(run, sites=2, patients=8, overrides=overrides, data_dir=two_sites)
     assert result["run"]["status"] == "finished:completed"
@@ -365,8 +405,17 @@ def test_simulation_with_local_dp_reports_growing_epsilon(tmp_path, two_sites):
 def test_simulation_with_central_dp_clips_at_sites_and_accounts_at_the_server(tmp_path, two_sites):
     from fedbreast.simulation.simulate import simulate
 
-    overrides = dict(backbone="smallcnn", image_h=64, image_w=32, bootstrap=50, hist_bins=64, rounds=2, dp="central",
-                     dp_epsilon=10.0, dp_max_grad_norm=0.5)
+    overrides = dict(
+        backbone="smallcnn",
+        image_h=64,
+        image_w=32,
+        bootstrap=50,
+        hist_bins=64,
+        rounds=2,
+        dp="central",
+        dp_epsilon=10.0,
+        dp_max_grad_norm=0.5,
+    )
     run = tmp_path / "run"
     result = simulate(run, sites=2, patients=8, overrides=overrides, data_dir=two_sites)
     assert result["run"]["status"] == "finished:completed"

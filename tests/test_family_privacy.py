@@ -70,7 +70,11 @@ def test_replies_of_every_family_hold_only_model_arrays_and_aggregates(family, s
 
     caplog.set_level(logging.DEBUG)
     ctx = site_context(site, cfg.to_flower(), site_name=site_name)
-    replies = [app(request("query", 0), ctx), app(request("train", 1, state), ctx), app(request("evaluate", 1, state), ctx)]
+    replies = [
+        app(request("query", 0), ctx),
+        app(request("train", 1, state), ctx),
+        app(request("evaluate", 1, state), ctx),
+    ]
     statuses = [(r.metadata.message_type, r.content["site"]["status"], r.content["site"]["reason"]) for r in replies]
     assert [s[1] for s in statuses] == ["ok", "ok", "ok"], statuses
 

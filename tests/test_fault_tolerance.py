@@ -36,8 +36,20 @@ from fedbreast.server.metric_store import MetricStore
 from fedbreast.simulation.simulate import prepare_federation
 
 STRAGGLER = "hospital-d"  # a key the tls fixture provisions; registered only for the straggler test
-TINY_FLAGS = ["--backbone", "smallcnn", "--image-size", "64x32", "--set", "bootstrap=100", "--set", "hist-bins=64",
-              "--set", "workers=0", "--set", "wait-for-sites=90"]
+TINY_FLAGS = [
+    "--backbone",
+    "smallcnn",
+    "--image-size",
+    "64x32",
+    "--set",
+    "bootstrap=100",
+    "--set",
+    "hist-bins=64",
+    "--set",
+    "workers=0",
+    "--set",
+    "wait-for-sites=90",
+]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +99,13 @@ def test_a_server_killed_mid_run_resumes_at_the_next_round_without_double_counti
     env, run_dir, rounds = fed["env"], fed["root"] / "run-killed", 2
     flags = ["--rounds", str(rounds), *TINY_FLAGS, "--set", "min-available-sites=3", "--set", "round-timeout=120"]
     with open(fed["root"] / "run-1.log", "w") as log:
-        first = subprocess.Popen([FEDBREAST, "run", fed["name"], "--run-dir", str(run_dir), *flags], env=env, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        first = subprocess.Popen(
+            [FEDBREAST, "run", fed["name"], "--run-dir", str(run_dir), *flags],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for(lambda: latest_round(run_dir) >= 1 or first.poll() is not None, 240, "round 1's checkpoint", step=0.2)
         assert first.poll() is None, (fed["root"] / "run-1.log").read_text()
@@ -128,7 +145,9 @@ def test_a_server_killed_mid_run_resumes_at_the_next_round_without_double_counti
         assert sorted(r["site"] for r in rows if r["phase"] == "train") == sorted(GOOD_SITES), rnd
     assert [r for r in store.rows() if r["round"] <= killed_round] == before  # the pre-crash history, untouched
     assert latest_round(run_dir) == rounds and (run_dir / "checkpoints" / "final.pt").exists()
-    print(f"server killed after round {killed_round}; resumed and finished {rounds} rounds {recovered:.1f} s after the kill")
+    print(
+        f"server killed after round {killed_round}; resumed and finished {rounds} rounds {recovered:.1f} s after the kill"
+    )
 
 
 def test_a_site_killed_mid_round_rejoins_and_resumes_its_dp_ledger_and_fedbn_state(fed):
@@ -138,15 +157,39 @@ def test_a_site_killed_mid_round_rejoins_and_resumes_its_dp_ledger_and_fedbn_sta
     trains_before = daemon_log.read_text().count("Receiving: train message")
     # min-available-sites 2: later rounds go on with whoever is online while the site is away.
     # DP-SGD and FedBN: the state a restarted site must pick up from its disk.
-    flags = ["--rounds", str(rounds), *TINY_FLAGS, "--set", "min-available-sites=2", "--set", f"round-timeout={timeout}",
-             "--set", "dp=local", "--set", "dp-noise-multiplier=1.0", "--set", "fedbn=true"]
+    flags = [
+        "--rounds",
+        str(rounds),
+        *TINY_FLAGS,
+        "--set",
+        "min-available-sites=2",
+        "--set",
+        f"round-timeout={timeout}",
+        "--set",
+        "dp=local",
+        "--set",
+        "dp-noise-multiplier=1.0",
+        "--set",
+        "fedbn=true",
+    ]
     with open(fed["root"] / "run-site-killed.log", "w") as log:
-        run = subprocess.Popen([FEDBREAST, "run", fed["name"], "--run-dir", str(run_dir), *flags], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+        run = subprocess.Popen(
+            [FEDBREAST, "run", fed["name"], "--run-dir", str(run_dir), *flags],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         # Round 1 trains normally; the site is killed while it trains in round 2.
-        wait_for(lambda: daemon_log.read_text().count("Receiving: train message") > trains_before + 1 or run.poll() is not None,
-                 300, f"{site} to receive round 2's training message", step=0.2)
+        wait_for(
+            lambda: (
+                daemon_log.read_text().count("Receiving: train message") > trains_before + 1 or run.poll() is not None
+            ),
+            300,
+            f"{site} to receive round 2's training message",
+            step=0.2,
+        )
         assert run.poll() is None
         os.kill(int((folder / "state" / "supernode.pid").read_text()), signal.SIGKILL)  # while it trains
         killed_at = time.monotonic()
@@ -164,15 +207,19 @@ def test_a_site_killed_mid_round_rejoins_and_resumes_its_dp_ledger_and_fedbn_sta
     later = sorted(rnd for rnd in mine if rnd > 2)
     assert 1 in mine and later, f"{site} never trained again: {sorted(mine)}"
     assert "restart 1" in daemon_log.read_text()
-    assert set(wait_online(fed, len(GOOD_SITES))) == {fed["node_ids"][s] for s in GOOD_SITES}  # same node ids, no new one
+    assert set(wait_online(fed, len(GOOD_SITES))) == {
+        fed["node_ids"][s] for s in GOOD_SITES
+    }  # same node ids, no new one
     back = mine[later[0]]
     # The restarted process read the site's DP ledger: epsilon went on from round 1's, it did not restart at
     # zero (the same steps from zero would spend exactly round 1's epsilon again).
     assert back["dp_epsilon"] > 1.05 * mine[1]["dp_epsilon"], (mine[1]["dp_epsilon"], back["dp_epsilon"])
     # ... and its own FedBN norm layers, kept on its disk since round 1.
     assert mine[1]["fedbn_own_norms"] == 0 and back["fedbn_own_norms"] == 1
-    print(f"{site} killed in round 2; trained again in round {later[0]} with its ledger (epsilon {mine[1]['dp_epsilon']:.2f} -> "
-          f"{back['dp_epsilon']:.2f}) and FedBN norms; run done {time.monotonic() - killed_at:.1f} s after the kill")
+    print(
+        f"{site} killed in round 2; trained again in round {later[0]} with its ledger (epsilon {mine[1]['dp_epsilon']:.2f} -> "
+        f"{back['dp_epsilon']:.2f}) and FedBN norms; run done {time.monotonic() - killed_at:.1f} s after the kill"
+    )
 
 
 def test_a_straggler_does_not_hold_the_round_past_its_timeout(fed):
@@ -183,8 +230,22 @@ def test_a_straggler_does_not_hold_the_round_past_its_timeout(fed):
         t0 = time.monotonic()
         # One round: the timeout closing the train wave, and the run going on to evaluate and
         # finish, is the whole claim; a second round would only repeat it (about 100 s).
-        out = sh(FEDBREAST, "run", fed["name"], "--run-dir", run_dir, "--rounds", "1", *TINY_FLAGS,
-                 "--set", f"min-available-sites={len(GOOD_SITES) + 1}", "--set", f"round-timeout={timeout}", env=env, timeout=500)
+        out = sh(
+            FEDBREAST,
+            "run",
+            fed["name"],
+            "--run-dir",
+            run_dir,
+            "--rounds",
+            "1",
+            *TINY_FLAGS,
+            "--set",
+            f"min-available-sites={len(GOOD_SITES) + 1}",
+            "--set",
+            f"round-timeout={timeout}",
+            env=env,
+            timeout=500,
+        )
         seconds = time.monotonic() - t0
     finally:
         assert stop(proc) == 0

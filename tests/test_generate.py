@@ -118,17 +118,24 @@ def test_annotation_csv_matches_docs_and_images(fed, images) -> None:
     for s in summaries:
         rows = read_csv(s.path / "annotations.csv")
         assert tuple(rows[0].keys()) == ANNOTATION_COLUMNS
-        shape_of = {(ds.PatientID, ds.ImageLaterality, ds.ViewPosition if ds.Modality == "MG" else None): ds.pixel_array.shape
-                    for ds in images[s.name]}
+        shape_of = {
+            (ds.PatientID, ds.ImageLaterality, ds.ViewPosition if ds.Modality == "MG" else None): ds.pixel_array.shape
+            for ds in images[s.name]
+        }
         us_shape = next((ds.pixel_array.shape for ds in images[s.name] if ds.Modality == "US"), None)
         patients = {ds.PatientID for ds in images[s.name]}
         assert {r["patient_id"] for r in rows} == patients  # every patient is labelled
         outlined = defaultdict(set)
         for r in rows:
             assert r["label"] in ("normal", "benign", "malignant") and r["laterality"] in "LR"
-            for column, group in (("mass_shape", "mass_shape"), ("mass_margin", "mass_margin"),
-                                  ("internal_enhancement", "internal_enhancement"), ("bpe", "bpe"),
-                                  ("density", "density"), ("birads", "assessment")):
+            for column, group in (
+                ("mass_shape", "mass_shape"),
+                ("mass_margin", "mass_margin"),
+                ("internal_enhancement", "internal_enhancement"),
+                ("bpe", "bpe"),
+                ("density", "density"),
+                ("birads", "assessment"),
+            ):
                 tokens, unknown = parse_birads_cell(group, r[column])
                 assert not unknown, (column, r[column])
             if not r["roi"]:
@@ -136,8 +143,12 @@ def test_annotation_csv_matches_docs_and_images(fed, images) -> None:
             assert r["label"] != "normal"
             o = parse_outline(r)
             hw = us_shape if r["view"].startswith("US_") else shape_of[(r["patient_id"], r["laterality"], r["view"])]
-            x0, y0, x1, y1 = (min(p[0] for p in o.points), min(p[1] for p in o.points),
-                              max(p[0] for p in o.points), max(p[1] for p in o.points))
+            x0, y0, x1, y1 = (
+                min(p[0] for p in o.points),
+                min(p[1] for p in o.points),
+                max(p[0] for p in o.points),
+                max(p[1] for p in o.points),
+            )
             if o.kind == "ellipse":
                 (cx, cy), (rx, ry) = o.points
                 x0, y0, x1, y1 = cx - max(rx, ry), cy - max(rx, ry), cx + max(rx, ry), cy + max(rx, ry)
@@ -176,8 +187,13 @@ def test_same_seed_same_bytes_any_workers_and_other_seed_differs(fed, tmp_path: 
 def test_sites_are_heterogeneous(images) -> None:
     def signature(ds_list):
         mg = [ds for ds in ds_list if ds.Modality == "MG"]
-        return ({ds.Modality for ds in ds_list}, {(ds.Rows, ds.Columns) for ds in mg},
-                {int(ds.BitsStored) for ds in mg}, {str(ds.Manufacturer) for ds in mg})
+        return (
+            {ds.Modality for ds in ds_list},
+            {(ds.Rows, ds.Columns) for ds in mg},
+            {int(ds.BitsStored) for ds in mg},
+            {str(ds.Manufacturer) for ds in mg},
+        )
+
     sigs = [signature(images[name]) for name in ("site-1", "site-2", "site-3")]
     assert len({frozenset(s[0]) for s in sigs}) == 2  # MG only vs MG + US
     assert len({next(iter(s[1])) for s in sigs}) == 3
@@ -201,8 +217,12 @@ def test_simulate_and_site_generate_take_one_kind_of_hospital(tmp_path, monkeypa
     from fedbreast import cli
     from fedbreast.simulation import simulate as simulate_module
 
-    assert cli.main(["site", "generate", "--out", str(tmp_path), "--sites", "2", "--patients", "2",
-                     "--modalities", "ffdm+us"]) == 0
+    assert (
+        cli.main(
+            ["site", "generate", "--out", str(tmp_path), "--sites", "2", "--patients", "2", "--modalities", "ffdm+us"]
+        )
+        == 0
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("site-")]
     assert len(lines) == 2 and all("modalities ffdm+us" in line for line in lines)
     seen = {}
@@ -274,8 +294,9 @@ def test_label_model_hits_prevalence_and_is_not_deterministic() -> None:
 
 def test_lesion_keeps_its_nipple_distance_and_stays_inside_the_breast() -> None:
     rng = np.random.default_rng(11)
-    spec = phantom.LesionSpec("oval", "circumscribed", "homogeneous", 6.0, 1.5, (), (), 0.4, (), 0.15, 0.4, 0.3, -20.0,
-                              "parallel", "none")
+    spec = phantom.LesionSpec(
+        "oval", "circumscribed", "homogeneous", 6.0, 1.5, (), (), 0.4, (), 0.15, 0.4, 0.3, -20.0, "parallel", "none"
+    )
     for view in ("CC", "MLO"):
         for _ in range(10):
             g = phantom.sample_geometry(rng, view, (600, 400), 0.45, float(rng.random()), 0.0)
@@ -287,8 +308,10 @@ def test_lesion_keeps_its_nipple_distance_and_stays_inside_the_breast() -> None:
 
 
 def test_mirrored_outline_matches_mirrored_mask() -> None:
-    for o in (phantom.Outline("ellipse", ((30.0, 40.0), (12.0, 6.0)), 30.0),
-              phantom.Outline("polygon", ((10.3, 10.2), (40.6, 15.1), (25.2, 50.7)))):
+    for o in (
+        phantom.Outline("ellipse", ((30.0, 40.0), (12.0, 6.0)), 30.0),
+        phantom.Outline("polygon", ((10.3, 10.2), (40.6, 15.1), (25.2, 50.7))),
+    ):
         m = o.mask((80, 64))
         assert np.array_equal(o.mirrored(64).mask((80, 64)), m[:, ::-1])
 

@@ -61,8 +61,10 @@ def test_no_import_runs_the_wrong_way(folder: str) -> None:
 
 
 def test_the_coordinator_loads_no_site_code() -> None:
-    code = ("import json, sys; import fedbreast.server.app, fedbreast.server.federation, fedbreast.server.launcher; "
-            "print(json.dumps(sorted(sys.modules)))")
+    code = (
+        "import json, sys; import fedbreast.server.app, fedbreast.server.federation, fedbreast.server.launcher; "
+        "print(json.dumps(sorted(sys.modules)))"
+    )
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     site = [m for m in loaded if m.startswith(SITE_STACK) or m.split(".")[0] in ("scipy", "PIL", "pydicom", "opacus")]
     assert site == []

@@ -79,7 +79,9 @@ def test_reingest_is_idempotent_and_incremental(tmp_path, clean_site):
     dicom, ann = clean_site
     site = tmp_path / "site"
     ingest(dicom, site, annotations=ann)
-    before = {n: (site / n).read_bytes() for n in ("manifest.jsonl", "site.json", "ingest_state.jsonl", "rejected.jsonl")}
+    before = {
+        n: (site / n).read_bytes() for n in ("manifest.jsonl", "site.json", "ingest_state.jsonl", "rejected.jsonl")
+    }
     again = ingest(dicom, site, annotations=ann)
     assert again.processed == 0 and again.reused == 52
     assert {n: (site / n).read_bytes() for n in before} == before

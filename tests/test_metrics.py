@@ -92,9 +92,7 @@ def test_binary_metrics_match_sklearn(data, threshold):
     assert m["f1"] == pytest.approx(f1_score(y, pred), abs=1e-12)
     assert m["mcc"] == pytest.approx(matthews_corrcoef(y, pred), abs=1e-12)
     assert m["brier"] == pytest.approx(brier_score_loss(y, s), abs=1e-12)
-    assert (m["sensitivity"] + m["specificity"]) / 2 == pytest.approx(
-        balanced_accuracy_score(y, pred), abs=1e-12
-    )
+    assert (m["sensitivity"] + m["specificity"]) / 2 == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
     assert m["gmean"] == pytest.approx(math.sqrt(m["sensitivity"] * m["specificity"]), abs=1e-12)
     assert (m["n"], m["n_pos"], m["n_neg"]) == (500, int(y.sum()), int((y == 0).sum()))
     assert all(isinstance(m[k], int) for k in ("n", "n_pos", "n_neg"))
@@ -150,9 +148,7 @@ def test_metrics_from_confusion_degenerate_is_nan_without_warnings():
     assert 0.0 < big["mcc"] < 1.0
 
 
-@pytest.mark.parametrize(
-    "bad", [(-1, 0, 0, 0), (1.0, math.nan, 0, 0), ("3", 0, 0, 0), (True, 0, 0, 0)]
-)
+@pytest.mark.parametrize("bad", [(-1, 0, 0, 0), (1.0, math.nan, 0, 0), ("3", 0, 0, 0), (True, 0, 0, 0)])
 def test_metrics_from_confusion_rejects_bad_counts(bad):
     with pytest.raises(ValueError, match="tp|fp"):
         metrics_from_confusion(*bad)
@@ -189,7 +185,11 @@ def test_operating_threshold_maximises_youden_j(data):
 
     y, s = data
     t = operating_threshold(y, s)
-    j = lambda cut: binary_metrics(y, s, threshold=cut)["sensitivity"] + binary_metrics(y, s, threshold=cut)["specificity"] - 1
+
+    def j(cut: float) -> float:
+        m = binary_metrics(y, s, threshold=cut)
+        return m["sensitivity"] + m["specificity"] - 1
+
     assert all(j(t) >= j(c) - 1e-12 for c in np.unique(s))
     assert operating_threshold(np.zeros(5, int), np.linspace(0, 1, 5)) == 0.5  # one class: the default
 
@@ -451,10 +451,7 @@ def test_laplace_noise_scale_is_one_over_epsilon():
     h = {"hist_edges": edges, "hist_pos": [10_000] * 4, "hist_neg": [10_000] * 4}
     rng = np.random.default_rng(1)
     diffs = np.array(
-        [
-            np.subtract(add_laplace_noise(h, 0.5, rng, n_groups=None)["hist_pos"], 10_000)
-            for _ in range(2000)
-        ]
+        [np.subtract(add_laplace_noise(h, 0.5, rng, n_groups=None)["hist_pos"], 10_000) for _ in range(2000)]
     ).ravel()
     assert np.std(diffs) == pytest.approx(math.sqrt(2) / 0.5, rel=0.1)
     assert abs(np.mean(diffs)) < 0.1
@@ -467,10 +464,7 @@ def test_laplace_noise_keeps_pooled_auc_usable(federation):
     # Large epsilon: nearly noise-free, only the 16-group coarsening remains.
     near = pooled_auc_from_histograms([add_laplace_noise(h, 1e4, rng) for h in hists])
     assert abs(near - clean) < 0.01
-    noisy = [
-        pooled_auc_from_histograms([add_laplace_noise(h, 1.0, rng) for h in hists])
-        for _ in range(20)
-    ]
+    noisy = [pooled_auc_from_histograms([add_laplace_noise(h, 1.0, rng) for h in hists]) for _ in range(20)]
     assert abs(np.mean(noisy) - clean) < 0.03
 
 

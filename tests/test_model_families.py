@@ -108,8 +108,13 @@ def test_cosface_loss_matches_its_definition() -> None:
     cos = torch.tensor([[0.2, 0.8], [0.6, -0.1]])
     y = torch.tensor([1, 0])
     s, m = 10.0, 0.3
-    want = -(math.log(math.exp(s * 0.5) / (math.exp(s * 0.2) + math.exp(s * 0.5)))
-             + math.log(math.exp(s * 0.3) / (math.exp(s * 0.3) + math.exp(-s * 0.1)))) / 2
+    want = (
+        -(
+            math.log(math.exp(s * 0.5) / (math.exp(s * 0.2) + math.exp(s * 0.5)))
+            + math.log(math.exp(s * 0.3) / (math.exp(s * 0.3) + math.exp(-s * 0.1)))
+        )
+        / 2
+    )
     assert cosface_loss(cos, y, s, m).item() == pytest.approx(want, rel=1e-5)
     assert cosface_loss(cos, y, s, m) > cosface_loss(cos, y, s, 0.0)  # the margin makes it harder
     head = CosineHead(4, scale=s, margin=m)
@@ -126,9 +131,9 @@ def test_mcc_weights_from_confusion_counts_and_the_two_stage_fusion() -> None:
         [40, 10, 40, 10],  # ffdm_cc   MCC 0.6
         [30, 20, 30, 20],  # ffdm_mlo  MCC 0.2
         [10, 30, 10, 30],  # cesm_cc   MCC -0.5 -> 0
-        [45, 5, 45, 5],    # cesm_mlo  MCC 0.8
+        [45, 5, 45, 5],  # cesm_mlo  MCC 0.8
         [20, 20, 20, 20],  # ffdm      MCC 0 -> 0
-        [50, 0, 50, 0],    # cesm      MCC 1
+        [50, 0, 50, 0],  # cesm      MCC 1
     ]
     w = mcc_weights(counts)
     np.testing.assert_allclose(w, [0.6, 0.2, 0.0, 0.8, 0.0, 1.0], atol=1e-6)
@@ -169,7 +174,11 @@ def test_a_branch_only_some_sites_train_is_averaged_over_those_sites() -> None:
     before = {"mg.w": np.zeros(2, np.float32), "us.w": np.zeros(2, np.float32), "n": np.array(3)}
     a = {"mg.w": np.full(2, 1.0, np.float32), "us.w": np.full(2, 3.0, np.float32), "n": np.array(4)}  # has US
     b = {"mg.w": np.full(2, 2.0, np.float32), "us.w": np.zeros(2, np.float32), "n": np.array(4)}  # no US: unchanged
-    fedavg = {"mg.w": np.full(2, 1.75, np.float32), "us.w": np.full(2, 0.75, np.float32), "n": np.array(4)}  # weights 1:3
+    fedavg = {
+        "mg.w": np.full(2, 1.75, np.float32),
+        "us.w": np.full(2, 0.75, np.float32),
+        "n": np.array(4),
+    }  # weights 1:3
     updates = [(a, {"num-examples": 10}), (b, {"num-examples": 30})]
     out = average_where_trained(RunConfig(), before, fedavg, updates)
     np.testing.assert_allclose(out["mg.w"], 1.75)  # trained everywhere: FedAvg's own result
@@ -191,7 +200,10 @@ def test_config_validates_family_fields_and_keeps_multiview_signature() -> None:
     keys = ("model", "backbone", "view_fusion", "head", "in_channels", "image_h", "image_w")
     old = hashlib.sha256(json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.model_signature() == old  # multiview checkpoints of earlier versions still resume
-    assert RunConfig(model="birads").model_signature() != RunConfig(model="birads", birads_fusion="decision").model_signature()
+    assert (
+        RunConfig(model="birads").model_signature()
+        != RunConfig(model="birads", birads_fusion="decision").model_signature()
+    )
     assert set(PRESETS) == set(FAMILIES) == {"multiview", "birads", "dualmode", "mgus", "latefusion"}
 
 
@@ -295,11 +307,20 @@ def test_birads_trains_federated_on_the_mixed_federation_and_beats_chance(tmp_pa
     part (DES patches at CEM sites, FFDM patches elsewhere). The pixel-only families need
     more lesions to show they learn: tests/test_family_learning.py."""
     overrides = {"model": "birads", **TINY, **FAMILY_TINY["birads"]}
-    result = simulate(tmp_path / "run", sites=SITES, patients=PATIENTS, seed=DATA_SEED, overrides=overrides,
-                      data_dir=federation, echo=lambda *_: None)
+    result = simulate(
+        tmp_path / "run",
+        sites=SITES,
+        patients=PATIENTS,
+        seed=DATA_SEED,
+        overrides=overrides,
+        data_dir=federation,
+        echo=lambda *_: None,
+    )
     assert result["run"]["status"] == "finished:completed"
     store = MetricStore(tmp_path / "run")
-    assert {r["site"] for r in store.rows("train") if r["round"] == 1 and r["site"] != "ALL"} == {f"site-{k}" for k in range(1, 5)}
+    assert {r["site"] for r in store.rows("train") if r["round"] == 1 and r["site"] != "ALL"} == {
+        f"site-{k}" for k in range(1, 5)
+    }
     agg = _final_aggregate(tmp_path / "run")
     evaluations = [r for r in store.rows("evaluate") if r["round"] == agg["round"] and r["site"] != "ALL"]
     assert all(math.isfinite(r["test_auc"]) for r in evaluations if r["test_n_pos"] and r["test_n_neg"])

@@ -35,8 +35,16 @@ def _exam(b: int = 2, c: int = 2, seed: int = 0) -> torch.Tensor:
 def test_registry_lists_required_backbones_and_rejects_unknown() -> None:
     names = available_backbones()
     assert names[0] == "resnet18"
-    for n in ("resnet34", "resnet50", "vgg16_bn", "efficientnet_b0", "densenet121",
-              "alexnet", "mobilenet_v3_small", "smallcnn"):
+    for n in (
+        "resnet34",
+        "resnet50",
+        "vgg16_bn",
+        "efficientnet_b0",
+        "densenet121",
+        "alexnet",
+        "mobilenet_v3_small",
+        "smallcnn",
+    ):
         assert n in names
     with pytest.raises(ValueError) as exc:
         build_backbone("resnet9000", 2)
@@ -97,7 +105,9 @@ def test_single_view_scores_each_view_alone_and_averages_cc_mlo() -> None:
     assert out.shape == (3, 2)
     # Each view image is scored on its own; a breast is the mean of its CC and MLO probabilities.
     lcc, lmlo, rcc, rmlo = alone.unbind(1)
-    torch.testing.assert_close(torch.sigmoid(out), torch.stack(((lcc + lmlo) / 2, (rcc + rmlo) / 2), 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.sigmoid(out), torch.stack(((lcc + lmlo) / 2, (rcc + rmlo) / 2), 1), rtol=1e-5, atol=1e-6
+    )
     # No left-right fusion: another right-breast image leaves the left breast's score as it was.
     torch.testing.assert_close(out_changed[:, 0], out[:, 0])
     assert not torch.allclose(out_changed[:, 1], out[:, 1])
@@ -132,9 +142,7 @@ def test_local_weights_fold_rgb_stem_into_new_channels(tmp_path, in_channels: in
     torch.testing.assert_close(body.bn1.running_var, ref.bn1.running_var)
     # The scaling keeps activations: a grey image on all channels matches grey-as-RGB.
     grey = torch.randn(2, 1, 16, 16)
-    torch.testing.assert_close(
-        body.conv1(grey.expand(-1, in_channels, -1, -1)), ref.conv1(grey.expand(-1, 3, -1, -1))
-    )
+    torch.testing.assert_close(body.conv1(grey.expand(-1, in_channels, -1, -1)), ref.conv1(grey.expand(-1, 3, -1, -1)))
     # The loaded weights reach the fusion model too.
     model = MultiViewFusionNet("resnet18", in_channels=in_channels, weights_path=path)
     torch.testing.assert_close(model.backbone.body.conv1.weight, body.conv1.weight)
@@ -168,9 +176,7 @@ def test_bad_weights_files_name_the_file(tmp_path) -> None:
 
 @pytest.mark.parametrize(("view_fusion", "in_channels"), [("average", 2), ("concat", 1)])
 def test_faithful_vgg_analytic_size_matches_real_model(view_fusion: str, in_channels: int) -> None:
-    model = MultiViewFusionNet(
-        "vgg16_bn", in_channels, view_fusion=view_fusion, head="vgg_fc", image_hw=(H, W)
-    )
+    model = MultiViewFusionNet("vgg16_bn", in_channels, view_fusion=view_fusion, head="vgg_fc", image_hw=(H, W))
     report = faithful_vgg_report((H, W), in_channels, view_fusion)
     faithful = report["faithful_vgg_fc"]
     assert faithful["flat_dim"] == 512 * (H // 32) * (W // 32)

@@ -60,6 +60,7 @@ def scrape(server) -> str:
 
 # ---- coordinator ------------------------------------------------------------------------------
 
+
 def run_federation(run_dir: Path) -> MetricStore:
     """Two real rounds of the round loop: two honest sites, one NaN update, one silent site."""
     cfg = RunConfig(backbone="smallcnn", rounds=2, round_timeout=1, wait_for_sites=1, min_available_sites=2)
@@ -90,12 +91,18 @@ def test_coordinator_metrics_match_the_run_files(runs_dir):
     rounds = [r for r in rows if r["phase"] == "round"]
     assert value(found, "fedbreast_server_rounds_completed_total", run="run-a") == len(rounds) == 2
     assert value(found, "fedbreast_server_round_duration_seconds_count", run="run-a") == 2
-    assert value(found, "fedbreast_server_round_duration_seconds_sum", run="run-a") == pytest.approx(sum(r["seconds"] for r in rounds))
+    assert value(found, "fedbreast_server_round_duration_seconds_sum", run="run-a") == pytest.approx(
+        sum(r["seconds"] for r in rounds)
+    )
     for bound in ROUND_BUCKETS:
         expected = sum(r["seconds"] <= bound for r in rounds)
         assert value(found, "fedbreast_server_round_duration_seconds_bucket", run="run-a", le=repr(bound)) == expected
     assert value(found, "fedbreast_server_last_round", run="run-a") == 2
-    assert value(found, "fedbreast_server_sites_participating", run="run-a", phase="train") == rounds[-1]["sites_trained"] == 2
+    assert (
+        value(found, "fedbreast_server_sites_participating", run="run-a", phase="train")
+        == rounds[-1]["sites_trained"]
+        == 2
+    )
     evaluated = [r for r in rows if r["phase"] == "aggregate"][-1]["sites"]
     assert value(found, "fedbreast_server_sites_participating", run="run-a", phase="evaluate") == evaluated == 3
 
@@ -128,14 +135,24 @@ def test_coordinator_reads_incrementally_and_survives_partial_lines_and_resumes(
     store = MetricStore(runs / "run-b")
     for rnd in (1, 2):
         store.append(rnd, "failure", "site-x", {"stage": "train", "reason": "unable: dp ceiling reached"})
-        store.append(rnd, "round", "ALL", {"seconds": 12.0 * rnd, "sites_trained": 1, "failures": 1, "bytes_sent": 100, "bytes_received": 50})
+        store.append(
+            rnd,
+            "round",
+            "ALL",
+            {"seconds": 12.0 * rnd, "sites_trained": 1, "failures": 1, "bytes_sent": 100, "bytes_received": 50},
+        )
     server = start_server_exporter(runs, port=0)
     try:
         first = samples(scrape(server))
         assert value(first, "fedbreast_server_rounds_completed_total", run="run-b") == 2
-        assert value(first, "fedbreast_server_failures_total", run="run-b", site="site-x", reason="unable", stage="train") == 2
+        assert (
+            value(first, "fedbreast_server_failures_total", run="run-b", site="site-x", reason="unable", stage="train")
+            == 2
+        )
         # The ServerApp is mid-write: half a line is not a row yet.
-        row = json.dumps({"round": 3, "phase": "round", "site": "ALL", "seconds": 30.0, "sites_trained": 1, "bytes_sent": 100})
+        row = json.dumps(
+            {"round": 3, "phase": "round", "site": "ALL", "seconds": 30.0, "sites_trained": 1, "bytes_sent": 100}
+        )
         with open(store.path, "a") as fh:
             fh.write(row[:25])
         assert value(samples(scrape(server)), "fedbreast_server_rounds_completed_total", run="run-b") == 2
@@ -147,12 +164,29 @@ def test_coordinator_reads_incrementally_and_survives_partial_lines_and_resumes(
         assert value(third, "fedbreast_server_sent_bytes_total", run="run-b") == 300
         # A resume drops the interrupted round 3 and writes it again, longer than before.
         store.truncate_after(2)
-        store.append(3, "failure", "site-y", {"stage": "evaluate", "reason": "no reply within the round timeout (60 s)"})
-        store.append(3, "round", "ALL", {"seconds": 40.0, "sites_trained": 1, "failures": 1, "bytes_sent": 100, "bytes_received": 50})
+        store.append(
+            3, "failure", "site-y", {"stage": "evaluate", "reason": "no reply within the round timeout (60 s)"}
+        )
+        store.append(
+            3,
+            "round",
+            "ALL",
+            {"seconds": 40.0, "sites_trained": 1, "failures": 1, "bytes_sent": 100, "bytes_received": 50},
+        )
         fourth = samples(scrape(server))
         assert value(fourth, "fedbreast_server_rounds_completed_total", run="run-b") == 3
         assert value(fourth, "fedbreast_server_round_duration_seconds_sum", run="run-b") == 12 + 24 + 40
-        assert value(fourth, "fedbreast_server_failures_total", run="run-b", site="site-y", reason="timeout", stage="evaluate") == 1
+        assert (
+            value(
+                fourth,
+                "fedbreast_server_failures_total",
+                run="run-b",
+                site="site-y",
+                reason="timeout",
+                stage="evaluate",
+            )
+            == 1
+        )
         assert value(fourth, "fedbreast_server_received_bytes_total", run="run-b") == 150
         # A second run appears in the same runs directory without a restart.
         MetricStore(runs / "run-c").append(1, "round", "ALL", {"seconds": 1.0, "sites_trained": 3})
@@ -163,6 +197,7 @@ def test_coordinator_reads_incrementally_and_survives_partial_lines_and_resumes(
 
 # ---- site ---------------------------------------------------------------------------------------
 
+
 def make_site(site_dir: Path) -> list[ImageRecord]:
     """A manifest of 5 four-view FFDM exams: 3 train, 1 val, 1 test (no pixels needed here)."""
     splits = [Split.TRAIN, Split.TRAIN, Split.TRAIN, Split.VAL, Split.TEST]
@@ -170,9 +205,23 @@ def make_site(site_dir: Path) -> list[ImageRecord]:
     for i, split in enumerate(splits):
         for lat in (Laterality.L, Laterality.R):
             for view in (View.CC, View.MLO):
-                records.append(ImageRecord(site="hospital-a", patient=f"p{i}", exam=f"e{i}", laterality=lat, view=view,
-                                           modality=Modality.MG, energy=Energy.FFDM, path=f"/nowhere/{i}{lat.value}{view.value}.dcm",
-                                           sha256=f"{i}{lat.value}{view.value}", rows=64, cols=32, label=Label.NORMAL, split=split))
+                records.append(
+                    ImageRecord(
+                        site="hospital-a",
+                        patient=f"p{i}",
+                        exam=f"e{i}",
+                        laterality=lat,
+                        view=view,
+                        modality=Modality.MG,
+                        energy=Energy.FFDM,
+                        path=f"/nowhere/{i}{lat.value}{view.value}.dcm",
+                        sha256=f"{i}{lat.value}{view.value}",
+                        rows=64,
+                        cols=32,
+                        label=Label.NORMAL,
+                        split=split,
+                    )
+                )
     write_manifest(site_dir, records)
     return records
 
@@ -183,11 +232,21 @@ def write_audit_history(site_dir: Path) -> None:
     weights = initial()
     egress_mod(request("query", 0), ctx, lambda m, c: reply(m, {"num-examples": 3, "train_exams": 3}))
     for rnd, seconds in ((1, 4.0), (2, 70.0)):
-        metrics = {"num-examples": 3, "train_seconds": seconds, "train_images_per_s": 10.0 * rnd, "dp_epsilon": 0.5 * rnd}
-        egress_mod(request("train", rnd, weights), ctx, lambda m, c: reply(m, metrics, arrays=weights))
+        metrics = {
+            "num-examples": 3,
+            "train_seconds": seconds,
+            "train_images_per_s": 10.0 * rnd,
+            "dp_epsilon": 0.5 * rnd,
+        }
+        egress_mod(request("train", rnd, weights), ctx, lambda m, c: reply(m, metrics, arrays=weights))  # noqa: B023 - called at once
         egress_mod(request("evaluate", rnd, weights), ctx, lambda m, c: reply(m, {"num-examples": 1, "val_auc": 0.5}))
-    egress_mod(request("train", 3, weights), ctx,
-               lambda m, c: reply(m, {"num-examples": 0}, status="unable", reason="this run would spend epsilon 9 > the site's ceiling 8"))
+    egress_mod(
+        request("train", 3, weights),
+        ctx,
+        lambda m, c: reply(
+            m, {"num-examples": 0}, status="unable", reason="this run would spend epsilon 9 > the site's ceiling 8"
+        ),
+    )
 
 
 def test_site_metrics_match_the_audit_log_and_the_manifest(tmp_path):
@@ -213,7 +272,9 @@ def test_site_metrics_match_the_audit_log_and_the_manifest(tmp_path):
     assert value(found, "fedbreast_site_train_duration_seconds_sum", site="hospital-a") == 74.0
     for bound in TRAIN_BUCKETS:
         expected = sum(ln["metrics"]["train_seconds"] <= bound for ln in train_ok)
-        assert value(found, "fedbreast_site_train_duration_seconds_bucket", site="hospital-a", le=repr(bound)) == expected
+        assert (
+            value(found, "fedbreast_site_train_duration_seconds_bucket", site="hospital-a", le=repr(bound)) == expected
+        )
     assert value(found, "fedbreast_site_train_images_per_second", site="hospital-a") == 20.0
     last_ok = [ln for ln in lines if ln["status"] == "ok" and ln["type"] in ("train", "evaluate")][-1]
     assert value(found, "fedbreast_site_last_success_timestamp_seconds", site="hospital-a") == last_ok["time"]
@@ -221,7 +282,9 @@ def test_site_metrics_match_the_audit_log_and_the_manifest(tmp_path):
     assert value(found, "fedbreast_site_dp_epsilon", site="hospital-a", run="42") == 1.0
     assert value(found, "fedbreast_site_refused_messages_total", site="hospital-a", type="train") == 1
     assert value(found, "fedbreast_site_messages_sent_total", site="hospital-a", type="evaluate", status="ok") == 2
-    assert value(found, "fedbreast_site_sent_bytes_total", site="hospital-a") == sum(ln["array_bytes"] for ln in lines) > 0
+    assert (
+        value(found, "fedbreast_site_sent_bytes_total", site="hospital-a") == sum(ln["array_bytes"] for ln in lines) > 0
+    )
     assert value(found, "fedbreast_site_healthy", site="hospital-a") == 1
 
 
@@ -272,6 +335,7 @@ def test_the_site_audit_log_is_read_incrementally(tmp_path):
 
 # ---- deploy/: Grafana dashboard and Prometheus scrape config -----------------------------------
 
+
 def exposed_names(text: str) -> set[str]:
     names = set()
     for line in text.splitlines():
@@ -313,7 +377,9 @@ def test_prometheus_scrapes_the_coordinator_and_three_sites():
     assert len(targets["fedbreast-coordinator"]) == 1 and len(targets["fedbreast-sites"]) == 3
     assert all(j.get("metrics_path", "/metrics") == "/metrics" for j in jobs.values())
     if PROMTOOL:
-        done = subprocess.run([PROMTOOL, "check", "config", "--syntax-only", str(path)], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [PROMTOOL, "check", "config", "--syntax-only", str(path)], capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         print("prometheus.yml validated by: promtool check config")
     else:

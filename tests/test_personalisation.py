@@ -69,12 +69,37 @@ def patches(tmp_path_factory) -> dict:
             lesion = lat == side
             for view in ("CC", "MLO"):
                 img = breast_image(ROWS, COLS, chest=chest, blob=BLOB if lesion else None, seed=len(recs))
-                recs.append(make_record(root, f"{p}{lat}{view}", img, patient=p, exam=f"E{p}", laterality=lat, view=view, energy="DES",
-                                        label=label if lesion else Label.NORMAL, lesions=(circle_lesion(ROWS, COLS, chest, BLOB),) if lesion else (),
-                                        split=Split.TEST))
+                recs.append(
+                    make_record(
+                        root,
+                        f"{p}{lat}{view}",
+                        img,
+                        patient=p,
+                        exam=f"E{p}",
+                        laterality=lat,
+                        view=view,
+                        energy="DES",
+                        label=label if lesion else Label.NORMAL,
+                        lesions=(circle_lesion(ROWS, COLS, chest, BLOB),) if lesion else (),
+                        split=Split.TEST,
+                    )
+                )
     for view in ("CC", "MLO"):
-        recs.append(make_record(root, f"P3L{view}", breast_image(ROWS, COLS, seed=9), patient="P3", exam="EP3", laterality="L", view=view,
-                                energy="DES", label=Label.MALIGNANT, lesions=(WHOLE,), split=Split.TEST))
+        recs.append(
+            make_record(
+                root,
+                f"P3L{view}",
+                breast_image(ROWS, COLS, seed=9),
+                patient="P3",
+                exam="EP3",
+                laterality="L",
+                view=view,
+                energy="DES",
+                label=Label.MALIGNANT,
+                lesions=(WHOLE,),
+                split=Split.TEST,
+            )
+        )
     assert build_cache(root, recs, NATIVE).failed == 0
     cache = open_cache(root, NATIVE)
     return {
@@ -91,7 +116,9 @@ def _model() -> PatchNet:
 def test_patient_finetune_changes_predictions_and_reports_with_and_without(patches):
     model = _model()
     before = copy.deepcopy(model.state_dict())
-    res = evaluate_patient_finetune(model, patches["lesion"], patches["normal"], PSFTConfig(lr=1e-2, batch_size=16), torch.device("cpu"))
+    res = evaluate_patient_finetune(
+        model, patches["lesion"], patches["normal"], PSFTConfig(lr=1e-2, batch_size=16), torch.device("cpu")
+    )
     # Units are lesion images: 2 views x 4 patients; both arms score the same ones.
     assert len(res.y) == 8 and res.y.tolist().count(0) == 2 and len(res.p_base) == len(res.p_psft) == 8
     assert res.patients == 3 and res.skipped == {"no normal tissue": 1} and res.normal_patches == 3 * 4 * N
@@ -121,7 +148,9 @@ def test_each_patient_starts_from_the_base_model(patches):
 def test_head_scope_trains_only_the_last_layer_on_cached_features(patches):
     model = _model()
     tuner = PatientFinetuner(model, PSFTConfig(lr=1e-2, batch_size=16, scope="head"), torch.device("cpu"))
-    res = evaluate_patient_finetune(model, patches["lesion"], patches["normal"], PSFTConfig(lr=1e-2, batch_size=16, scope="head"))
+    res = evaluate_patient_finetune(
+        model, patches["lesion"], patches["normal"], PSFTConfig(lr=1e-2, batch_size=16, scope="head")
+    )
     assert res.patients == 3 and (res.p_psft <= res.p_base + 1e-9).all() and not np.allclose(res.p_psft, res.p_base)
     lesion = patches["lesion"]
     batch = lesion.__getitems__(lesion.indices_for_patient("P0"))
@@ -132,7 +161,7 @@ def test_head_scope_trains_only_the_last_layer_on_cached_features(patches):
     base = model.state_dict()
     for k, v in tuner.work.state_dict().items():
         assert torch.equal(v, base[k]) != k.startswith("fc."), k  # only the head moved
-    assert tuner.score(([dict(batch)])).shape == (len(batch["x"]),)
+    assert tuner.score([dict(batch)]).shape == (len(batch["x"]),)
 
 
 def test_two_class_heads_score_the_malignant_class():
@@ -168,19 +197,27 @@ def test_personal_model_survives_a_restart_and_is_reused(tmp_path):
     model = BNNet()
     digest = state_digest(model.state_dict())
     settings = PersonalSettings(epochs=1)
-    first, reused = SitePersonaliser(PersonalStore(tmp_path, "runkey"), settings).personal_model(model, digest, 1, fine_tune)
+    first, reused = SitePersonaliser(PersonalStore(tmp_path, "runkey"), settings).personal_model(
+        model, digest, 1, fine_tune
+    )
     assert not reused and calls == [1] and torch.allclose(first.fc.bias, model.fc.bias + 1)
     # A fresh process: new objects, only the disk carries over.
-    again, reused = SitePersonaliser(PersonalStore(tmp_path, "runkey"), settings).personal_model(model, digest, 1, fine_tune)
+    again, reused = SitePersonaliser(PersonalStore(tmp_path, "runkey"), settings).personal_model(
+        model, digest, 1, fine_tune
+    )
     assert reused and calls == [1] and torch.equal(again.fc.bias, first.fc.bias)
     # New global weights: fine-tuned again, and the file now names the new global model.
     with torch.no_grad():
         model.fc.weight.mul_(2)
-    _, reused = SitePersonaliser(PersonalStore(tmp_path, "runkey"), settings).personal_model(model, state_digest(model.state_dict()), 2, fine_tune)
+    _, reused = SitePersonaliser(PersonalStore(tmp_path, "runkey"), settings).personal_model(
+        model, state_digest(model.state_dict()), 2, fine_tune
+    )
     assert not reused and calls == [1, 1]
     assert (tmp_path / "state" / "personal" / "runkey.pt").exists()
     # A state file from a later round belongs to another run in a reused run directory: ignored.
-    _, reused = SitePersonaliser(PersonalStore(tmp_path, "runkey"), settings).personal_model(model, state_digest(model.state_dict()), 1, fine_tune)
+    _, reused = SitePersonaliser(PersonalStore(tmp_path, "runkey"), settings).personal_model(
+        model, state_digest(model.state_dict()), 1, fine_tune
+    )
     assert not reused and calls == [1, 1, 1]
 
 
@@ -287,8 +324,20 @@ def test_patient_finetune_in_the_birads_evaluate_reply(tmp_path, federation):
     from fedbreast.shared.models.factory import build_model
 
     as_task()
-    cfg = RunConfig(model="birads", backbone="smallcnn", patch_size=32, n_patches=8, patch_energies="DES,FFDM", patient_finetune=True, psft_batch_size=32,
-                    psft_lr=1e-2, workers=0, bootstrap=50, hist_bins=64, rounds=1)
+    cfg = RunConfig(
+        model="birads",
+        backbone="smallcnn",
+        patch_size=32,
+        n_patches=8,
+        patch_energies="DES,FFDM",
+        patient_finetune=True,
+        psft_batch_size=32,
+        psft_lr=1e-2,
+        workers=0,
+        bootstrap=50,
+        hist_bins=64,
+        rounds=1,
+    )
     run_config = {**cfg.to_flower(), "run-dir": str(tmp_path / "run")}
     torch.manual_seed(0)
     arrays = {k: v.detach().numpy().copy() for k, v in build_model(cfg).state_dict().items()}

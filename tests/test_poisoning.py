@@ -44,8 +44,20 @@ from fedbreast.simulation.simulate import PRESETS
 torch.set_num_threads(1)
 
 SITES, PATIENTS, DATA_SEED, IMAGE_HW = 5, 40, 0, (300, 200)
-TINY = dict(backbone="smallcnn", bootstrap=0, hist_bins=64, workers=0, local_epochs=1,
-            patch_size=32, n_patches=12, batch_size=64, rounds=4, lr=0.02, round_timeout=60, wait_for_sites=1)
+TINY = dict(
+    backbone="smallcnn",
+    bootstrap=0,
+    hist_bins=64,
+    workers=0,
+    local_epochs=1,
+    patch_size=32,
+    n_patches=12,
+    batch_size=64,
+    rounds=4,
+    lr=0.02,
+    round_timeout=60,
+    wait_for_sites=1,
+)
 ATTACK = {"site-4": "nan", "site-5": "scale"}  # the others stay honest
 SCALE = 100.0
 
@@ -57,7 +69,9 @@ def attacker(attacks: dict[str, str]) -> ReplyHook:
         how = attacks.get(site_dir.name)
         if how and request.metadata.message_type == "train" and "arrays" in reply.content.array_records:
             sent = {k: v.numpy() for k, v in request.content["arrays"].items()}
-            reply.content["arrays"] = to_record(corrupt(how, sent, {k: v.numpy() for k, v in reply.content["arrays"].items()}))
+            reply.content["arrays"] = to_record(
+                corrupt(how, sent, {k: v.numpy() for k, v in reply.content["arrays"].items()})
+            )
         return reply
 
     return on_reply
@@ -75,8 +89,9 @@ def corrupt(how: str, global_w: dict[str, np.ndarray], local_w: dict[str, np.nda
     return out
 
 
-def run_federation(sites_dir: Path, run_dir: Path, seed: int, attacks: dict[str, str], echo=lambda *_: None,
-                   **changes) -> tuple[float, MetricStore]:
+def run_federation(
+    sites_dir: Path, run_dir: Path, seed: int, attacks: dict[str, str], echo=lambda *_: None, **changes
+) -> tuple[float, MetricStore]:
     """One federated run; returns the final round's pooled test AUC of the global model, or
     0.5 (chance) when no site could evaluate it (a wrecked model scores NaN everywhere)."""
     from fedbreast.server.app import initial_arrays
@@ -93,8 +108,10 @@ def run_federation(sites_dir: Path, run_dir: Path, seed: int, attacks: dict[str,
 
 def make_sites(data_dir: Path, sites: int = SITES, patients: int = PATIENTS) -> Path:
     """FFDM sites with small images (fast to generate; five of 40 patients give enough test lesions for an AUC)."""
-    profiles = [SiteProfile(name=f"site-{i + 1}", n_patients=patients, modalities="ffdm", image_hw=IMAGE_HW, prevalence=0.5)
-                for i in range(sites)]
+    profiles = [
+        SiteProfile(name=f"site-{i + 1}", n_patients=patients, modalities="ffdm", image_hw=IMAGE_HW, prevalence=0.5)
+        for i in range(sites)
+    ]
     generate_federation(data_dir / "generated", profiles=profiles, seed=DATA_SEED, workers=1)
     for p in profiles:
         src, site_dir = data_dir / "generated" / p.name, data_dir / "sites" / p.name
@@ -188,8 +205,11 @@ def main() -> None:
     t = time.perf_counter()
     sites = make_sites(tmp / "data")
     print(f"data {time.perf_counter() - t:.1f} s", flush=True)
-    variants = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {
-        "clean": [{}, {}], "attacked-fedavg": [ATTACK, {}], **{k: [ATTACK, v] for k, v in DEFENCES.items()}}
+    variants = (
+        json.loads(sys.argv[1])
+        if len(sys.argv) > 1
+        else {"clean": [{}, {}], "attacked-fedavg": [ATTACK, {}], **{k: [ATTACK, v] for k, v in DEFENCES.items()}}
+    )
     for seed in (0, 1):
         for name, (attacks, changes) in variants.items():
             t = time.perf_counter()

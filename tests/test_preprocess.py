@@ -92,17 +92,38 @@ def make_record(
     write_dicom(
         path,
         pixels,
-        DicomMeta(patient_id=patient, study_uid="1.2.3." + str(abs(hash(exam)) % 10**8), laterality=laterality,
-                  view=view if modality == "MG" else "TRANS", energy=energy, modality=modality, window=window),
+        DicomMeta(
+            patient_id=patient,
+            study_uid="1.2.3." + str(abs(hash(exam)) % 10**8),
+            laterality=laterality,
+            view=view if modality == "MG" else "TRANS",
+            energy=energy,
+            modality=modality,
+            window=window,
+        ),
     )
     return ImageRecord(
-        site="S1", patient=patient, exam=exam, laterality=Laterality(laterality),
-        view=View(view), modality=Modality(modality), energy=Energy(energy), path=str(path), sha256=sha_of(path),
-        rows=pixels.shape[0], cols=pixels.shape[1], window=window, label=label, lesions=lesions, split=split,
+        site="S1",
+        patient=patient,
+        exam=exam,
+        laterality=Laterality(laterality),
+        view=View(view),
+        modality=Modality(modality),
+        energy=Energy(energy),
+        path=str(path),
+        sha256=sha_of(path),
+        rows=pixels.shape[0],
+        cols=pixels.shape[1],
+        window=window,
+        label=label,
+        lesions=lesions,
+        split=split,
     )
 
 
-def circle_lesion(rows: int, cols: int, chest: str, blob: tuple[float, float, float], label: Label | None = None) -> Lesion:
+def circle_lesion(
+    rows: int, cols: int, chest: str, blob: tuple[float, float, float], label: Label | None = None
+) -> Lesion:
     bx, by, br = blob_centre(rows, cols, chest, blob)
     return Lesion(kind=ShapeKind.CIRCLE, points=((bx, by), (br, br)), label=label)
 
@@ -241,14 +262,18 @@ def test_mapped_mask_lands_on_the_lesion(chest: str, pad: str, size: tuple[int, 
     rows, cols = 160, 120
     img = breast_image(rows, cols, chest=chest, blob=None).astype(np.float32)
     # A rotated ellipse and a polygon drawn into the raw image at 3500 (well above the tissue).
-    ell = Lesion(kind=ShapeKind.ELLIPSE, points=((40.0 if chest == "left" else 79.0, 60.0), (18.0, 9.0)), angle_deg=30.0)
+    ell = Lesion(
+        kind=ShapeKind.ELLIPSE, points=((40.0 if chest == "left" else 79.0, 60.0), (18.0, 9.0)), angle_deg=30.0
+    )
     poly = Lesion(kind=ShapeKind.POLYGON, points=((30.0, 100.0), (50.0, 95.0), (45.0, 125.0), (25.0, 120.0)))
     if chest == "right":
         poly = Lesion(kind=ShapeKind.POLYGON, points=tuple((cols - 1 - x, y) for x, y in poly.points))
     ident = Geometry((rows, cols), (0, 0, rows, cols), False, (1.0, 1.0), (0, 0), (rows, cols))
     raw_mask = lesion_mask([ell, poly], ident)
     img[raw_mask] = 3500
-    cfg = PreprocessConfig(window="fixed", clip=(1500, 3500), crop_breast=True, pad=pad, size=size, orientation="chest_left")
+    cfg = PreprocessConfig(
+        window="fixed", clip=(1500, 3500), crop_breast=True, pad=pad, size=size, orientation="chest_left"
+    )
     out, g = preprocess_image(img, None, cfg)
     mapped = lesion_mask([ell, poly], g)
     seen = out > 0.6  # lesion pixels after preprocessing (tissue ~0.25, lesion 1.0)
@@ -284,8 +309,17 @@ def _site(tmp_path: Path, n_exams: int = 2) -> list[ImageRecord]:
     for i in range(n_exams):
         for lat, chest in (("L", "left"), ("R", "right")):
             for energy in ("LE", "DES"):
-                recs.append(make_record(tmp_path / "dicom", f"e{i}{lat}{energy}", breast_image(chest=chest, seed=i),
-                                        patient=f"P{i}", exam=f"E{i}", laterality=lat, energy=energy))
+                recs.append(
+                    make_record(
+                        tmp_path / "dicom",
+                        f"e{i}{lat}{energy}",
+                        breast_image(chest=chest, seed=i),
+                        patient=f"P{i}",
+                        exam=f"E{i}",
+                        laterality=lat,
+                        energy=energy,
+                    )
+                )
     return recs
 
 
@@ -322,14 +356,18 @@ def test_cache_invalidation_on_config_and_content_change(tmp_path: Path) -> None
     assert s.built == 8 and index_path.read_bytes() == before  # the first config was not touched
     # Rewrite one DES file: only it is rebuilt.
     des = recs[1]
-    new_des = make_record(tmp_path / "dicom", "e0LDES", breast_image(chest="left", seed=7), patient="P0", exam="E0", energy="DES")
+    new_des = make_record(
+        tmp_path / "dicom", "e0LDES", breast_image(chest="left", seed=7), patient="P0", exam="E0", energy="DES"
+    )
     assert new_des.sha256 != des.sha256
     recs2 = [new_des if r is des else r for r in recs]
     s = build_cache(tmp_path, recs2, SMALL)
     assert (s.built, s.hits) == (1, 7)
     # Rewrite an LE file: the LE and the DES that borrows its crop are rebuilt.
     le = recs2[0]
-    new_le = make_record(tmp_path / "dicom", "e0LLE", breast_image(chest="left", seed=8), patient="P0", exam="E0", energy="LE")
+    new_le = make_record(
+        tmp_path / "dicom", "e0LLE", breast_image(chest="left", seed=8), patient="P0", exam="E0", energy="LE"
+    )
     recs3 = [new_le if r is le else r for r in recs2]
     s = build_cache(tmp_path, recs3, SMALL)
     assert (s.built, s.hits) == (2, 6)

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_poisoning import make_sites, run_federation
 
 from fedbreast.client.secure_aggregation import SecureAggregationRefused, change
 from fedbreast.server.checkpoints import load_checkpoint
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import ConfigError, RunConfig
-from fedbreast.simulation.simulate import simulate
 from fedbreast.simulation.inprocess import InProcessGrid
-from test_poisoning import make_sites, run_federation
+from fedbreast.simulation.simulate import simulate
 
 SITES = 4
 
@@ -100,13 +100,16 @@ def test_sites_refuse_what_the_coordinator_can_no_longer_check():
     assert change("bn.num_batches_tracked", np.array(30), np.array(10), clip=4.0) == 4.0
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"strategy": "fedmedian"}, "fedavg"),
-    ({"update_norm_bound": 1.0}, "update-norm-bound"),
-    ({"dp": "central"}, "dp = 'local'"),
-    ({"model": "latefusion"}, "per-site updates"),
-    ({"secagg_threshold": 0.0}, "secagg-threshold"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"strategy": "fedmedian"}, "fedavg"),
+        ({"update_norm_bound": 1.0}, "update-norm-bound"),
+        ({"dp": "central"}, "dp = 'local'"),
+        ({"model": "latefusion"}, "per-site updates"),
+        ({"secagg_threshold": 0.0}, "secagg-threshold"),
+    ],
+)
 def test_secure_aggregation_refuses_what_needs_single_updates(changes, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig(**{"secure_aggregation": True, **changes})
@@ -115,7 +118,9 @@ def test_secure_aggregation_refuses_what_needs_single_updates(changes, message):
 @pytest.mark.simulation
 def test_secure_aggregation_in_a_flower_simulation(tmp_path):
     run = tmp_path / "run"
-    tiny = dict(backbone="smallcnn", image_h=64, image_w=32, bootstrap=100, hist_bins=64, rounds=1, secure_aggregation=True)
+    tiny = dict(
+        backbone="smallcnn", image_h=64, image_w=32, bootstrap=100, hist_bins=64, rounds=1, secure_aggregation=True
+    )
     result = simulate(run, sites=3, patients=8, overrides=tiny, data_dir=tmp_path / "data")
     assert result["run"]["status"] == "finished:completed"
     store = MetricStore(run)

@@ -51,7 +51,12 @@ def test_norm_bound(reference):
 
 def test_checkpoint_roundtrip_hash_and_resume_refusal(tmp_path, reference):
     cfg = RunConfig(backbone="smallcnn")
-    meta = {"round": 3, "config": cfg.to_flower(), "model_signature": cfg.model_signature(), "metrics": {"val_auc": 0.8}}
+    meta = {
+        "round": 3,
+        "config": cfg.to_flower(),
+        "model_signature": cfg.model_signature(),
+        "metrics": {"val_auc": 0.8},
+    }
     save_checkpoint(tmp_path, "latest", reference, meta)
     ckpt = load_checkpoint(tmp_path, "latest")
     assert ckpt.round == 3 and set(ckpt.arrays) == set(reference)

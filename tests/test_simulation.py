@@ -41,8 +41,13 @@ def test_a_run_resumes_at_the_next_round_and_a_site_that_cannot_train_does_not_f
     store = MetricStore(run)
     evaluations = store.rows("evaluate")
     # Round 1 not repeated: each (round, site) once; in round 2 site-2 could not take part ...
-    assert sorted((r["round"], r["site"]) for r in evaluations) == [(1, "site-1"), (1, "site-2"), (1, "site-3"),
-                                                                      (2, "site-1"), (2, "site-3")]
+    assert sorted((r["round"], r["site"]) for r in evaluations) == [
+        (1, "site-1"),
+        (1, "site-2"),
+        (1, "site-3"),
+        (2, "site-1"),
+        (2, "site-3"),
+    ]
     assert len(store.rows("train")) == 5
     # ... and said why at every stage, naming the file and line, without failing the round.
     failures = store.rows("failure")
@@ -70,8 +75,9 @@ def test_a_run_resumes_at_the_next_round_and_a_site_that_cannot_train_does_not_f
 def test_the_in_process_engine_runs_the_same_apps_without_ray(tmp_path, data_dir):
     """``--engine inprocess``: the ServerApp's round loop and the ClientApp in this process."""
     run = tmp_path / "run"
-    result = simulate(run, overrides={**TINY, "rounds": 1}, sites_dir=data_dir / "sites", engine="inprocess",
-                      echo=lambda _line: None)
+    result = simulate(
+        run, overrides={**TINY, "rounds": 1}, sites_dir=data_dir / "sites", engine="inprocess", echo=lambda _line: None
+    )
     assert result["run"]["status"] == "finished:completed"
     assert not (run / "flower").exists()  # no SuperLink, no Ray: nothing of Flower's runtime was started
     store = MetricStore(run)

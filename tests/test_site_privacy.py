@@ -39,7 +39,15 @@ def identifiers(site_dir: Path) -> set[str]:
     for r in load_manifest(site_dir):
         found |= {r.patient, r.exam, r.path, Path(r.path).name, str(Path(r.path).parent), r.sha256}
         ds = pydicom.dcmread(r.path, stop_before_pixels=True)
-        for tag in ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber", "StudyID"):
+        for tag in (
+            "PatientID",
+            "PatientName",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "AccessionNumber",
+            "StudyID",
+        ):
             val = str(ds.get(tag, "") or "")
             if val:
                 found.add(val)
@@ -80,7 +88,11 @@ def test_nothing_patient_level_in_audit_log_logs_metrics_or_replies(tmp_path, ca
     weights = initial_arrays(cfg)
     caplog.set_level(logging.DEBUG)
     ctx = site_context(site, cfg.to_flower(), site_name="site-1")
-    replies = [app(request("query", 0), ctx), app(request("train", 1, weights), ctx), app(request("evaluate", 1, weights), ctx)]
+    replies = [
+        app(request("query", 0), ctx),
+        app(request("train", 1, weights), ctx),
+        app(request("evaluate", 1, weights), ctx),
+    ]
     bad_ctx = site_context(broken, cfg.to_flower(), site_name="site-broken")
     bad_replies = [app(request("query", 0), bad_ctx), app(request("train", 1, weights), bad_ctx)]
 
@@ -91,7 +103,9 @@ def test_nothing_patient_level_in_audit_log_logs_metrics_or_replies(tmp_path, ca
     # 1. The audit logs: one line per reply, nothing identifying, no local path.
     for site_dir, sent in ((site, replies), (broken, bad_replies)):
         lines = read_audit(site_dir)
-        assert [(ln["type"], ln["status"]) for ln in lines] == [(r.metadata.message_type, r.content["site"]["status"]) for r in sent]
+        assert [(ln["type"], ln["status"]) for ln in lines] == [
+            (r.metadata.message_type, r.content["site"]["status"]) for r in sent
+        ]
         text = audit_path(site_dir).read_text()
         assert_clean(text, needles | {str(site_dir), str(site_dir.resolve())}, f"{site_dir.name} audit log")
         for line in lines:
@@ -119,6 +133,10 @@ def test_nothing_patient_level_in_audit_log_logs_metrics_or_replies(tmp_path, ca
     assert status == 200
     validate_exposition(metrics)
     assert_clean(metrics, needles | {str(site)}, "/metrics")
-    label_names = {lbl.split("=")[0] for line in metrics.splitlines() if "{" in line and not line.startswith("#")
-                   for lbl in line[line.index("{") + 1:line.index("}")].split(",")}
+    label_names = {
+        lbl.split("=")[0]
+        for line in metrics.splitlines()
+        if "{" in line and not line.startswith("#")
+        for lbl in line[line.index("{") + 1 : line.index("}")].split(",")
+    }
     assert label_names <= {"site", "split", "type", "status", "run", "le"}, label_names

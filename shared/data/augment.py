@@ -67,7 +67,9 @@ AUGMENT_PRESETS: dict[str, AugmentConfig] = {
 }
 
 
-def sample_theta(n: int, height: int, width: int, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_theta(
+    n: int, height: int, width: int, cfg: AugmentConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(n, 2, 3) affine matrices for ``F.affine_grid`` (output -> input, normalised coordinates).
 
     Built in pixel units about the image centre and converted to normalised coordinates, so a

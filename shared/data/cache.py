@@ -38,11 +38,12 @@ import multiprocessing
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -111,9 +112,13 @@ def _read_index(cache_dir: Path, cfg: PreprocessConfig) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CacheError(f"{path}: not valid JSON ({exc.msg}); delete {cache_dir} to rebuild") from None
     if index.get("format") != CACHE_FORMAT:
-        raise CacheError(f"{path}: format {index.get('format')!r}, expected {CACHE_FORMAT}; delete {cache_dir} to rebuild")
+        raise CacheError(
+            f"{path}: format {index.get('format')!r}, expected {CACHE_FORMAT}; delete {cache_dir} to rebuild"
+        )
     if index.get("config_hash") != cfg.config_hash():
-        raise CacheError(f"{path}: config_hash {index.get('config_hash')!r} does not match the config ({cfg.config_hash()})")
+        raise CacheError(
+            f"{path}: config_hash {index.get('config_hash')!r} does not match the config ({cfg.config_hash()})"
+        )
     return index
 
 
@@ -258,7 +263,12 @@ def _write_shard(cache_dir: Path, results: list[_Result], index: dict[str, Any])
         index["shards"][name] = {"size": total}
         for sha, path, off, shape, geometry, ref in placed:
             index["entries"][sha] = {
-                "shard": name, "offset": int(off), "shape": [int(v) for v in shape], "geometry": geometry, "ref": ref, "path": path,
+                "shard": name,
+                "offset": int(off),
+                "shape": [int(v) for v in shape],
+                "geometry": geometry,
+                "ref": ref,
+                "path": path,
             }
             index["failures"].pop(sha, None)
     for sha, path, arr, _, _, error in results:
@@ -388,7 +398,9 @@ class ImageCache:
             return self._entries[sha]
         except KeyError:
             why = self.failure(sha)
-            raise KeyError(f"{sha}: not in cache {self.cache_dir}" + (f" (build failed: {why})" if why else "")) from None
+            raise KeyError(
+                f"{sha}: not in cache {self.cache_dir}" + (f" (build failed: {why})" if why else "")
+            ) from None
 
     def _map(self, shard_id: int) -> np.ndarray:
         mm = self._maps.get(shard_id)
@@ -475,7 +487,9 @@ def open_cache(site_dir: str | Path, cfg: PreprocessConfig) -> ImageCache:
     """Open the cache of ``cfg`` under ``site_dir``; raises CacheError if it was never built."""
     cache_dir = cache_dir_for(site_dir, cfg)
     if not (cache_dir / INDEX).exists():
-        raise CacheError(f"{cache_dir}: no cache for this preprocessing config (run build_cache / `fedbreast site cache`)")
+        raise CacheError(
+            f"{cache_dir}: no cache for this preprocessing config (run build_cache / `fedbreast site cache`)"
+        )
     return ImageCache(cache_dir, cfg, _read_index(cache_dir, cfg))
 
 

@@ -29,9 +29,10 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .birads import parse_birads_cell
 from .manifest import MANIFEST, write_manifest
@@ -83,8 +84,10 @@ class ImportReport:
                 lines.append(f"  rejected {n:5d}  {fld}")
         if self.unknown_descriptors:
             top = sorted(self.unknown_descriptors.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
-            lines.append(f"  unknown descriptors: {sum(self.unknown_descriptors.values())} "
-                         f"({len(self.unknown_descriptors)} distinct); most common:")
+            lines.append(
+                f"  unknown descriptors: {sum(self.unknown_descriptors.values())} "
+                f"({len(self.unknown_descriptors)} distinct); most common:"
+            )
             lines += [f"    {n:5d}  {text}" for text, n in top]
         lines += [f"  warning: {w}" for w in self.warnings]
         lines += [f"  site directory: {p}" for p in self.sites]
@@ -255,10 +258,29 @@ _ENHANCEMENT_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
 _BPE_NAME = r"(?:bpe|background (?:parenchymal )?enhancement)"
 _BPE_BEFORE = re.compile(rf"\b(minimal|mild|moderate|marked) {_BPE_NAME}\b")  # "mild BPE"
 _BPE_AFTER = re.compile(rf"\b{_BPE_NAME}\W*(?:is )?(minimal|mild|moderate|marked)\b")  # "BPE: mild"
-_VOCAB = _KNOWN_WORDS | {w for values in BIRADS_LEXICON.values() for w in values} | {
-    "bpe", "background", "parenchymal", "well", "ill", "defined", "rim", "ring", "not", "lobulated",
-    "spiculation", "spiculations", "margin", "margins", "heterogeneously", "homogeneously", "shape",
-}
+_VOCAB = (
+    _KNOWN_WORDS
+    | {w for values in BIRADS_LEXICON.values() for w in values}
+    | {
+        "bpe",
+        "background",
+        "parenchymal",
+        "well",
+        "ill",
+        "defined",
+        "rim",
+        "ring",
+        "not",
+        "lobulated",
+        "spiculation",
+        "spiculations",
+        "margin",
+        "margins",
+        "heterogeneously",
+        "homogeneously",
+        "shape",
+    }
+)
 _PIECES = re.compile(r"\s*[,;|/]\s*|\s+-\s+|\s*\n\s*")
 
 
@@ -549,7 +571,9 @@ def _scan_images(layout: CddCesmLayout) -> tuple[dict[ImageKey, _Image], list[Re
         paths.sort(key=lambda p: (p.name != exact, p.name))
         images[key] = _Image(key=key, path=paths[0])
         for dup in paths[1:]:
-            rejections.append(Rejection(str(dup), "filename", f"second file for {canonical_name(key)}; kept {paths[0].name}"))
+            rejections.append(
+                Rejection(str(dup), "filename", f"second file for {canonical_name(key)}; kept {paths[0].name}")
+            )
     return images, rejections
 
 
@@ -712,8 +736,12 @@ def import_cdd_cesm(
             continue
         for r in regions[key]:
             if _outside(r.lesion, image.rows, image.cols):
-                reject_row(r.where, "region_shape_attributes",
-                           f"outline lies outside {canonical_name(key)} ({image.cols}x{image.rows} pixels)", key[0])
+                reject_row(
+                    r.where,
+                    "region_shape_attributes",
+                    f"outline lies outside {canonical_name(key)} ({image.cols}x{image.rows} pixels)",
+                    key[0],
+                )
             else:
                 image.lesions.append(r.lesion)
     size_mismatch = 0
@@ -742,8 +770,10 @@ def import_cdd_cesm(
             site_of_patient[pid] = min(c, key=lambda m: (-c[m], m))
         mixed = sum(len(c) > 1 for c in votes.values())
         if mixed:
-            report.warnings.append(f"{mixed} patients have images from more than one machine; "
-                                   "each was placed whole at the site of their most frequent machine")
+            report.warnings.append(
+                f"{mixed} patients have images from more than one machine; "
+                "each was placed whole at the site of their most frequent machine"
+            )
     dir_of = _site_dirs(sorted(set(site_of_patient.values()))) if split_by_machine else {"": out.name}
 
     for machine, dirname in sorted(dir_of.items(), key=lambda kv: kv[1]):
@@ -752,7 +782,8 @@ def import_cdd_cesm(
         site = dirname
 
         def mine(patient: int | None) -> bool:
-            return not split_by_machine or (patient is not None and site_of_patient.get(patient) == machine)
+            # Called only within this iteration, so the loop variable is the one meant.
+            return not split_by_machine or (patient is not None and site_of_patient.get(patient) == machine)  # noqa: B023
 
         secret = load_or_create_key(site_dir)
         records = []
@@ -761,24 +792,26 @@ def import_cdd_cesm(
                 continue
             breast = breasts[(key[0], key[1])]
             raw_patient = str(key[0])
-            records.append(ImageRecord(
-                site=site,
-                patient=pseudonymise(secret, "patient", raw_patient),
-                exam=pseudonymise(secret, "exam", raw_patient),  # one study per patient in this release
-                laterality=Laterality(key[1]),
-                view=View(key[3]),
-                modality=Modality.MG,
-                energy=_ENERGY[key[2]],
-                path=str(image.path),
-                sha256=image.sha256,
-                rows=image.rows,
-                cols=image.cols,
-                manufacturer=machine_of.get(key, ""),
-                bits_stored=image.bits,
-                label=breast.label(),
-                lesions=tuple(image.lesions),
-                birads=breast.to_birads(),
-            ))
+            records.append(
+                ImageRecord(
+                    site=site,
+                    patient=pseudonymise(secret, "patient", raw_patient),
+                    exam=pseudonymise(secret, "exam", raw_patient),  # one study per patient in this release
+                    laterality=Laterality(key[1]),
+                    view=View(key[3]),
+                    modality=Modality.MG,
+                    energy=_ENERGY[key[2]],
+                    path=str(image.path),
+                    sha256=image.sha256,
+                    rows=image.rows,
+                    cols=image.cols,
+                    manufacturer=machine_of.get(key, ""),
+                    bits_stored=image.bits,
+                    label=breast.label(),
+                    lesions=tuple(image.lesions),
+                    birads=breast.to_birads(),
+                )
+            )
         records = assign_splits(records, seed=seed, fractions=fractions)
         here = [r for r in rejected if mine(r.patient)]
         write_rejections(site_dir, (r.rejection for r in here))
@@ -869,7 +902,9 @@ def _check_out(out: Path, split_by_machine: bool) -> None:
     """Refuse to mix the one-site and per-machine layouts in one folder: downstream tools
     would pick up a stale manifest from the other mode."""
     if split_by_machine and (out / MANIFEST).exists():
-        raise CddCesmError(f"{out} already holds a single-site import ({MANIFEST}); use another --out for --split-by-machine")
+        raise CddCesmError(
+            f"{out} already holds a single-site import ({MANIFEST}); use another --out for --split-by-machine"
+        )
     if not split_by_machine and out.is_dir() and any((d / MANIFEST).exists() for d in out.iterdir() if d.is_dir()):
         raise CddCesmError(f"{out} already holds per-machine sites; use another --out for a single-site import")
 

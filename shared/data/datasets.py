@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter, defaultdict
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -331,7 +332,9 @@ class _PatchDataset(_CachedDataset):
         self.images: list[ImageRecord] = []
         self.patient_skipped: dict[str, str] = {}
         img, top, left, ys = [], [], [], []
-        for r in sorted(recs, key=lambda r: (r.patient, r.exam, r.laterality.value, r.view.value, r.energy.value, r.sha256)):
+        for r in sorted(
+            recs, key=lambda r: (r.patient, r.exam, r.laterality.value, r.view.value, r.energy.value, r.sha256)
+        ):
             if r.modality is not Modality.MG or not r.view.is_mammo:
                 continue
             if energies is not None and r.energy.value not in energies:
@@ -362,7 +365,9 @@ class _PatchDataset(_CachedDataset):
         self._by_patient: dict[str, np.ndarray] = {}
         patient_of = np.array([r.patient for r in self.images], dtype=object)
         for p in sorted(set(patient_of.tolist())):
-            self._by_patient[p] = np.flatnonzero(patient_of[self._img] == p) if len(self._img) else np.zeros(0, np.int64)
+            self._by_patient[p] = (
+                np.flatnonzero(patient_of[self._img] == p) if len(self._img) else np.zeros(0, np.int64)
+            )
         reasons: dict[str, list[str]] = defaultdict(list)
         for r in recs:
             if r.path in self.skipped:
@@ -433,13 +438,19 @@ class LesionPatchDataset(_PatchDataset):
     ) -> None:
         super().__init__(records, cache, split, patch, n_patches, seed, energies, dtype)
 
-    def _centres(self, r: ImageRecord, breast_label: Label | None, rng: np.random.Generator) -> tuple[np.ndarray, float, str | None]:
+    def _centres(
+        self, r: ImageRecord, breast_label: Label | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, float, str | None]:
         if not r.lesions:
             return np.zeros((0, 2), np.int64), 0.0, "no lesion outline"
         mask = lesion_mask(r.lesions, self.cache.geometry(r.sha256), self.cache.shape(r.sha256))
         ys, xs = np.nonzero(mask)
         if len(ys) == 0:
-            return np.zeros((0, 2), np.int64), 0.0, "lesion outside image: the outline falls outside the preprocessed image"
+            return (
+                np.zeros((0, 2), np.int64),
+                0.0,
+                "lesion outside image: the outline falls outside the preprocessed image",
+            )
         pick = rng.choice(len(ys), size=self.n_patches, replace=len(ys) < self.n_patches)
         return np.stack([ys[pick], xs[pick]], axis=1), _label_value(breast_label), None
 
@@ -472,7 +483,9 @@ class NormalPatchDataset(_PatchDataset):
         self.margin = int(margin)
         super().__init__(records, cache, split, patch, n_patches, seed, energies, dtype)
 
-    def _centres(self, r: ImageRecord, breast_label: Label | None, rng: np.random.Generator) -> tuple[np.ndarray, float, str | None]:
+    def _centres(
+        self, r: ImageRecord, breast_label: Label | None, rng: np.random.Generator
+    ) -> tuple[np.ndarray, float, str | None]:
         none = np.zeros((0, 2), np.int64)
         if not r.lesions and breast_label is not None and breast_label is not Label.NORMAL:
             return none, 0.0, f"no lesion outline: breast labelled {breast_label.value}, its normal tissue is unknown"
@@ -752,13 +765,17 @@ class MammoUSPairDataset(_EpochMixin, _CachedDataset):
                 if cache_us is not None and cache_us.has(r.sha256):
                     us_of[(r.patient, r.laterality.value)].append(r)
                 else:
-                    self.skipped[r.path] = "not cached: no ultrasound cache" if cache_us is None else _not_cached(cache_us, r)
+                    self.skipped[r.path] = (
+                        "not cached: no ultrasound cache" if cache_us is None else _not_cached(cache_us, r)
+                    )
         for rs in us_of.values():
             rs.sort(key=lambda r: r.sha256)
         self.samples: list[tuple[ImageRecord, int]] = []
         self._us: list[list[ImageRecord]] = []
         ys: list[float] = []
-        for r in sorted(recs, key=lambda r: (r.patient, r.exam, r.laterality.value, r.view.value, r.energy.value, r.sha256)):
+        for r in sorted(
+            recs, key=lambda r: (r.patient, r.exam, r.laterality.value, r.view.value, r.energy.value, r.sha256)
+        ):
             if r.modality is not Modality.MG or r.energy.value not in energies:
                 continue
             if not r.lesions:

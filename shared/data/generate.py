@@ -179,17 +179,44 @@ class SiteSummary:
 
 _TEMPLATES: tuple[dict[str, Any], ...] = (
     dict(
-        modalities="cem", image_hw=(600, 400), pixel_spacing_mm=0.45, bits_stored=14, vendor="Acme Mammo",
-        gamma=0.85, offset=0.04, gain=0.90, noise=0.010, prevalence=0.50,
+        modalities="cem",
+        image_hw=(600, 400),
+        pixel_spacing_mm=0.45,
+        bits_stored=14,
+        vendor="Acme Mammo",
+        gamma=0.85,
+        offset=0.04,
+        gain=0.90,
+        noise=0.010,
+        prevalence=0.50,
     ),
     dict(
-        modalities="ffdm", image_hw=(640, 480), pixel_spacing_mm=0.40, bits_stored=12, vendor="Borealis Imaging",
-        gamma=1.25, offset=0.02, gain=0.85, noise=0.018, prevalence=0.35,
-        transfer_syntax={"explicit": 0.92, "rle": 0.04, "jpeg2000": 0.04}, annotation_style="verbose",
+        modalities="ffdm",
+        image_hw=(640, 480),
+        pixel_spacing_mm=0.40,
+        bits_stored=12,
+        vendor="Borealis Imaging",
+        gamma=1.25,
+        offset=0.02,
+        gain=0.85,
+        noise=0.018,
+        prevalence=0.35,
+        transfer_syntax={"explicit": 0.92, "rle": 0.04, "jpeg2000": 0.04},
+        annotation_style="verbose",
     ),
     dict(
-        modalities="ffdm+us", image_hw=(512, 384), pixel_spacing_mm=0.50, bits_stored=16, vendor="Cygnus Medical",
-        gamma=1.0, offset=0.08, gain=0.80, noise=0.007, prevalence=0.60, us_hw=(360, 480), us_spacing_mm=0.12,
+        modalities="ffdm+us",
+        image_hw=(512, 384),
+        pixel_spacing_mm=0.50,
+        bits_stored=16,
+        vendor="Cygnus Medical",
+        gamma=1.0,
+        offset=0.08,
+        gain=0.80,
+        noise=0.007,
+        prevalence=0.60,
+        us_hw=(360, 480),
+        us_spacing_mm=0.12,
     ),
 )
 _SIZE_FACTORS = (1.0, 0.7, 1.3)
@@ -238,11 +265,15 @@ def _draw_descriptors(rng: np.random.Generator) -> dict[str, Any]:
     z_uptake = float(np.clip(rng.normal(), -2.2, 2.2))
     z_density = float(np.clip(rng.normal(), -2.2, 2.2))
     score = (
-        W_SHAPE[shape] + W_MARGIN[margin] + W_ENH[enh]
-        + W_SIZE * z_size + W_UPTAKE * z_uptake + W_DENSITY * z_density
+        W_SHAPE[shape] + W_MARGIN[margin] + W_ENH[enh] + W_SIZE * z_size + W_UPTAKE * z_uptake + W_DENSITY * z_density
     )
     return dict(
-        shape=shape, margin=margin, enhancement=enh, z_size=z_size, z_uptake=z_uptake, z_density=z_density,
+        shape=shape,
+        margin=margin,
+        enhancement=enh,
+        z_size=z_size,
+        z_uptake=z_uptake,
+        z_density=z_density,
         score=SCORE_SCALE * score,
     )
 
@@ -275,7 +306,9 @@ def _build_lesion(rng: np.random.Generator, d: dict[str, Any], p: float) -> phan
     """Turn the latent descriptors into the geometry the renderer draws."""
     shape, margin = d["shape"], d["margin"]
     radius = float(np.clip(RADIUS_MEDIAN_MM * math.exp(RADIUS_LOGSD * d["z_size"]), *RADIUS_RANGE_MM))
-    aspect = {"round": rng.uniform(1.0, 1.15), "oval": rng.uniform(1.45, 2.0), "irregular": rng.uniform(1.0, 1.6)}[shape]
+    aspect = {"round": rng.uniform(1.0, 1.15), "oval": rng.uniform(1.45, 2.0), "irregular": rng.uniform(1.0, 1.6)}[
+        shape
+    ]
     lobes: tuple[tuple[int, float, float], ...] = ()
     if shape == "irregular":
         ks = rng.choice(np.arange(2, 7), size=3, replace=False)
@@ -291,9 +324,7 @@ def _build_lesion(rng: np.random.Generator, d: dict[str, Any], p: float) -> phan
         n = int(rng.integers(8, 15))
         base = np.sort(rng.uniform(0, 2 * math.pi, n))
         # (angle, length in radii, width at the base in mm; spicules taper outwards)
-        spicules = tuple(
-            (float(a), float(rng.uniform(0.7, 1.8)), float(rng.uniform(0.7, 1.3))) for a in base
-        )
+        spicules = tuple((float(a), float(rng.uniform(0.7, 1.8)), float(rng.uniform(0.7, 1.3))) for a in base)
     not_parallel = rng.random() < 0.10 + 0.55 * p
     u = rng.random()
     posterior = "shadowing" if u < 0.08 + 0.60 * p else ("enhancement" if u > 1.0 - 0.35 * (1.0 - p) else "none")
@@ -431,7 +462,9 @@ def _simulate_patient(task: _PatientTask) -> _PatientResult:
     n_images = 0
     outlines: dict[tuple[str, str], phantom.Outline] = {}
 
-    def write(pixels: np.ndarray, lat: str, view: str, energy: str, modality: str, bits: int, win: tuple | None) -> None:
+    def write(
+        pixels: np.ndarray, lat: str, view: str, energy: str, modality: str, bits: int, win: tuple | None
+    ) -> None:
         nonlocal n_images
         n_images += 1
         syntax = syntaxes[int(r_syntax.choice(len(syntaxes), p=weights))]
@@ -548,7 +581,9 @@ def _simulate_patient(task: _PatientTask) -> _PatientResult:
                 mass_shape=_style(prof, "mass_shape", _reader(r_reader, "mass_shape", spec.shape)),
                 mass_margin=_style(prof, "mass_margin", margin_read),
                 internal_enhancement=_style(
-                    prof, "internal_enhancement", _reader(r_reader, "internal_enhancement", spec.enhancement) if cem else ""
+                    prof,
+                    "internal_enhancement",
+                    _reader(r_reader, "internal_enhancement", spec.enhancement) if cem else "",
                 ),
                 bpe=_style(prof, "bpe", bpe_read),
                 density=_style(prof, "density", dens_read),

@@ -70,7 +70,8 @@ def _laterality(ds, rules: IngestRules) -> Laterality:
         if len(hits) == 1:
             return Laterality(hits.pop())
     raise HeaderRejection(
-        "ImageLaterality", f"missing laterality (none of {', '.join(rules.laterality_tags + rules.laterality_text_tags)} says L or R)"
+        "ImageLaterality",
+        f"missing laterality (none of {', '.join(rules.laterality_tags + rules.laterality_text_tags)} says L or R)",
     )
 
 
@@ -79,7 +80,9 @@ def _mammo_view(ds, rules: IngestRules) -> View:
     position = _text(ds, "ViewPosition").upper()
     if position:
         if position not in rules.view_positions:
-            raise HeaderRejection("ViewPosition", f"unsupported view {position!r} (known: {sorted(rules.view_positions)})")
+            raise HeaderRejection(
+                "ViewPosition", f"unsupported view {position!r} (known: {sorted(rules.view_positions)})"
+            )
         found["ViewPosition"] = rules.view_positions[position]
     for item in ds.get("ViewCodeSequence", []) or []:
         code = str(item.get("CodeValue", "")).upper()
@@ -141,7 +144,9 @@ def read_header(ds, rules: IngestRules) -> HeaderInfo:
     if not modality:
         raise HeaderRejection("Modality", "missing Modality")
     if modality not in rules.modalities or modality not in Modality.__members__:
-        raise HeaderRejection("Modality", f"unsupported modality {modality!r} (accepted: {', '.join(rules.modalities)})")
+        raise HeaderRejection(
+            "Modality", f"unsupported modality {modality!r} (accepted: {', '.join(rules.modalities)})"
+        )
     if "PixelData" not in ds:
         raise HeaderRejection("PixelData", "no pixel data (not an image)")
     patient_id = _text(ds, "PatientID")

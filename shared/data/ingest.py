@@ -17,10 +17,11 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .annotations import AnnotationSet, join_annotations, read_annotations
 from .headers import HeaderRejection, read_header
@@ -63,7 +64,8 @@ class IngestReport:
         lines = [
             f"site {self.site}: {self.images} images, {self.exams} exams, {self.patients} patients",
             f"  files: {self.files} seen, {self.processed} read, {self.reused} unchanged, {self.removed} removed",
-            f"  rejected: {self.rejected} files" + "".join(f"\n    {n:5d}  {f}" for f, n in sorted(self.rejections_by_field.items())),
+            f"  rejected: {self.rejected} files"
+            + "".join(f"\n    {n:5d}  {f}" for f, n in sorted(self.rejections_by_field.items())),
             f"  annotations: {self.annotation_rows} rows joined, {self.annotation_rows_rejected} rejected, "
             f"{self.annotation_rows_unmatched} without an image; {self.unlabelled_images} images unlabelled",
             f"  {self.seconds:.1f} s",
@@ -114,7 +116,9 @@ def ingest_file(path: str, key: bytes, rules: IngestRules) -> dict[str, Any]:
     except PixelDecodeError as exc:
         return rejected("PixelData", str(exc).split("PixelData: ", 1)[-1])
     if pixels.shape != (info.rows, info.cols):
-        return rejected("PixelData", f"decoded shape {pixels.shape} disagrees with Rows/Columns {info.rows}x{info.cols}")
+        return rejected(
+            "PixelData", f"decoded shape {pixels.shape} disagrees with Rows/Columns {info.rows}x{info.cols}"
+        )
     entry["record"] = {
         "patient": pseudonymise(key, "patient", info.patient_id),
         "exam": pseudonymise(key, "exam", info.study_uid),
@@ -133,9 +137,7 @@ def ingest_file(path: str, key: bytes, rules: IngestRules) -> dict[str, Any]:
         "photometric": info.photometric,
     }
     # Pseudonyms the annotation CSV's accession_number may match (never the raw values).
-    entry["accessions"] = sorted(
-        {pseudonymise(key, "accession", v) for v in (info.accession, info.study_uid) if v}
-    )
+    entry["accessions"] = sorted({pseudonymise(key, "accession", v) for v in (info.accession, info.study_uid) if v})
     return entry
 
 

@@ -19,9 +19,10 @@ import json
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .schema import SCHEMA_VERSION, Energy, ImageRecord, Label, Laterality, View, record_from_dict
 
@@ -69,7 +70,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def write_manifest(site_dir: Path, records: Iterable[ImageRecord], meta: dict[str, Any] | None = None) -> None:
     """Write manifest.jsonl and site.json. Rows are sorted so re-runs are byte-identical."""
     site_dir = Path(site_dir)
-    records = sorted(records, key=lambda r: (r.patient, r.exam, r.laterality.value, r.view.value, r.energy.value, r.sha256))
+    records = sorted(
+        records, key=lambda r: (r.patient, r.exam, r.laterality.value, r.view.value, r.energy.value, r.sha256)
+    )
     write_jsonl(site_dir / MANIFEST, (r.to_dict() for r in records))
     info = dict(meta or {})
     info["schema_version"] = SCHEMA_VERSION

@@ -54,7 +54,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _power_law_filter(h: int, w: int, beta: float, spacing_mm: float, corner_mm: float, anisotropy: float) -> np.ndarray:
+def _power_law_filter(
+    h: int, w: int, beta: float, spacing_mm: float, corner_mm: float, anisotropy: float
+) -> np.ndarray:
     """Amplitude filter ~ f^(-beta/2) (so power ~ f^-beta), flattened below 1/corner_mm so one
     huge blob cannot dominate the breast; frequencies in cycles/mm so texture is physical."""
     fy = np.fft.fftfreq(h).astype(np.float32)[:, None] / spacing_mm
@@ -233,7 +235,7 @@ class Outline:
     points: tuple[tuple[float, float], ...]  # ellipse: ((cx, cy), (rx, ry)); polygon: vertices
     angle_deg: float = 0.0
 
-    def mirrored(self, width: int) -> "Outline":
+    def mirrored(self, width: int) -> Outline:
         """The outline after mirroring the image left-right (x -> width - 1 - x)."""
         if self.kind == "ellipse":
             (cx, cy), (rx, ry) = self.points
@@ -338,7 +340,14 @@ def lesion_maps(spec: LesionSpec, pl: Placement, rng: np.random.Generator, hw: t
             # a spicule is widest where it leaves the mass and tapers to a thin line
             width = np.maximum(width_mm * mm2px * (0.35 + 0.65 * fade), 0.6)
             spic = np.maximum(spic, fade * np.exp(-((across / width) ** 2)))
-    return LesionMaps(y0, x0, mass, uptake.astype(np.float32), spic.astype(np.float32), (mass * (0.45 + 0.55 * chord)).astype(np.float32))
+    return LesionMaps(
+        y0,
+        x0,
+        mass,
+        uptake.astype(np.float32),
+        spic.astype(np.float32),
+        (mass * (0.45 + 0.55 * chord)).astype(np.float32),
+    )
 
 
 def place_lesion(
@@ -450,7 +459,10 @@ def render_mammogram(
         inside = inside[:, ::-1]
         outline = outline.mirrored(w) if outline is not None else None
     return MammoRender(
-        np.ascontiguousarray(le), None if des is None else np.ascontiguousarray(des), np.ascontiguousarray(inside), outline
+        np.ascontiguousarray(le),
+        None if des is None else np.ascontiguousarray(des),
+        np.ascontiguousarray(inside),
+        outline,
     )
 
 
@@ -519,7 +531,9 @@ def render_ultrasound(
         scale = 1.0 if view == "TRANS" else rng.uniform(0.85, 1.05)
         # A mass larger than the field of view is shown by a plane that cuts it off centre,
         # so its section is smaller; the whole outline stays inside the image.
-        r_out = float(lesion_radius(lesion, np.linspace(0.0, 2 * math.pi, 64, endpoint=False), with_ripples=False).max())
+        r_out = float(
+            lesion_radius(lesion, np.linspace(0.0, 2 * math.pi, 64, endpoint=False), with_ripples=False).max()
+        )
         scale = min(scale, 0.42 * min(h, w) * spacing_mm / r_out)
         r_mm = r_out * scale
         cy_mm = float(np.clip(cy_mm, min(r_mm + 4.0, 0.5 * h * spacing_mm), h * spacing_mm - r_mm - 2.0))

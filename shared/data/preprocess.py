@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,11 @@ class PreprocessConfig:
         if self.window == "fixed" and self.clip is None:
             raise ValueError("PreprocessConfig.clip: window='fixed' needs clip=(lo, hi)")
         if self.clip is not None:
-            if len(self.clip) != 2 or not all(math.isfinite(float(v)) for v in self.clip) or not self.clip[0] < self.clip[1]:
+            if (
+                len(self.clip) != 2
+                or not all(math.isfinite(float(v)) for v in self.clip)
+                or not self.clip[0] < self.clip[1]
+            ):
                 raise ValueError(f"PreprocessConfig.clip: expected finite (lo, hi) with lo < hi, got {self.clip!r}")
             object.__setattr__(self, "clip", (float(self.clip[0]), float(self.clip[1])))
         p = self.percentiles
@@ -90,7 +95,7 @@ class PreprocessConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(d: dict[str, Any]) -> PreprocessConfig:
         known = {f.name for f in fields(PreprocessConfig)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -110,7 +115,12 @@ PRESETS: dict[str, PreprocessConfig] = {
     # aspect instead of stretching, and put every chest wall on the left so left and right
     # breasts line up for the bilateral fusion.
     "multiview": PreprocessConfig(
-        window="fixed", clip=(1500.0, 3300.0), minmax=True, crop_breast=True, pad="aspect", size=(512, 256),
+        window="fixed",
+        clip=(1500.0, 3300.0),
+        minmax=True,
+        crop_breast=True,
+        pad="aspect",
+        size=(512, 256),
         orientation="chest_left",
     ),
     # seed 000: clip 1900-2500; 227-px patches at the original resolution, so no resize.
@@ -122,7 +132,12 @@ PRESETS: dict[str, PreprocessConfig] = {
     # seed 004: pad square, contrast stretch, [0, 1], 256x256, left breasts flipped (we detect
     # the side from the pixels instead of trusting laterality, which differs across vendors).
     "modality_view": PreprocessConfig(
-        window="percentile", percentiles=(1.0, 99.0), crop_breast=False, pad="square", size=(256, 256), orientation="chest_left"
+        window="percentile",
+        percentiles=(1.0, 99.0),
+        crop_breast=False,
+        pad="square",
+        size=(256, 256),
+        orientation="chest_left",
     ),
     # seed 002: ultrasound lesion crops; keep native resolution, crops are resized later.
     "us": PreprocessConfig(
@@ -182,7 +197,7 @@ class Geometry:
         }
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Geometry":
+    def from_dict(d: dict[str, Any]) -> Geometry:
         return Geometry(
             raw_shape=tuple(int(v) for v in d["raw_shape"]),  # type: ignore[arg-type]
             crop=tuple(int(v) for v in d["crop"]),  # type: ignore[arg-type]

@@ -96,6 +96,8 @@ def load_rules(site_config: str | Path | None = None) -> IngestRules:
         us_view_patterns=_compile(f"{where}.us_view_patterns", raw["us_view_patterns"], us_views),
         energy_image_type=_mapping(f"{where}.energy_image_type", raw["energy_image_type"], _ENERGY_TARGETS),
         energy_description_patterns=_compile(
-            f"{where}.energy_description_patterns", raw["energy_description_patterns"], {e.value for e in Energy} - {"NA"}
+            f"{where}.energy_description_patterns",
+            raw["energy_description_patterns"],
+            {e.value for e in Energy} - {"NA"},
         ),
     )

@@ -101,7 +101,7 @@ class Lesion:
         return d
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Lesion":
+    def from_dict(d: dict[str, Any]) -> Lesion:
         return Lesion(
             kind=ShapeKind(d["kind"]),
             points=tuple((float(p[0]), float(p[1])) for p in d["points"]),
@@ -124,7 +124,15 @@ class Lesion:
 # Values are canonical lower-case tokens; "unknown" is always allowed.
 BIRADS_LEXICON: dict[str, tuple[str, ...]] = {
     "mass_shape": ("round", "oval", "irregular"),
-    "mass_margin": ("circumscribed", "not_circumscribed", "obscured", "microlobulated", "indistinct", "irregular", "spiculated"),
+    "mass_margin": (
+        "circumscribed",
+        "not_circumscribed",
+        "obscured",
+        "microlobulated",
+        "indistinct",
+        "irregular",
+        "spiculated",
+    ),
     "internal_enhancement": ("homogeneous", "heterogeneous", "rim"),
     "bpe": ("minimal", "mild", "moderate", "marked"),
     "density": ("a", "b", "c", "d"),
@@ -147,7 +155,7 @@ class BiRads:
         return {k: list(v) for k, v in dataclasses.asdict(self).items() if v}
 
     @staticmethod
-    def from_dict(d: dict[str, Any] | None) -> "BiRads":
+    def from_dict(d: dict[str, Any] | None) -> BiRads:
         d = d or {}
         return BiRads(**{k: tuple(d.get(k, ())) for k in BIRADS_LEXICON})
 

@@ -67,7 +67,9 @@ def site_records(path: Path) -> list[ImageRecord]:
 
 
 @lru_cache(maxsize=4)
-def open_site(site_dir: str, cfg_key: str, in_channels: int, window: str, image_h: int, image_w: int, workers: int) -> SiteData:
+def open_site(
+    site_dir: str, cfg_key: str, in_channels: int, window: str, image_h: int, image_w: int, workers: int
+) -> SiteData:
     """Load the manifest, warm the cache, and build the per-split datasets (memoised)."""
     path = Path(site_dir)
     records = site_records(path)
@@ -88,4 +90,12 @@ def open_site(site_dir: str, cfg_key: str, in_channels: int, window: str, image_
 
 
 def site_for(site_dir: str | Path, cfg: RunConfig) -> SiteData:
-    return open_site(str(Path(site_dir).resolve()), cfg.model_signature(), cfg.in_channels, cfg.window, cfg.image_h, cfg.image_w, cfg.workers)
+    return open_site(
+        str(Path(site_dir).resolve()),
+        cfg.model_signature(),
+        cfg.in_channels,
+        cfg.window,
+        cfg.image_h,
+        cfg.image_w,
+        cfg.workers,
+    )

@@ -11,8 +11,12 @@ if TYPE_CHECKING:
     from fedbreast.shared.config import RunConfig
 
 
-def average_where_trained(cfg: RunConfig, before: dict[str, np.ndarray], aggregated: dict[str, np.ndarray],
-                          updates: list[tuple[dict[str, np.ndarray], Mapping[str, Any]]]) -> dict[str, np.ndarray]:
+def average_where_trained(
+    cfg: RunConfig,
+    before: dict[str, np.ndarray],
+    aggregated: dict[str, np.ndarray],
+    updates: list[tuple[dict[str, np.ndarray], Mapping[str, Any]]],
+) -> dict[str, np.ndarray]:
     """Per-tensor FedAvg over only the sites that changed the tensor.
 
     A site that cannot train a branch (no ultrasound, no CESM) sends it back unchanged;

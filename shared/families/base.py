@@ -29,7 +29,9 @@ AfterTrain = Callable[["RunConfig", Arrays, Arrays, list[tuple[Arrays, Mapping[s
 AfterEvaluate = Callable[[Arrays, list[Mapping[str, Any]]], tuple[Arrays, dict[str, float]]]
 
 
-def keep_aggregate(cfg: RunConfig, before: Arrays, aggregated: Arrays, updates: list[tuple[Arrays, Mapping[str, Any]]]) -> Arrays:
+def keep_aggregate(
+    cfg: RunConfig, before: Arrays, aggregated: Arrays, updates: list[tuple[Arrays, Mapping[str, Any]]]
+) -> Arrays:
     return aggregated
 
 
@@ -53,7 +55,9 @@ class Family:
     task_path: str  # "module:Class" of its site Task (data, training, scoring)
     model_path: str  # "module:function" building its network from the run config
     signature_keys: tuple[str, ...] = ()  # run-config keys that fix its tensors, beyond the common ones
-    preset: Mapping[str, Any] = field(default_factory=dict)  # `fedbreast simulate --model NAME`, on top of the CPU preset
+    preset: Mapping[str, Any] = field(
+        default_factory=dict
+    )  # `fedbreast simulate --model NAME`, on top of the CPU preset
     after_train: AfterTrain = keep_aggregate  # numpy only: runs at the coordinator
     after_evaluate: AfterEvaluate = no_evaluate_update  # numpy only: runs at the coordinator
 

@@ -69,8 +69,7 @@ def weighted_mean(
         w = _scalar(d[weight_key])
         if w is None or not math.isfinite(w) or w < 0:
             raise ValueError(
-                f"metric_dicts[{i}][{weight_key!r}] must be a finite non-negative number, "
-                f"got {d[weight_key]!r}"
+                f"metric_dicts[{i}][{weight_key!r}] must be a finite non-negative number, got {d[weight_key]!r}"
             )
         weights.append(w)
 

@@ -33,9 +33,7 @@ BOOTSTRAP_METRICS: tuple[str, ...] = tuple(k for k in BINARY_METRIC_KEYS if k no
 _MAX_CELLS = 2_000_000
 
 
-def _class_counts(
-    rng: np.random.Generator, codes: NDArray[np.intp], n_rep: int, n_codes: int
-) -> NDArray[np.float64]:
+def _class_counts(rng: np.random.Generator, codes: NDArray[np.intp], n_rep: int, n_codes: int) -> NDArray[np.float64]:
     """Per-replicate multiplicity of each distinct score, resampling ``codes`` with replacement."""
     m = codes.shape[0]
     if m == 0:
@@ -167,9 +165,7 @@ def _check_delong_classes(y: NDArray[np.int8]) -> None:
     n_pos = int(y.sum())
     n_neg = y.shape[0] - n_pos
     if n_pos < 2 or n_neg < 2:
-        raise ValueError(
-            f"DeLong needs at least 2 positives and 2 negatives; got {n_pos} and {n_neg}"
-        )
+        raise ValueError(f"DeLong needs at least 2 positives and 2 negatives; got {n_pos} and {n_neg}")
 
 
 def delong_variance(y_true: ArrayLike, scores: ArrayLike) -> tuple[float, float]:
@@ -181,9 +177,7 @@ def delong_variance(y_true: ArrayLike, scores: ArrayLike) -> tuple[float, float]
     return auc, float(var)
 
 
-def delong_test(
-    y_true: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike
-) -> tuple[float, float, float, float]:
+def delong_test(y_true: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike) -> tuple[float, float, float, float]:
     """DeLong's test for two correlated AUCs on the same cases: ``(auc_a, auc_b, z, p)``.
 
     ``z = (auc_a - auc_b) / sd`` using the paired covariance; ``p`` is two-sided.

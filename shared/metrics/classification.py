@@ -85,16 +85,12 @@ def check_binary_inputs(
     bad = ~((y == 0) | (y == 1))
     if bad.any():
         raise ValueError(
-            f"y_true must contain only 0 (benign/normal) and 1 (malignant); "
-            f"found {np.unique(y[bad])[:5].tolist()}"
+            f"y_true must contain only 0 (benign/normal) and 1 (malignant); found {np.unique(y[bad])[:5].tolist()}"
         )
     if not np.isfinite(s).all():
         raise ValueError("scores contain NaN or infinite values")
     if probabilities and (s.min() < 0.0 or s.max() > 1.0):
-        raise ValueError(
-            f"scores must be malignancy probabilities in [0, 1]; got range "
-            f"[{s.min():.6g}, {s.max():.6g}]"
-        )
+        raise ValueError(f"scores must be malignancy probabilities in [0, 1]; got range [{s.min():.6g}, {s.max():.6g}]")
     return y.astype(np.int8), s
 
 
@@ -163,9 +159,7 @@ def spec_at_sens100(y: NDArray[np.int8], s: NDArray[np.float64]) -> float:
     return float(np.count_nonzero(neg < pos.min()) / neg.size)
 
 
-def confusion_counts(
-    y_true: ArrayLike, scores: ArrayLike, threshold: float = 0.5
-) -> tuple[int, int, int, int]:
+def confusion_counts(y_true: ArrayLike, scores: ArrayLike, threshold: float = 0.5) -> tuple[int, int, int, int]:
     """Return ``(tp, fp, tn, fn)`` with ``score >= threshold`` predicted malignant."""
     y, s = check_binary_inputs(y_true, scores)
     t = _check_threshold(threshold)
@@ -184,9 +178,7 @@ def _ratio(num: NDArray[np.float64], den: NDArray[np.float64]) -> NDArray[np.flo
     return np.where(zero, np.nan, num / np.where(zero, 1.0, den))
 
 
-def _confusion_metrics_array(
-    tp: Any, fp: Any, tn: Any, fn: Any
-) -> dict[str, NDArray[np.float64]]:
+def _confusion_metrics_array(tp: Any, fp: Any, tn: Any, fn: Any) -> dict[str, NDArray[np.float64]]:
     """Vectorised :func:`metrics_from_confusion` (shared with the bootstrap)."""
     tp, fp, tn, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, tn, fn))
     sens = _ratio(tp, tp + fn)
@@ -223,9 +215,7 @@ def metrics_from_confusion(tp: float, fp: float, tn: float, fn: float) -> dict[s
     return {k: float(out[k]) for k in CONFUSION_METRIC_KEYS}
 
 
-def binary_metrics(
-    y_true: ArrayLike, scores: ArrayLike, threshold: float = 0.5
-) -> dict[str, float]:
+def binary_metrics(y_true: ArrayLike, scores: ArrayLike, threshold: float = 0.5) -> dict[str, float]:
     """All per-site evaluation metrics for malignancy probabilities.
 
     Keys (exactly :data:`BINARY_METRIC_KEYS`): ``auc, accuracy, sensitivity,

@@ -86,9 +86,7 @@ def _check_edges(edges: ArrayLike) -> NDArray[np.float64]:
     return e
 
 
-def score_histogram(
-    y_true: ArrayLike, scores: ArrayLike, bins: int | ArrayLike = DEFAULT_BINS
-) -> dict[str, list[Any]]:
+def score_histogram(y_true: ArrayLike, scores: ArrayLike, bins: int | ArrayLike = DEFAULT_BINS) -> dict[str, list[Any]]:
     """Per-class counts of malignancy probabilities over fixed bin edges.
 
     ``bins`` is a bin count (default edges from :func:`default_bin_edges`) or an
@@ -123,13 +121,9 @@ def _counts(hist: Mapping[str, Any], key: str, k: int, where: str) -> NDArray[np
     return c.astype(np.int64)
 
 
-def _parse(
-    hist: Mapping[str, Any], where: str
-) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
+def _parse(hist: Mapping[str, Any], where: str) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
     if not isinstance(hist, Mapping):
-        raise ValueError(
-            f"{where} must be a mapping from score_histogram, got {type(hist).__name__}"
-        )
+        raise ValueError(f"{where} must be a mapping from score_histogram, got {type(hist).__name__}")
     if KEY_EDGES not in hist:
         raise ValueError(f"{where} has no {KEY_EDGES!r}")
     edges = _check_edges(hist[KEY_EDGES])
@@ -264,9 +258,7 @@ def add_laplace_noise(
     k = pos.shape[0]
     if n_groups is None:
         n_groups = k
-    if isinstance(n_groups, bool) or not isinstance(n_groups, (int, np.integer)) or not (
-        1 <= n_groups <= k
-    ):
+    if isinstance(n_groups, bool) or not isinstance(n_groups, (int, np.integer)) or not (1 <= n_groups <= k):
         raise ValueError(f"n_groups must be an integer in [1, {k}] or None, got {n_groups!r}")
     sizes = np.array([len(a) for a in np.array_split(np.arange(k), int(n_groups))], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])

@@ -25,6 +25,7 @@ def _tvm():
 
     return models
 
+
 DEFAULT_BACKBONE = "resnet18"
 
 
@@ -95,7 +96,11 @@ class RawNetBody(nn.Module):
         c_in = in_channels
         for i, c_out in enumerate(self.widths):
             k, stride = (5, 2) if i == 0 else (3, 1)
-            layers += [nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
             if i in (0, 2, 4):
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             c_in = c_out
@@ -150,9 +155,7 @@ _REGISTRY: dict[str, _Spec] = {
     "resnet18": _Spec(lambda: _tvm().resnet18(weights=None), _resnet_body),
     "resnet34": _Spec(lambda: _tvm().resnet34(weights=None), _resnet_body),
     "resnet50": _Spec(lambda: _tvm().resnet50(weights=None), _resnet_body),
-    "vgg16_bn": _Spec(
-        lambda: _tvm().vgg16_bn(weights=None), lambda m: (m.features, 512), _vgg16_bn_features
-    ),
+    "vgg16_bn": _Spec(lambda: _tvm().vgg16_bn(weights=None), lambda m: (m.features, 512), _vgg16_bn_features),
     "efficientnet_b0": _Spec(
         lambda: _tvm().efficientnet_b0(weights=None),
         lambda m: (m.features, m.classifier[1].in_features),
@@ -207,12 +210,8 @@ def _load_pretrained(name: str, spec: _Spec, path: Path) -> nn.Module:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt / pickled-code files
         raise WeightsFileError(f"{path}: cannot be read as a torch state_dict ({exc})") from None
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
-    ):
-        raise WeightsFileError(
-            f"{path}: expected a flat state_dict (str -> tensor), got {type(obj).__name__}"
-        )
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        raise WeightsFileError(f"{path}: expected a flat state_dict (str -> tensor), got {type(obj).__name__}")
     # Build on the meta device and assign the file's tensors: no random init, no second copy.
     with torch.device("meta"):
         model = spec.build()
@@ -220,11 +219,7 @@ def _load_pretrained(name: str, spec: _Spec, path: Path) -> nn.Module:
     got = {k: tuple(v.shape) for k, v in obj.items()}
     missing = sorted(expected.keys() - got.keys())
     unexpected = sorted(got.keys() - expected.keys())
-    wrong = [
-        f"{k}: file {got[k]} vs model {shape}"
-        for k, shape in expected.items()
-        if k in got and got[k] != shape
-    ]
+    wrong = [f"{k}: file {got[k]} vs model {shape}" for k, shape in expected.items() if k in got and got[k] != shape]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -233,9 +228,7 @@ def _load_pretrained(name: str, spec: _Spec, path: Path) -> nn.Module:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
-        raise WeightsFileError(
-            f"{path} is not a 3-channel torchvision {name} state_dict: " + "; ".join(parts)
-        )
+        raise WeightsFileError(f"{path} is not a 3-channel torchvision {name} state_dict: " + "; ".join(parts))
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in obj.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model

@@ -19,7 +19,9 @@ from .backbones import build_backbone
 class DualModeNet(nn.Module):
     """(B, 2 views [CC, MLO], 2 modes [LE, DES], S, S) -> (B,) logits."""
 
-    def __init__(self, backbone: str = "resnet18", abstract_dim: int = 512, dropout: float = 0.5, weights_path: str | None = None) -> None:
+    def __init__(
+        self, backbone: str = "resnet18", abstract_dim: int = 512, dropout: float = 0.5, weights_path: str | None = None
+    ) -> None:
         super().__init__()
         self.in_channels = 1
         self.le, feat = build_backbone(backbone, 1, weights_path)

@@ -18,6 +18,7 @@ from .backbones import build_backbone
 
 __all__ = ["FUSION_UNITS", "MODALITIES", "SLOTS", "LateFusionNet", "mcc_from_counts", "mcc_weights"]
 
+
 def _weighted(p: Tensor, w: Tensor, avail: Tensor) -> tuple[Tensor, Tensor]:
     """MCC-weighted mean over the last dim among available entries; equal weights if all are 0."""
     a = avail.float()

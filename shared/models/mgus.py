@@ -49,7 +49,9 @@ def cosface_loss(cos: Tensor, y: Tensor, scale: float, margin: float, reduction:
 class Branch(nn.Module):
     """Backbone -> descriptor (projection + ReLU when widths differ) -> per-modality head."""
 
-    def __init__(self, backbone: str, dim: int, loss: str, scale: float, margin: float, weights_path: str | None) -> None:
+    def __init__(
+        self, backbone: str, dim: int, loss: str, scale: float, margin: float, weights_path: str | None
+    ) -> None:
         super().__init__()
         self.net, feat = build_backbone(backbone, 1, weights_path)
         self.project = nn.Identity() if feat == dim else nn.Sequential(nn.Linear(feat, dim), nn.ReLU())
@@ -89,7 +91,9 @@ class MammoUSNet(nn.Module):
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(0.3)]
             width = h
         self.fusion_body = nn.Sequential(*layers)
-        self.fusion_head: nn.Module = CosineHead(width, cosface_scale, cosface_margin) if loss == "cosface" else nn.Linear(width, 1)
+        self.fusion_head: nn.Module = (
+            CosineHead(width, cosface_scale, cosface_margin) if loss == "cosface" else nn.Linear(width, 1)
+        )
 
     def fusion_logit_and_features(self, d_mg: Tensor, d_us: Tensor) -> tuple[Tensor, Tensor]:
         h = self.fusion_body(torch.cat([d_mg, d_us], dim=1))
@@ -99,7 +103,14 @@ class MammoUSNet(nn.Module):
     def forward(self, mg: Tensor, us: Tensor) -> dict[str, Tensor]:
         d_mg, d_us = self.mg(mg), self.us(us)
         fused, h = self.fusion_logit_and_features(d_mg, d_us)
-        return {"d_mg": d_mg, "d_us": d_us, "h": h, "mg": self.mg.logit(d_mg), "us": self.us.logit(d_us), "fused": fused}
+        return {
+            "d_mg": d_mg,
+            "d_us": d_us,
+            "h": h,
+            "mg": self.mg.logit(d_mg),
+            "us": self.us.logit(d_us),
+            "fused": fused,
+        }
 
     def head_loss(self, head: nn.Module, features: Tensor, logit: Tensor, y: Tensor, mask: Tensor) -> Tensor:
         """Mean loss of one classifier over the masked samples (0 when none)."""

@@ -73,10 +73,7 @@ class MultiViewFusionNet(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if head == "vgg_fc" and backbone != "vgg16_bn":
-            raise ValueError(
-                f"head='vgg_fc' is the paper's VGG16 variant; needs backbone='vgg16_bn', "
-                f"got {backbone!r}"
-            )
+            raise ValueError(f"head='vgg_fc' is the paper's VGG16 variant; needs backbone='vgg16_bn', got {backbone!r}")
         self.backbone_name = backbone
         self.in_channels = in_channels
         self.channels_last = False  # set by use_channels_last(); NHWC convs are faster on oneDNN and tensor cores
@@ -115,14 +112,11 @@ class MultiViewFusionNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 5 or x.shape[1] != len(VIEW_ORDER) or x.shape[2] != self.in_channels:
             raise ValueError(
-                f"expected (B, 4, {self.in_channels}, H, W) in view order {VIEW_ORDER}, "
-                f"got {tuple(x.shape)}"
+                f"expected (B, 4, {self.in_channels}, H, W) in view order {VIEW_ORDER}, got {tuple(x.shape)}"
             )
         b = x.shape[0]
         if self.image_hw is not None and tuple(x.shape[-2:]) != self.image_hw:
-            raise ValueError(
-                f"vgg_fc head was built for {self.image_hw} images, got {tuple(x.shape[-2:])}"
-            )
+            raise ValueError(f"vgg_fc head was built for {self.image_hw} images, got {tuple(x.shape[-2:])}")
         # One backbone call over all views: better batching than four calls, and BN
         # statistics see the whole exam batch exactly as with four weight-shared CNNs.
         if self.split_views:
@@ -188,10 +182,7 @@ def model_nbytes(model: nn.Module) -> int:
 
     Includes BN buffers, which FedAvg ships too; integer buffers count at their own size.
     """
-    return sum(
-        v.numel() * (4 if v.is_floating_point() else v.element_size())
-        for v in model.state_dict().values()
-    )
+    return sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in model.state_dict().values())
 
 
 def _head_params(embed_dim: int, view_fusion: str) -> int:

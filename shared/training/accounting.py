@@ -24,7 +24,11 @@ def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, st
 
     return float(
         get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=ACCOUNTANT
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=ACCOUNTANT,
         )
     )
 

@@ -32,9 +32,10 @@ import os
 import secrets
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,9 @@ VIEWS = len(VIEW_ORDER)
 
 # The first trained layer after frozen ones gets no input gradient; Opacus only needs its output
 # gradient, so torch's note about that is noise here.
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+warnings.filterwarnings(
+    "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs"
+)
 
 
 class DPRefused(RuntimeError):
@@ -118,7 +121,6 @@ def _block_classes() -> tuple[type, type]:
         type("BasicBlock", (BasicBlock,), {"forward": _basic_forward, "__module__": __name__}),
         type("Bottleneck", (Bottleneck,), {"forward": _bottleneck_forward, "__module__": __name__}),
     )
-
 
 
 def backbone_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -238,11 +240,13 @@ class PrivacyLedger:
                 self.history = [(float(nm), float(q), int(n)) for nm, q, n in state["history"]]
                 self.rounds = list(state.get("rounds", []))
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise DPRefused(f"privacy ledger {self.path} is unreadable ({exc}); this site will not "
-                                "train in this run until it is restored or removed by the site operator") from None
+                raise DPRefused(
+                    f"privacy ledger {self.path} is unreadable ({exc}); this site will not "
+                    "train in this run until it is restored or removed by the site operator"
+                ) from None
 
     @classmethod
-    def for_run(cls, site_dir: str | os.PathLike[str], key: str) -> "PrivacyLedger":
+    def for_run(cls, site_dir: str | os.PathLike[str], key: str) -> PrivacyLedger:
         return cls(Path(site_dir) / "state" / "dp" / f"{key}.json")
 
     def epsilon(self, delta: float) -> float:
@@ -299,8 +303,10 @@ class LocalDP:
     # What leaves with the update. The training loss is withheld (NaN): it is not noised.
     def metrics(self) -> dict[str, float]:
         if not self.ran:  # fail closed: never report a budget for weights DP-SGD did not produce
-            raise RuntimeError("dp = local, but this model family's training did not run through DP-SGD "
-                               "(train_local(dp=...)); its update is not sent")
+            raise RuntimeError(
+                "dp = local, but this model family's training did not run through DP-SGD "
+                "(train_local(dp=...)); its update is not sent"
+            )
         return {
             "dp_epsilon": epsilon_of(self.history, self.plan.delta),
             "dp_delta": self.plan.delta,
@@ -319,7 +325,9 @@ class LocalDP:
         )
         workers = int(getattr(loader, "num_workers", 0))
         return torch.utils.data.DataLoader(
-            _EmptySafe(dataset), batch_sampler=sampler, num_workers=workers,
+            _EmptySafe(dataset),
+            batch_sampler=sampler,
+            num_workers=workers,
             collate_fn=passthrough_collate,  # _EmptySafe returns whole batches
             pin_memory=bool(getattr(loader, "pin_memory", False)),
         )
@@ -379,18 +387,27 @@ class LocalDP:
         if mode == "ew":
             amp = "off"  # torch's ExpandedWeights fails under bf16 autocast (mixed-dtype matmul)
         if loss_fn is not None and mode not in ("hooks", "functorch"):
-            raise ValueError(f"dp-grad-sample-mode = {mode!r} needs the multi-view model's own loss; "
-                             "use hooks or functorch for this model family")
+            raise ValueError(
+                f"dp-grad-sample-mode = {mode!r} needs the multi-view model's own loss; "
+                "use hooks or functorch for this model family"
+            )
         kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": "mean"}
         if mode == "ghost":
             kwargs["max_grad_norm"] = plan.max_grad_norm
         gsm = prepare_module(model, grad_sample_mode=mode, **kwargs)
         # Opacus' own samplers for hooks/ghost, with the conv fix (and per-exam folding for hooks).
-        folding = _ViewFolding(model, gsm, fold if mode == "hooks" else 0) if mode in ("hooks", "ghost") and self.optimized else None
+        folding = (
+            _ViewFolding(model, gsm, fold if mode == "hooks" else 0)
+            if mode in ("hooks", "ghost") and self.optimized
+            else None
+        )
         opt = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)(
             optimizer=torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay),
-            noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-            expected_batch_size=plan.expected_batch_size, loss_reduction="mean", generator=noise_gen,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=plan.expected_batch_size,
+            loss_reduction="mean",
+            generator=noise_gen,
         )
         from opacus.accountants import RDPAccountant
 
@@ -419,7 +436,10 @@ class LocalDP:
                     batch_size = int(count)
                 else:
                     images = match_channels(batch["x"].to(device, non_blocking=True), in_channels)
-                    labels, mask = batch["y"].to(device, non_blocking=True), batch["y_mask"].to(device, non_blocking=True)
+                    labels, mask = (
+                        batch["y"].to(device, non_blocking=True),
+                        batch["y_mask"].to(device, non_blocking=True),
+                    )
                     if augment is not None:
                         images = augment(images)
                     with autocast(device, amp):
@@ -451,16 +471,32 @@ class LocalDP:
         self.ran = True
         self.history = [tuple(h) for h in accountant.history]  # type: ignore[misc]
         epsilon = epsilon_of(self.history, plan.delta)
-        self.ledger.save(self.history, {
-            "round": self.server_round, "steps": n_steps, "empty_steps": self.empty_steps,
-            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-            "epsilon": epsilon, "delta": plan.delta, "time": round(time.time(), 3),
-        })
-        log.info("DP-SGD round %d: %d steps, noise %.3f, epsilon %.3f (delta %g)",
-                 self.server_round, n_steps, plan.noise_multiplier, epsilon, plan.delta)
+        self.ledger.save(
+            self.history,
+            {
+                "round": self.server_round,
+                "steps": n_steps,
+                "empty_steps": self.empty_steps,
+                "noise_multiplier": plan.noise_multiplier,
+                "sample_rate": plan.sample_rate,
+                "epsilon": epsilon,
+                "delta": plan.delta,
+                "time": round(time.time(), 3),
+            },
+        )
+        log.info(
+            "DP-SGD round %d: %d steps, noise %.3f, epsilon %.3f (delta %g)",
+            self.server_round,
+            n_steps,
+            plan.noise_multiplier,
+            epsilon,
+            plan.delta,
+        )
         return TrainStats(loss=total / max(n_examples, 1), examples=n_examples, steps=n_steps, seconds=seconds)
 
-    def _noise_step(self, opt: Any, accountant: Any, params: list[nn.Parameter], anchor: list[torch.Tensor] | None, mu: float) -> None:
+    def _noise_step(
+        self, opt: Any, accountant: Any, params: list[nn.Parameter], anchor: list[torch.Tensor] | None, mu: float
+    ) -> None:
         """What DPOptimizer does for an empty batch: the gradient is pure noise (std sigma*C / E[B])."""
         std = self.plan.noise_multiplier * self.plan.max_grad_norm / self.plan.expected_batch_size
         for p in params:
@@ -487,9 +523,17 @@ class _ViewFolding:
 
     def __init__(self, model: nn.Module, gsm: Any, views: int) -> None:
         self.views = views
-        self.modules = [m for part in (getattr(model, "backbone", None), getattr(model, "embed", None))
-                        if isinstance(part, nn.Module) for m in part.modules()
-                        if any(p.requires_grad for p in m.parameters(recurse=False))] if views else []
+        self.modules = (
+            [
+                m
+                for part in (getattr(model, "backbone", None), getattr(model, "embed", None))
+                if isinstance(part, nn.Module)
+                for m in part.modules()
+                if any(p.requires_grad for p in m.parameters(recurse=False))
+            ]
+            if views
+            else []
+        )
         samplers = dict(type(gsm).GRAD_SAMPLERS)
         gsm.GRAD_SAMPLERS = {t: self._folded(f) for t, f in samplers.items()}  # this wrapper only
         self.handles = []
@@ -557,8 +601,10 @@ def _fold_views(params: list[nn.Parameter], batch: int, views: int) -> None:
         if isinstance(gs, torch.Tensor) and gs.shape[0] == batch * views:
             p.grad_sample = gs.reshape(batch, views, *gs.shape[1:]).sum(1) / views
         elif gs is not None and (not isinstance(gs, torch.Tensor) or gs.shape[0] != batch):
-            raise RuntimeError(f"per-sample gradient of shape {tuple(getattr(gs, 'shape', ()))} fits neither "
-                               f"{batch} exams nor {batch} x {views} views")
+            raise RuntimeError(
+                f"per-sample gradient of shape {tuple(getattr(gs, 'shape', ()))} fits neither "
+                f"{batch} exams nor {batch} x {views} views"
+            )
 
 
 def _drop_activations(model: nn.Module) -> None:
@@ -601,19 +647,23 @@ class _EmptySafe(torch.utils.data.Dataset):
         return default_collate([self.dataset[i] for i in indices])
 
 
-def local_dp_for(context: "Context", cfg: RunConfig, site_dir: Path, n_train: int, server_round: int) -> LocalDP | None:
+def local_dp_for(context: Context, cfg: RunConfig, site_dir: Path, n_train: int, server_round: int) -> LocalDP | None:
     """The site's DP decision for a train message: None (no local DP), a LocalDP round, or
     DPRefused with the reason when the site's policy forbids the round."""
     ceiling = site_ceiling(context.node_config)
     if cfg.dp == "off":
         if ceiling is not None:
-            raise DPRefused(f"this site's policy ({CEILING_KEY} = {ceiling:g}) requires differential privacy, "
-                            "but the run has dp = off")
+            raise DPRefused(
+                f"this site's policy ({CEILING_KEY} = {ceiling:g}) requires differential privacy, "
+                "but the run has dp = off"
+            )
         return None
     if cfg.dp == "central":
         if ceiling is not None:
-            raise DPRefused(f"this site's policy ({CEILING_KEY} = {ceiling:g}) needs dp = local: central DP "
-                            "adds noise at the coordinator, so the site cannot bound its own epsilon")
+            raise DPRefused(
+                f"this site's policy ({CEILING_KEY} = {ceiling:g}) needs dp = local: central DP "
+                "adds noise at the coordinator, so the site cannot bound its own epsilon"
+            )
         return None
     plan = plan_local_round(cfg, n_train)
     ledger = PrivacyLedger.for_run(site_dir, run_key(context.run_config, context.run_id))
@@ -623,14 +673,15 @@ def local_dp_for(context: "Context", cfg: RunConfig, site_dir: Path, n_train: in
             raise DPRefused(
                 f"privacy ceiling: round {server_round} would bring this run's epsilon to {projected:.3f} "
                 f"(delta {plan.delta:g}; {ledger.epsilon(plan.delta):.3f} spent so far), above this site's "
-                f"{CEILING_KEY} = {ceiling:g}")
+                f"{CEILING_KEY} = {ceiling:g}"
+            )
     return LocalDP(plan, ledger, cfg.dp_grad_sample_mode, cfg.dp_freeze_blocks, server_round)
 
 
 # ---- central DP: the site's side (the coordinator's is server/central_dp.py) ----------------
 
 
-def central_dp_mod(msg: "Message", context: "Context", call_next: Callable[["Message", "Context"], "Message"]) -> "Message":
+def central_dp_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Client mod for central DP: Flower's ``fixedclipping_mod`` when the coordinator sends a
     clipping norm, a pass-through otherwise (so runs without central DP and "unable" replies
     are untouched), plus the equal aggregation weight."""
@@ -641,7 +692,7 @@ def central_dp_mod(msg: "Message", context: "Context", call_next: Callable[["Mes
         return call_next(msg, context)
     inner: dict[str, Any] = {}
 
-    def run(m: "Message", c: "Context") -> "Message":
+    def run(m: Message, c: Context) -> Message:
         inner["reply"] = call_next(m, c)
         return inner["reply"]
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ def train_local(
     proximal_mu: float = 0.0,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, int]] | None = None,
-    dp: "LocalDP | None" = None,
+    dp: LocalDP | None = None,
 ) -> TrainStats:
     """SGD with momentum and weight decay (seed 001) for ``epochs`` or ``steps`` batches.
 
@@ -128,8 +129,18 @@ def train_local(
     DP-SGD instead, on Poisson batches for the steps its plan fixes (``epochs``/``steps`` unused).
     """
     if dp is not None:
-        return dp.train(model, loader, lr=lr, momentum=momentum, weight_decay=weight_decay, device=device,
-                        amp=amp, proximal_mu=proximal_mu, augment=augment, loss_fn=loss_fn)
+        return dp.train(
+            model,
+            loader,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            device=device,
+            amp=amp,
+            proximal_mu=proximal_mu,
+            augment=augment,
+            loss_fn=loss_fn,
+        )
     device = device or next(model.parameters()).device
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]

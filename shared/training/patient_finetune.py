@@ -27,8 +27,8 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -85,14 +85,22 @@ class PSFTConfig:
     @classmethod
     def from_run(cls, cfg: RunConfig) -> PSFTConfig:
         """The run config's psft-* keys (a site's evaluate, and the claims benchmark)."""
-        return cls(lr=cfg.psft_lr, epochs=cfg.psft_epochs, batch_size=cfg.psft_batch_size, scope=cfg.psft_scope,
-                   amp=cfg.amp, seed=cfg.seed)
+        return cls(
+            lr=cfg.psft_lr,
+            epochs=cfg.psft_epochs,
+            batch_size=cfg.psft_batch_size,
+            scope=cfg.psft_scope,
+            amp=cfg.amp,
+            seed=cfg.seed,
+        )
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"psft-scope = {self.scope!r}: must be one of {', '.join(SCOPES)}")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"patient fine-tuning needs lr > 0, epochs >= 1, batch size >= 1; got {self.lr}, {self.epochs}, {self.batch_size}")
+            raise ValueError(
+                f"patient fine-tuning needs lr > 0, epochs >= 1, batch size >= 1; got {self.lr}, {self.epochs}, {self.batch_size}"
+            )
 
 
 class PatientFinetuner:
@@ -186,7 +194,9 @@ class PatientFinetuner:
         self.select_head(batches[0])
         self._train_mode()
         x = torch.cat([b["x"] for b in batches])
-        extra = {k: torch.cat([b[k] for b in batches]) for k in batches[0] if k != "x" and isinstance(batches[0][k], Tensor)}
+        extra = {
+            k: torch.cat([b[k] for b in batches]) for k in batches[0] if k != "x" and isinstance(batches[0][k], Tensor)
+        }
         steps, n, bs = 0, x.shape[0], self.cfg.batch_size
         for _ in range(self.cfg.epochs):
             order = torch.randperm(n, generator=generator).to(self.device)
@@ -245,7 +255,9 @@ class PatientFinetuner:
             except ValueError:
                 self.cache_features = False
             if not self.cache_features:
-                log.info("psft: head %r does not produce the model output; fine-tuning it with full forwards", self.head_name)
+                log.info(
+                    "psft: head %r does not produce the model output; fine-tuning it with full forwards", self.head_name
+                )
         return pairs
 
     def finetune_head(self, normal: list[tuple[tuple[Tensor, ...], Tensor]], generator: torch.Generator) -> int:
@@ -296,7 +308,9 @@ class PSFTResult:
     def seconds_per_patient(self) -> float:
         return self.seconds / self.patients if self.patients else float("nan")
 
-    def metrics(self, split: str = "test", include_base: bool = False, threshold: float = 0.5) -> dict[str, float | int]:
+    def metrics(
+        self, split: str = "test", include_base: bool = False, threshold: float = 0.5
+    ) -> dict[str, float | int]:
         """Fixed key set (NaN where undefined): ``{split}_{k}_psft`` for every binary metric
         (thresholded ones at ``threshold``), optionally ``{split}_{k}`` without fine-tuning,
         and the fine-tuning counts."""
@@ -318,7 +332,11 @@ BatchExtras = Callable[[str, str, Mapping[str, Tensor]], Mapping[str, Tensor]]
 
 
 def _batches(
-    ds, indices: np.ndarray, batch_size: int, device: torch.device, extras: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None
+    ds,
+    indices: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    extras: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
 ) -> list[dict[str, Tensor]]:
     pin = device.type == "cuda"
     out = []
@@ -326,11 +344,19 @@ def _batches(
         b = dict(ds.__getitems__(indices[s : s + batch_size]))
         if extras is not None:
             b.update(extras(b))
-        out.append({k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in b.items() if isinstance(v, Tensor)})
+        out.append(
+            {
+                k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
+                for k, v in b.items()
+                if isinstance(v, Tensor)
+            }
+        )
     return out
 
 
-def unit_means(probs: np.ndarray, units: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unit_means(
+    probs: np.ndarray, units: np.ndarray, labels: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean patch probability per unit (seed 000 scores a lesion by its patches' mean).
 
     Returns (unit ids, labels, scores) for labelled units only (a unit's patches share its label)."""
@@ -381,7 +407,7 @@ def evaluate_patient_finetune(
     head_cached = cfg.scope == "head"
     units, labels, masks, pb, pp = [], [], [], [], []
     result = PSFTResult(np.zeros(0), np.zeros(0), np.zeros(0))
-    for patient in (lesion_ds.patients() if patients is None else patients):
+    for patient in lesion_ds.patients() if patients is None else patients:
         l_idx = lesion_ds.indices_for_patient(patient)
         if len(l_idx) == 0:
             continue
@@ -394,7 +420,12 @@ def evaluate_patient_finetune(
             lesion_pairs = tuner.head_inputs(lesion)
             head_cached = bool(tuner.cache_features)
         if head_cached:
-            base = torch.sigmoid(torch.cat([malignancy_logit(o).float() for _, o in lesion_pairs])).cpu().numpy().astype(np.float64)
+            base = (
+                torch.sigmoid(torch.cat([malignancy_logit(o).float() for _, o in lesion_pairs]))
+                .cpu()
+                .numpy()
+                .astype(np.float64)
+            )
         else:
             base = tuner.score(lesion)
         if len(n_idx) == 0:

@@ -29,9 +29,10 @@ import copy
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,7 +123,12 @@ class SitePersonaliser:
         state = self.store.load()
         if state and int(state.get("round", 0)) > server_round:
             # A new run in a reused run directory: the stored state belongs to an older run.
-            log.warning("personal state %s is from round %s, ahead of round %d: discarded", self.store.path, state.get("round"), server_round)
+            log.warning(
+                "personal state %s is from round %s, ahead of round %d: discarded",
+                self.store.path,
+                state.get("round"),
+                server_round,
+            )
             return {}
         return state
 
@@ -136,13 +142,17 @@ class SitePersonaliser:
             return False
         keys = set(norm_state_keys(model))
         if set(norms) != keys:
-            log.warning("personal state %s: stored norm layers do not match the model; using the global ones", self.store.path)
+            log.warning(
+                "personal state %s: stored norm layers do not match the model; using the global ones", self.store.path
+            )
             return False
         own = model.state_dict()
         with torch.no_grad():
             for k, v in norms.items():
                 if own[k].shape != v.shape:
-                    log.warning("personal state %s: norm tensor %s has another shape; using the global ones", self.store.path, k)
+                    log.warning(
+                        "personal state %s: norm tensor %s has another shape; using the global ones", self.store.path, k
+                    )
                     return False
             for k, v in norms.items():
                 own[k].copy_(v)
@@ -156,14 +166,18 @@ class SitePersonaliser:
             return state
         keys = norm_state_keys(model)
         stored = self._state(server_round)
-        stored.update(norms=_cpu_state({k: state[k] for k in keys}), round=max(server_round, int(stored.get("round", 0))))
+        stored.update(
+            norms=_cpu_state({k: state[k] for k in keys}), round=max(server_round, int(stored.get("round", 0)))
+        )
         self.store.save(stored)
         for k in keys:
             state[k] = received[k].detach().cpu()
         return state
 
     # ---- the personalised model ---------------------------------------------------------------
-    def personal_model(self, model: nn.Module, global_digest: str, server_round: int, fine_tune: FineTune) -> tuple[nn.Module, bool]:
+    def personal_model(
+        self, model: nn.Module, global_digest: str, server_round: int, fine_tune: FineTune
+    ) -> tuple[nn.Module, bool]:
         """The personalised copy of ``model`` (the global weights, with the site's norms under
         FedBN): reused from disk when it was made from the same global weights, else
         fine-tuned now and stored. Returns (model, reused)."""

@@ -8,7 +8,7 @@ channels), and one epoch visits every site's batches in a seeded random interlea
 from __future__ import annotations
 
 import random
-from typing import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 

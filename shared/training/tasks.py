@@ -22,10 +22,11 @@ number of reporting units in the split; the reply keys keep the name ``{split}_e
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,9 @@ class FamilySite:
 
     def loader(self, split: str, batch_size: int, shuffle: bool, workers: int, seed: int = 0):
         gen = torch.Generator().manual_seed(seed)
-        return make_loader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=gen)
+        return make_loader(
+            self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=gen
+        )
 
     def exams(self, split: str) -> int:
         return int(self.units.get(split, 0))
@@ -117,7 +120,9 @@ def _bce(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
 
 
-def _unit_predictions(unit: list[np.ndarray], prob: list[np.ndarray], label: list[np.ndarray], mask: list[np.ndarray], n_units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _unit_predictions(
+    unit: list[np.ndarray], prob: list[np.ndarray], label: list[np.ndarray], mask: list[np.ndarray], n_units: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean probability per unit over its samples; returns (unit ids with a label, labels, means)."""
     if not unit:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
@@ -153,30 +158,64 @@ class Task:
     def open(self, site_dir: str | Path, cfg: RunConfig) -> Any:
         raise NotImplementedError
 
-    def train(self, model: nn.Module, site: Any, cfg: RunConfig, server_round: int, device: torch.device, **local: Any) -> TrainStats:
+    def train(
+        self, model: nn.Module, site: Any, cfg: RunConfig, server_round: int, device: torch.device, **local: Any
+    ) -> TrainStats:
         raise NotImplementedError
 
-    def predict(self, model: nn.Module, site: Any, split: str, cfg: RunConfig, device: torch.device, server_round: int | None = None) -> Predictions:
+    def predict(
+        self,
+        model: nn.Module,
+        site: Any,
+        split: str,
+        cfg: RunConfig,
+        device: torch.device,
+        server_round: int | None = None,
+    ) -> Predictions:
         raise NotImplementedError
 
-    def extra_metrics(self, model: nn.Module, site: Any, cfg: RunConfig, device: torch.device, server_round: int | None = None) -> dict[str, Any]:
+    def extra_metrics(
+        self, model: nn.Module, site: Any, cfg: RunConfig, device: torch.device, server_round: int | None = None
+    ) -> dict[str, Any]:
         return {}
 
-    def after_evaluate(self, arrays: dict[str, np.ndarray], metrics: list[Mapping[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def after_evaluate(
+        self, arrays: dict[str, np.ndarray], metrics: list[Mapping[str, Any]]
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """The coordinator's hook after an evaluate wave: the family's (shared/families), numpy only."""
         return family_of(self.family).after_evaluate(arrays, metrics)
 
-    def after_train(self, cfg: RunConfig, before: dict[str, np.ndarray], aggregated: dict[str, np.ndarray],
-                    updates: list[tuple[dict[str, np.ndarray], Mapping[str, Any]]]) -> dict[str, np.ndarray]:
+    def after_train(
+        self,
+        cfg: RunConfig,
+        before: dict[str, np.ndarray],
+        aggregated: dict[str, np.ndarray],
+        updates: list[tuple[dict[str, np.ndarray], Mapping[str, Any]]],
+    ) -> dict[str, np.ndarray]:
         """The coordinator's hook after a train wave: the family's (shared/families), numpy only."""
         return family_of(self.family).after_train(cfg, before, aggregated, updates)
 
     # helpers shared by the families that use train_local with their own loss
-    def _train_with(self, model: nn.Module, loader, cfg: RunConfig, server_round: int, device: torch.device,
-                    loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor, int]], **local: Any) -> TrainStats:
-        kwargs = dict(lr=cfg.lr_at(server_round), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                      epochs=cfg.local_epochs, steps=cfg.local_steps, device=device, amp=cfg.amp,
-                      proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0)
+    def _train_with(
+        self,
+        model: nn.Module,
+        loader,
+        cfg: RunConfig,
+        server_round: int,
+        device: torch.device,
+        loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor, int]],
+        **local: Any,
+    ) -> TrainStats:
+        kwargs = dict(
+            lr=cfg.lr_at(server_round),
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            epochs=cfg.local_epochs,
+            steps=cfg.local_steps,
+            device=device,
+            amp=cfg.amp,
+            proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+        )
         return train_local(model.to(device), loader, loss_fn=loss_fn, **{**kwargs, **local})
 
     def _site(self, site_dir: str | Path, cfg: RunConfig) -> FamilySite:
@@ -209,8 +248,13 @@ class MultiviewTask(Task):
 
     def train(self, model, site, cfg, server_round, device, **local):
         kwargs = dict(
-            lr=cfg.lr_at(server_round), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            epochs=cfg.local_epochs, steps=cfg.local_steps, device=device, amp=cfg.amp,
+            lr=cfg.lr_at(server_round),
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            epochs=cfg.local_epochs,
+            steps=cfg.local_steps,
+            device=device,
+            amp=cfg.amp,
             proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
             augment=self.augmenter(cfg, server_round) if cfg.augment else None,
         )
@@ -242,13 +286,23 @@ class BiradsTask(Task):
         mammo = [r for r in records if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in energies]
         if not mammo:
             present = sorted({r.energy.value for r in records if r.modality is Modality.MG})
-            raise SiteUnavailable(f"{name} has no {'/'.join(energies)} mammography images (it has {', '.join(present) or 'none'}); "
-                                  f"the birads family draws patches from patch-energies={cfg.patch_energies}")
+            raise SiteUnavailable(
+                f"{name} has no {'/'.join(energies)} mammography images (it has {', '.join(present) or 'none'}); "
+                f"the birads family draws patches from patch-energies={cfg.patch_energies}"
+            )
         cache = _cache(site_dir, mammo, _preprocess("patches", cfg), cfg)
         enc = BiradsEncoder(cfg.birads_group_list)
         site = FamilySite(site_dir, name, self.family, {}, {}, {"birads": {}, "unit_of_image": {}, "unit_birads": {}})
         for split in SPLITS:
-            ds = LesionPatchDataset(mammo, cache, split=split, patch=cfg.patch_size, n_patches=cfg.n_patches, seed=cfg.seed, energies=energies)
+            ds = LesionPatchDataset(
+                mammo,
+                cache,
+                split=split,
+                patch=cfg.patch_size,
+                n_patches=cfg.n_patches,
+                seed=cfg.seed,
+                energies=energies,
+            )
             vec = torch.from_numpy(enc.encode_many(r.birads for r in ds.images))
             unit_of_image, keys = _unit_index([r.breast_key for r in ds.images])
             unit_vec = torch.zeros(len(keys), enc.dim)
@@ -260,13 +314,19 @@ class BiradsTask(Task):
             site.info["unit_birads"][split] = unit_vec
         # Values outside the lexicon: those ingest already mapped to unknown (site.json) plus any the
         # encoder met in the manifest; the site report shows the count, training goes on.
-        at_ingest = sum(int(v) for v in (_meta(site_dir).get("annotations") or {}).get("unknown_descriptors", {}).values())
+        at_ingest = sum(
+            int(v) for v in (_meta(site_dir).get("annotations") or {}).get("unknown_descriptors", {}).values()
+        )
         site.info["unknown_values"] = at_ingest + enc.unknown_values
         if site.info["unknown_values"]:
-            log.warning("%s: %d BI-RADS value(s) outside the lexicon encoded as unknown", name, site.info["unknown_values"])
+            log.warning(
+                "%s: %d BI-RADS value(s) outside the lexicon encoded as unknown", name, site.info["unknown_values"]
+            )
         if len(site.datasets["train"]) == 0:
             reasons = sorted(set(site.datasets["train"].skipped.values()))[:3]
-            raise SiteUnavailable(f"{name}: no lesion patches in the train split ({'; '.join(reasons) or 'no outlined lesion'})")
+            raise SiteUnavailable(
+                f"{name}: no lesion patches in the train split ({'; '.join(reasons) or 'no outlined lesion'})"
+            )
         return site
 
     @staticmethod
@@ -314,8 +374,15 @@ class BiradsTask(Task):
         ids, y, p_cnn = _unit_predictions(units, probs, labels, masks, site.units[split])
         if not len(ids):
             return np.zeros(0, np.int64), np.zeros(0), float("nan")
-        p = model.fuse(torch.as_tensor(p_cnn, dtype=torch.float32, device=device),
-                       site.info["unit_birads"][split][torch.from_numpy(ids)].to(device)).cpu().numpy().astype(np.float64)
+        p = (
+            model.fuse(
+                torch.as_tensor(p_cnn, dtype=torch.float32, device=device),
+                site.info["unit_birads"][split][torch.from_numpy(ids)].to(device),
+            )
+            .cpu()
+            .numpy()
+            .astype(np.float64)
+        )
         return y, p, _bce(p, y)
 
     def extra_metrics(self, model, site, cfg, device, server_round=None):
@@ -343,11 +410,15 @@ class DualModeTask(Task):
         for split in SPLITS:
             # Jitter is training augmentation; validation and test boxes sit on the lesion centre.
             jitter = cfg.box_jitter if split == "train" else 0.0
-            ds = LesionBoxDataset(cem, cache, split=split, box=cfg.box_size, jitter=jitter, seed=cfg.seed, energies=("LE", "DES"))
+            ds = LesionBoxDataset(
+                cem, cache, split=split, box=cfg.box_size, jitter=jitter, seed=cfg.seed, energies=("LE", "DES")
+            )
             site.datasets[split], site.units[split] = ds, len(ds)
         if len(site.datasets["train"]) == 0:
             reasons = sorted(set(site.datasets["train"].skipped.values()))[:3]
-            raise SiteUnavailable(f"{name}: no CEM lesion breast with LE and DES boxes in the train split ({'; '.join(reasons) or 'no outlined lesion'})")
+            raise SiteUnavailable(
+                f"{name}: no CEM lesion breast with LE and DES boxes in the train split ({'; '.join(reasons) or 'no outlined lesion'})"
+            )
         return site
 
     def train(self, model, site, cfg, server_round, device, **local):
@@ -399,21 +470,35 @@ class MgusTask(Task):
 
     def build(self, site_dir: Path, cfg: RunConfig) -> FamilySite:
         records, name = _records(site_dir)
-        mg = [r for r in records if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in self.MG_ENERGIES]
+        mg = [
+            r for r in records if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in self.MG_ENERGIES
+        ]
         if not mg:
-            raise SiteUnavailable(f"{name} has no FFDM or LE mammography; the mgus family needs a mammography branch input")
+            raise SiteUnavailable(
+                f"{name} has no FFDM or LE mammography; the mgus family needs a mammography branch input"
+            )
         us = [r for r in records if r.modality is Modality.US]
         cache_mg = _cache(site_dir, mg, _preprocess("patches", cfg), cfg)
         cache_us = _cache(site_dir, us, _preprocess("us", cfg), cfg) if us else None
         site = FamilySite(site_dir, name, self.family, {}, {}, {"unit_of_sample": {}, "has_us": bool(us)})
         for split in SPLITS:
-            ds = MammoUSPairDataset(mg + us, cache_mg, cache_us, split=split, crop=cfg.crop_size, mg_energies=self.MG_ENERGIES, seed=cfg.seed)
+            ds = MammoUSPairDataset(
+                mg + us,
+                cache_mg,
+                cache_us,
+                split=split,
+                crop=cfg.crop_size,
+                mg_energies=self.MG_ENERGIES,
+                seed=cfg.seed,
+            )
             unit_of_sample, keys = _unit_index([r.breast_key for r, _ in ds.samples])
             site.datasets[split], site.units[split] = ds, len(keys)
             site.info["unit_of_sample"][split] = unit_of_sample
         if len(site.datasets["train"]) == 0:
             reasons = sorted(set(site.datasets["train"].skipped.values()))[:3]
-            raise SiteUnavailable(f"{name}: no outlined mammography lesion in the train split ({'; '.join(reasons) or 'no outlines'})")
+            raise SiteUnavailable(
+                f"{name}: no outlined mammography lesion in the train split ({'; '.join(reasons) or 'no outlines'})"
+            )
         if not us:
             log.info("%s has no ultrasound: it trains the mammography branch only", name)
         return site
@@ -428,7 +513,9 @@ class MgusTask(Task):
     def train(self, model, site, cfg, server_round, device, **local):
         fusion_only = cfg.mgus_training == "two-step" and self.fusion_phase(cfg, server_round)
         if fusion_only and not site.info["has_us"]:
-            raise SiteUnavailable(f"{site.name} has no ultrasound: nothing to train in the fusion step (round {server_round})")
+            raise SiteUnavailable(
+                f"{site.name} has no ultrasound: nothing to train in the fusion step (round {server_round})"
+            )
         site.datasets["train"].set_epoch(server_round)
         for branch in (model.mg, model.us):
             branch.requires_grad_(not fusion_only)
@@ -550,7 +637,12 @@ class LateFusionTask(Task):
             ys.append(batch["y"])
             ms.append(batch["y_mask"].bool())
         if not ps:
-            return torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.bool), torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+            return (
+                torch.zeros(0, 4),
+                torch.zeros(0, 4, dtype=torch.bool),
+                torch.zeros(0),
+                torch.zeros(0, dtype=torch.bool),
+            )
         return torch.cat(ps), torch.cat(avs), torch.cat(ys), torch.cat(ms)
 
     def predict(self, model, site, split, cfg, device, server_round=None):
@@ -565,9 +657,15 @@ class LateFusionTask(Task):
         return {"val_confusion": confusion_table(model.cpu(), p_slots, avail, y, m)}  # fusion maths on the CPU copy
 
 
-def confusion_table(model: nn.Module, p_slots: torch.Tensor, avail: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor) -> list[int]:
+def confusion_table(
+    model: nn.Module, p_slots: torch.Tensor, avail: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor
+) -> list[int]:
     """24 ints: (tp, fp, tn, fn) at 0.5 for the four slots, then the two view-fused modalities."""
-    pm, am = model.modality_probs(p_slots, avail) if len(p_slots) else (torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.bool))
+    pm, am = (
+        model.modality_probs(p_slots, avail)
+        if len(p_slots)
+        else (torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.bool))
+    )
     cols = [(p_slots[:, k], avail[:, k]) for k in range(4)] + [(pm[:, k], am[:, k]) for k in range(2)]
     out: list[int] = []
     for p, a in cols:

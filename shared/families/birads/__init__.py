@@ -13,6 +13,14 @@ FAMILY = Family(
     signature_keys=("patch_size", "patch_energies", "birads_fusion", "decision_fusion", "birads_groups"),
     # DES patches at CEM sites and FFDM patches at FFDM sites, so every site takes part.
     # `augment` is on only where it was measured to help (docs/model-families.md).
-    preset=dict(model="birads", backbone="rawnet", patch_size=64, n_patches=32, patch_energies="DES,FFDM",
-                batch_size=64, lr=0.01, augment=False),
+    preset=dict(
+        model="birads",
+        backbone="rawnet",
+        patch_size=64,
+        n_patches=32,
+        patch_energies="DES,FFDM",
+        batch_size=64,
+        lr=0.01,
+        augment=False,
+    ),
 )

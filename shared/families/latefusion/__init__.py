@@ -12,8 +12,9 @@ FAMILY = Family(
     count_unit="breast",
     task_path="fedbreast.shared.training.tasks:LateFusionTask",
     model_path="fedbreast.shared.families.latefusion.model:build",
-    preset=dict(model="latefusion", backbone="resnet18", image_h=128, image_w=128, batch_size=8, lr=0.01,
-                augment=False),
+    preset=dict(
+        model="latefusion", backbone="resnet18", image_h=128, image_w=128, batch_size=8, lr=0.01, augment=False
+    ),
     after_train=average_where_trained,  # FFDM-only sites leave the CESM networks as they were
     after_evaluate=after_evaluate,  # the sites' summed confusion counts become the fusion weights
 )

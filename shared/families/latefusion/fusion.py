@@ -30,7 +30,9 @@ def mcc_weights(counts: Sequence[Sequence[float]]) -> np.ndarray:
     return np.array([max(mcc_from_counts(*r), 0.0) for r in rows], dtype=np.float32)
 
 
-def after_evaluate(arrays: dict[str, np.ndarray], metrics: list[Mapping[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def after_evaluate(
+    arrays: dict[str, np.ndarray], metrics: list[Mapping[str, Any]]
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The global model's ``fusion_mcc`` buffer from the sum of the sites' ``val_confusion``
     counts (sites send counts, never scores), and the weights as aggregate metrics."""
     tables = [np.asarray(mt["val_confusion"], dtype=np.float64) for mt in metrics if "val_confusion" in mt]

@@ -12,7 +12,15 @@ FAMILY = Family(
     task_path="fedbreast.shared.training.tasks:MgusTask",
     model_path="fedbreast.shared.families.mgus.model:build",
     signature_keys=("crop_size", "descriptor_dim", "mgus_loss"),
-    preset=dict(model="mgus", backbone="resnet18", crop_size=96, batch_size=16, lr=0.01, mgus_modality_rounds=2,
-                rounds=5, augment=False),
+    preset=dict(
+        model="mgus",
+        backbone="resnet18",
+        crop_size=96,
+        batch_size=16,
+        lr=0.01,
+        mgus_modality_rounds=2,
+        rounds=5,
+        augment=False,
+    ),
     after_train=average_where_trained,  # sites without ultrasound leave that branch as it was
 )

@@ -9,6 +9,11 @@ from fedbreast.shared.models.mgus import MammoUSNet
 
 
 def build(cfg: RunConfig) -> nn.Module:
-    return MammoUSNet(backbone=cfg.backbone, descriptor_dim=cfg.descriptor_dim, loss=cfg.mgus_loss,
-                      cosface_scale=cfg.cosface_scale, cosface_margin=cfg.cosface_margin,
-                      weights_path=cfg.weights_path or None)
+    return MammoUSNet(
+        backbone=cfg.backbone,
+        descriptor_dim=cfg.descriptor_dim,
+        loss=cfg.mgus_loss,
+        cosface_scale=cfg.cosface_scale,
+        cosface_margin=cfg.cosface_margin,
+        weights_path=cfg.weights_path or None,
+    )
