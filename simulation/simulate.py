@@ -113,11 +113,11 @@ def simulate(
         raise ConfigError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
     run_dir = Path(run_dir).resolve()
     family = str((overrides or {}).get("model", "multiview"))
-    if family not in PRESETS:
-        raise ConfigError(f"model {family!r}: no simulation preset; one of {', '.join(PRESETS)}")
+    if family not in FAMILIES:
+        raise ConfigError(f"model {family!r}: not a registered family; one of {', '.join(FAMILIES)}")
     base = {
         **PRESET,
-        **PRESETS[family],
+        **FAMILIES[family].preset,
         "min_available_sites": sites,
         "min_train_sites": 1,
         "min_evaluate_sites": 1,
