@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from clientapp_messages import as_task, request
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from clientapp_messages import as_task, request
 from fedbreast.shared import protocol
 
 
