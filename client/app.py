@@ -158,12 +158,10 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update(dp.metrics())  # epsilon spent in this run so far; the un-noised train loss withheld
     straggle(context)
     # FedBN: the trained norm layers stay on the site's disk; the received ones go back.
-    received = msg.content[protocol.ARRAYS].to_torch_state_dict()
-    state = (
-        personaliser.reply_state(model, received, server_round)
-        if personaliser is not None
-        else model.cpu().state_dict()
-    )
+    if personaliser is not None:
+        state = personaliser.reply_state(model, msg.content[protocol.ARRAYS].to_torch_state_dict(), server_round)
+    else:
+        state = model.cpu().state_dict()
     return protocol.reply(msg, _ok(context, data), metrics, ArrayRecord(state))
 
 
@@ -226,7 +224,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _unable(msg, context, str(exc))
     device = pick_device()
     task = task_for(cfg)
-    server_round = protocol.round_of(msg.content, default=None)
+    server_round = protocol.round_of(msg.content, default=cfg.rounds) if protocol.CONFIG in msg.content else None
     personaliser = personaliser_for(context, cfg, site_dir_of(context)) if cfg.personalised else None
     digest = global_digest(model) if personaliser is not None else ""
     if personaliser is not None:  # FedBN: the global model is evaluated with the site's own norm layers

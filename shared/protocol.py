@@ -64,7 +64,8 @@ class SiteInfo:
             parsed = SiteStatus(status)
         except ValueError:
             parsed, reason = SiteStatus.UNABLE, f"unknown site status {status!r}" + (f": {reason}" if reason else "")
-        return cls(str(record.get("name", "")), parsed, reason)
+        name = record.get("name")
+        return cls(str(name) if name else "", parsed, reason)
 
 
 # ---- the coordinator's side ------------------------------------------------------------------
@@ -109,10 +110,9 @@ def read_reply(content: RecordDict) -> Reply:
 # ---- the site's side -------------------------------------------------------------------------
 
 
-def round_of(content: RecordDict, default: int | None) -> int | None:
-    """The ``server-round`` the coordinator sent, or ``default`` when the message has none."""
-    if CONFIG not in content.config_records:
-        return default
+def round_of(content: RecordDict, default: int) -> int:
+    """The ``server-round`` of the message's ``config`` record, ``default`` when the record has
+    none; a message without a ``config`` record raises KeyError (the site's error reply)."""
     return int(content[CONFIG].get(SERVER_ROUND, default))  # type: ignore[arg-type]
 
 

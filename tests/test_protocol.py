@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from clientapp_messages import as_task, request
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -27,9 +28,11 @@ def test_a_reply_round_trips_through_the_protocol() -> None:
     assert refused.num_examples == 0.0 and refused.arrays is None
 
 
-def test_a_message_without_a_round_gets_the_default() -> None:
-    assert protocol.round_of(RecordDict({}), default=None) is None
+def test_a_config_without_a_round_gets_the_default_and_no_config_is_an_error() -> None:
     assert protocol.round_of(protocol.instruction(5), default=1) == 5
+    assert protocol.round_of(RecordDict({protocol.CONFIG: ConfigRecord({"other": 1})}), default=4) == 4
+    with pytest.raises(KeyError):
+        protocol.round_of(RecordDict({}), default=1)
 
 
 def test_an_unknown_status_or_a_missing_count_is_never_read_as_good() -> None:
