@@ -8,7 +8,7 @@ whose actors train the sites at once; so these stay on Ray, one simulation at a 
 The mixed 4-site federation of ``test_model_families.py`` has one or two sites per
 modality and 24 patients a site: 10-20 test lesions per family, too few for any pixel model
 to beat chance reliably (docs/model-families.md, "Tiny runs"). Here each family gets four
-sites of its own kind (125 CEM or 100 FFDM+US patients each: 73-91 test lesions, 202 test
+sites of its own kind (100 CEM or 100 FFDM+US patients each: 73-75 test lesions, 164 test
 breasts) and one small FFDM-only site, so the same runs show how a site without the
 family's modality takes part or reports itself unable. "Clearly" means the 95 % lower
 bound of the pooled test AUC is above 0.5 (0.55 for mgus and latefusion); the measured
@@ -36,6 +36,7 @@ FFDM_SITE = SiteProfile(
     name="site-5", n_patients=12, modalities="ffdm", image_hw=(300, 200), pixel_spacing_mm=0.9, prevalence=0.5
 )
 FAMILY_SITES = [f"site-{k}" for k in range(1, 5)]
+CEM_PATIENTS = 100  # per CEM site (125 until 2026-12-02: the dualmode test and its fixture neared the 600 s timeout)
 pytestmark = pytest.mark.simulation
 
 
@@ -48,7 +49,7 @@ def _federation(root: Path, patients: int, **profile) -> Path:
 @pytest.fixture(scope="module")
 def cem_sites(tmp_path_factory) -> Path:
     """Four CEM sites at full resolution (0.45 mm: dualmode's lesion box needs the margin detail)."""
-    return _federation(tmp_path_factory.mktemp("cem-federation"), 125, modalities="cem")
+    return _federation(tmp_path_factory.mktemp("cem-federation"), CEM_PATIENTS, modalities="cem")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,9 @@ def test_dualmode_learns_from_lesion_boxes(tmp_path, cem_sites) -> None:
     assert all(_trainers(store, r) == set(FAMILY_SITES) for r in (1, 6))
     reasons = {f["site"]: f["reason"] for f in store.rows("failure") if f["stage"] == "train"}
     assert set(reasons) == {"site-5"} and "has no CEM" in reasons["site-5"]
-    assert _pooled_auc_lower_bound(store, final) > 0.5, final  # measured 0.677 on 91 test lesions: bound 0.566
+    bound = _pooled_auc_lower_bound(store, final)
+    print(f"dualmode: pooled test AUC {final['test_pooled_auc']:.3f}, 95 % lower bound {bound:.3f}")
+    assert bound > 0.5, final  # measured 0.672 on 100-patient CEM sites (2026-12-02): bound 0.547 (0.566 at 125)
 
 
 def test_mgus_learns_and_the_site_without_ultrasound_trains_the_mammography_branch(tmp_path, us_sites) -> None:
@@ -144,4 +147,6 @@ def test_latefusion_learns_with_federated_mcc_weights(tmp_path, cem_sites) -> No
     evaluations = [r for r in store.rows("evaluate") if r["round"] == 3 and r["site"] != "ALL"]
     assert all(len(r["val_confusion"]) == 24 for r in evaluations)  # sites sent confusion counts ...
     assert {f"fusion_mcc_{u}" for u in FUSION_UNITS} <= set(final)  # ... the server made them weights
-    assert _pooled_auc_lower_bound(store, final) > 0.55, final  # measured 0.735 on 202 test breasts: bound 0.643
+    assert _pooled_auc_lower_bound(store, final) > 0.55, (
+        final
+    )  # measured 0.757 on 164 test breasts (100-patient sites): bound 0.656
