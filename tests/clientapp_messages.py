@@ -6,10 +6,11 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedbreast.server.federation import to_record
+from fedbreast.shared import protocol
 
 _ids = itertools.count(1)
 
@@ -21,10 +22,8 @@ def as_task() -> None:
 
 def request(kind: str, server_round: int, arrays: dict[str, np.ndarray] | None = None) -> Message:
     """A message as the coordinator sends it (config with server-round, arrays for train/evaluate)."""
-    content = {"config": ConfigRecord({"server-round": server_round})}
-    if arrays is not None:
-        content["arrays"] = to_record(arrays)
-    msg = Message(RecordDict(content), dst_node_id=7, message_type=kind)
+    content = protocol.instruction(server_round, to_record(arrays) if arrays is not None else None)
+    msg = Message(content, dst_node_id=7, message_type=kind)
     msg.metadata.__dict__["_message_id"] = f"req-{next(_ids)}"
     return msg
 
@@ -49,10 +48,5 @@ def reply(
     reason: str = "",
     name: str = "hospital-a",
 ) -> Message:
-    content = {
-        "metrics": MetricRecord(metrics),
-        "site": ConfigRecord({"name": name, "status": status, "reason": reason}),
-    }
-    if arrays is not None:
-        content["arrays"] = to_record(arrays)
-    return Message(RecordDict(content), reply_to=msg)
+    site = protocol.SiteInfo(name, protocol.SiteStatus(status), reason)
+    return protocol.reply(msg, site, metrics, to_record(arrays) if arrays is not None else None)
