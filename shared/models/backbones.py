@@ -133,15 +133,22 @@ def _vgg16_bn_features() -> tuple[nn.Module, int]:
     return features, 512
 
 
+def _in_features(m: nn.Module, target: str) -> int:
+    """``in_features`` of the classifier layer ``target`` (a dotted submodule path: "fc", "classifier.1")."""
+    fc = m.get_submodule(target)
+    assert isinstance(fc, nn.Linear)
+    return fc.in_features
+
+
 def _resnet_body(m: nn.Module) -> tuple[nn.Module, int]:
     keep = [(n, c) for n, c in m.named_children() if n not in ("avgpool", "fc")]
-    return nn.Sequential(OrderedDict(keep)), m.fc.in_features
+    return nn.Sequential(OrderedDict(keep)), _in_features(m, "fc")
 
 
 def _densenet_body(m: nn.Module) -> tuple[nn.Module, int]:
     # torchvision applies a functional ReLU after norm5; make it a module (no inplace).
-    body = nn.Sequential(OrderedDict(features=m.features, relu=nn.ReLU()))
-    return body, m.classifier.in_features
+    body = nn.Sequential(OrderedDict(features=m.get_submodule("features"), relu=nn.ReLU()))
+    return body, _in_features(m, "classifier")
 
 
 @dataclass(frozen=True)
@@ -155,19 +162,21 @@ _REGISTRY: dict[str, _Spec] = {
     "resnet18": _Spec(lambda: _tvm().resnet18(weights=None), _resnet_body),
     "resnet34": _Spec(lambda: _tvm().resnet34(weights=None), _resnet_body),
     "resnet50": _Spec(lambda: _tvm().resnet50(weights=None), _resnet_body),
-    "vgg16_bn": _Spec(lambda: _tvm().vgg16_bn(weights=None), lambda m: (m.features, 512), _vgg16_bn_features),
+    "vgg16_bn": _Spec(
+        lambda: _tvm().vgg16_bn(weights=None), lambda m: (m.get_submodule("features"), 512), _vgg16_bn_features
+    ),
     "efficientnet_b0": _Spec(
         lambda: _tvm().efficientnet_b0(weights=None),
-        lambda m: (m.features, m.classifier[1].in_features),
+        lambda m: (m.get_submodule("features"), _in_features(m, "classifier.1")),
     ),
     "densenet121": _Spec(lambda: _tvm().densenet121(weights=None), _densenet_body),
-    "alexnet": _Spec(lambda: _tvm().alexnet(weights=None), lambda m: (m.features, 256)),
+    "alexnet": _Spec(lambda: _tvm().alexnet(weights=None), lambda m: (m.get_submodule("features"), 256)),
     "mobilenet_v3_small": _Spec(
         lambda: _tvm().mobilenet_v3_small(weights=None),
-        lambda m: (m.features, m.classifier[0].in_features),
+        lambda m: (m.get_submodule("features"), _in_features(m, "classifier.0")),
     ),
-    "smallcnn": _Spec(lambda: SmallCNN(3), lambda m: (m.features, SmallCNN.widths[-1])),
-    "rawnet": _Spec(lambda: RawNetBody(3), lambda m: (m.features, RawNetBody.widths[-1])),
+    "smallcnn": _Spec(lambda: SmallCNN(3), lambda m: (m.get_submodule("features"), SmallCNN.widths[-1])),
+    "rawnet": _Spec(lambda: RawNetBody(3), lambda m: (m.get_submodule("features"), RawNetBody.widths[-1])),
 }
 
 
@@ -247,10 +256,10 @@ def _adapt_first_conv(body: nn.Module, in_channels: int, pretrained: bool) -> No
     new = nn.Conv2d(
         in_channels,
         conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
+        _pair(conv.kernel_size),
+        stride=_pair(conv.stride),
+        padding=conv.padding if isinstance(conv.padding, str) else _pair(conv.padding),
+        dilation=_pair(conv.dilation),
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
         device=conv.weight.device,
@@ -261,6 +270,7 @@ def _adapt_first_conv(body: nn.Module, in_channels: int, pretrained: bool) -> No
             mean = conv.weight.mean(dim=1, keepdim=True)
             new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (conv.in_channels / in_channels))
             if conv.bias is not None:
+                assert new.bias is not None  # built with bias=True just above
                 new.bias.copy_(conv.bias)
         else:
             # fan_out init does not depend on the channel count, so the stem keeps
@@ -273,6 +283,12 @@ def _adapt_first_conv(body: nn.Module, in_channels: int, pretrained: bool) -> No
     setattr(parent, attr, new)
 
 
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's (h, w) setting: torch stores kernel_size, stride, padding and dilation as 2-tuples."""
+    h, w = values
+    return h, w
+
+
 def replace_inplace_relu(module: nn.Module) -> nn.Module:
     """Set ``inplace=False`` on every submodule with the flag (ReLU, Hardswish, SiLU, Dropout...).
 
@@ -281,5 +297,5 @@ def replace_inplace_relu(module: nn.Module) -> nn.Module:
     """
     for m in module.modules():
         if isinstance(getattr(m, "inplace", None), bool):
-            m.inplace = False
+            m.inplace = False  # type: ignore[assignment]  # torch stubs: Module attrs are Tensor | Module
     return module

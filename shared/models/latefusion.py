@@ -33,6 +33,8 @@ def _weighted(p: Tensor, w: Tensor, avail: Tensor) -> tuple[Tensor, Tensor]:
 class LateFusionNet(nn.Module):
     """(B, 4 slots, 1, H, W) + available (B, 4) -> slot logits (B, 4); :meth:`fuse` -> (B,) probability."""
 
+    fusion_mcc: Tensor  # a buffer (register_buffer below)
+
     def __init__(self, backbone: str = "resnet18", weights_path: str | None = None) -> None:
         super().__init__()
         self.in_channels = 1

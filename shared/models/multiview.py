@@ -37,7 +37,7 @@ VGG_FC_DIMS: tuple[int, ...] = (4096, 1024, 512)
 _VGG_POOLS = 5  # stride-2 max-pools in VGG16: the map is (H // 32, W // 32)
 
 
-def _vgg_feature_hw(image_hw: tuple[int, int]) -> tuple[int, int]:
+def _vgg_feature_hw(image_hw: tuple[int, ...]) -> tuple[int, int]:
     h, w = image_hw
     fh, fw = h >> _VGG_POOLS, w >> _VGG_POOLS
     if fh < 1 or fw < 1:
@@ -88,6 +88,7 @@ class MultiViewFusionNet(nn.Module):
             self.embed: nn.Module = nn.Dropout(dropout)
             self.embed_dim = feat_dim
         else:
+            assert self.image_hw is not None  # set for head="vgg_fc"
             fh, fw = _vgg_feature_hw(self.image_hw)
             self.backbone = extractor.body  # spatial map, no global pooling
             layers: list[nn.Module] = [nn.Flatten(1)]
