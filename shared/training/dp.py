@@ -371,9 +371,9 @@ class LocalDP:
             fold = 0
             model.to(memory_format=torch.contiguous_format)  # stock unfold2d needs NCHW
             if hasattr(model, "channels_last"):
-                model.channels_last = False
+                model.channels_last = False  # type: ignore[assignment]  # torch stubs: Module attrs are Tensor | Module
         if hasattr(model, "split_views") and not fold:
-            model.split_views = True
+            model.split_views = True  # type: ignore[assignment]  # torch stubs: Module attrs are Tensor | Module
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"dp-freeze-blocks = {self.freeze_blocks} leaves no trainable parameter")
@@ -466,7 +466,7 @@ class LocalDP:
                 folding.close()
             gsm.cleanup()  # remove Opacus' hooks and per-sample attributes from the model
             if hasattr(model, "split_views"):
-                model.split_views = False
+                model.split_views = False  # type: ignore[assignment]  # torch stubs: Module attrs are Tensor | Module
         seconds = time.perf_counter() - t0
         self.ran = True
         self.history = [tuple(h) for h in accountant.history]  # type: ignore[misc]
@@ -538,7 +538,7 @@ class _ViewFolding:
         gsm.GRAD_SAMPLERS = {t: self._folded(f) for t, f in samplers.items()}  # this wrapper only
         self.handles = []
         for m in self.modules:
-            m._dp_views = views
+            m._dp_views = views  # type: ignore[assignment]  # torch stubs: Module attrs are Tensor | Module
             self.handles.append(m.register_forward_hook(self._set_batch))
 
     def _set_batch(self, module: nn.Module, inputs: tuple, _out: Any) -> None:
@@ -599,7 +599,8 @@ def _fold_views(params: list[nn.Parameter], batch: int, views: int) -> None:
     for p in params:
         gs = getattr(p, "grad_sample", None)
         if isinstance(gs, torch.Tensor) and gs.shape[0] == batch * views:
-            p.grad_sample = gs.reshape(batch, views, *gs.shape[1:]).sum(1) / views
+            folded = gs.reshape(batch, views, *gs.shape[1:]).sum(1) / views
+            p.grad_sample = folded  # type: ignore[attr-defined]  # Opacus adds grad_sample at runtime
         elif gs is not None and (not isinstance(gs, torch.Tensor) or gs.shape[0] != batch):
             raise RuntimeError(
                 f"per-sample gradient of shape {tuple(getattr(gs, 'shape', ()))} fits neither "
@@ -611,7 +612,7 @@ def _drop_activations(model: nn.Module) -> None:
     # A forward without backward leaves Opacus' captured inputs behind; the next backward would mix them in.
     for m in model.modules():
         if hasattr(m, "activations"):
-            m.activations = []
+            m.activations = []  # type: ignore[assignment]  # torch stubs: Module attrs are Tensor | Module
         if hasattr(m, "max_batch_len"):
             del m.max_batch_len
 
