@@ -73,7 +73,7 @@ def site_dir_of(context: Context) -> Path:
     raise SiteUnavailable("no data-path in this SuperNode's --node-config")
 
 
-def site_name_of(context: Context, data: SiteData | None = None) -> str:
+def site_name_of(context: Context, data: SiteData | FamilySite | None = None) -> str:
     """The name the site reports under: node config, else its manifest's, else its folder's."""
     if "site-name" in context.node_config:
         return str(context.node_config["site-name"])
@@ -102,7 +102,7 @@ def _load(msg: Message, context: Context) -> tuple[RunConfig, SiteData | FamilyS
     cfg = RunConfig.from_flower(context.run_config, ignore=SIM_KEYS)
     data = task_for(cfg).open(site_dir_of(context), cfg)  # the family's inputs at this site
     model = build_model(cfg)
-    model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict(), strict=True)
+    model.load_state_dict(protocol.array_record(msg.content).to_torch_state_dict(), strict=True)
     return cfg, data, model
 
 
@@ -159,7 +159,7 @@ def train(msg: Message, context: Context) -> Message:
     straggle(context)
     # FedBN: the trained norm layers stay on the site's disk; the received ones go back.
     if personaliser is not None:
-        state = personaliser.reply_state(model, msg.content[protocol.ARRAYS].to_torch_state_dict(), server_round)
+        state = personaliser.reply_state(model, protocol.array_record(msg.content).to_torch_state_dict(), server_round)
     else:
         state = model.cpu().state_dict()
     return protocol.reply(msg, _ok(context, data), metrics, ArrayRecord(state))
@@ -300,12 +300,14 @@ def cross_site(msg: Message, context: Context) -> Message:
         data = task_for(cfg).open(site_dir_of(context), cfg)
     except SiteUnavailable as exc:
         return _unable(msg, context, str(exc))
-    config = msg.content[protocol.CONFIG]
+    config = protocol.config_record(msg.content)
     server_round = protocol.round_of(msg.content, default=cfg.rounds)
+    names = config["models"]
+    assert isinstance(names, list)  # the coordinator's model names (server/cross_site.py)
     models = []
-    for i, name in enumerate(config["models"]):
+    for i, name in enumerate(names):
         m = build_model(cfg)
-        m.load_state_dict(msg.content[model_slot(i)].to_torch_state_dict(), strict=True)
+        m.load_state_dict(protocol.array_record(msg.content, model_slot(i)).to_torch_state_dict(), strict=True)
         models.append((str(name), m))
     personaliser = personaliser_for(context, cfg, site_dir_of(context))
     metrics = cross_site_metrics(

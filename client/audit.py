@@ -33,6 +33,8 @@ from typing import Any
 
 from flwr.app import Context, Message
 
+from fedbreast.shared.protocol import record_int
+
 log = logging.getLogger("fedbreast.client.audit")
 
 AUDIT_DIR = "audit"
@@ -62,6 +64,7 @@ def app_hash() -> str:
 
     h = hashlib.sha256()
     for pkg in (fedbreast, fedbreast.client, fedbreast.server, fedbreast.shared, fedbreast.simulation):
+        assert pkg.__file__ is not None  # regular packages, each with its __init__.py
         root = Path(pkg.__file__).parent
         for path in sorted(root.rglob("*.py")):
             h.update(f"{pkg.__name__}/{path.relative_to(root).as_posix()}\0".encode())
@@ -110,7 +113,7 @@ def round_of(msg: Message) -> int | None:
     content = msg.content
     config = content.config_records.get("config") if content is not None else None
     if config is not None and "server-round" in config:
-        return int(config["server-round"])
+        return record_int(config["server-round"])
     group = msg.metadata.group_id
     return int(group) if str(group).isdigit() else None
 
@@ -123,8 +126,8 @@ def describe(
     metrics: dict[str, Any] = {}
     config: dict[str, dict[str, Any]] = {}
     if reply is not None and reply.has_content():
-        for rec_name, record in reply.content.array_records.items():
-            for name, arr in record.items():
+        for rec_name, array_rec in reply.content.array_records.items():
+            for name, arr in array_rec.items():
                 arrays.append(
                     {
                         "record": rec_name,
@@ -134,11 +137,11 @@ def describe(
                         "bytes": len(arr.data),
                     }
                 )
-        for rec_name, record in reply.content.metric_records.items():
-            for key, value in record.items():
+        for rec_name, metric_rec in reply.content.metric_records.items():
+            for key, value in metric_rec.items():
                 metrics[key if rec_name == "metrics" else f"{rec_name}.{key}"] = _json_value(value)
-        for rec_name, record in reply.content.config_records.items():
-            config[rec_name] = {k: _json_value(v) for k, v in record.items()}
+        for rec_name, config_rec in reply.content.config_records.items():
+            config[rec_name] = {k: _json_value(v) for k, v in config_rec.items()}
     site_info = config.get("site", {})
     if status is None:
         if reply is not None and reply.has_error():
@@ -260,7 +263,7 @@ def read_audit(site_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _human_bytes(n: int) -> str:
+def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -18,12 +18,13 @@ from collections import OrderedDict
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, Context, Message, MessageType, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.secure_aggregation import ARRAY_NAMES_KEY, SITE_NAME_KEY
 
@@ -43,7 +44,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
 def _train_for_secagg(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Legacy FitIns in, our train handler in the middle, a FitRes holding the change out."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    config = dict(fitins.config)
+    config: dict[str, ConfigRecordValues] = dict(fitins.config)
     names = str(config.pop(ARRAY_NAMES_KEY, "")).split("\n")
     received = parameters_to_ndarrays(fitins.parameters)
     if len(names) != len(received):
@@ -67,14 +68,15 @@ def _train_for_secagg(msg: Message, context: Context, call_next: ClientAppCallab
     site = content["site"] if "site" in content.config_records else ConfigRecord({})
     if str(site.get("status", "ok")) != "ok":
         raise SecureAggregationRefused(f"unable: {site.get('reason', '')}")
-    trained = {k: v.numpy() for k, v in content["arrays"].items()}
+    trained = {k: v.numpy() for k, v in protocol.array_record(content, "arrays").items()}
     clip = float(context.run_config.get("secagg-clip-range", RunConfig.secagg_clip_range))
     # Flat: Flower's unmasking offsets each array in place, which a 0-d array (a step counter) escapes.
     delta = [change(n, trained[n], base, clip).reshape(-1) for n, base in zip(names, received)]
-    metrics = dict(next(iter(content.metric_records.values()), {}))
-    num_examples = int(metrics.pop("num-examples", 0))
+    metrics: dict[str, ConfigRecordValues] = dict(next(iter(content.metric_records.values()), {}))
+    num_examples = protocol.record_int(metrics.pop("num-examples", 0))
     metrics[SITE_NAME_KEY] = str(site.get("name", ""))
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), num_examples, metrics)
+    # FitRes types its metrics as scalars, but fitres_to_recorddict stores them in a ConfigRecord, lists included.
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), num_examples, metrics)  # type: ignore[arg-type]
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 

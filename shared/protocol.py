@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, Message, MessageType, MetricRecord, RecordDict
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -103,11 +103,33 @@ class Reply:
 
 def read_reply(content: RecordDict) -> Reply:
     metrics = dict(next(iter(content.metric_records.values()), {}))
-    arrays = content[ARRAYS] if ARRAYS in content.array_records else None
+    arrays = content.array_records.get(ARRAYS)
     return Reply(SiteInfo.from_content(content), metrics, arrays)
 
 
+def record_int(value: ConfigRecordValues) -> int:
+    """``int(value)`` for a number read from a config or metric record; a list raises TypeError,
+    as ``int()`` itself does."""
+    if isinstance(value, list):
+        raise TypeError(f"expected a number, got a list: {value!r}")
+    return int(value)
+
+
 # ---- the site's side -------------------------------------------------------------------------
+
+
+def array_record(content: RecordDict, key: str = ARRAYS) -> ArrayRecord:
+    """The ArrayRecord under ``key`` (the model, by default); KeyError when there is none."""
+    record = content[key]
+    assert isinstance(record, ArrayRecord), f"record {key!r} is a {type(record).__name__}, not an ArrayRecord"
+    return record
+
+
+def config_record(content: RecordDict, key: str = CONFIG) -> ConfigRecord:
+    """The ConfigRecord under ``key`` (the instructions, by default); KeyError when there is none."""
+    record = content[key]
+    assert isinstance(record, ConfigRecord), f"record {key!r} is a {type(record).__name__}, not a ConfigRecord"
+    return record
 
 
 def round_of(content: RecordDict, default: int) -> int:
