@@ -28,9 +28,14 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedbreast.client.site_config import SiteConfig
 from fedbreast.shared.processes import StopSignal, bin_path, flower_env, stop_group
+
+if TYPE_CHECKING:  # annotations only; plan() imports the data modules when it runs
+    from fedbreast.shared.data.preprocess import PreprocessConfig
+    from fedbreast.shared.data.schema import ImageRecord
 
 # Flower's exit codes that restarting with the same settings cannot fix (flwr.supercore.exit).
 KEY_INVALID = 302
@@ -168,7 +173,7 @@ class CacheWarmer(threading.Thread):
         self.cfg = cfg
         self.status = "not started"
 
-    def plan(self) -> tuple[object, list, int]:
+    def plan(self) -> tuple[PreprocessConfig, list[ImageRecord], int]:
         from fedbreast.shared.config import RunConfig
         from fedbreast.shared.data.cache import CacheError, open_cache
         from fedbreast.shared.data.manifest import load_manifest

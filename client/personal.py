@@ -208,6 +208,7 @@ def psft_metrics(task: Task, site: Any, model: nn.Module, cfg: RunConfig, device
 def psft_split(site: Any, model: nn.Module, cfg: RunConfig, pcfg, device: torch.device, split: str):
     """One split's lesion scores without and with patient-specific fine-tuning (a :class:`PSFTResult`);
     per unit, so it stays on the site."""
+    from fedbreast.shared.models.birads import BiradsNet
     from fedbreast.shared.training.patient_finetune import evaluate_patient_finetune
 
     lesion_ds = site.datasets[split]
@@ -230,6 +231,7 @@ def psft_split(site: Any, model: nn.Module, cfg: RunConfig, pcfg, device: torch.
         return m(batch["x"], batch["birads"])
 
     def fuse(ids: np.ndarray, p: np.ndarray) -> np.ndarray:
+        assert isinstance(model, BiradsNet)  # patient fine-tuning is the patch family's (psft_metrics)
         with torch.no_grad():
             out = model.fuse(
                 torch.as_tensor(p, dtype=torch.float32, device=device), unit_vec[torch.from_numpy(ids)].to(device)

@@ -26,13 +26,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.augment import AUGMENT_PRESETS, augment
@@ -42,6 +41,7 @@ from fedbreast.shared.data.datasets import (
     LesionPatchDataset,
     MammoUSPairDataset,
     ModalityViewDataset,
+    _CachedDataset,
     make_loader,
 )
 from fedbreast.shared.data.manifest import read_site_meta
@@ -51,6 +51,9 @@ from fedbreast.shared.data.site_data import SiteUnavailable, site_for, site_reco
 from fedbreast.shared.families import family_of
 from fedbreast.shared.training.local import TrainStats, autocast, train_local
 from fedbreast.shared.training.local import predict as predict_multiview
+
+if TYPE_CHECKING:
+    from fedbreast.shared.models.latefusion import LateFusionNet
 
 log = logging.getLogger("fedbreast.tasks")
 
@@ -68,7 +71,7 @@ class FamilySite:
     site_dir: Path
     name: str
     family: str
-    datasets: dict[str, Dataset]
+    datasets: dict[str, _CachedDataset]  # split -> the family's dataset (each keeps what it skipped and why)
     units: dict[str, int]  # split -> number of reporting units
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -335,6 +338,8 @@ class BiradsTask(Task):
         return site.info["birads"][split][batch["image"]]
 
     def train(self, model, site, cfg, server_round, device, **local):
+        from fedbreast.shared.models.birads import BiradsNet
+
         vec = site.info["birads"]["train"]
         decision = getattr(model, "birads_fusion", "") == "decision"
         warp = self.augmenter(cfg, server_round)
@@ -350,6 +355,7 @@ class BiradsTask(Task):
             logits = m(x, b)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
             if decision:  # the BI-RADS-only classifier (and the stacked layer) learn in the same loop
+                assert isinstance(m, BiradsNet)  # the only network with birads_fusion = "decision"
                 bl = m.birads_logit(b)
                 loss = loss + F.binary_cross_entropy_with_logits(bl, y)
                 if m.decision_fusion == "stacked":
@@ -658,7 +664,7 @@ class LateFusionTask(Task):
 
 
 def confusion_table(
-    model: nn.Module, p_slots: torch.Tensor, avail: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor
+    model: LateFusionNet, p_slots: torch.Tensor, avail: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor
 ) -> list[int]:
     """24 ints: (tp, fp, tn, fn) at 0.5 for the four slots, then the two view-fused modalities."""
     pm, am = (
