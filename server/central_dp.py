@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.training.accounting import CENTRAL_WEIGHT_KEY, epsilon_of, noise_for_budget
+
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
 
 def central_noise_multiplier(cfg: RunConfig) -> float:
@@ -23,7 +26,7 @@ def central_noise_multiplier(cfg: RunConfig) -> float:
     return cfg.dp_noise_multiplier
 
 
-def central_dp_strategy(base: Any, cfg: RunConfig) -> Any:
+def central_dp_strategy(base: FedAvg, cfg: RunConfig) -> DifferentialPrivacyClientSideFixedClipping:
     """Flower's central-DP wrapper (client-side clipping) around ``base``, which must average
     with equal weights: the noise std sigma*C/k assumes each site moves the mean by <= C/k."""
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping

@@ -57,7 +57,7 @@ def run_cross_site(run: FederatedRun) -> dict[str, Path]:
     for r in sorted(run.exchange(ask, "cross-site collect", server_round, outcome), key=lambda r: r.site):
         problem = check_update(r.site, r.arrays, run.arrays) if r.arrays is not None else None
         if r.arrays is None or problem is not None:
-            why = "reply carried no model arrays" if r.arrays is None else problem.reason
+            why = problem.reason if problem is not None else "reply carried no model arrays"
             run.record_failure(outcome, server_round, "cross-site collect", r.node_id, f"personal model dropped: {why}")
             continue
         models.append((personal_name(r.site), r.arrays))

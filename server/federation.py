@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from fedbreast.server.central_dp import CentralLedger
 from fedbreast.server.checkpoints import check_resumable, load_checkpoint, save_checkpoint
@@ -51,6 +52,18 @@ class SiteReply:
     metrics: dict[str, Any]
     arrays: dict[str, np.ndarray] | None
     message: Message | None  # None under secure aggregation: the site's update is never seen alone
+
+    @property
+    def plain_message(self) -> Message:
+        """The reply's message, in a plain round (not secure aggregation, where there is none)."""
+        assert self.message is not None
+        return self.message
+
+    @property
+    def update(self) -> dict[str, np.ndarray]:
+        """The reply's model arrays, for a reply already checked to carry them."""
+        assert self.arrays is not None
+        return self.arrays
 
 
 @dataclass
@@ -280,9 +293,11 @@ class FederatedRun:
         if self.cfg.update_norm_bound > 0:  # model replacement: a scaled update is cut down before it is averaged
             self._clip_updates(server_round, good)
         if self.central_dp is not None:  # central DP: noise std sigma*C/k for the k sites actually averaged
+            # build_strategy wraps the aggregation rule in Flower's central-DP strategy when dp = central
+            assert isinstance(self.strategy, DifferentialPrivacyClientSideFixedClipping)
             self.strategy.num_sampled_clients = len(good)
         # Replies must share metric keys for Flower's aggregation; ours do by construction.
-        agg, _ = self.strategy.aggregate_train(server_round, [r.message for r in good])
+        agg, _ = self.strategy.aggregate_train(server_round, [r.plain_message for r in good])
         if agg is not None:
             # Averaging turns integer buffers (BatchNorm's num_batches_tracked) into floats: cast back.
             before, self.arrays = (
@@ -291,18 +306,18 @@ class FederatedRun:
             )
             # Branches only some sites train (mgus' ultrasound net, late fusion's CESM nets) average over those sites.
             self.arrays = family_of(self.cfg.model).after_train(
-                self.cfg, before, self.arrays, [(r.arrays, r.metrics) for r in good]
+                self.cfg, before, self.arrays, [(r.update, r.metrics) for r in good]
             )
         self.record_train_aggregate(server_round, good, released=agg is not None)
 
     def _clip_updates(self, server_round: int, good: list[SiteReply]) -> None:
         """Clip each update's change to update-norm-bound x the round's median change norm
         (server/validation.py); the clipped arrays replace the reply's before aggregation."""
-        clipped_arrays, clipped = clip_to_median_norm([r.arrays for r in good], self.arrays, self.cfg.update_norm_bound)
+        clipped_arrays, clipped = clip_to_median_norm([r.update for r in good], self.arrays, self.cfg.update_norm_bound)
         for i, norm, limit in clipped:
             r = good[i]
             r.arrays = clipped_arrays[i]
-            r.message.content["arrays"] = to_record(r.arrays)
+            r.plain_message.content["arrays"] = to_record(r.arrays)
             log.warning("round %d train: site %s: update norm %.3g clipped to %.3g", server_round, r.site, norm, limit)
             self.echo(
                 f"  round {server_round} train: site {r.site}: update norm {norm:.3g} clipped to {limit:.3g} "

@@ -56,7 +56,7 @@ def write_report(
     run_dir = Path(run_dir)
     store = MetricStore(run_dir)
     last, sites = final_site_rows(store)
-    aggregate = next((r for r in reversed(store.rows("aggregate")) if r["round"] == last), {})
+    aggregate: dict[str, Any] = next((r for r in reversed(store.rows("aggregate")) if r["round"] == last), {})
     failures = [r for r in store.rows("failure")]
     paths = {"markdown": run_dir / "summary.md", "csv": run_dir / "summary.csv"}
 

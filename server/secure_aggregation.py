@@ -79,7 +79,7 @@ class _WatchedGrid:
 
     def __init__(self, run: FederatedRun, outcome: RoundOutcome):
         self._run, self._outcome = run, outcome
-        self.errors: dict[int, str] = {}
+        self.errors: dict[int, str | None] = {}  # node -> the error's reason (Flower's Error.reason is optional)
 
     def __getattr__(self, name: str):
         return getattr(self._run.grid, name)
@@ -191,5 +191,6 @@ def secure_train_round(run: FederatedRun, server_round: int, outcome: RoundOutco
             "the global model is unchanged this round"
         )
     if released:
+        assert strategy.mean_delta is not None  # released implies it
         run.arrays = {k: _apply(run.arrays[k], d) for k, d in zip(names, strategy.mean_delta)}
     run.record_train_aggregate(server_round, good, released=released)

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from flwr.serverapp import strategy as fl
 
 from fedbreast.shared.config import RunConfig
+
+
+class _Sampling(TypedDict):
+    """The keyword arguments every strategy below takes: how many sites a round samples."""
+
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
 
 
 def build_strategy(cfg: RunConfig) -> fl.Strategy:
@@ -17,10 +29,10 @@ def build_strategy(cfg: RunConfig) -> fl.Strategy:
     return strategy
 
 
-def _base_strategy(cfg: RunConfig) -> fl.Strategy:
+def _base_strategy(cfg: RunConfig) -> fl.FedAvg:
     """The configured aggregation rule. Sampling minimums come from the run config; the
     round loop (server/federation.py) waits for sites itself, so nothing here blocks."""
-    common = dict(
+    common = _Sampling(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_sites,

@@ -204,9 +204,13 @@ def run_superlink(settings: SuperLinkSettings, echo: Callable[[str], None] = pri
             return False, f"the SuperLink does not answer {health_url}"
         return True, f"SuperLink up on {settings.host}:{settings.port}"
 
+    def stop_superlink(_sig: int) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+
     exporter = _start_exporter(settings, health, echo)
     try:
-        with StopSignal(on_stop=lambda _sig: proc.poll() is None and proc.terminate()) as stop:
+        with StopSignal(on_stop=stop_superlink) as stop:
             if wait_until(
                 lambda: http_ok(health_url, ca),
                 ready_timeout,
