@@ -246,7 +246,7 @@ def _write_shard(cache_dir: Path, results: list[_Result], index: dict[str, Any])
     if ok:
         name = f"shard-{uuid.uuid4().hex[:16]}.npy"
         tmp = cache_dir / f".{name}.tmp"
-        total = sum(int(r[2].size) for r in ok)  # type: ignore[union-attr]
+        total = sum(int(r[2].size) for r in ok if r[2] is not None)  # all of ok; the test narrows the type
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=CACHE_DTYPE, shape=(total,))
         offset = 0
         placed = []

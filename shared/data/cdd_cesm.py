@@ -182,7 +182,11 @@ def find_layout(root: Path, annotations: Path | None = None, segmentations: Path
     image_dirs: dict[str, Path] = {}
     for folder, code in _FOLDER_CODE.items():
         want_dir = _norm_name(folder)
-        found = _find(root, lambda p, w=want_dir: p.is_dir() and _norm_name(p.name) == w)
+
+        def is_wanted(p: Path, w: str = want_dir) -> bool:
+            return p.is_dir() and _norm_name(p.name) == w
+
+        found = _find(root, is_wanted)
         if found is not None:
             image_dirs[code] = found
     if not image_dirs:
@@ -728,22 +732,22 @@ def import_cdd_cesm(
         regions, via_rejects = read_segmentations(layout.segmentations, _rel(layout.segmentations, layout.root))
         rejected += [_Rejected(r, pid, is_file=False) for r, pid in via_rejects]
     for key in sorted(regions):
-        image = kept.get(key)
-        if image is None:
+        outlined = kept.get(key)
+        if outlined is None:
             if key not in images:  # an image rejected above is already reported once
-                for r in regions[key]:
-                    reject_row(r.where, "#filename", _no_image_reason(key, layout), key[0])
+                for region in regions[key]:
+                    reject_row(region.where, "#filename", _no_image_reason(key, layout), key[0])
             continue
-        for r in regions[key]:
-            if _outside(r.lesion, image.rows, image.cols):
+        for region in regions[key]:
+            if _outside(region.lesion, outlined.rows, outlined.cols):
                 reject_row(
-                    r.where,
+                    region.where,
                     "region_shape_attributes",
-                    f"outline lies outside {canonical_name(key)} ({image.cols}x{image.rows} pixels)",
+                    f"outline lies outside {canonical_name(key)} ({outlined.cols}x{outlined.rows} pixels)",
                     key[0],
                 )
             else:
-                image.lesions.append(r.lesion)
+                outlined.lesions.append(region.lesion)
     size_mismatch = 0
     for key in sorted(kept):
         if key[2] != "DM":

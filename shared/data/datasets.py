@@ -98,7 +98,8 @@ def class_balanced_sampler(
     weights = np.zeros(len(lab), dtype=np.float64)
     weights[valid] = 1.0 / counts[cls]
     n = int(valid.sum()) if num_samples is None else int(num_samples)
-    return WeightedRandomSampler(torch.as_tensor(weights), n, replacement=True, generator=generator)
+    # WeightedRandomSampler annotates weights as Sequence[float]; it converts with torch.as_tensor, so a tensor is fine.
+    return WeightedRandomSampler(torch.as_tensor(weights), n, replacement=True, generator=generator)  # type: ignore[arg-type]
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -565,9 +566,9 @@ class LesionBoxDataset(_EpochMixin, _CachedDataset):
         recs = _filter_split(records, split)
         labels = _breast_labels(recs)
         by_breast: dict[tuple[str, str, str], dict[tuple[str, str], ImageRecord]] = defaultdict(dict)
-        for r in recs:
-            if r.modality is Modality.MG and r.view.is_mammo:
-                by_breast[r.breast_key].setdefault((r.view.value, r.energy.value), r)
+        for rec in recs:
+            if rec.modality is Modality.MG and rec.view.is_mammo:
+                by_breast[rec.breast_key].setdefault((rec.view.value, rec.energy.value), rec)
         self.breasts: list[tuple[str, str, str]] = []
         shas: list[list[str]] = []
         centres: list[list[tuple[float, float]]] = []
@@ -592,6 +593,7 @@ class LesionBoxDataset(_EpochMixin, _CachedDataset):
                         reason = _not_cached(cache, r)
                     if reason:
                         break
+                    assert r is not None  # a missing view set reason above
                     x0, y0, x1, y1 = mapped_bbox(lesion, cache.geometry(r.sha256))
                     row.append(r.sha256)
                     cen.append(((y0 + y1) / 2, (x0 + x1) / 2))
@@ -665,9 +667,9 @@ class ModalityViewDataset(_CachedDataset):
         recs = _filter_split(records, split)
         labels = _breast_labels(recs)
         by_breast: dict[tuple[str, str, str], dict[tuple[str, str], ImageRecord]] = defaultdict(dict)
-        for r in recs:
-            if r.modality is Modality.MG and r.view.is_mammo:
-                by_breast[r.breast_key].setdefault((r.energy.value, r.view.value), r)
+        for rec in recs:
+            if rec.modality is Modality.MG and rec.view.is_mammo:
+                by_breast[rec.breast_key].setdefault((rec.energy.value, rec.view.value), rec)
         self.breasts: list[tuple[str, str, str]] = []
         self.missing_slots: Counter = Counter()
         shas: list[str] = []

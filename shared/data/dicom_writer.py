@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
@@ -22,7 +23,7 @@ from pydicom.uid import (
 )
 
 # Digital Mammography X-Ray Image Storage - For Presentation
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+MG_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.2")
 
 # ViewCodeSequence codes (SNOMED-RT), as vendors write them.
 VIEW_CODES = {"CC": ("R-10242", "cranio-caudal"), "MLO": ("R-10226", "medio-lateral oblique")}
@@ -72,7 +73,7 @@ def write_dicom(path: str | Path, pixels: np.ndarray, meta: DicomMeta) -> Path:
     sop_class = MG_FOR_PRESENTATION if meta.modality == "MG" else UltrasoundImageStorage
     file_meta = FileMetaDataset()
     file_meta.MediaStorageSOPClassUID = sop_class
-    file_meta.MediaStorageSOPInstanceUID = meta.sop_instance_uid or generate_uid()
+    file_meta.MediaStorageSOPInstanceUID = UID(meta.sop_instance_uid or generate_uid())
     file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
     ds = Dataset()

@@ -496,6 +496,7 @@ def _simulate_patient(task: _PatientTask) -> _PatientResult:
                 cc_depth_mm = g.depth * sp
             les = None
             if spec is not None and lat == lesion_lat:
+                assert cc_depth_mm is not None  # CC comes first in the view loop
                 scale = 1.0 if view == "CC" else mlo_scale
                 pl = phantom.place_lesion(r_render, g, spec, dist_frac * cc_depth_mm, sp, scale)
                 les = (spec, pl)
@@ -504,6 +505,7 @@ def _simulate_patient(task: _PatientTask) -> _PatientResult:
                 outlines[(lat, view)] = img.outline
             for energy in prof.energies:
                 signal = img.des if energy == "DES" else img.le
+                assert signal is not None  # DES is rendered for the CEM profiles that store it
                 px = _to_stored(signal, prof, r_store, 1.8 if energy == "DES" else 1.0)
                 write(px, lat, view, energy, "MG", prof.bits_stored, _window(px, img.breast_mask))
 
@@ -544,7 +546,8 @@ def _simulate_patient(task: _PatientTask) -> _PatientResult:
     breasts: list[tuple[float, int, bool]] = []
     truth: list[dict[str, str]] = []
     for lat in ("L", "R"):
-        lesion_here = spec is not None and lat == lesion_lat
+        lesion = spec if lat == lesion_lat else None  # this breast's lesion, if it has one
+        lesion_here = lesion is not None
         p_lat = p if lesion_here else 0.0
         label = ("malignant" if malignant else "benign") if lesion_here else "normal"
         breasts.append((p_lat, int(lesion_here and malignant), lesion_here))
@@ -555,22 +558,22 @@ def _simulate_patient(task: _PatientTask) -> _PatientResult:
                 "has_lesion": str(int(lesion_here)),
                 "p_malignant": f"{p_lat:.6f}",
                 "label": label,
-                "mass_shape": spec.shape if lesion_here else "",
-                "mass_margin": spec.margin if lesion_here else "",
-                "internal_enhancement": spec.enhancement if lesion_here else "",
-                "radius_mm": f"{spec.radius_mm:.2f}" if lesion_here else "",
-                "enh_strength": f"{spec.enh_strength:.4f}" if lesion_here else "",
+                "mass_shape": lesion.shape if lesion is not None else "",
+                "mass_margin": lesion.margin if lesion is not None else "",
+                "internal_enhancement": lesion.enhancement if lesion is not None else "",
+                "radius_mm": f"{lesion.radius_mm:.2f}" if lesion is not None else "",
+                "enh_strength": f"{lesion.enh_strength:.4f}" if lesion is not None else "",
                 "bpe": bpe,
                 "density": density,
-                "us_orientation": spec.us_orientation if lesion_here else "",
-                "us_posterior": spec.us_posterior if lesion_here else "",
+                "us_orientation": lesion.us_orientation if lesion is not None else "",
+                "us_posterior": lesion.us_posterior if lesion is not None else "",
             }
         )
-        if not lesion_here:
+        if lesion is None:
             if spec is None or r_reader.random() < P_EXPLICIT_NORMAL_ROW:
                 rows.append(row(lat, **normal_desc))
             continue
-        margin_read = _reader(r_reader, "mass_margin", spec.margin)
+        margin_read = _reader(r_reader, "mass_margin", lesion.margin)
         if margin_read == "circumscribed" and density in ("c", "d") and r_reader.random() < 0.3:
             margin_read = "obscured"  # a dense background hides part of the margin
         logit_reader = math.log(p / (1.0 - p)) + r_reader.normal(0.0, READER_LOGIT_SD)
@@ -578,12 +581,12 @@ def _simulate_patient(task: _PatientTask) -> _PatientResult:
             row(
                 lat,
                 label=label,
-                mass_shape=_style(prof, "mass_shape", _reader(r_reader, "mass_shape", spec.shape)),
+                mass_shape=_style(prof, "mass_shape", _reader(r_reader, "mass_shape", lesion.shape)),
                 mass_margin=_style(prof, "mass_margin", margin_read),
                 internal_enhancement=_style(
                     prof,
                     "internal_enhancement",
-                    _reader(r_reader, "internal_enhancement", spec.enhancement) if cem else "",
+                    _reader(r_reader, "internal_enhancement", lesion.enhancement) if cem else "",
                 ),
                 bpe=_style(prof, "bpe", bpe_read),
                 density=_style(prof, "density", dens_read),

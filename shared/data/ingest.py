@@ -224,7 +224,8 @@ def ingest(
 
     write_jsonl(site_dir / STATE, (current[p] for p in sorted(current)))
     (site_dir / JOURNAL).unlink(missing_ok=True)
-    records, rejections, accession_of = [], [], {}
+    records, rejections = [], []
+    accession_of: dict[str, set[str]] = {}
     for entry in (current[p] for p in sorted(current)):
         if "rejection" in entry:
             rejections.append(Rejection(**entry["rejection"]))

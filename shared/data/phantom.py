@@ -150,7 +150,9 @@ def sample_geometry(
     )
 
 
-def _edge_terms(g: ViewGeometry, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _edge_terms(
+    g: ViewGeometry, x: np.ndarray | np.float64, y: np.ndarray | np.float64
+) -> tuple[np.ndarray, np.ndarray]:
     """(rho, distance to skin in px): rho < 1 inside; distance from a first-order expansion."""
     half = np.where(y < g.nipple_y, g.half_up, g.half_down)
     v = (y - g.nipple_y) / half
@@ -448,6 +450,7 @@ def render_mammogram(
         des = DES_BASE + DES_GLANDULAR_RESIDUAL * (gland - 0.5) + bpe_amp * bpe
         des = des + 0.05 * (1.0 - thick)  # thickness-edge artefact at the periphery
         if maps is not None:
+            assert lesion is not None  # maps are the lesion's
             spec = lesion[0]
             sl = (slice(maps.y0, maps.y0 + maps.mass.shape[0]), slice(maps.x0, maps.x0 + maps.mass.shape[1]))
             des[sl] += spec.enh_strength * (maps.uptake + 0.45 * maps.spicules)

@@ -31,8 +31,8 @@ def _read_raster(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            im = im.convert("I;16") if im.mode in ("I;16", "I;16B", "I") else im.convert("L")
-            return np.asarray(im, dtype=np.float32)
+            converted = im.convert("I;16") if im.mode in ("I;16", "I;16B", "I") else im.convert("L")
+            return np.asarray(converted, dtype=np.float32)
     except (OSError, UnidentifiedImageError) as exc:
         raise PixelDecodeError(f"{path}: cannot decode image ({exc})") from None
 
