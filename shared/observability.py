@@ -100,7 +100,9 @@ class ExporterServer:
 
     def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread):
         self._httpd, self._thread = httpd, thread
-        self.host, self.port = httpd.server_address[0], int(httpd.server_address[1])
+        host = httpd.server_address[0]
+        assert isinstance(host, str)  # an AF_INET / AF_INET6 server: getsockname() gives (host, port, ...)
+        self.host, self.port = host, int(httpd.server_address[1])
 
     @property
     def url(self) -> str:

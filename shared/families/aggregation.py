@@ -35,5 +35,7 @@ def average_where_trained(
         changed = [(a[key], w) for (a, _), w in zip(updates, weights) if key in a and not np.array_equal(a[key], ref)]
         total = sum(w for _, w in changed)
         if 0 < len(changed) < len(updates) and total > 0:
-            out[key] = (sum(a.astype(np.float64) * w for a, w in changed) / total).astype(ref.dtype)
+            mean = sum(a.astype(np.float64) * w for a, w in changed) / total
+            assert isinstance(mean, (np.ndarray, np.generic))  # changed is not empty (0-d arrays give a scalar)
+            out[key] = mean.astype(ref.dtype)
     return out

@@ -120,7 +120,8 @@ class PatientFinetuner:
         # The base weights, on the device, copied into the working model per patient.
         self._base = {k: v.detach().clone() for k, v in self.work.state_dict().items()}
         self._live = self.work.state_dict(keep_vars=True)
-        self.head_name, self.head = "", None
+        self.head_name = ""
+        self.head: nn.Module | None = None
         self.opt: torch.optim.Optimizer | None = None
         self.cache_features: bool | None = None  # head scope: decided on the first batch
         if cfg.scope == "all":
@@ -250,8 +251,10 @@ class PatientFinetuner:
             with autocast(self.device, self.cfg.amp):
                 again = self.head(*args)
             try:
-                a, b = malignancy_logit(again).float(), malignancy_logit(out).float()
-                self.cache_features = a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+                head_logit, model_logit = malignancy_logit(again).float(), malignancy_logit(out).float()
+                self.cache_features = head_logit.shape == model_logit.shape and torch.allclose(
+                    head_logit, model_logit, atol=1e-4, rtol=1e-3
+                )
             except ValueError:
                 self.cache_features = False
             if not self.cache_features:

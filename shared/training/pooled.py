@@ -8,21 +8,30 @@ channels), and one epoch visits every site's batches in a seeded random interlea
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
 
 import torch
+
+
+class _Loader(Protocol):
+    """A loader as InterleavedLoader uses it: its batches, and how many it has (a DataLoader)."""
+
+    def __iter__(self) -> Iterator[Mapping[str, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
 
 
 class InterleavedLoader:
     """Iterate the batches of several loaders in a random order that changes every epoch."""
 
-    def __init__(self, loaders: Sequence[Iterable[Mapping[str, torch.Tensor]]], seed: int = 0):
+    def __init__(self, loaders: Sequence[_Loader], seed: int = 0):
         self.loaders = list(loaders)
         self.rng = random.Random(seed)
 
     def __iter__(self) -> Iterator[Mapping[str, torch.Tensor]]:
         iters = [iter(loader) for loader in self.loaders]
-        order = [i for i, loader in enumerate(self.loaders) for _ in range(len(loader))]  # type: ignore[arg-type]
+        order = [i for i, loader in enumerate(self.loaders) for _ in range(len(loader))]
         self.rng.shuffle(order)
         for i in order:
             try:
@@ -31,4 +40,4 @@ class InterleavedLoader:
                 continue
 
     def __len__(self) -> int:
-        return sum(len(loader) for loader in self.loaders)  # type: ignore[arg-type]
+        return sum(len(loader) for loader in self.loaders)
