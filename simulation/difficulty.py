@@ -19,6 +19,7 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,6 +133,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = build_model(cfg)
+    train: PooledLoader | InterleavedLoader
     if args.batches == "pooled":
         train = PooledLoader([s.datasets["train"] for s in sites], cfg.batch_size, cfg.in_channels, seed=args.seed)
     else:
@@ -152,10 +154,17 @@ def main() -> None:
         print(f"epoch {epoch:2d}  loss {stats.loss:.3f}  val AUC {val_auc:.3f}  {stats.images_per_s:.0f} img/s")
         if val_auc > best_auc:
             best_auc, best_epoch, best = val_auc, epoch, copy.deepcopy(model.state_dict())
+    assert best is not None, "no epoch improved on the starting AUC of -1: every validation AUC was NaN (or --epochs 0)"
     model.load_state_dict(best)
     per_site, yt, pt = evaluate(model, sites, "test", cfg)
     print(f"best validation AUC {best_auc:.3f} at epoch {best_epoch}")
-    result = {"config": vars(args), "history": history, "best_val_auc": best_auc, "best_epoch": best_epoch, "test": {}}
+    result: dict[str, Any] = {
+        "config": vars(args),
+        "history": history,
+        "best_val_auc": best_auc,
+        "best_epoch": best_epoch,
+        "test": {},
+    }
     for name, (y, p) in list(per_site.items()) + [("pooled", (yt, pt))]:
         ci = bootstrap_ci(y, p, metrics=("auc",), n_boot=2000) if len(set(y)) > 1 else {"auc": (float("nan"),) * 3}
         result["test"][name] = {
