@@ -75,8 +75,12 @@ def _train_for_secagg(msg: Message, context: Context, call_next: ClientAppCallab
     metrics: dict[str, ConfigRecordValues] = dict(next(iter(content.metric_records.values()), {}))
     num_examples = protocol.record_int(metrics.pop("num-examples", 0))
     metrics[SITE_NAME_KEY] = str(site.get("name", ""))
-    # FitRes types its metrics as scalars, but fitres_to_recorddict stores them in a ConfigRecord, lists included.
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(delta), num_examples, metrics)  # type: ignore[arg-type]
+    fitres = FitRes(
+        Status(Code.OK, ""),
+        ndarrays_to_parameters(delta),
+        num_examples,
+        metrics,  # type: ignore[arg-type]  # typed as scalars; fitres_to_recorddict makes a ConfigRecord, lists too
+    )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 

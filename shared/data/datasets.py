@@ -98,8 +98,12 @@ def class_balanced_sampler(
     weights = np.zeros(len(lab), dtype=np.float64)
     weights[valid] = 1.0 / counts[cls]
     n = int(valid.sum()) if num_samples is None else int(num_samples)
-    # WeightedRandomSampler annotates weights as Sequence[float]; it converts with torch.as_tensor, so a tensor is fine.
-    return WeightedRandomSampler(torch.as_tensor(weights), n, replacement=True, generator=generator)  # type: ignore[arg-type]
+    return WeightedRandomSampler(
+        torch.as_tensor(weights),  # type: ignore[arg-type]  # annotated Sequence[float]; it calls torch.as_tensor on it
+        n,
+        replacement=True,
+        generator=generator,
+    )
 
 
 # --- helpers ---------------------------------------------------------------------------------
