@@ -361,7 +361,13 @@ def test_central_mod_passes_through_without_a_clipping_norm_and_for_unable_repli
     assert not out.has_error() and out.content["site"]["status"] == "unable"
 
 
-# ---- a real simulation -----------------------------------------------------------------------------
+# ---- a federated run ---------------------------------------------------------------------------------
+
+# The real ServerApp round loop and ClientApp with its mods (central DP's fixedclipping_mod
+# included) on real Flower messages, in this process: the DP code paths are the same as on
+# Ray, whose transport test_simulation.py and test_secure_aggregation.py prove (each Ray
+# simulation costs 40-60 s of start-up CPU on 2 cores; docs/test-suite.md).
+ENGINE = "inprocess"
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +376,6 @@ def two_sites(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dp-federation")
 
 
-@pytest.mark.simulation
 def test_simulation_with_local_dp_reports_growing_epsilon(tmp_path, two_sites):
     from fedbreast.simulation.simulate import simulate
 
@@ -386,7 +391,7 @@ def test_simulation_with_local_dp_reports_growing_epsilon(tmp_path, two_sites):
         dp_freeze_blocks=1,
     )
     run = tmp_path / "run"
-    result = simulate(run, sites=2, patients=8, overrides=overrides, data_dir=two_sites)
+    result = simulate(run, sites=2, patients=8, overrides=overrides, data_dir=two_sites, engine=ENGINE)
     assert result["run"]["status"] == "finished:completed"
     store = MetricStore(run)
     by_site: dict[str, list[float]] = {}
@@ -401,7 +406,6 @@ def test_simulation_with_local_dp_reports_growing_epsilon(tmp_path, two_sites):
     assert len(store.rows("evaluate")) == 4  # evaluation replies stay valid
 
 
-@pytest.mark.simulation
 def test_simulation_with_central_dp_clips_at_sites_and_accounts_at_the_server(tmp_path, two_sites):
     from fedbreast.simulation.simulate import simulate
 
@@ -417,7 +421,7 @@ def test_simulation_with_central_dp_clips_at_sites_and_accounts_at_the_server(tm
         dp_max_grad_norm=0.5,
     )
     run = tmp_path / "run"
-    result = simulate(run, sites=2, patients=8, overrides=overrides, data_dir=two_sites)
+    result = simulate(run, sites=2, patients=8, overrides=overrides, data_dir=two_sites, engine=ENGINE)
     assert result["run"]["status"] == "finished:completed"
     store = MetricStore(run)
     assert len(store.rows("train")) == 4 and len(store.rows("evaluate")) == 4  # the mod is on train only

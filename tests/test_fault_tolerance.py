@@ -151,10 +151,13 @@ def test_a_server_killed_mid_run_resumes_at_the_next_round_without_double_counti
 
 
 def test_a_site_killed_mid_round_rejoins_and_resumes_its_dp_ledger_and_fedbn_state(fed):
-    env, run_dir, timeout, rounds, site = fed["env"], fed["root"] / "run-site-killed", 45, 4, GOOD_SITES[0]
+    env, run_dir, timeout, rounds, site = fed["env"], fed["root"] / "run-site-killed", 120, 4, GOOD_SITES[0]
     _, _, folder = fed["daemons"][site]
     daemon_log = folder / "daemon.log"
     trains_before = daemon_log.read_text().count("Receiving: train message")
+    # The round timeout guards the good sites on a loaded machine (their waves took up to 47 s
+    # in the suite, 2026-12-03); it costs nothing here: the killed site's message comes back
+    # as an error once its node is gone or back, and round 2 goes on at that point.
     # min-available-sites 2: later rounds go on with whoever is online while the site is away.
     # DP-SGD and FedBN: the state a restarted site must pick up from its disk.
     flags = [
@@ -223,7 +226,7 @@ def test_a_site_killed_mid_round_rejoins_and_resumes_its_dp_ledger_and_fedbn_sta
 
 
 def test_a_straggler_does_not_hold_the_round_past_its_timeout(fed):
-    env, run_dir, timeout, delay = fed["env"], fed["root"] / "run-straggler", 50, 300
+    env, run_dir, timeout, delay = fed["env"], fed["root"] / "run-straggler", 75, 300
     proc = add_site(fed, STRAGGLER, fed["spare_data"], extra=f"debug-delay-seconds = {delay}\n")
     try:
         wait_online(fed, len(GOOD_SITES) + 1, timeout=120)

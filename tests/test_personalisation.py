@@ -353,14 +353,17 @@ def test_patient_finetune_in_the_birads_evaluate_reply(tmp_path, federation):
         assert {k for k, v in m.items() if isinstance(v, list)} == {"test_hist_pos", "test_hist_neg"}
 
 
-@pytest.mark.simulation
 def test_simulation_with_cross_site_matrix(tmp_path, federation):
     from fedbreast.server.metric_store import MetricStore
     from fedbreast.simulation.simulate import simulate
 
     run = tmp_path / "run"
     overrides = {**TINY, "rounds": 1, "personal_epochs": 1, "fedbn": True, "cross_site": True}
-    result = simulate(run, sites=3, patients=8, overrides=overrides, data_dir=federation, echo=lambda *_: None)
+    # In-process: the cross-site phase's messages and replies are the real ones; Ray's transport
+    # is test_simulation.py's.
+    result = simulate(
+        run, sites=3, patients=8, overrides=overrides, data_dir=federation, echo=lambda *_: None, engine="inprocess"
+    )
     assert result["run"]["status"] == "finished:completed"
     store = MetricStore(run)
     models = ["global"] + [f"site-{k} personal" for k in (1, 2, 3)]
