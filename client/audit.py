@@ -33,6 +33,7 @@ from typing import Any
 
 from flwr.app import Context, Message
 
+from fedbreast.shared.errors import FedbreastError
 from fedbreast.shared.protocol import record_int
 
 log = logging.getLogger("fedbreast.client.audit")
@@ -44,7 +45,7 @@ SITE_DATA = "<site-data>"
 _ABS_PATH = re.compile(r"(?:^|(?<=[\s'\"(\[=,]))/[^\s'\",)\]]+")
 
 
-class AuditUnavailable(RuntimeError):
+class AuditUnavailable(FedbreastError, RuntimeError):
     """The audit line could not be written; the reply must not leave without it."""
 
 

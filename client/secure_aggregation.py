@@ -26,12 +26,13 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.errors import FedbreastError
 from fedbreast.shared.secure_aggregation import ARRAY_NAMES_KEY, SITE_NAME_KEY
 
 log = logging.getLogger("fedbreast.client")
 
 
-class SecureAggregationRefused(RuntimeError):
+class SecureAggregationRefused(FedbreastError, RuntimeError):
     """This site's change cannot go into the masked sum; the message names why."""
 
 

@@ -344,15 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# An OSError of these kinds names the file the operator gave: an expected error, one line.
+OPERATOR_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fedbreast.shared.data.manifest import ManifestError
-    from fedbreast.shared.data.rules import ConfigError
+    from fedbreast.shared.errors import FedbreastError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ManifestError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        # Expected operator errors: one clear line, no traceback.
+    except (FedbreastError, *OPERATOR_OS_ERRORS) as exc:
+        # Expected errors (a bad config, bad data, a refusal, a missing file): one clear line that
+        # names the key or file, no traceback; exit 2, which systemd's RestartPreventExitStatus
+        # does not restart. Anything else is a bug: it keeps its traceback (exit 1).
         print(f"fedbreast: error: {exc}", file=sys.stderr)
         return 2
 

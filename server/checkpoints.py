@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbreast.shared.errors import FedbreastError
+
 KINDS = ("latest", "best", "final")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FedbreastError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and why."""
 
 

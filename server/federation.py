@@ -31,6 +31,7 @@ from fedbreast.server.strategies import build_strategy
 from fedbreast.server.validation import check_update, clip_to_median_norm
 from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.errors import FedbreastError
 from fedbreast.shared.families import family_of
 from fedbreast.shared.metrics import auc_binning_bound, pooled_auc_from_histograms, weighted_mean
 
@@ -41,7 +42,7 @@ TIMEOUT_REASON = "no reply within the round timeout ({:.0f} s)"
 POLL_SECONDS = 0.1  # replies are pulled from the local SuperLink; polling is cheap
 
 
-class FederationStopped(RuntimeError):
+class FederationStopped(FedbreastError, RuntimeError):
     """The run stopped cleanly for a reason the coordinator must read (too few sites...)."""
 
 

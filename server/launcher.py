@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedbreast.shared.errors import FedbreastError
 from fedbreast.shared.processes import bin_path, flower_env
 
 # Columns of the live table: (header, metrics.jsonl key, width). Missing values print as "-".
@@ -42,7 +43,7 @@ COLUMNS = (
 RUN_ID = re.compile(r"run\s+(\d+)", re.IGNORECASE)
 
 
-class RunFailed(RuntimeError):
+class RunFailed(FedbreastError, RuntimeError):
     """The run did not finish as completed; the message carries Flower's status."""
 
 

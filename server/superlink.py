@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedbreast.shared.errors import FedbreastError
 from fedbreast.shared.processes import StopSignal, bin_path, flower_env, http_ok, probe_host, stop_group, wait_until
 
 DEFAULT_PORT = 9092
@@ -37,7 +38,7 @@ INSECURE_WARNING = (
 )
 
 
-class DeployError(RuntimeError):
+class DeployError(FedbreastError, RuntimeError):
     """An operator error in deployment settings; the message names the file or flag."""
 
 

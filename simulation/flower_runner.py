@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.errors import FedbreastError
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -33,7 +34,7 @@ QUIET_ENV = {
 HARNESS_DEFAULTS = {"sim-sites-dir": "", "run-dir": ""}
 
 
-class SimulationFailed(RuntimeError):
+class SimulationFailed(FedbreastError, RuntimeError):
     """The Flower run did not finish as completed; the message carries Flower's status."""
 
 

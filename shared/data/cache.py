@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from fedbreast.shared.errors import FedbreastError
+
 from .manifest import atomic_write_text
 from .pixels import read_pixels
 from .preprocess import Geometry, PreprocessConfig, preprocess_image
@@ -60,7 +62,7 @@ LOCK = ".lock"
 DEFAULT_CHUNK_BYTES = 256 << 20  # one shard per 256 MiB of output: bounds memory and lost work
 
 
-class CacheError(RuntimeError):
+class CacheError(FedbreastError, RuntimeError):
     """A cache folder that cannot be used; the message names the file at fault."""
 
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedbreast.shared.errors import FedbreastError
+
 from .birads import parse_birads_cell
 from .manifest import MANIFEST, write_manifest
 from .pseudonym import load_or_create_key, pseudonymise
@@ -59,7 +61,7 @@ _TYPE_CODE = {"dm": "DM", "cesm": "CM", "cm": "CM"}  # Type column says CESM whe
 _FOLDER_CODE = {LOW_ENERGY_DIR: "DM", SUBTRACTED_DIR: "CM"}
 
 
-class CddCesmError(ValueError):
+class CddCesmError(FedbreastError, ValueError):
     """The import cannot run at all (missing folder, workbook or sheet); the message names it."""
 
 

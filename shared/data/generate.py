@@ -32,6 +32,7 @@ from pydicom.uid import generate_uid
 
 from . import phantom
 from .dicom_writer import DicomMeta, write_dicom
+from .rules import ConfigError
 from .schema import MODALITY_SETS
 
 ANNOTATION_COLUMNS = (
@@ -136,17 +137,17 @@ class SiteProfile:
         self.image_hw = (int(self.image_hw[0]), int(self.image_hw[1]))
         self.us_hw = (int(self.us_hw[0]), int(self.us_hw[1]))
         if self.modalities not in MODALITY_SETS:
-            raise ValueError(f"modalities must be one of {MODALITY_SETS}, got {self.modalities!r}")
+            raise ConfigError(f"modalities must be one of {MODALITY_SETS}, got {self.modalities!r}")
         if self.bits_stored not in (8, 10, 12, 14, 15, 16):
-            raise ValueError(f"bits_stored must be 8..16, got {self.bits_stored}")
+            raise ConfigError(f"bits_stored must be 8..16, got {self.bits_stored}")
         if not 0.0 < self.prevalence < 1.0:
-            raise ValueError(f"prevalence must be in (0, 1), got {self.prevalence}")
+            raise ConfigError(f"prevalence must be in (0, 1), got {self.prevalence}")
         if self.n_patients < 1:
-            raise ValueError(f"n_patients must be >= 1, got {self.n_patients}")
+            raise ConfigError(f"n_patients must be >= 1, got {self.n_patients}")
         if min(self.image_hw) < 96:
-            raise ValueError(f"image_hw {self.image_hw} is too small for a breast; use >= 96 px")
+            raise ConfigError(f"image_hw {self.image_hw} is too small for a breast; use >= 96 px")
         if not self.transfer_syntax or any(w < 0 for w in self.transfer_syntax.values()):
-            raise ValueError("transfer_syntax needs non-negative weights")
+            raise ConfigError("transfer_syntax needs non-negative weights")
 
     @property
     def energies(self) -> tuple[str, ...]:
@@ -229,9 +230,11 @@ def default_profiles(n_sites: int, patients_per_site: int, modalities: str | Non
     ``modalities`` gives every site that acquisition (a consortium of one kind of hospital)
     and keeps the rest of each site's profile: vendor curve, image size, noise, prevalence."""
     if n_sites < 1:
-        raise ValueError(f"n_sites must be >= 1, got {n_sites}")
+        raise ConfigError(f"n_sites must be >= 1, got {n_sites}")
+    if patients_per_site < 1:  # (sizes are scaled per site and floored at 2: 0 would silently become 2)
+        raise ConfigError(f"patients per site must be >= 1, got {patients_per_site}")
     if modalities is not None and modalities not in MODALITY_SETS:
-        raise ValueError(f"modalities must be one of {MODALITY_SETS}, got {modalities!r}")
+        raise ConfigError(f"modalities must be one of {MODALITY_SETS}, got {modalities!r}")
     profiles = []
     for i in range(n_sites):
         t = dict(_TEMPLATES[i % len(_TEMPLATES)])
@@ -685,5 +688,5 @@ def generate_federation(
     profiles = profiles if profiles is not None else default_profiles(n_sites, patients_per_site, modalities)
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
-        raise ValueError(f"site names must be unique, got {names}")
+        raise ConfigError(f"site names must be unique, got {names}")
     return [generate_site(p, out / p.name, seed=seed, workers=workers) for p in profiles]

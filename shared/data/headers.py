@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 from pydicom.multival import MultiValue
 
+from fedbreast.shared.errors import FedbreastError
+
 from .rules import IngestRules
 from .schema import Energy, Laterality, Modality, View
 
 
-class HeaderRejection(ValueError):
+class HeaderRejection(FedbreastError, ValueError):
     """The header cannot be used; ``field`` names the tag at fault."""
 
     def __init__(self, field: str, reason: str):

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedbreast.shared.errors import FedbreastError
+
 from .annotations import AnnotationSet, join_annotations, read_annotations
 from .headers import HeaderRejection, read_header
 from .manifest import read_site_meta, write_jsonl, write_manifest
@@ -38,7 +40,7 @@ JOURNAL = "ingest_state.partial.jsonl"
 SKIP_NAMES = {"DICOMDIR"}
 
 
-class IngestError(RuntimeError):
+class IngestError(FedbreastError, RuntimeError):
     """The ingest as a whole cannot run (bad input folder, unwritable output, bad config)."""
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedbreast.shared.errors import FedbreastError
+
 from .schema import SCHEMA_VERSION, Energy, ImageRecord, Label, Laterality, View, record_from_dict
 
 MANIFEST = "manifest.jsonl"
@@ -32,7 +34,7 @@ REJECTED = "rejected.jsonl"
 REJECTED_TXT = "rejected.txt"
 
 
-class ManifestError(ValueError):
+class ManifestError(FedbreastError, ValueError):
     """A site directory whose manifest cannot be used; the message names file and line."""
 
 

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fedbreast.shared.errors import FedbreastError
+
 RASTER_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 
 
-class PixelDecodeError(ValueError):
+class PixelDecodeError(FedbreastError, ValueError):
     """The file's pixels cannot be decoded; the message names the file and the reason."""
 
 

@@ -14,12 +14,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fedbreast.shared.errors import FedbreastError
+
 from .schema import Energy, View
 
 _ENERGY_TARGETS = {"LE", "DES", "FFDM", "REJECT"}
 
 
-class ConfigError(ValueError):
+class ConfigError(FedbreastError, ValueError):
     """A configuration value is invalid; the message names the file and key."""
 
 

@@ -17,9 +17,10 @@ from fedbreast.shared.data.datasets import ExamDataset, make_loader
 from fedbreast.shared.data.manifest import ManifestError, load_manifest, read_site_meta
 from fedbreast.shared.data.preprocess import PRESETS, PreprocessConfig
 from fedbreast.shared.data.schema import ImageRecord
+from fedbreast.shared.errors import FedbreastError
 
 
-class SiteUnavailable(RuntimeError):
+class SiteUnavailable(FedbreastError, RuntimeError):
     """This site cannot take part (no manifest, empty data, missing modality); the message says why."""
 
 

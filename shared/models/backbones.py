@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fedbreast.shared.errors import FedbreastError
+
 
 def _tvm():
     """torchvision.models, imported on first use: importing it pulls in torch._dynamo (about
@@ -29,7 +31,7 @@ def _tvm():
 DEFAULT_BACKBONE = "resnet18"
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(FedbreastError, ValueError):
     """A local weights file cannot be used; the message names the file and the reason."""
 
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.datasets import passthrough_collate
+from fedbreast.shared.errors import FedbreastError
 from fedbreast.shared.models.backbones import replace_inplace_relu
 from fedbreast.shared.models.multiview import VIEW_ORDER, MultiViewFusionNet
 from fedbreast.shared.training.accounting import ACCOUNTANT, CENTRAL_WEIGHT_KEY, epsilon_of, noise_for_budget, run_key
@@ -62,7 +63,7 @@ warnings.filterwarnings(
 )
 
 
-class DPRefused(RuntimeError):
+class DPRefused(FedbreastError, RuntimeError):
     """This site will not train this round under its privacy policy; the message says why."""
 
 
