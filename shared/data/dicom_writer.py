@@ -131,7 +131,14 @@ def write_dicom(path: str | Path, pixels: np.ndarray, meta: DicomMeta) -> Path:
     if syntax == ExplicitVRLittleEndian:
         ds.PixelData = pixels.tobytes()
     else:
-        ds.compress(syntax, pixels, encoding_plugin="pylibjpeg" if syntax == JPEG2000Lossless else "")
+        # Lossless: the image is the same instance, so it keeps its seeded SOP Instance UID (pydicom
+        # would otherwise draw a random one, and a generated site would differ from run to run).
+        ds.compress(
+            syntax,
+            pixels,
+            encoding_plugin="pylibjpeg" if syntax == JPEG2000Lossless else "",
+            generate_instance_uid=False,
+        )
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
 
