@@ -1,5 +1,5 @@
 """The site's side of personalisation, FedBN, the cross-site phase and patient-specific
-fine-tuning, around the family tasks (shared/training/tasks.py).
+fine-tuning, around the family tasks (shared/families/<name>/task.py).
 
 The ClientApp handlers (client/app.py) stay thin: they load the config, the site and the
 received model, and call these functions. Everything here runs on the site; what it

@@ -17,8 +17,8 @@ from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.rules import ConfigError
 from fedbreast.shared.families import FAMILIES, Family
+from fedbreast.shared.families.multiview.task import MultiviewTask
 from fedbreast.shared.models.factory import build_model
-from fedbreast.shared.training.tasks import MultiviewTask
 from fedbreast.simulation.simulate import prepare_federation, simulate
 
 

@@ -21,11 +21,12 @@ from fedbreast.shared.data.rules import ConfigError
 from fedbreast.shared.data.schema import BiRads
 from fedbreast.shared.data.site_data import SiteUnavailable
 from fedbreast.shared.families import FAMILIES, family_of
+from fedbreast.shared.families.latefusion.task import confusion_table
 from fedbreast.shared.models.birads import BiradsEncoder, BiradsNet
 from fedbreast.shared.models.factory import build_model
 from fedbreast.shared.models.latefusion import FUSION_UNITS, LateFusionNet, mcc_from_counts, mcc_weights
 from fedbreast.shared.models.mgus import CosineHead, cosface_loss
-from fedbreast.shared.training.tasks import confusion_table, task_for
+from fedbreast.shared.training.tasks import task_for
 from fedbreast.simulation.simulate import PRESETS, prepare_federation, simulate
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ FAMILY = Family(
     title="BI-RADS multimodal fusion on lesion patches",
     unit="lesion",
     count_unit="lesion",
-    task_path="fedbreast.shared.training.tasks:BiradsTask",
+    task_path="fedbreast.shared.families.birads.task:BiradsTask",
     model_path="fedbreast.shared.families.birads.model:build",
     signature_keys=("patch_size", "patch_energies", "birads_fusion", "decision_fusion", "birads_groups"),
     # DES patches at CEM sites and FFDM patches at FFDM sites, so every site takes part.

@@ -8,7 +8,7 @@ FAMILY = Family(
     title="dual-mode transfer learning",
     unit="lesion",
     count_unit="lesion",
-    task_path="fedbreast.shared.training.tasks:DualModeTask",
+    task_path="fedbreast.shared.families.dualmode.task:DualModeTask",
     model_path="fedbreast.shared.families.dualmode.model:build",
     signature_keys=("box_size",),
     preset=dict(model="dualmode", backbone="resnet18", box_size=96, batch_size=8, lr=0.01),

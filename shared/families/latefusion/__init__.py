@@ -10,7 +10,7 @@ FAMILY = Family(
     title="modality-view late fusion with MCC weights",
     unit="breast",
     count_unit="breast",
-    task_path="fedbreast.shared.training.tasks:LateFusionTask",
+    task_path="fedbreast.shared.families.latefusion.task:LateFusionTask",
     model_path="fedbreast.shared.families.latefusion.model:build",
     preset=dict(
         model="latefusion", backbone="resnet18", image_h=128, image_w=128, batch_size=8, lr=0.01, augment=False

@@ -8,7 +8,7 @@ FAMILY = Family(
     title="multi-view dual-energy fusion",
     unit="breast",
     count_unit="exam",
-    task_path="fedbreast.shared.training.tasks:MultiviewTask",
+    task_path="fedbreast.shared.families.multiview.task:MultiviewTask",
     model_path="fedbreast.shared.families.multiview.model:build",
     # Its signature is the common keys alone, so checkpoints from before the registry still resume.
 )

@@ -1,0 +1,45 @@
+"""The multiview family at a site (seed 001's multi-view dual-energy exams): what it opens, how it trains, how it scores.
+
+Its :class:`~fedbreast.shared.training.tasks.Task`. The registry entry in ``__init__.py`` names it
+by path, so only a site that runs the family loads this module (the coordinator never does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedbreast.shared.config import RunConfig
+from fedbreast.shared.data.site_data import site_for
+from fedbreast.shared.training.local import predict as predict_multiview
+from fedbreast.shared.training.local import train_local
+from fedbreast.shared.training.tasks import (
+    Task,
+)
+
+
+class MultiviewTask(Task):
+    family, unit, count_unit = "multiview", "breast", "exam"
+    augment_preset, augment_shared_views = "multiview", True  # keep the four views' correspondences
+
+    def open(self, site_dir: str | Path, cfg: RunConfig) -> Any:
+        return site_for(site_dir, cfg)
+
+    def train(self, model, site, cfg, server_round, device, **local):
+        kwargs = dict(
+            lr=cfg.lr_at(server_round),
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            epochs=cfg.local_epochs,
+            steps=cfg.local_steps,
+            device=device,
+            amp=cfg.amp,
+            proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+            augment=self.augmenter(cfg, server_round) if cfg.augment else None,
+        )
+        loader = site.loader("train", cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed + server_round)
+        return train_local(model.to(device), loader, **{**kwargs, **local})
+
+    def predict(self, model, site, split, cfg, device, server_round=None):
+        loader = site.loader(split, cfg.batch_size, shuffle=False, workers=cfg.workers)
+        return predict_multiview(model.to(device), loader, device, cfg.amp)
