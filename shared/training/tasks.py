@@ -207,16 +207,7 @@ class Task:
         loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor, int]],
         **local: Any,
     ) -> TrainStats:
-        kwargs = dict(
-            lr=cfg.lr_at(server_round),
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            epochs=cfg.local_epochs,
-            steps=cfg.local_steps,
-            device=device,
-            amp=cfg.amp,
-            proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
-        )
+        kwargs = train_settings(cfg, server_round, device)
         return train_local(model.to(device), loader, loss_fn=loss_fn, **{**kwargs, **local})
 
     def _site(self, site_dir: str | Path, cfg: RunConfig) -> FamilySite:
@@ -224,6 +215,20 @@ class Task:
 
     def build(self, site_dir: Path, cfg: RunConfig) -> FamilySite:
         raise NotImplementedError
+
+
+def train_settings(cfg: RunConfig, server_round: int, device: torch.device) -> dict[str, Any]:
+    """:func:`train_local`'s settings from the run config for one round (every family's)."""
+    return dict(
+        lr=cfg.lr_at(server_round),
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        epochs=cfg.local_epochs,
+        steps=cfg.local_steps,
+        device=device,
+        amp=cfg.amp,
+        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+    )
 
 
 @lru_cache(maxsize=8)

@@ -15,6 +15,7 @@ from fedbreast.shared.training.local import predict as predict_multiview
 from fedbreast.shared.training.local import train_local
 from fedbreast.shared.training.tasks import (
     Task,
+    train_settings,
 )
 
 
@@ -27,14 +28,7 @@ class MultiviewTask(Task):
 
     def train(self, model, site, cfg, server_round, device, **local):
         kwargs = dict(
-            lr=cfg.lr_at(server_round),
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            epochs=cfg.local_epochs,
-            steps=cfg.local_steps,
-            device=device,
-            amp=cfg.amp,
-            proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+            train_settings(cfg, server_round, device),
             augment=self.augmenter(cfg, server_round) if cfg.augment else None,
         )
         loader = site.loader("train", cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed + server_round)
