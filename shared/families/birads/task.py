@@ -1,8 +1,5 @@
-"""The birads family at a site (seed 000's BI-RADS + lesion patches): what it opens, how it trains, how it scores.
-
-Its :class:`~fedbreast.shared.training.tasks.Task`. The registry entry in ``__init__.py`` names it
-by path, so only a site that runs the family loads this module (the coordinator never does).
-"""
+"""Seed 000's BI-RADS + lesion patches:
+the site Task of the ``birads`` family (its data, training and scoring)."""
 
 from __future__ import annotations
 
@@ -16,9 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbreast.shared.config import RunConfig
-from fedbreast.shared.data.datasets import (
-    LesionPatchDataset,
-)
+from fedbreast.shared.data.datasets import LesionPatchDataset
 from fedbreast.shared.data.schema import Modality
 from fedbreast.shared.data.site_data import SiteUnavailable
 from fedbreast.shared.training.local import autocast

@@ -1,8 +1,5 @@
-"""The dualmode family at a site (seed 003's dual-mode network on a box around the lesion): what it opens, how it trains, how it scores.
-
-Its :class:`~fedbreast.shared.training.tasks.Task`. The registry entry in ``__init__.py`` names it
-by path, so only a site that runs the family loads this module (the coordinator never does).
-"""
+"""Seed 003's dual-mode network on a box around the lesion:
+the site Task of the ``dualmode`` family (its data, training and scoring)."""
 
 from __future__ import annotations
 
@@ -12,9 +9,7 @@ import numpy as np
 import torch
 
 from fedbreast.shared.config import RunConfig
-from fedbreast.shared.data.datasets import (
-    LesionBoxDataset,
-)
+from fedbreast.shared.data.datasets import LesionBoxDataset
 from fedbreast.shared.data.schema import Modality
 from fedbreast.shared.data.site_data import SiteUnavailable
 from fedbreast.shared.training.local import autocast

@@ -1,8 +1,5 @@
-"""The mgus family at a site (seed 002's mammography + ultrasound): what it opens, how it trains, how it scores.
-
-Its :class:`~fedbreast.shared.training.tasks.Task`. The registry entry in ``__init__.py`` names it
-by path, so only a site that runs the family loads this module (the coordinator never does).
-"""
+"""Seed 002's mammography + ultrasound:
+the site Task of the ``mgus`` family (its data, training and scoring)."""
 
 from __future__ import annotations
 
@@ -13,9 +10,7 @@ import numpy as np
 import torch
 
 from fedbreast.shared.config import RunConfig
-from fedbreast.shared.data.datasets import (
-    MammoUSPairDataset,
-)
+from fedbreast.shared.data.datasets import MammoUSPairDataset
 from fedbreast.shared.data.schema import Modality
 from fedbreast.shared.data.site_data import SiteUnavailable
 from fedbreast.shared.training.local import autocast

@@ -1,8 +1,5 @@
-"""The multiview family at a site (seed 001's multi-view dual-energy exams): what it opens, how it trains, how it scores.
-
-Its :class:`~fedbreast.shared.training.tasks.Task`. The registry entry in ``__init__.py`` names it
-by path, so only a site that runs the family loads this module (the coordinator never does).
-"""
+"""Seed 001's multi-view dual-energy exams:
+the site Task of the ``multiview`` family (its data, training and scoring)."""
 
 from __future__ import annotations
 
