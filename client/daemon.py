@@ -15,10 +15,14 @@ plus what a hospital operator needs around it:
    of the daemon (systemd, container restart policy) or of the machine change nothing.
 3. **Observability:** ``/metrics`` and ``/healthz`` (fedbreast.client.observability).
 4. **No other traffic:** telemetry, update checks and dependency installs are off.
+5. **A warm ClientApp** (``[daemon] warm-clientapp``, on by default): each message's
+   ClientApp is forked from a process that imported torch, Flower and the app once, instead
+   of a fresh interpreter per message (fedbreast.client.warm_clientapp).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedbreast.client.site_config import SiteConfig
-from fedbreast.shared.processes import StopSignal, bin_path, flower_env, stop_group
+from fedbreast.shared.processes import StopSignal, bin_path, flower_env, stop_group, wait_until
 
 if TYPE_CHECKING:  # annotations only; plan() imports the data modules when it runs
     from fedbreast.shared.data.preprocess import PreprocessConfig
@@ -49,6 +53,7 @@ HEALTHY_RUN_SECONDS = 60.0  # a child that ran this long resets the backoff
 STALE_NODE_SECONDS = 60.0
 REFUSED_RETRY_SECONDS = 5.0
 FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
+WARM_START_SECONDS = 60.0  # the longest the first join waits for the warm ClientApp server
 
 
 @dataclass
@@ -286,6 +291,9 @@ class SiteDaemon:
         self.link_problem: str | None = "starting"
         self.warmer: CacheWarmer | None = None
         self.child: subprocess.Popen | None = None
+        self.warm: subprocess.Popen | None = None
+        self.warm_socket: Path | None = None
+        self.env: dict[str, str] = {}
         self.restarts = 0
 
     # /healthz: healthy = the data can train and the SuperNode is up and accepted.
@@ -332,11 +340,14 @@ class SiteDaemon:
         exporter = self._start_exporter()
         if self.warmer is not None:
             self.warmer.start()
+        self.env = self._supernode_env()
         try:
             return self._supervise(cmd)
         finally:
             if self.child is not None and self.child.poll() is None:
                 stop_group(self.child)
+            if self.warm is not None:
+                stop_group(self.warm)
             for name in ("shutdown", "stop", "close"):
                 if callable(fn := getattr(exporter, name, None)):
                     fn()
@@ -349,21 +360,62 @@ class SiteDaemon:
             tail.append(line)
             self.echo(line.rstrip("\n"))
 
-    def _start_child(self, cmd: list[str]) -> tuple[subprocess.Popen, deque, threading.Thread]:
+    def _supernode_env(self) -> dict[str, str]:
+        """Flower's quiet environment; with a warm ClientApp, our ``flwr-clientapp`` shim first
+        on the PATH the SuperNode's SuperExec searches."""
+        env = flower_env()
+        if not self.cfg.warm_clientapp:
+            return env
+        from fedbreast.client.warm_clientapp import install_shim, socket_path
+
+        self.warm_socket = socket_path(self.cfg.state_dir)
+        shim = install_shim(self.cfg.state_dir / "bin", self.warm_socket, bin_path("flwr-clientapp"))
+        env["PATH"] = os.pathsep.join([str(shim.parent), env["PATH"]])
+        return env
+
+    def _keep_warm_server(self) -> None:
+        """(Re)start the warm ClientApp server; until it is up the shim falls back to the cold path."""
+        previous = self.warm
+        if not self.cfg.warm_clientapp or (previous is not None and previous.poll() is None):
+            return
+        first = previous is None
+        if previous is not None:
+            self.echo(
+                f"fedbreast site {self.cfg.name}: the warm ClientApp server exited ({previous.returncode}); restarting it"
+            )
+        warm = self.warm = self._spawn(
+            [sys.executable, "-m", "fedbreast.client.warm_clientapp", str(self.warm_socket)], "warm-output", 1
+        )[0]
+        # Join once it listens (its imports take 3-15 s), so the first round's messages are
+        # warm too; a server that does not come up only costs the cold path, not the join.
+        sock = self.warm_socket
+        assert sock is not None  # set with the SuperNode's environment, before any start
+        if first and not wait_until(sock.exists, WARM_START_SECONDS, alive=lambda: warm.poll() is None):
+            self.echo(
+                f"fedbreast site {self.cfg.name}: the warm ClientApp server is not up; joining with cold ClientApps"
+            )
+
+    def _spawn(self, cmd: list[str], name: str, keep: int) -> tuple[subprocess.Popen, deque, threading.Thread]:
+        """A child in its own process group, its output passed through (the last ``keep`` lines kept)."""
         child = subprocess.Popen(
             cmd,
             cwd=self.cfg.state_dir,
-            env=flower_env(),
+            env=self.env,
             start_new_session=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
         )
-        (self.cfg.state_dir / "supernode.pid").write_text(f"{child.pid}\n")
-        tail: deque = deque(maxlen=60)
-        reader = threading.Thread(target=self._pump, args=(child.stdout, tail), daemon=True, name="supernode-output")
+        tail: deque = deque(maxlen=keep)
+        reader = threading.Thread(target=self._pump, args=(child.stdout, tail), daemon=True, name=name)
         reader.start()
+        return child, tail, reader
+
+    def _start_child(self, cmd: list[str]) -> tuple[subprocess.Popen, deque, threading.Thread]:
+        self._keep_warm_server()
+        child, tail, reader = self._spawn(cmd, "supernode-output", 60)
+        (self.cfg.state_dir / "supernode.pid").write_text(f"{child.pid}\n")
         return child, tail, reader
 
     def _supervise(self, cmd: list[str]) -> int:
@@ -383,6 +435,7 @@ class SiteDaemon:
                 self.link_problem = None
                 while self.child.poll() is None and stop.received is None:
                     stop.sleep(0.5)
+                    self._keep_warm_server()
                     if self.data_problem and time.monotonic() - last_data_check > 60:
                         # An operator may fix the folder while we run: clear the flag when it trains again.
                         last_data_check = time.monotonic()

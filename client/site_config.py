@@ -22,6 +22,7 @@ Example (deploy/site.example.toml)::
 
     [daemon]
     metrics-port = 9401
+    # warm-clientapp = true           # fork each message's ClientApp from a warm process
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class SiteConfig:
     max_backoff_seconds: float = 60.0
     warm_image_size: tuple[int, int] = (256, 128)
     warm_window: str = "percentile"
+    # Fork each message's ClientApp from a warm process (client/warm_clientapp.py) rather
+    # than start a fresh interpreter per message; false gives Flower's own launch.
+    warm_clientapp: bool = True
     # Test hook, off unless set: the ClientApp sleeps this long before each training reply,
     # making the site a straggler for fault-tolerance drills (tests/test_fault_tolerance.py).
     debug_delay_seconds: float | None = None
@@ -149,6 +153,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
         "max-backoff-seconds": (_positive, False),
         "warm-image-size": (_image_size, False),
         "warm-window": (_str, False),
+        "warm-clientapp": (_bool, False),
     },
 }
 

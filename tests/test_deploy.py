@@ -615,6 +615,9 @@ def test_fedbreast_run_over_tls_reports_per_site_with_registered_names(federatio
     assert "finished:completed" in out.stdout
     assert [r["sites"] for r in store.rows("aggregate-train")] == [len(trainers)]  # the masked sum of the 2 trainers
     assert all("left secure aggregation" in f["reason"] for f in failures if f["stage"] == "train")
+    for site in GOOD_SITES:  # every ClientApp was forked from the site's warm process (client/warm_clientapp.py)
+        log = (federation["daemons"][site][2] / "daemon.log").read_text()
+        assert "warm ClientApp: ready" in log and "starting a cold one" not in log, log[-3000:]
     print(f"1-round TLS deployment run with 4 SuperNodes under SecAgg+: {seconds:.1f} s")
 
 
