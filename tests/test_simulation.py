@@ -28,12 +28,15 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.simulation
 def test_a_run_resumes_at_the_next_round_and_a_site_that_cannot_train_does_not_fail_it(tmp_path, data_dir):
-    """Two claims, one pair of runs (each Flower simulation costs ~30 s of start-up): round 1
-    on three good sites, then a resume for round 2 after site-2's manifest broke."""
+    """Two claims, one pair of runs: round 1 on three good sites, then a resume on Flower's
+    simulation engine for round 2 after site-2's manifest broke. Round 1 runs in-process (the
+    same ServerApp round loop and checkpoint writer, test_the_in_process_engine_runs_the_same_apps
+    below): a Ray start-up costs 40-60 s of CPU, and the claim is that a Ray run resumes."""
     sites = tmp_path / "sites"
     shutil.copytree(data_dir / "sites", sites, ignore=shutil.ignore_patterns("cache"))
     run = tmp_path / "run"
-    simulate(run, overrides={**TINY, "rounds": 1}, sites_dir=sites)
+    simulate(run, overrides={**TINY, "rounds": 1}, sites_dir=sites, engine="inprocess", echo=lambda _line: None)
+    assert not (run / "flower").exists()
     (sites / "site-2" / "manifest.jsonl").write_text("{not json\n")
     result = simulate(run, overrides=TINY, sites_dir=sites)  # round 2, from round 1's checkpoint
     assert result["run"]["status"] == "finished:completed"
