@@ -72,10 +72,12 @@ def us_sites(tmp_path_factory) -> Path:
 
 
 def _run(tmp_path: Path, sites_dir: Path, family: str, **settings) -> tuple[MetricStore, dict]:
-    # One process trains the sites in turn: let it use both cores' intra-op threads (every test
-    # module sets one thread at import; a loaded machine then gives this run two shares, not one).
+    # One intra-op thread. Two threads are faster only on an idle machine: measured for the mgus
+    # run (2026-12-03), 17.9 s with two threads against 19.7 s with one when idle, but 94.5 s
+    # (81.6 s of CPU) against 30.6 s (20.0 s of CPU) beside two busy processes, as in the
+    # suite with one core busy: the second thread spins waiting for a core it does not get.
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     try:
         return _run_with(tmp_path, sites_dir, family, **settings)
     finally:
