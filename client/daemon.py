@@ -383,13 +383,14 @@ class SiteDaemon:
             self.echo(
                 f"fedbreast site {self.cfg.name}: the warm ClientApp server exited ({previous.returncode}); restarting it"
             )
+        sock = self.warm_socket
+        assert sock is not None  # set with the SuperNode's environment, before any start
+        sock.unlink(missing_ok=True)  # a socket left by a crashed server must not read as "up"
         warm = self.warm = self._spawn(
-            [sys.executable, "-m", "fedbreast.client.warm_clientapp", str(self.warm_socket)], "warm-output", 1
+            [sys.executable, "-m", "fedbreast.client.warm_clientapp", str(sock)], "warm-output", 1
         )[0]
         # Join once it listens (its imports take 3-15 s), so the first round's messages are
         # warm too; a server that does not come up only costs the cold path, not the join.
-        sock = self.warm_socket
-        assert sock is not None  # set with the SuperNode's environment, before any start
         if first and not wait_until(sock.exists, WARM_START_SECONDS, alive=lambda: warm.poll() is None):
             self.echo(
                 f"fedbreast site {self.cfg.name}: the warm ClientApp server is not up; joining with cold ClientApps"
