@@ -23,6 +23,8 @@ values are quoted per test (docs/model-families.md, "Learning tests").
 from __future__ import annotations
 
 import math
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,16 +54,21 @@ def _federation(root: Path, patients: int, **profile) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cem_sites(tmp_path_factory) -> Path:
+def cem_sites(tmp_path_factory) -> Iterator[Path]:
     """Four CEM sites at full resolution (0.45 mm: dualmode's lesion box needs the margin detail)."""
-    return _federation(tmp_path_factory.mktemp("cem-federation"), CEM_PATIENTS, modalities="cem")
+    root = tmp_path_factory.mktemp("cem-federation")
+    yield _federation(root, CEM_PATIENTS, modalities="cem")
+    # 2.3 GB of DICOM files and caches: the largest folder of the suite, and regenerated from
+    # the seed in a minute, so it does not wait for the end of the session.
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def us_sites(tmp_path_factory) -> Path:
+def us_sites(tmp_path_factory) -> Iterator[Path]:
     """Four FFDM+US sites at half resolution (the mgus crops are small)."""
-    return _federation(
-        tmp_path_factory.mktemp("us-federation"),
+    root = tmp_path_factory.mktemp("us-federation")
+    yield _federation(
+        root,
         100,
         modalities="ffdm+us",
         image_hw=(300, 200),
@@ -69,6 +76,7 @@ def us_sites(tmp_path_factory) -> Path:
         us_hw=(180, 240),
         us_spacing_mm=0.24,
     )
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(tmp_path: Path, sites_dir: Path, family: str, **settings) -> tuple[MetricStore, dict]:
