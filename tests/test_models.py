@@ -253,3 +253,31 @@ def test_bf16_autocast_channels_last_forward_backward() -> None:
     assert logits.shape == (2, 2)
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_local_training_in_channels_last_gives_the_standard_step_and_standard_weights() -> None:
+    """train_local trains convolutions in channels-last layout (faster on CPU); the step must be
+    the one the standard layout gives, and the weights the site sends come back standard."""
+    from fedbreast.shared.models.backbones import RawNetBody
+    from fedbreast.shared.training.local import train_local
+
+    torch.manual_seed(0)
+    model = nn.Sequential(RawNetBody(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 1))
+    reference = nn.Sequential(RawNetBody(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 1))
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(4, 2, 48, 48), torch.tensor([0.0, 1.0, 1.0, 0.0])
+
+    def loss_fn(m: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        return nn.functional.binary_cross_entropy_with_logits(m(batch["x"]).squeeze(1), batch["y"]), 4
+
+    train_local(model, [{"x": x, "y": y}], lr=0.1, momentum=0.0, weight_decay=0.0, amp="off", loss_fn=loss_fn)
+
+    reference.train()
+    loss_fn(reference, {"x": x, "y": y})[0].backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert got.is_contiguous(), name  # what is sent and saved is in the standard layout
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    assert all(p.grad is None or p.grad.is_contiguous() for p in model.parameters())
