@@ -1,37 +1,51 @@
 """How the suite is scheduled on three xdist workers (``--dist loadgroup``).
 
-Three kinds of test are heavy; each kind is one xdist group, so two of a kind never run at
-once, and the three start together, one per worker:
+Three kinds of test are heavy, and they are two xdist groups, so at most two heavy tests run
+at once, one per worker:
 
-* ``learning`` (test_family_learning.py): three federations trained in-process until they
-  learn. They keep a core busy for minutes; two at once ran each about 2.5x slower than
-  alone (2026-12-02: the dualmode run, 101 s alone, 251 s next to another simulation).
-* ``drills``: test_fault_tolerance.py (a deployed federation on loopback, ``fedbreast server
-  start`` and site daemons, killed and restarted), then the tests marked ``simulation`` (a
-  real Flower simulation on Ray: a SuperLink, Ray and one actor per site).
-* ``deploy``: test_deploy.py, a second deployed federation.
+* ``drills``: the tests marked ``simulation`` (a real Flower simulation on Ray: a SuperLink,
+  Ray and one actor per site), then test_fault_tolerance.py (a deployed federation on
+  loopback, ``fedbreast server start`` and site daemons, killed and restarted). The Ray runs
+  come first so that the drills' federation does not start beside test_deploy's: with both
+  start-ups at once, the first drill took 194 s with its set-up (2026-12-03).
+* ``deploy-learning``: test_deploy.py (a second deployed federation), then
+  test_family_learning.py (three federations trained in-process until they learn; they keep
+  a core busy for minutes).
 
-The deployments mostly wait (round timeouts, SuperNode polls); since the site daemons fork
-each ClientApp from a warm process (client/warm_clientapp.py) they cost little CPU. The Ray
-runs were in the learning group until 2026-12-03, which made it the longest path through
-the suite (17 min with one core busy; the others 9-10 min). Put after test_deploy, they
-overlapped the dualmode run and it timed out (fresh clone, one core busy); after the drills
-they start when the dualmode run is over. The learning file runs mgus first (test order in
-the file), so the dualmode run does not start during the deployments' start-up.
+The learning runs wait for the deployment: started together, they ran through the start-up of
+both deployed federations (seven site daemons, two SuperLinks) and with one core busy the
+mgus run took 207 s and the dualmode run 329 s of their 600 s timeout (2026-12-03). Two
+learning runs at once ran each about 2.5x slower than alone (2026-12-02). In the learning
+file the cheap mgus run comes first.
 
 Every other test is grouped by its file, so a module fixture is built once. The heavy
-groups are collected first (``--no-loadscope-reorder`` keeps that order), so each worker
-starts on one and the light files fill in around them. The measured times per test are in
+groups are collected first (``--no-loadscope-reorder`` keeps that order), so two workers
+start on them and the light files fill the third and the gaps.
+
+The light files run at a lower CPU priority (nice +5) than the heavy groups. They use the
+CPU the heavy groups leave idle (the deployments wait on round timeouts and polls) but do
+not take it from a learning run or a drill's round. The measured times per test are in
 docs/test-suite.md.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-# Collection order: the longest group first.
-HEAVY_GROUPS = ("learning", "drills", "deploy")
-FILE_GROUPS = {"test_fault_tolerance.py": "drills", "test_deploy.py": "deploy", "test_family_learning.py": "learning"}
+# Collection order: the longest group first. Within a group, files in the order listed here.
+HEAVY_GROUPS = ("deploy-learning", "drills")
+FILE_GROUPS = {
+    "test_deploy.py": "deploy-learning",
+    "test_family_learning.py": "deploy-learning",
+    "test_fault_tolerance.py": "drills",
+}
+
+
+# nice value of a worker running a light test; a weight of about a third of a heavy test's
+# under Linux's scheduler, so a light test still progresses when every worker is busy.
+LIGHT_NICE = 5
 
 
 def group_of(item: pytest.Item) -> str:
@@ -53,8 +67,32 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(HEAVY_GROUPS)}
-    # In the drills group, the drills first and the Ray simulations after them (stable: the
-    # rest keep their order).
+    files = list(FILE_GROUPS)
+    # In the drills group, the Ray simulations first and the drills after them; in
+    # deploy-learning, the deployment first (stable: the rest keep their order).
     items.sort(
-        key=lambda item: (rank.get(group_of(item), len(HEAVY_GROUPS)), bool(item.get_closest_marker("simulation")))
+        key=lambda item: (
+            rank.get(group_of(item), len(HEAVY_GROUPS)),
+            not item.get_closest_marker("simulation"),
+            files.index(item.path.name) if item.path.name in FILE_GROUPS else 0,
+        )
     )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Only under xdist: a single process (``-n0``) has nothing to share the CPU with. The
+    # priority is the worker's, so the daemons and simulations a test starts inherit it.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _set_priority(0 if group_of(item) in HEAVY_GROUPS else LIGHT_NICE)
+
+
+def _set_priority(nice: int) -> None:
+    if os.getpriority(os.PRIO_PROCESS, 0) == nice:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except PermissionError:
+        # Raising the priority back needs CAP_SYS_NICE. With three workers it is never
+        # needed: each starts on a heavy group (collected first) before any light file.
+        pass
