@@ -155,15 +155,16 @@ def test_mgus_learns_and_the_site_without_ultrasound_trains_the_mammography_bran
 
 def test_dualmode_learns_from_lesion_boxes(tmp_path, cem_sites) -> None:
     store, final = _run(
-        tmp_path, cem_sites, "dualmode", box_size=64, batch_size=8, lr=0.02, local_epochs=2, rounds=5, augment=True
+        tmp_path, cem_sites, "dualmode", box_size=64, batch_size=8, lr=0.02, local_epochs=2, rounds=4, augment=True
     )
-    assert all(_trainers(store, r) == set(FAMILY_SITES) for r in (1, 5))
+    assert all(_trainers(store, r) == set(FAMILY_SITES) for r in (1, 4))
     reasons = {f["site"]: f["reason"] for f in store.rows("failure") if f["stage"] == "train"}
     assert set(reasons) == {"site-5"} and "has no CEM" in reasons["site-5"]
     bound = _pooled_auc_lower_bound(store, final)
     print(f"dualmode: pooled test AUC {final['test_pooled_auc']:.3f}, 95 % lower bound {bound:.3f}")
-    # measured on 100-patient 400 x 272 CEM sites (2026-12-03): 0.691 after 5 rounds, bound 0.569
-    # (6 rounds: 0.695, bound 0.573; 4 rounds: 0.670, bound 0.544)
+    # measured on 100-patient 400 x 272 CEM sites (2026-12-03): 0.670-0.685 after 4 rounds, bound 0.544-0.562
+    # (5 rounds: 0.691, bound 0.569; 6 rounds: 0.695, bound 0.573). Four: with one core busy the
+    # test took 193 s of its 600 s timeout with five (fresh clone of 82f5354).
     assert bound > 0.5, final
 
 
