@@ -31,6 +31,7 @@ docs/test-suite.md.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 
@@ -46,6 +47,8 @@ FILE_GROUPS = {
 # nice value of a worker running a light test; a weight of about a third of a heavy test's
 # under Linux's scheduler, so a light test still progresses when every worker is busy.
 LIGHT_NICE = 5
+# Relative to what the worker started with (a CI job may itself run niced).
+START_NICE = os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def group_of(item: pytest.Item) -> str:
@@ -84,15 +87,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     # Only under xdist: a single process (``-n0``) has nothing to share the CPU with. The
     # priority is the worker's, so the daemons and simulations a test starts inherit it.
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        _set_priority(0 if group_of(item) in HEAVY_GROUPS else LIGHT_NICE)
+        _set_priority(START_NICE if group_of(item) in HEAVY_GROUPS else START_NICE + LIGHT_NICE)
 
 
 def _set_priority(nice: int) -> None:
-    if os.getpriority(os.PRIO_PROCESS, 0) == nice:
-        return
-    try:
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice > current:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
-    except PermissionError:
-        # Raising the priority back needs CAP_SYS_NICE. With three workers it is never
-        # needed: each starts on a heavy group (collected first) before any light file.
-        pass
+    elif nice < current:
+        # Going back needs CAP_SYS_NICE, so it is not tried. With three workers it never
+        # happens: each heavy group is collected first and starts a worker of its own.
+        warnings.warn(f"a heavy test runs at nice {current} on this worker (its light tests lowered it)", stacklevel=1)
