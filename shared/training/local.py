@@ -166,8 +166,7 @@ def train_local(
             loss_fn=loss_fn,
         )
     finally:
-        if layout is not torch.contiguous_format:
-            model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)
 
 
 def _training_layout(model: nn.Module) -> torch.memory_format:
