@@ -10,7 +10,12 @@ It is ``flwr run APP FEDERATION --stream`` (the FEDERATION being a connection in
   coordinator launches runs on the SuperLink's host), and the ServerApp's own progress lines
   from the streamed log either way;
 - the real outcome: ``flwr run`` exits 0 even when the ServerApp fails, so the run's status
-  is read back with ``flwr ls`` and turned into our exit code.
+  is read back with ``flwr ls`` and turned into our exit code;
+- a clean resume: each Flower run launched into a run directory is recorded there, and a
+  new launch into it first stops an earlier one the SuperLink still lists as unfinished. A
+  coordinator killed mid-run leaves its run "running" in the SuperLink's database until the
+  dead ServerApp's heartbeat expires (about a minute), and a site holding one of its messages
+  keeps retrying that message's objects the whole time, so the resumed run would wait for it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ COLUMNS = (
     ("test loss", "test_loss", 9),
 )
 RUN_ID = re.compile(r"run\s+(\d+)", re.IGNORECASE)
+RUN_IDS = Path("flower") / "run-ids"  # in a run directory: each Flower run launched into it, one per line
 
 
 class RunFailed(FedbreastError, RuntimeError):
@@ -139,6 +145,40 @@ def run_status(federation: str, run_id: int | None, env: dict[str, str]) -> dict
     return runs[-1]
 
 
+def stop_unfinished_runs(federation: str, run_dir: Path, env: dict[str, str], emit: Callable[[str], None]) -> list[int]:
+    """Stop the runs launched into ``run_dir`` before that the SuperLink still lists as
+    unfinished, and return their ids. A run directory has one live run: an earlier one left
+    going would race the new one on its checkpoints and metrics."""
+    try:
+        earlier = [int(line) for line in (run_dir / RUN_IDS).read_text().split()]
+    except FileNotFoundError:
+        return []
+    except ValueError:
+        raise RunFailed(f"{run_dir / RUN_IDS}: not a list of Flower run ids; remove it to launch") from None
+    stopped = []
+    for run_id in earlier:
+        try:
+            status = str(run_status(federation, run_id, env).get("status", ""))
+        except RunFailed:
+            continue  # a run this SuperLink does not know (another SuperLink, or a fresh database)
+        if status.startswith("finished"):
+            continue
+        out = _flwr(["stop", str(run_id), federation], env)
+        if out.returncode != 0:
+            raise RunFailed(
+                f"run {run_id}, launched into {run_dir} before, is still {status} and could not be stopped: "
+                f"{(out.stdout + out.stderr).strip()}"
+            )
+        emit(f"stopped run {run_id}: launched into this run directory before, still {status} (its coordinator stopped)")
+        stopped.append(run_id)
+    return stopped
+
+
+def _record_run_id(run_dir: Path, run_id: int) -> None:
+    with open(run_dir / RUN_IDS, "a", encoding="utf-8") as fh:
+        fh.write(f"{run_id}\n")
+
+
 def default_run_dir(federation: str, flwr_home: Path | None, stamp: str) -> Path:
     """``STATE/runs/FEDERATION-STAMP`` of the SuperLink that ``fedbreast server start`` runs on
     this machine (so its /metrics sees the run), else ``./runs/FEDERATION-STAMP``."""
@@ -177,6 +217,7 @@ def launch(
         with lock:
             echo(line)
 
+    stop_unfinished_runs(federation, run_dir, env, emit)
     tail = MetricsTail(run_dir / "metrics.jsonl", emit)
     tail.start()
     run_id: int | None = None
@@ -194,6 +235,7 @@ def launch(
                     and ("start" in line.lower() or "created" in line.lower())
                 ):
                     run_id = int(m.group(1))
+                    _record_run_id(run_dir, run_id)
                     emit(f"run {run_id} started on '{federation}'; run directory {run_dir}")
                 if _is_progress(line):
                     emit(_strip_log_prefix(line))

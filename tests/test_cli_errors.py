@@ -80,3 +80,13 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr("fedbreast.shared.data.generate.generate_federation", broken)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["site", "generate", "--out", str(tmp_path / "g")])
+
+
+def test_a_damaged_run_id_record_names_the_file_and_how_to_go_on(tmp_path):
+    from fedbreast.server.launcher import RUN_IDS, stop_unfinished_runs
+
+    (tmp_path / RUN_IDS).parent.mkdir(parents=True)
+    (tmp_path / RUN_IDS).write_text("123\nnot-a-run\n")
+    with pytest.raises(RunFailed, match=r"flower/run-ids: not a list of Flower run ids; remove it to launch"):
+        stop_unfinished_runs("any-federation", tmp_path, {}, print)
+    assert stop_unfinished_runs("any-federation", tmp_path / "fresh", {}, print) == []  # a new run directory

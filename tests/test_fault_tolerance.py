@@ -134,6 +134,10 @@ def test_a_server_killed_mid_run_resumes_at_the_next_round_without_double_counti
     assert out.returncode == 0, out.stdout + out.stderr
     assert first_code != 0 or "finished:completed" not in (fed["root"] / "run-1.log").read_text()
     assert re.search(rf"resuming from .*latest\.pt at round {killed_round + 1}", out.stdout), out.stdout
+    # The interrupted run was stopped before the new one started: left "running" until the dead
+    # ServerApp's heartbeat expired, it held a site that had pulled one of its messages (about a minute).
+    first_id = re.search(r"run (\d+) started", (fed["root"] / "run-1.log").read_text()).group(1)
+    assert f"stopped run {first_id}: launched into this run directory before, still running" in out.stdout, out.stdout
     assert "finished:completed" in out.stdout
 
     store = MetricStore(run_dir)
