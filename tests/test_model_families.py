@@ -253,6 +253,22 @@ def test_a_family_refuses_a_site_it_cannot_use_with_the_reason(federation, famil
         task_for(cfg).open(federation / "sites" / site, cfg)
 
 
+def test_dualmode_preprocesses_only_the_breasts_it_boxes(federation) -> None:
+    from fedbreast.shared.data.cache import open_cache
+    from fedbreast.shared.training.tasks import preprocess_config, read_records
+
+    cfg = _cfg("dualmode")
+    site_dir = federation / "sites" / "site-1"
+    site = task_for(cfg).open(site_dir, cfg)
+    records, _ = read_records(site_dir)
+    cem = [r for r in records if r.energy.value in ("LE", "DES") and r.view.is_mammo]
+    lesion_breasts = {r.breast_key for r in cem if r.lesions}
+    assert 0 < len(lesion_breasts) < len({r.breast_key for r in cem})  # the site has breasts without a lesion
+    cache = open_cache(site_dir, preprocess_config("roi_box", cfg))
+    assert len(cache) == len({r.sha256 for r in cem if r.breast_key in lesion_breasts})
+    assert site.units["train"] + site.units["val"] + site.units["test"] > 0
+
+
 def test_a_site_without_ultrasound_trains_the_mammography_branch_only(federation) -> None:
     cfg = _cfg("mgus")
     task = task_for(cfg)

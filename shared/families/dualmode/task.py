@@ -38,6 +38,10 @@ class DualModeTask(Task):
         if not {"LE", "DES"} <= {r.energy.value for r in mammo}:
             raise SiteUnavailable(f"{name} has no CEM images (LE and DES); the dualmode family needs both modes")
         cem = [r for r in mammo if r.energy.value in ("LE", "DES")]
+        # Only a breast with an outlined lesion has a box: the others' images are never read, so
+        # they are not preprocessed either (half a CEM site's images, half its cache build).
+        lesion_breasts = {r.breast_key for r in cem if r.lesions}
+        cem = [r for r in cem if r.breast_key in lesion_breasts]
         cache = cached_images(site_dir, cem, preprocess_config("roi_box", cfg), cfg)
         site = FamilySite(site_dir, name, self.family, {}, {})
         for split in SPLITS:
