@@ -1,7 +1,7 @@
 """The cross-site evaluation matrix: each site's personalised model and the global model,
 evaluated on every site's test split, run once after the last round (``cross-site = true``).
 
-Two waves over the run's own exchange (timeouts, "unable" replies and failures are
+Two waves over the run's exchange (server/exchange.py; timeouts, "unable" replies and failures are
 handled and recorded like any round's):
 
 1. ``query.personal`` carries the final global weights; each site answers with its
@@ -20,18 +20,17 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fedbreast.server.exchange import RoundOutcome, to_record
 from fedbreast.server.metric_store import MetricStore
+from fedbreast.server.phases import RunState
 from fedbreast.server.validation import check_update
 from fedbreast.shared import protocol
 from fedbreast.shared.training.personalise import CROSS_SITE_KEYS, model_slot
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fedbreast.server.federation import FederatedRun
 
 COLLECT_TYPE = "query.personal"
 EVALUATE_TYPE = "evaluate.cross_site"
@@ -44,35 +43,42 @@ def personal_name(site: str) -> str:
     return f"{site} personal"
 
 
-def run_cross_site(run: FederatedRun) -> dict[str, Path]:
-    """Collect the personalised models, evaluate every model at every site, write the table."""
-    from fedbreast.server.federation import RoundOutcome, to_record
+class CrossSite:
+    """The phase after the last round (``cross-site = true``): collect the personalised models,
+    evaluate every model at every site, write the table."""
 
-    server_round = run.cfg.rounds
-    outcome = RoundOutcome(server_round)
-    nodes = list(run.grid.get_node_ids())
-    content = protocol.instruction(server_round, to_record(run.arrays))
+    def __call__(self, state: RunState, server_round: int, outcome: RoundOutcome) -> None:
+        run_cross_site(state, server_round, outcome)
+
+
+def run_cross_site(state: RunState, server_round: int, outcome: RoundOutcome) -> dict[str, Path]:
+    exchange = state.exchange
+    nodes = list(exchange.grid.get_node_ids())
+    content = protocol.instruction(server_round, to_record(state.arrays))
     ask = [Message(content, dst_node_id=n, message_type=COLLECT_TYPE) for n in nodes]
-    models: list[tuple[str, dict[str, np.ndarray]]] = [(GLOBAL, run.arrays)]
-    for r in sorted(run.exchange(ask, "cross-site collect", server_round, outcome), key=lambda r: r.site):
-        problem = check_update(r.site, r.arrays, run.arrays) if r.arrays is not None else None
+    models: list[tuple[str, dict[str, np.ndarray]]] = [(GLOBAL, state.arrays)]
+    for r in sorted(exchange.wave(ask, "cross-site collect", server_round, outcome), key=lambda r: r.site):
+        problem = check_update(r.site, r.arrays, state.arrays) if r.arrays is not None else None
         if r.arrays is None or problem is not None:
             why = problem.reason if problem is not None else "reply carried no model arrays"
-            run.record_failure(outcome, server_round, "cross-site collect", r.node_id, f"personal model dropped: {why}")
+            exchange.record_failure(
+                outcome, server_round, "cross-site collect", r.node_id, f"personal model dropped: {why}"
+            )
             continue
         models.append((personal_name(r.site), r.arrays))
     names = [name for name, _ in models]
-    run.echo(f"cross-site: evaluating {len(models)} models ({', '.join(names)}) on {len(nodes)} sites")
+    state.echo(f"cross-site: evaluating {len(models)} models ({', '.join(names)}) on {len(nodes)} sites")
     records: dict[str, Any] = {model_slot(i): to_record(a) for i, (_, a) in enumerate(models)}
     records[protocol.CONFIG] = ConfigRecord({protocol.SERVER_ROUND: server_round, "models": names})
     payload = RecordDict(records)
     send = [Message(payload, dst_node_id=n, message_type=EVALUATE_TYPE) for n in nodes]
-    for r in run.exchange(send, "cross-site evaluate", server_round, outcome):
+    for r in exchange.wave(send, "cross-site evaluate", server_round, outcome):
         for i, name in enumerate(names):
             values = {k: r.metrics.get(f"m{i}_{k}") for k in MATRIX_KEYS}
-            run.store.append(server_round, PHASE, r.site, {"model": name, **values})
-    paths = write_cross_site(run.run_dir)
-    run.echo(f"cross-site matrix: {paths['markdown']}")
+            state.store.append(server_round, PHASE, r.site, {"model": name, **values})
+    run_dir = state.store.run_dir
+    paths = write_cross_site(run_dir)
+    state.echo(f"cross-site matrix: {paths['markdown']}")
     return paths
 
 

@@ -25,7 +25,8 @@ def _clean(value: Any) -> Any:
 
 class MetricStore:
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, server_round: int, phase: str, site: str, values: Mapping[str, Any]) -> None:

@@ -37,7 +37,7 @@ def failure_kind(reason: str) -> str:
         return "unable"
     if text.startswith("update dropped"):
         return "update_dropped"
-    if text.startswith("skipped"):  # evaluate after a train timeout (federation.py evaluate_round)
+    if text.startswith("skipped"):  # evaluate after a train timeout (server/phases.py EvaluationWave)
         return "timeout"
     if text.startswith("left secure aggregation"):
         return "secure_aggregation"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -36,10 +36,10 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
+from fedbreast.server.exchange import TIMEOUT_REASON, Exchange, RoundOutcome, SiteReply, array_bytes, to_record
+from fedbreast.server.phases import RunState, record_train_aggregate, too_few_trained
+from fedbreast.shared import protocol
 from fedbreast.shared.secure_aggregation import ARRAY_NAMES_KEY, SITE_NAME_KEY
-
-if TYPE_CHECKING:
-    from fedbreast.server.federation import FederatedRun, RoundOutcome
 
 log = logging.getLogger("fedbreast.server")
 
@@ -77,17 +77,17 @@ class _WatchedGrid:
     """The run's Grid, as the workflow sees it: replies are pulled every 0.1 s (not Flower's 3 s),
     error replies are remembered per node so a site that drops out is named, and bytes are counted."""
 
-    def __init__(self, run: FederatedRun, outcome: RoundOutcome):
-        self._run, self._outcome = run, outcome
+    def __init__(self, exchange: Exchange, outcome: RoundOutcome):
+        self._exchange, self._outcome = exchange, outcome
         self.errors: dict[int, str | None] = {}  # node -> the error's reason (Flower's Error.reason is optional)
 
     def __getattr__(self, name: str):
-        return getattr(self._run.grid, name)
+        return getattr(self._exchange.grid, name)
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         self._outcome.bytes_sent += sum(_payload_bytes(m) for m in messages)
-        replies, by_msg_id = self._run.send_and_collect(messages)
+        replies, by_msg_id = self._exchange.send_and_collect(messages)
         for reply in replies:
             node = by_msg_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
@@ -99,8 +99,6 @@ class _WatchedGrid:
 
 def _payload_bytes(message: Message) -> int:
     """Array bytes plus the byte strings SecAgg+ carries in config records (keys, shares, masked vectors)."""
-    from fedbreast.server.federation import array_bytes  # here: federation.py imports this module
-
     if not message.has_content():
         return 0
     total = array_bytes(message)
@@ -119,44 +117,52 @@ def _apply(current: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return (np.rint(new) if np.issubdtype(current.dtype, np.integer) else new).astype(current.dtype)
 
 
-def expected_weight(run: FederatedRun, nodes: list[int]) -> float:
+def expected_weight(state: RunState, nodes: list[int]) -> float:
     """The largest FedAvg weight (samples trained this round) a sampled site should report.
 
     Each site masks ``change x weight / max_weight``, quantised in steps of 2 clip / 2^22: a
     max_weight near the real largest weight keeps the full resolution. A weight a little
     over it (DP's Poisson batches) is harmless: one round's change is far inside the clip.
     """
-    cfg = run.cfg
-    samples = max((run.train_samples.get(n, 0) for n in nodes), default=0)
+    cfg = state.cfg
+    samples = max((state.train_samples.get(n, 0) for n in nodes), default=0)
     per_round = cfg.local_steps * cfg.batch_size if cfg.local_steps > 0 else samples * cfg.local_epochs
     return float(max(per_round, 1))
 
 
-def secure_train_round(run: FederatedRun, server_round: int, outcome: RoundOutcome, nodes: list[int]) -> None:
+class SecureTrainWave:
+    """The train wave under SecAgg+ (the phase that replaces ``PlainTrainWave`` when
+    ``secure-aggregation`` is on): the same sampled sites, their updates summed under masks."""
+
+    def __call__(self, state: RunState, server_round: int, outcome: RoundOutcome) -> None:
+        config = ConfigRecord({protocol.SERVER_ROUND: server_round})
+        sampled = state.strategy.configure_train(server_round, to_record(state.arrays), config, state.exchange.grid)
+        secure_train_round(state, server_round, outcome, [m.metadata.dst_node_id for m in sampled])
+
+
+def secure_train_round(state: RunState, server_round: int, outcome: RoundOutcome, nodes: list[int]) -> None:
     """One train wave under SecAgg+: every sampled site masks its change, the coordinator
     unmasks only the sum. Per-site training metrics (time, loss, epsilon) still arrive: they
     are aggregate statistics, not the update."""
-    from fedbreast.server.federation import TIMEOUT_REASON, SiteReply
-
-    cfg = run.cfg
-    names = list(run.arrays)
-    config = {"server-round": server_round, ARRAY_NAMES_KEY: "\n".join(names)}
+    cfg, exchange = state.cfg, state.exchange
+    names = list(state.arrays)
+    config = {protocol.SERVER_ROUND: server_round, ARRAY_NAMES_KEY: "\n".join(names)}
     strategy = _RoundStrategy(nodes=nodes, config=config)
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy)  # type: ignore[arg-type]
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        ndarrays_to_parameters([run.arrays[k] for k in names]), keep_input=True
+        ndarrays_to_parameters([state.arrays[k] for k in names]), keep_input=True
     )
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
     workflow = SecAggPlusWorkflow(
         num_shares=cfg.secagg_shares,
         reconstruction_threshold=cfg.secagg_threshold,
-        max_weight=expected_weight(run, nodes),
+        max_weight=expected_weight(state, nodes),
         clipping_range=cfg.secagg_clip_range,
         quantization_range=QUANTIZATION_RANGE,
         timeout=cfg.round_timeout,
     )
-    grid = _WatchedGrid(run, outcome)
+    grid = _WatchedGrid(exchange, outcome)
     t0 = time.monotonic()
     workflow(grid, legacy)  # type: ignore[arg-type]
     log.info("round %d: secure aggregation took %.1f s", server_round, time.monotonic() - t0)
@@ -164,9 +170,9 @@ def secure_train_round(run: FederatedRun, server_round: int, outcome: RoundOutco
     good: list[SiteReply] = []
     for proxy, fitres in strategy.results:
         metrics = dict(fitres.metrics)
-        site = str(metrics.pop(SITE_NAME_KEY, "")) or run.site_name(proxy.node_id)
-        run.names[proxy.node_id] = site
-        metrics["num-examples"] = fitres.num_examples
+        site = str(metrics.pop(SITE_NAME_KEY, "")) or exchange.site_name(proxy.node_id)
+        exchange.names[proxy.node_id] = site
+        metrics[protocol.NUM_EXAMPLES] = fitres.num_examples
         good.append(SiteReply(site, proxy.node_id, metrics, None, None))
     trained = {r.node_id for r in good}
     for node in nodes:
@@ -174,23 +180,20 @@ def secure_train_round(run: FederatedRun, server_round: int, outcome: RoundOutco
             if node not in grid.errors:
                 outcome.timed_out.add(node)
             reason = grid.errors.get(node, TIMEOUT_REASON.format(cfg.round_timeout))
-            run.record_failure(outcome, server_round, "train", node, f"left secure aggregation: {reason}")
+            exchange.record_failure(outcome, server_round, "train", node, f"left secure aggregation: {reason}")
     outcome.sites_trained = [r.site for r in good]
     for r in good:
-        run.store.append(server_round, "train", r.site, r.metrics)
+        state.store.append(server_round, "train", r.site, r.metrics)
         outcome.site_seconds[r.site] = float(r.metrics.get("train_seconds", 0.0))
-    released = strategy.mean_delta is not None and len(good) >= cfg.min_train_sites
-    if strategy.mean_delta is not None and not released:
-        run.echo(
-            f"  round {server_round}: {len(good)} site(s) in the secure sum, fewer than min-train-sites "
-            f"({cfg.min_train_sites}); the global model is unchanged this round"
-        )
-    elif strategy.mean_delta is None:
-        run.echo(
+    released = strategy.mean_delta is not None and not too_few_trained(
+        state, server_round, len(good), "site(s) in the secure sum"
+    )
+    if strategy.mean_delta is None:
+        state.echo(
             f"  round {server_round}: secure aggregation did not complete (too few sites answered every stage); "
             "the global model is unchanged this round"
         )
     if released:
         assert strategy.mean_delta is not None  # released implies it
-        run.arrays = {k: _apply(run.arrays[k], d) for k, d in zip(names, strategy.mean_delta)}
-    run.record_train_aggregate(server_round, good, released=released)
+        state.arrays = {k: _apply(state.arrays[k], d) for k, d in zip(names, strategy.mean_delta)}
+    record_train_aggregate(state, server_round, good, released=released)
