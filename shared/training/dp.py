@@ -357,7 +357,7 @@ class LocalDP:
         from opacus.optimizers import get_optimizer_class
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-        from fedbreast.shared.training.local import TrainStats, autocast, match_channels
+        from fedbreast.shared.training.local import run_steps
 
         device = device or next(model.parameters()).device
         model.to(device).train()
@@ -416,59 +416,26 @@ class LocalDP:
         accountant.history = list(self.history)
         opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
         criterion = DPLossFastGradientClipping(gsm, opt, PerExamCriterion(), "mean") if mode == "ghost" else None
-        in_channels = int(getattr(model, "in_channels", 2))
-        total, n_examples, n_steps = 0.0, 0, 0
-        t0 = time.perf_counter()
+        rule = _DPSteps(self, model, gsm, opt, accountant, criterion, params, anchor, proximal_mu, fold, sample_gen)
         try:
-            for batch in self.poisson_loader(loader, sample_gen):
-                opt.zero_grad(set_to_none=True)
-                if not batch:  # Poisson drew no exam: the mechanism still releases a noise-only step
-                    self._noise_step(opt, accountant, params, anchor, proximal_mu)
-                    n_steps += 1
-                    continue
-                if loss_fn is not None:
-                    with autocast(device, amp):
-                        loss, count = loss_fn(model, batch)
-                    if count == 0:  # no labelled sample: still a (noise-only) step of the mechanism
-                        _drop_activations(model)
-                        self._noise_step(opt, accountant, params, anchor, proximal_mu)
-                        n_steps += 1
-                        continue
-                    batch_size = int(count)
-                else:
-                    images = match_channels(batch["x"].to(device, non_blocking=True), in_channels)
-                    labels, mask = (
-                        batch["y"].to(device, non_blocking=True),
-                        batch["y_mask"].to(device, non_blocking=True),
-                    )
-                    if augment is not None:
-                        images = augment(images)
-                    with autocast(device, amp):
-                        logits = gsm(images)
-                    if criterion is not None:
-                        loss = criterion(logits, torch.stack((labels.float(), mask.float()), -1))
-                    else:
-                        loss = per_exam_bce(logits, labels, mask).mean()
-                    batch_size = images.shape[0]
-                value = float(loss.item())
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"training loss became {value} at step {n_steps}; lower the learning rate")
-                loss.backward()
-                if fold and mode == "functorch":
-                    _fold_views(params, batch_size, fold)
-                if opt.pre_step():  # clip per exam, add noise, account
-                    _add_proximal(params, anchor, proximal_mu)
-                    opt.original_optimizer.step()
-                total += value * batch_size
-                n_examples += batch_size
-                n_steps += 1
+            stats = run_steps(
+                rule,
+                loader,
+                epochs=1,  # unused: the plan fixes the steps, drawn by Poisson sampling
+                steps=plan.steps,
+                device=device,
+                amp=amp,
+                augment=augment,
+                loss_fn=loss_fn,
+                in_channels=int(getattr(model, "in_channels", 2)),
+            )
         finally:
             if folding is not None:
                 folding.close()
             gsm.cleanup()  # remove Opacus' hooks and per-sample attributes from the model
             if hasattr(model, "split_views"):
                 model.split_views = False  # type: ignore[assignment]  # torch stubs: Module attrs are Tensor | Module
-        seconds = time.perf_counter() - t0
+        n_steps = stats.steps
         self.ran = True
         self.history = [tuple(h) for h in accountant.history]  # type: ignore[misc]
         epsilon = epsilon_of(self.history, plan.delta)
@@ -493,7 +460,7 @@ class LocalDP:
             epsilon,
             plan.delta,
         )
-        return TrainStats(loss=total / max(n_examples, 1), examples=n_examples, steps=n_steps, seconds=seconds)
+        return stats
 
     def _noise_step(
         self, opt: Any, accountant: Any, params: list[nn.Parameter], anchor: list[torch.Tensor] | None, mu: float
@@ -507,6 +474,62 @@ class LocalDP:
         opt.original_optimizer.zero_grad(set_to_none=True)
         accountant.step(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate)
         self.empty_steps += 1
+
+
+class _DPSteps:
+    """DP-SGD as the training loop's step rule (shared/training/local.py ``run_steps``):
+    exactly ``plan.steps`` Poisson draws; each batch's per-exam gradients clipped, noised and
+    accounted by Opacus' optimizer; an empty draw still a (noise-only) step of the mechanism."""
+
+    skips_unlabelled = False
+
+    def __init__(
+        self,
+        owner: LocalDP,
+        plain_model: nn.Module,
+        gsm: nn.Module,
+        opt: Any,
+        accountant: Any,
+        criterion: Any,
+        params: list[nn.Parameter],
+        anchor: list[torch.Tensor] | None,
+        mu: float,
+        fold: int,
+        sample_gen: torch.Generator,
+    ) -> None:
+        self.owner, self.plain_model, self.model = owner, plain_model, gsm
+        self.opt, self.accountant, self.criterion = opt, accountant, criterion
+        self.params, self.anchor, self.mu, self.fold, self.sample_gen = params, anchor, mu, fold, sample_gen
+        self.functorch = owner.grad_sample_mode == "functorch"
+        # Cleared before every forward pass, not only before backward: torch's ExpandedWeights
+        # (mode ew) refuses a forward pass while a parameter still holds a per-sample gradient.
+        opt.zero_grad(set_to_none=True)
+
+    def batches(self, loader: Any, epochs: int, steps: int) -> Any:
+        return self.owner.poisson_loader(loader, self.sample_gen)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.criterion is not None:  # ghost clipping: the loss wrapper runs the two backward passes
+            return self.criterion(logits, torch.stack((labels.float(), mask.float()), -1))
+        return per_exam_bce(logits, labels, mask).mean()
+
+    def nothing_to_learn(self) -> bool:
+        _drop_activations(self.plain_model)  # a family's forward ran, but no backward will
+        self.opt.zero_grad(set_to_none=True)
+        self.owner._noise_step(self.opt, self.accountant, self.params, self.anchor, self.mu)
+        return True
+
+    def regularise(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss  # FedProx's term is added to the noised gradient (_add_proximal), not clipped
+
+    def step(self, loss: torch.Tensor, batch_size: int) -> None:
+        loss.backward()
+        if self.fold and self.functorch:
+            _fold_views(self.params, batch_size, self.fold)
+        if self.opt.pre_step():  # clip per exam, add noise, account
+            _add_proximal(self.params, self.anchor, self.mu)
+            self.opt.original_optimizer.step()
+        self.opt.zero_grad(set_to_none=True)  # before the next forward pass (see __init__)
 
 
 class _ViewFolding:

@@ -8,10 +8,11 @@ channels_last memory format, and batched GPU-side augmentation.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 # A batch is a mapping with "x" (B, 4, C, H, W), "y" (B, 2) per-breast labels and "y_mask"
 # (B, 2) marking labelled breasts, as the datasets in shared/data/datasets.py collate it.
 Batch = Mapping[str, torch.Tensor]
+# A model family's step: (model, batch) -> (mean loss over the batch, samples in it).
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 
 
 def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -117,7 +120,7 @@ def train_local(
     amp: str = "auto",
     proximal_mu: float = 0.0,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, int]] | None = None,
+    loss_fn: LossFn | None = None,
     dp: LocalDP | None = None,
 ) -> TrainStats:
     """SGD with momentum and weight decay (seed 001) for ``epochs`` or ``steps`` batches.
@@ -151,19 +154,17 @@ def train_local(
     layout = _training_layout(model)
     model.to(memory_format=layout)
     try:
-        return _sgd(
-            model,
+        rule = SGDSteps(model, lr=lr, momentum=momentum, weight_decay=weight_decay, proximal_mu=proximal_mu)
+        return run_steps(
+            rule,
             loader,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
             epochs=epochs,
             steps=steps,
             device=device,
             amp=amp,
-            proximal_mu=proximal_mu,
             augment=augment,
             loss_fn=loss_fn,
+            in_channels=_in_channels(model),
         )
     finally:
         model.to(memory_format=torch.contiguous_format)
@@ -175,55 +176,111 @@ def _training_layout(model: nn.Module) -> torch.memory_format:
     return torch.channels_last if 4 in dims and 5 not in dims else torch.contiguous_format
 
 
-def _sgd(
-    model: nn.Module,
+class StepRule(Protocol):
+    """How the one training loop (:func:`run_steps`) draws batches and turns a loss into a step.
+
+    Plain SGD is :class:`SGDSteps`; DP-SGD (``shared/training/dp.py``) draws Poisson batches,
+    clips per exam and adds noise, and its empty draws are still steps of the mechanism.
+    """
+
+    model: nn.Module  # what the loop calls for logits (DP: Opacus' wrapper around the model)
+    # A multi-view batch with no labelled breast: plain SGD skips it; DP-SGD runs it through the
+    # mechanism (clipped, noised, accounted) like any other draw.
+    skips_unlabelled: bool
+
+    def batches(self, loader: Iterable[Batch], epochs: int, steps: int) -> Iterable[Batch]: ...
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+    def nothing_to_learn(self) -> bool:
+        """Called for an empty draw, or a family's batch with no labelled sample; True: it was
+        still a step (DP-SGD's noise-only step), counted as one."""
+        ...
+
+    def regularise(self, loss: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, loss: torch.Tensor, batch_size: int) -> None: ...
+
+
+class SGDSteps:
+    """SGD with momentum and weight decay (seed 001); FedProx's proximal term in the loss."""
+
+    def __init__(
+        self, model: nn.Module, *, lr: float, momentum: float, weight_decay: float, proximal_mu: float
+    ) -> None:
+        self.model = model
+        self.skips_unlabelled = True
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.anchor = [p.detach().clone() for p in self.params] if proximal_mu > 0 else None
+        self.mu = proximal_mu
+        self.opt = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def batches(self, loader: Iterable[Batch], epochs: int, steps: int) -> Iterable[Batch]:
+        return _batches(loader, epochs, steps)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_bce(logits, labels, mask)
+
+    def nothing_to_learn(self) -> bool:
+        return False  # skipped, not a step
+
+    def regularise(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.anchor is None:
+            return loss
+        return loss + 0.5 * self.mu * sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.anchor))
+
+    def step(self, loss: torch.Tensor, batch_size: int) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+def run_steps(
+    rule: StepRule,
     loader: Iterable[Batch],
     *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
     epochs: int,
     steps: int,
     device: torch.device,
     amp: str,
-    proximal_mu: float,
     augment: Callable[[torch.Tensor], torch.Tensor] | None,
-    loss_fn: Callable[[nn.Module, Batch], tuple[torch.Tensor, int]] | None,
+    loss_fn: LossFn | None,
+    in_channels: int,
 ) -> TrainStats:
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    """The local training loop, plain or DP-SGD alike: draw a batch, compute the loss (the
+    multi-view x / y / y_mask step, or a family's ``loss_fn``), step; returns the mean loss."""
     total, n_examples, n_steps = 0.0, 0, 0
     t0 = time.perf_counter()
-    in_channels = _in_channels(model)
-    for batch in _batches(loader, epochs, steps):
+    for batch in rule.batches(loader, epochs, steps):
+        if not batch:  # an empty draw (DP's Poisson sampling)
+            n_steps += rule.nothing_to_learn()
+            continue
         if loss_fn is not None:
+            # The family's loss gets the plain model: Opacus' hooks watch it under DP-SGD.
             with autocast(device, amp):
-                loss, count = loss_fn(model, batch)
+                loss, count = loss_fn(getattr(rule, "plain_model", rule.model), batch)
             if count == 0:
+                n_steps += rule.nothing_to_learn()
                 continue
         else:
             images, labels, mask = batch["x"], batch["y"], batch["y_mask"]
-            if mask.sum() == 0:
+            if rule.skips_unlabelled and mask.sum() == 0:
                 continue
             images = match_channels(images.to(device, non_blocking=True), in_channels)
             labels, mask = labels.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             if augment is not None:
                 images = augment(images)
             with autocast(device, amp):
-                logits = model(images)
-            loss = masked_bce(logits, labels, mask)
+                logits = rule.model(images)
+            loss = rule.loss(logits, labels, mask)
             count = images.shape[0]
-        if anchor is not None:
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            loss = loss + 0.5 * proximal_mu * prox
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {n_steps}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += loss.item() * count
-        n_examples += count
+        loss = rule.regularise(loss)
+        value = float(loss.item())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {n_steps}; lower the learning rate")
+        rule.step(loss, int(count))
+        total += value * count
+        n_examples += int(count)
         n_steps += 1
     seconds = time.perf_counter() - t0
     return TrainStats(loss=total / max(n_examples, 1), examples=n_examples, steps=n_steps, seconds=seconds)
