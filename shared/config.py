@@ -18,14 +18,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fedbreast.shared.data.rules import ConfigError
-from fedbreast.shared.families import FAMILIES
+from fedbreast.shared.families import FAMILIES, FamilySettings
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
-BIRADS_FUSIONS = ("none", "feature", "decision")
-DECISION_FUSIONS = ("max", "linear", "stacked")
-MGUS_TRAININGS = ("two-step", "end-to-end")
-MGUS_LOSSES = ("bce", "cosface")
-PATCH_ENERGIES = ("LE", "DES", "FFDM")
 VIEW_FUSIONS = ("average", "concat", "single")  # single: seed 001's no-fusion baseline
 HEADS = ("pooled", "vgg_fc")
 AMP_MODES = ("auto", "bf16", "off")
@@ -37,7 +32,7 @@ PSFT_SCOPES = ("all", "head")
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(FamilySettings):
     # model
     model: str = "multiview"
     backbone: str = "resnet18"
@@ -48,25 +43,8 @@ class RunConfig:
     image_w: int = 128
     window: str = "percentile"  # percentile (vendor-robust) | dicom | fixed (seed 001's 1500-3300)
     weights_path: str = ""  # local ImageNet state_dict file; never downloaded
-    # family "birads" (seed 000): lesion patches + BI-RADS lexicon
-    patch_size: int = 227
-    n_patches: int = 200  # per image; the lesion score is the mean over them
-    patch_energies: str = "DES"  # comma list of LE, DES, FFDM: images patches are drawn from
-    birads_fusion: str = "feature"  # none | feature (concat at FC1) | decision
-    decision_fusion: str = "max"  # max | linear | stacked (decision fusion only)
-    fusion_alpha: float = 0.5  # linear decision fusion: alpha * p(BI-RADS) + (1 - alpha) * p(CNN)
-    birads_groups: str = "mass_shape,mass_margin,internal_enhancement,bpe,density,assessment"
-    # family "dualmode" (seed 003): a fixed box around the lesion, LE and DES backbones
-    box_size: int = 256
-    box_jitter: float = 0.05  # max shift of the box per axis, as a fraction of its side
-    # family "mgus" (seed 002): mammography + ultrasound lesion crops
-    crop_size: int = 224
-    descriptor_dim: int = 512
-    mgus_training: str = "two-step"  # two-step | end-to-end
-    mgus_modality_rounds: int = 2  # two-step: rounds of modality networks before the fusion network
-    mgus_loss: str = "bce"  # bce | cosface (large-margin cosine)
-    cosface_scale: float = 16.0
-    cosface_margin: float = 0.2
+    # A family's own settings (patch-size, box-size, crop-size, ...) are in its package:
+    # shared/families/<name>/settings.py, inherited through FamilySettings.
     # federation
     rounds: int = 3
     strategy: str = "fedavg"
@@ -163,14 +141,6 @@ class RunConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
-    def patch_energy_list(self) -> tuple[str, ...]:
-        return tuple(e.strip().upper() for e in self.patch_energies.split(",") if e.strip())
-
-    @property
-    def birads_group_list(self) -> tuple[str, ...]:
-        return tuple(g.strip() for g in self.birads_groups.split(",") if g.strip())
-
-    @property
     def decay_rounds(self) -> tuple[int, ...]:
         return tuple(int(x) for x in self.lr_decay_rounds.split(",") if x.strip())
 
@@ -191,10 +161,6 @@ class RunConfig:
             ("amp", AMP_MODES),
             ("window", WINDOWS),
             ("key_metric", KEY_METRICS),
-            ("birads_fusion", BIRADS_FUSIONS),
-            ("decision_fusion", DECISION_FUSIONS),
-            ("mgus_training", MGUS_TRAININGS),
-            ("mgus_loss", MGUS_LOSSES),
         ):
             if getattr(self, name) not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)}")
@@ -241,27 +207,9 @@ class RunConfig:
             self.decay_rounds  # noqa: B018 - parsing it is the check
         except ValueError:
             raise bad("lr_decay_rounds", "must be comma-separated round numbers, e.g. '10,30,40'") from None
-        for name in ("patch_size", "n_patches", "box_size", "crop_size", "descriptor_dim"):
-            if getattr(self, name) < 1:
-                raise bad(name, "must be at least 1")
-        if self.mgus_modality_rounds < 0:
-            raise bad("mgus_modality_rounds", "must not be negative")
-        if not 0 <= self.fusion_alpha <= 1:
-            raise bad("fusion_alpha", "must be in [0, 1]")
-        if not 0 <= self.box_jitter < 0.5:
-            raise bad("box_jitter", "must be in [0, 0.5)")
-        if self.cosface_scale <= 0 or not 0 <= self.cosface_margin < 1:
-            raise bad("cosface_margin", "needs cosface-scale > 0 and a margin in [0, 1)")
-        energies = self.patch_energy_list
-        if not energies or any(e not in PATCH_ENERGIES for e in energies):
-            raise bad("patch_energies", f"must be a comma-separated list of {', '.join(PATCH_ENERGIES)}")
-        from fedbreast.shared.data.schema import BIRADS_LEXICON
-
-        groups = self.birads_group_list
-        if not groups or any(g not in BIRADS_LEXICON for g in groups) or len(set(groups)) != len(groups):
-            raise bad(
-                "birads_groups", f"must be a comma-separated list of distinct groups among {', '.join(BIRADS_LEXICON)}"
-            )
+        for family in FAMILIES.values():  # every family's settings, whatever this run's model
+            if family.settings is not None:
+                family.settings.check(self, bad)
         self._validate_dp(bad)
         self._validate_secure_aggregation(bad)
         if self.head == "vgg_fc" and self.backbone != "vgg16_bn":

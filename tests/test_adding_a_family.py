@@ -77,3 +77,28 @@ def test_the_registry_is_the_only_place_a_family_is_named(tiny_family, tmp_path:
 def test_an_unregistered_family_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="model = 'tiny'"):
         RunConfig(model="tiny")
+
+
+def test_a_familys_settings_live_in_its_package_and_are_checked_there() -> None:
+    import dataclasses
+
+    from fedbreast.shared.families import FamilySettings
+
+    common = {f.name for f in dataclasses.fields(RunConfig)} - {f.name for f in dataclasses.fields(FamilySettings)}
+    owned: dict[str, str] = {}
+    for family in FAMILIES.values():
+        if family.settings is None:
+            continue
+        assert issubclass(FamilySettings, family.settings), f"{family.name}: settings not a base of FamilySettings"
+        assert family.settings.__module__ == f"fedbreast.shared.families.{family.name}.settings"
+        for f in dataclasses.fields(family.settings):
+            assert f.name not in owned and f.name not in common, f"{f.name} is declared twice"
+            owned[f.name] = family.name
+    assert {"box_size", "patch_size", "crop_size", "mgus_loss", "birads_groups"} <= set(owned)
+    assert set(owned) == {f.name for f in dataclasses.fields(FamilySettings)}  # no settings outside a family
+    # The family's check runs in RunConfig's validation, for every family, and names the flat key.
+    with pytest.raises(ConfigError, match=r"box-jitter = 0\.7: must be in \[0, 0\.5\)"):
+        RunConfig(model="multiview", box_jitter=0.7)
+    with pytest.raises(ConfigError, match=r"mgus-loss = 'hinge': must be one of bce, cosface"):
+        RunConfig.from_flower({"model": "mgus", "mgus-loss": "hinge"})
+    assert RunConfig.from_flower({"crop-size": 32}).to_flower()["crop-size"] == 32  # flat, as Flower carries it

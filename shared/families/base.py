@@ -60,6 +60,7 @@ class Family:
     )  # `fedbreast simulate --model NAME`, on top of the CPU preset
     after_train: AfterTrain = keep_aggregate  # numpy only: runs at the coordinator
     after_evaluate: AfterEvaluate = no_evaluate_update  # numpy only: runs at the coordinator
+    settings: type[Settings] | None = None  # its own run-config fields (one base of FamilySettings)
 
     def task(self) -> Task:
         """The family's site Task (loads the site's data and training stack)."""
@@ -67,3 +68,16 @@ class Family:
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
         return load(self.model_path)(cfg)
+
+
+# The run config's error for a bad value: bad(field name, why) -> the ConfigError to raise.
+Bad = Callable[[str, str], Exception]
+
+
+class Settings:
+    """Base of a family's own run settings: a frozen dataclass of flat run-config fields
+    (Flower carries a run's settings as one flat dict), mixed into ``RunConfig`` through
+    ``FamilySettings`` (shared/families/__init__.py), and checked by the family's ``check``."""
+
+    def check(self, bad: Bad) -> None:
+        """Raise ``bad(field, why)`` for an out-of-range value (every family's, whatever the run's model)."""

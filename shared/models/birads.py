@@ -19,13 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from fedbreast.shared.data.schema import BIRADS_LEXICON, BiRads
+from fedbreast.shared.families.birads.settings import BIRADS_FUSIONS, DECISION_FUSIONS
 
 from .backbones import build_backbone
 
 log = logging.getLogger("fedbreast.models")
 
-BIRADS_FUSIONS = ("none", "feature", "decision")
-DECISION_FUSIONS = ("max", "linear", "stacked")
 ALL_GROUPS = tuple(BIRADS_LEXICON)
 
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import build_backbone
+from fedbreast.shared.families.mgus.settings import MGUS_LOSSES
 
-MGUS_LOSSES = ("bce", "cosface")
+from .backbones import build_backbone
 
 
 class CosineHead(nn.Module):

@@ -1,6 +1,7 @@
 """Seed 000: lesion patches fused with the BI-RADS lexicon, and patient-specific fine-tuning."""
 
 from fedbreast.shared.families.base import Family
+from fedbreast.shared.families.birads.settings import BiradsSettings
 
 FAMILY = Family(
     name="birads",
@@ -10,6 +11,7 @@ FAMILY = Family(
     count_unit="lesion",
     task_path="fedbreast.shared.families.birads.task:BiradsTask",
     model_path="fedbreast.shared.families.birads.model:build",
+    settings=BiradsSettings,
     signature_keys=("patch_size", "patch_energies", "birads_fusion", "decision_fusion", "birads_groups"),
     # DES patches at CEM sites and FFDM patches at FFDM sites, so every site takes part.
     # `augment` is on only where it was measured to help (docs/model-families.md).

@@ -1,6 +1,7 @@
 """Seed 003: dual-mode transfer learning on a box around the lesion (LE and recombined backbones)."""
 
 from fedbreast.shared.families.base import Family
+from fedbreast.shared.families.dualmode.settings import DualModeSettings
 
 FAMILY = Family(
     name="dualmode",
@@ -10,6 +11,7 @@ FAMILY = Family(
     count_unit="lesion",
     task_path="fedbreast.shared.families.dualmode.task:DualModeTask",
     model_path="fedbreast.shared.families.dualmode.model:build",
+    settings=DualModeSettings,
     signature_keys=("box_size",),
     preset=dict(model="dualmode", backbone="resnet18", box_size=96, batch_size=8, lr=0.01),
 )

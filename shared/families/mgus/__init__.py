@@ -2,6 +2,7 @@
 
 from fedbreast.shared.families.aggregation import average_where_trained
 from fedbreast.shared.families.base import Family
+from fedbreast.shared.families.mgus.settings import MgusSettings
 
 FAMILY = Family(
     name="mgus",
@@ -11,6 +12,7 @@ FAMILY = Family(
     count_unit="lesion",
     task_path="fedbreast.shared.families.mgus.task:MgusTask",
     model_path="fedbreast.shared.families.mgus.model:build",
+    settings=MgusSettings,
     signature_keys=("crop_size", "descriptor_dim", "mgus_loss"),
     preset=dict(
         model="mgus",
