@@ -101,7 +101,8 @@ class Exchange:
     def wave(
         self, messages: Iterable[Message], phase: str, server_round: int, outcome: RoundOutcome
     ) -> list[SiteReply]:
-        """Send, collect within the round timeout, and sort replies into usable ones and failures."""
+        """Send, collect within the round timeout, and sort replies into usable ones (ordered by
+        site name) and failures."""
         messages = list(messages)
         sent_to = {m.metadata.dst_node_id for m in messages}
         replies, by_msg_id = self.send_and_collect(messages)
@@ -127,7 +128,10 @@ class Exchange:
         for node in sent_to - answered:
             outcome.timed_out.add(node)
             self.record_failure(outcome, server_round, phase, node, TIMEOUT_REASON.format(self.round_timeout))
-        return usable
+        # In one order whatever order the replies came in (sampling order, network timing): a
+        # weighted sum of float32 arrays depends on its order in the last bits, and a few rounds
+        # of training turn those bits into a different model. Sorted, a seeded run repeats.
+        return sorted(usable, key=lambda r: (r.site, r.node_id))
 
     def send_and_collect(self, messages: list[Message]) -> tuple[list[Message], dict[str, int]]:
         """Push, then poll for replies every POLL_SECONDS until all answered or the round times out;

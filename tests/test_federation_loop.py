@@ -122,3 +122,37 @@ def test_every_strategy_aggregates_through_the_loop(tmp_path, strategy):
     assert np.isfinite(fed.arrays["w"]).all() and not np.allclose(fed.arrays["w"], 0)
     assert fed.arrays["steps"].dtype == np.int64 and fed.arrays["steps"].shape == ()
     assert len(store.rows("train")) == 5
+
+
+class ShuffledGrid(StubGrid):
+    """Replies come back in a seeded random order, with site-specific updates whose float32
+    sum depends on the order it is taken in."""
+
+    def __init__(self, behaviour: dict[str, str], seed: int):
+        super().__init__(behaviour)
+        self.rng = np.random.default_rng(seed)
+
+    def _answer(self, m) -> str:
+        mid = super()._answer(m)
+        reply = self._outbox[-1]
+        if m.metadata.message_type == "train":
+            k = m.metadata.dst_node_id
+            arrays = {n: v.numpy() for n, v in reply.content["arrays"].items()}
+            arrays["w"] = (arrays["w"] + np.float32(1e-3) * np.float32(k) ** 3).astype(np.float32)
+            reply.content["arrays"] = to_record(arrays)
+        return mid
+
+    def pull_messages(self, message_ids):
+        out = super().pull_messages(message_ids)
+        return [out[i] for i in self.rng.permutation(len(out))]
+
+
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path):
+    sites = {f"site-{c}": "ok" for c in "abcdefg"}
+    cfg = RunConfig(backbone="smallcnn", rounds=3, round_timeout=1, wait_for_sites=1)
+    models = []
+    for seed in range(4):
+        fed = FederatedRun(ShuffledGrid(sites, seed), cfg, tmp_path / str(seed), initial(), echo=lambda _l: None)
+        fed.run()
+        models.append(fed.arrays["w"])
+    assert all(np.array_equal(models[0], m) for m in models[1:])  # bit for bit
