@@ -655,38 +655,69 @@ def import_cdd_cesm(
     layout = find_layout(root, annotations, segmentations)
     out = Path(out).resolve()
     _check_out(out, split_by_machine)
-    report = ImportReport()
-    rejected: list[_Rejected] = []
-    unknown_of: dict[int, Counter] = defaultdict(Counter)  # patient -> "column=value" -> rows
-    unmatched_rows: dict[str, int] = {}  # row ref -> patient
-    xlsx_name = _rel(layout.annotations, layout.root)
+    run = _Import(layout)
+    run.read_rows()  # 1. the workbook: one row per image; labels and descriptors gather per breast
+    run.join_images()  # 2. the image files, joined to the rows
+    run.attach_outlines()  # 3. outlines, copied across the energies of a view
+    site_of_patient = run.place_patients(split_by_machine)  # 4. one site, or one per machine
+    dir_of = _site_dirs(sorted(set(site_of_patient.values()))) if split_by_machine else {"": out.name}
+    for machine, dirname in sorted(dir_of.items(), key=lambda kv: kv[1]):
+        run.write_site(
+            out / dirname if split_by_machine else out,
+            dirname,
+            machine if split_by_machine else None,
+            site_of_patient,
+            seed,
+            fractions,
+        )
+    return run.finish(out, split_by_machine)
 
-    def reject_row(where: str, column: str, reason: str, patient: int | None) -> None:
-        rejected.append(_Rejected(Rejection(where, column, reason), patient, is_file=False))
 
-    def reject_file(path: Path, column: str, reason: str, patient: int | None) -> None:
-        rejected.append(_Rejected(Rejection(str(path), column, reason), patient, is_file=True))
+class _Import:
+    """One CDD-CESM import, stage by stage; every stage adds what it rejects to ``rejected``."""
 
-    # 1. The workbook: one row per image; labels and descriptors gather per breast.
-    rows, sheet = read_annotation_sheet(layout.annotations)
-    rows_of: dict[ImageKey, list[str]] = defaultdict(list)  # key -> row refs
-    machine_of: dict[ImageKey, str] = {}
-    breasts: dict[tuple[int, str], _Breast] = defaultdict(_Breast)
-    for n, row in rows:
-        where = f"{xlsx_name}:{sheet}:{n}"
-        key = parse_image_name(row["image_name"])
-        if key is None:
-            reject_row(where, "Image_name", f"{row['image_name']!r} is not a CDD-CESM image name", None)
-            continue
-        conflict = _row_conflict(key, row)
-        if conflict:
-            reject_row(where, conflict[0], conflict[1], key[0])
-            continue
-        rows_of[key].append(where)
-        if row.get("machine") and key not in machine_of:
-            machine_of[key] = row["machine"]
-        breast = breasts[(key[0], key[1])]
-        unknown = unknown_of[key[0]]
+    def __init__(self, layout: CddCesmLayout) -> None:
+        self.layout = layout
+        self.report = ImportReport()
+        self.rejected: list[_Rejected] = []
+        self.unknown_of: dict[int, Counter] = defaultdict(Counter)  # patient -> "column=value" -> rows
+        self.unmatched_rows: dict[str, int] = {}  # row ref -> patient
+        self.xlsx_name = _rel(layout.annotations, layout.root)
+        self.rows_of: dict[ImageKey, list[str]] = defaultdict(list)  # key -> row refs
+        self.machine_of: dict[ImageKey, str] = {}
+        self.breasts: dict[tuple[int, str], _Breast] = defaultdict(_Breast)
+        self.images: dict[ImageKey, _Image] = {}  # every image file found
+        self.kept: dict[ImageKey, _Image] = {}  # the ones with a row that decode
+        self.n_rows = 0
+        self.sheet = SHEET  # the sheet read_rows found
+
+    def reject_row(self, where: str, column: str, reason: str, patient: int | None) -> None:
+        self.rejected.append(_Rejected(Rejection(where, column, reason), patient, is_file=False))
+
+    def reject_file(self, path: Path, column: str, reason: str, patient: int | None) -> None:
+        self.rejected.append(_Rejected(Rejection(str(path), column, reason), patient, is_file=True))
+
+    def read_rows(self) -> None:
+        rows, sheet = read_annotation_sheet(self.layout.annotations)
+        self.n_rows, self.sheet = len(rows), sheet
+        for n, row in rows:
+            where = f"{self.xlsx_name}:{sheet}:{n}"
+            key = parse_image_name(row["image_name"])
+            if key is None:
+                self.reject_row(where, "Image_name", f"{row['image_name']!r} is not a CDD-CESM image name", None)
+                continue
+            conflict = _row_conflict(key, row)
+            if conflict:
+                self.reject_row(where, conflict[0], conflict[1], key[0])
+                continue
+            self.rows_of[key].append(where)
+            if row.get("machine") and key not in self.machine_of:
+                self.machine_of[key] = row["machine"]
+            self._describe(self.breasts[(key[0], key[1])], self.unknown_of[key[0]], row)
+
+    @staticmethod
+    def _describe(breast: _Breast, unknown: Counter, row: dict[str, str]) -> None:
+        """Gather a row's label and BI-RADS descriptors on its breast; count what is not understood."""
         labels, bad = parse_pathology(row["pathology"])
         breast.labels += labels
         unknown.update(f"Pathology={b.lower()}" for b in bad)
@@ -705,98 +736,115 @@ def import_cdd_cesm(
                     breast.add(group, toks)
                 unknown.update(f"{column}={b.lower()}" for b in bad)
 
-    # 2. The image files, joined to the rows.
-    images, file_rejects = _scan_images(layout)
-    for r in file_rejects:
-        rejected.append(_Rejected(r, _patient_of_path(r.path), is_file=True))
-    for key in sorted(set(rows_of) - set(images)):
-        reason = _no_image_reason(key, layout)
-        for where in rows_of[key]:
-            reject_row(where, "Image_name", reason, key[0])
-            unmatched_rows[where] = key[0]
-    kept: dict[ImageKey, _Image] = {}
-    for key in sorted(images):
-        image = images[key]
-        if key not in rows_of:
-            reject_file(image.path, "Image_name", f"no row in sheet '{sheet}' of {xlsx_name} names this image", key[0])
-            continue
-        problem = _read_jpeg(image)
-        if problem:
-            reject_file(image.path, "read", problem, key[0])
-            continue
-        kept[key] = image
-
-    # 3. Outlines: attach, then copy across energies of a view (LE and DES are co-registered).
-    regions: dict[ImageKey, list[_ViaRegion]] = {}
-    if layout.segmentations is None:
-        report.warnings.append(f"no '{SEGMENTATIONS_CSV}' under {layout.root}: images imported without outlines")
-    else:
-        regions, via_rejects = read_segmentations(layout.segmentations, _rel(layout.segmentations, layout.root))
-        rejected += [_Rejected(r, pid, is_file=False) for r, pid in via_rejects]
-    for key in sorted(regions):
-        outlined = kept.get(key)
-        if outlined is None:
-            if key not in images:  # an image rejected above is already reported once
-                for region in regions[key]:
-                    reject_row(region.where, "#filename", _no_image_reason(key, layout), key[0])
-            continue
-        for region in regions[key]:
-            if _outside(region.lesion, outlined.rows, outlined.cols):
-                reject_row(
-                    region.where,
-                    "region_shape_attributes",
-                    f"outline lies outside {canonical_name(key)} ({outlined.cols}x{outlined.rows} pixels)",
+    def join_images(self) -> None:
+        layout = self.layout
+        self.images, file_rejects = _scan_images(layout)
+        for r in file_rejects:
+            self.rejected.append(_Rejected(r, _patient_of_path(r.path), is_file=True))
+        for key in sorted(set(self.rows_of) - set(self.images)):
+            reason = _no_image_reason(key, layout)
+            for where in self.rows_of[key]:
+                self.reject_row(where, "Image_name", reason, key[0])
+                self.unmatched_rows[where] = key[0]
+        for key in sorted(self.images):
+            image = self.images[key]
+            if key not in self.rows_of:
+                self.reject_file(
+                    image.path,
+                    "Image_name",
+                    f"no row in sheet '{self.sheet}' of {self.xlsx_name} names this image",
                     key[0],
                 )
-            else:
-                outlined.lesions.append(region.lesion)
-    size_mismatch = 0
-    for key in sorted(kept):
-        if key[2] != "DM":
-            continue
-        le, des = kept[key], kept.get((key[0], key[1], "CM", key[3]))
-        if des is None or bool(le.lesions) == bool(des.lesions):
-            continue
-        if (le.rows, le.cols) != (des.rows, des.cols):
-            size_mismatch += 1  # not pixel-aligned: a copied outline would land in the wrong place
-            continue
-        src, dst = (le, des) if le.lesions else (des, le)
-        dst.lesions = list(src.lesions)
-        report.outlines_copied += len(src.lesions)
-    if size_mismatch:
-        report.warnings.append(f"{size_mismatch} views have LE and DES images of different sizes; outlines not copied")
+                continue
+            problem = _read_jpeg(image)
+            if problem:
+                self.reject_file(image.path, "read", problem, key[0])
+                continue
+            self.kept[key] = image
 
-    # 4. Sites: one, or one per machine (a patient goes whole to their most frequent machine).
-    site_of_patient: dict[int, str] = {}
-    if split_by_machine:
+    def attach_outlines(self) -> None:
+        """Attach the VIA outlines, then copy them across energies of a view (LE and DES are co-registered)."""
+        layout, kept = self.layout, self.kept
+        regions: dict[ImageKey, list[_ViaRegion]] = {}
+        if layout.segmentations is None:
+            self.report.warnings.append(
+                f"no '{SEGMENTATIONS_CSV}' under {layout.root}: images imported without outlines"
+            )
+        else:
+            regions, via_rejects = read_segmentations(layout.segmentations, _rel(layout.segmentations, layout.root))
+            self.rejected += [_Rejected(r, pid, is_file=False) for r, pid in via_rejects]
+        for key in sorted(regions):
+            outlined = kept.get(key)
+            if outlined is None:
+                if key not in self.images:  # an image rejected above is already reported once
+                    for region in regions[key]:
+                        self.reject_row(region.where, "#filename", _no_image_reason(key, layout), key[0])
+                continue
+            for region in regions[key]:
+                if _outside(region.lesion, outlined.rows, outlined.cols):
+                    self.reject_row(
+                        region.where,
+                        "region_shape_attributes",
+                        f"outline lies outside {canonical_name(key)} ({outlined.cols}x{outlined.rows} pixels)",
+                        key[0],
+                    )
+                else:
+                    outlined.lesions.append(region.lesion)
+        size_mismatch = 0
+        for key in sorted(kept):
+            if key[2] != "DM":
+                continue
+            le, des = kept[key], kept.get((key[0], key[1], "CM", key[3]))
+            if des is None or bool(le.lesions) == bool(des.lesions):
+                continue
+            if (le.rows, le.cols) != (des.rows, des.cols):
+                size_mismatch += 1  # not pixel-aligned: a copied outline would land in the wrong place
+                continue
+            src, dst = (le, des) if le.lesions else (des, le)
+            dst.lesions = list(src.lesions)
+            self.report.outlines_copied += len(src.lesions)
+        if size_mismatch:
+            self.report.warnings.append(
+                f"{size_mismatch} views have LE and DES images of different sizes; outlines not copied"
+            )
+
+    def place_patients(self, split_by_machine: bool) -> dict[int, str]:
+        """Patient -> machine when splitting by machine: a patient goes whole to their most frequent one."""
+        if not split_by_machine:
+            return {}
         votes: dict[int, Counter] = defaultdict(Counter)
-        for key in kept:
-            votes[key[0]][machine_of.get(key, "")] += 1
-        for pid, c in votes.items():
-            site_of_patient[pid] = min(c, key=lambda m: (-c[m], m))
+        for key in self.kept:
+            votes[key[0]][self.machine_of.get(key, "")] += 1
+        site_of_patient = {pid: min(c, key=lambda m: (-c[m], m)) for pid, c in votes.items()}  # noqa: B023 - used at once
         mixed = sum(len(c) > 1 for c in votes.values())
         if mixed:
-            report.warnings.append(
+            self.report.warnings.append(
                 f"{mixed} patients have images from more than one machine; "
                 "each was placed whole at the site of their most frequent machine"
             )
-    dir_of = _site_dirs(sorted(set(site_of_patient.values()))) if split_by_machine else {"": out.name}
+        return site_of_patient
 
-    for machine, dirname in sorted(dir_of.items(), key=lambda kv: kv[1]):
-        site_dir = out / dirname if split_by_machine else out
+    def write_site(
+        self,
+        site_dir: Path,
+        site: str,
+        machine: str | None,
+        site_of_patient: dict[int, str],
+        seed: int,
+        fractions: tuple[float, float, float],
+    ) -> None:
+        """One site's manifest, rejections and key; ``machine`` None: the whole release is one site."""
         site_dir.mkdir(parents=True, exist_ok=True)
-        site = dirname
 
         def mine(patient: int | None) -> bool:
-            # Called only within this iteration, so the loop variable is the one meant.
-            return not split_by_machine or (patient is not None and site_of_patient.get(patient) == machine)  # noqa: B023
+            return machine is None or (patient is not None and site_of_patient.get(patient) == machine)
 
         secret = load_or_create_key(site_dir)
         records = []
-        for key, image in sorted(kept.items()):
+        for key, image in sorted(self.kept.items()):
             if not mine(key[0]):
                 continue
-            breast = breasts[(key[0], key[1])]
+            breast = self.breasts[(key[0], key[1])]
             raw_patient = str(key[0])
             records.append(
                 ImageRecord(
@@ -811,7 +859,7 @@ def import_cdd_cesm(
                     sha256=image.sha256,
                     rows=image.rows,
                     cols=image.cols,
-                    manufacturer=machine_of.get(key, ""),
+                    manufacturer=self.machine_of.get(key, ""),
                     bits_stored=image.bits,
                     label=breast.label(),
                     lesions=tuple(image.lesions),
@@ -819,41 +867,45 @@ def import_cdd_cesm(
                 )
             )
         records = assign_splits(records, seed=seed, fractions=fractions)
-        here = [r for r in rejected if mine(r.patient)]
+        here = [r for r in self.rejected if mine(r.patient)]
         write_rejections(site_dir, (r.rejection for r in here))
-        unknown = sum((c for pid, c in unknown_of.items() if mine(pid)), Counter())
+        unknown = sum((c for pid, c in self.unknown_of.items() if mine(pid)), Counter())
+        layout = self.layout
         meta = {
             "site": site,
             "source": SOURCE,
             "source_root": str(layout.root),
-            "machine": machine if split_by_machine else sorted(set(machine_of.values())),
+            "machine": machine if machine is not None else sorted(set(self.machine_of.values())),
             "split_seed": seed,
             "split_fractions": list(fractions),
             "annotations": {
                 "file": str(layout.annotations),
                 "segmentations": str(layout.segmentations) if layout.segmentations else None,
-                "rows": len(rows),
+                "rows": self.n_rows,
                 "rejected": len({r.rejection for r in here if not r.is_file}),
-                "unmatched": sorted(w for w, pid in unmatched_rows.items() if mine(pid)),
+                "unmatched": sorted(w for w, pid in self.unmatched_rows.items() if mine(pid)),
                 "unknown_descriptors": dict(sorted(unknown.items())),
             },
             "rejected_files": len({r.rejection for r in here if r.is_file}),
         }
         write_manifest(site_dir, records, meta)
+        report = self.report
         report.sites.append(site_dir)
         report.images_by_site[site] = len(records)
         report.images += len(records)
         report.lesions += sum(len(r.lesions) for r in records)
 
-    all_rejections = sorted({r.rejection for r in rejected}, key=lambda r: (r.path, r.field))
-    if split_by_machine:
-        # The import-level record holds every rejection, including those no site can claim
-        # (an image without a row has no machine; a VIA row may name no image at all).
-        write_rejections(out, all_rejections)
-    report.rejections = all_rejections
-    report.rejected = len(all_rejections)
-    report.unknown_descriptors = dict(sorted(sum(unknown_of.values(), Counter()).items()))
-    return report
+    def finish(self, out: Path, split_by_machine: bool) -> ImportReport:
+        report = self.report
+        all_rejections = sorted({r.rejection for r in self.rejected}, key=lambda r: (r.path, r.field))
+        if split_by_machine:
+            # The import-level record holds every rejection, including those no site can claim
+            # (an image without a row has no machine; a VIA row may name no image at all).
+            write_rejections(out, all_rejections)
+        report.rejections = all_rejections
+        report.rejected = len(all_rejections)
+        report.unknown_descriptors = dict(sorted(sum(self.unknown_of.values(), Counter()).items()))
+        return report
 
 
 def _no_image_reason(key: ImageKey, layout: CddCesmLayout) -> str:

@@ -432,104 +432,159 @@ class _PatientResult:
     breasts: list[tuple[float, int, bool]]  # (latent p, malignant, has lesion)
 
 
-def _simulate_patient(task: _PatientTask) -> _PatientResult:
-    prof, idx = task.profile, task.index
-    ss = np.random.SeedSequence([task.seed, zlib.crc32(prof.name.encode()), idx])
-    r_patient, r_render, r_store, r_syntax, r_reader, r_us = (np.random.default_rng(s) for s in ss.spawn(6))
+@dataclass
+class _Drawn:
+    """One simulated patient's hidden truth, drawn from the patient's own stream."""
 
-    pid = f"{prof.name.upper().replace('-', '')}P{idx + 1:05d}"
-    accession = f"A{zlib.crc32(f'{task.seed}/{prof.name}/{idx}'.encode()) % 10**8:08d}"
-    study_uid = _uid(task.seed, prof.name, pid, "study")
-    study_date = f"{2019 + idx % 6}{1 + idx % 12:02d}{1 + (idx * 7) % 28:02d}"
-    study_dir = task.out_dir / "dicom" / pid / f"ST{zlib.crc32(study_uid.encode()) % 10**6:06d}"
+    density: str
+    bpe: str
+    bpe_amp: float
+    size: float  # breast size in [0, 1]
+    lesion_lat: str  # the breast that has the lesion, if there is one
+    spec: phantom.LesionSpec | None  # None: both breasts normal
+    p: float  # the lesion's true probability of malignancy
+    malignant: bool
+    dist_frac: float  # lesion depth as a fraction of the CC depth
+    mlo_scale: float
 
-    density = _choice(r_patient, P_DENSITY)
-    bpe = _choice(r_patient, P_BPE)
-    bpe_amp = BPE_AMP[bpe] * r_patient.uniform(0.8, 1.2)
-    size = float(r_patient.beta(2.0, 2.0))
-    has_lesion = r_patient.random() >= P_BILATERAL_NORMAL
-    lesion_lat = "L" if r_patient.random() < 0.5 else "R"
-    desc = _draw_descriptors(r_patient)
-    p = 1.0 / (1.0 + math.exp(-(task.intercept + desc["score"])))
-    malignant = bool(r_patient.random() < p)
-    spec = _build_lesion(r_patient, desc, p) if has_lesion else None
-    dist_frac = r_patient.uniform(0.25, 0.8)
-    mlo_scale = r_patient.uniform(0.9, 1.1)
 
-    cem = prof.modalities == "cem"
-    hw, sp = prof.image_hw, prof.pixel_spacing_mm
-    syntaxes = tuple(prof.transfer_syntax)
-    weights = np.asarray([prof.transfer_syntax[k] for k in syntaxes], dtype=float)
-    weights /= weights.sum()
+def _draw_patient(r: np.random.Generator, intercept: float) -> _Drawn:
+    density = _choice(r, P_DENSITY)
+    bpe = _choice(r, P_BPE)
+    bpe_amp = BPE_AMP[bpe] * r.uniform(0.8, 1.2)
+    size = float(r.beta(2.0, 2.0))
+    has_lesion = r.random() >= P_BILATERAL_NORMAL
+    lesion_lat = "L" if r.random() < 0.5 else "R"
+    desc = _draw_descriptors(r)
+    p = 1.0 / (1.0 + math.exp(-(intercept + desc["score"])))
+    malignant = bool(r.random() < p)
+    spec = _build_lesion(r, desc, p) if has_lesion else None
+    return _Drawn(
+        density, bpe, bpe_amp, size, lesion_lat, spec, p, malignant, r.uniform(0.25, 0.8), r.uniform(0.9, 1.1)
+    )
 
-    n_images = 0
-    outlines: dict[tuple[str, str], phantom.Outline] = {}
+
+class _Study:
+    """Writes one patient's study: numbered DICOM files sharing the study's identifiers."""
+
+    def __init__(self, task: _PatientTask, pid: str, accession: str, r_syntax: np.random.Generator) -> None:
+        prof = task.profile
+        self.task, self.prof, self.pid, self.accession, self.r_syntax = task, prof, pid, accession, r_syntax
+        self.uid = _uid(task.seed, prof.name, pid, "study")
+        idx = task.index
+        self.date = f"{2019 + idx % 6}{1 + idx % 12:02d}{1 + (idx * 7) % 28:02d}"
+        self.dir = task.out_dir / "dicom" / pid / f"ST{zlib.crc32(self.uid.encode()) % 10**6:06d}"
+        self.syntaxes = tuple(prof.transfer_syntax)
+        weights = np.asarray([prof.transfer_syntax[k] for k in self.syntaxes], dtype=float)
+        self.weights = weights / weights.sum()
+        self.n_images = 0
 
     def write(
-        pixels: np.ndarray, lat: str, view: str, energy: str, modality: str, bits: int, win: tuple | None
+        self, pixels: np.ndarray, lat: str, view: str, energy: str, modality: str, bits: int, win: tuple | None
     ) -> None:
-        nonlocal n_images
-        n_images += 1
-        syntax = syntaxes[int(r_syntax.choice(len(syntaxes), p=weights))]
+        self.n_images += 1
+        prof, seed = self.prof, self.task.seed
+        syntax = self.syntaxes[int(self.r_syntax.choice(len(self.syntaxes), p=self.weights))]
         meta = DicomMeta(
-            patient_id=pid,
-            study_uid=study_uid,
-            accession=accession,
+            patient_id=self.pid,
+            study_uid=self.uid,
+            accession=self.accession,
             modality=modality,
             laterality=lat,
             view=view,
             energy=energy,
             manufacturer=prof.vendor,
-            pixel_spacing_mm=sp if modality == "MG" else prof.us_spacing_mm,
+            pixel_spacing_mm=prof.pixel_spacing_mm if modality == "MG" else prof.us_spacing_mm,
             bits_stored=bits,
             window=win,
             transfer_syntax=syntax,
-            study_date=study_date,
-            series_uid=_uid(task.seed, prof.name, pid, "series", lat, view, energy),
-            sop_instance_uid=_uid(task.seed, prof.name, pid, "sop", lat, view, energy),
-            extra={"SeriesNumber": n_images, "InstanceNumber": 1},
+            study_date=self.date,
+            series_uid=_uid(seed, prof.name, self.pid, "series", lat, view, energy),
+            sop_instance_uid=_uid(seed, prof.name, self.pid, "sop", lat, view, energy),
+            extra={"SeriesNumber": self.n_images, "InstanceNumber": 1},
         )
-        write_dicom(study_dir / f"IM{n_images:04d}.dcm", pixels, meta)
+        write_dicom(self.dir / f"IM{self.n_images:04d}.dcm", pixels, meta)
 
+
+def _write_mammograms(
+    study: _Study, d: _Drawn, r_render: np.random.Generator, r_store: np.random.Generator
+) -> dict[tuple[str, str], phantom.Outline]:
+    """CC and MLO of both breasts, each energy of the profile; returns the lesion outlines by (side, view)."""
+    prof = study.prof
+    hw, sp = prof.image_hw, prof.pixel_spacing_mm
+    cem = prof.modalities == "cem"
+    outlines: dict[tuple[str, str], phantom.Outline] = {}
     for lat in ("L", "R"):
         cc_depth_mm = None
         for view in ("CC", "MLO"):
-            g = phantom.sample_geometry(r_render, view, hw, sp, size, float(r_render.normal(0.0, 0.025)))
+            g = phantom.sample_geometry(r_render, view, hw, sp, d.size, float(r_render.normal(0.0, 0.025)))
             if view == "CC":
                 cc_depth_mm = g.depth * sp
             les = None
-            if spec is not None and lat == lesion_lat:
+            if d.spec is not None and lat == d.lesion_lat:
                 assert cc_depth_mm is not None  # CC comes first in the view loop
-                scale = 1.0 if view == "CC" else mlo_scale
-                pl = phantom.place_lesion(r_render, g, spec, dist_frac * cc_depth_mm, sp, scale)
-                les = (spec, pl)
-            img = phantom.render_mammogram(g, hw, sp, density, r_render, lat, les, bpe_amp if cem else None)
+                scale = 1.0 if view == "CC" else d.mlo_scale
+                pl = phantom.place_lesion(r_render, g, d.spec, d.dist_frac * cc_depth_mm, sp, scale)
+                les = (d.spec, pl)
+            img = phantom.render_mammogram(g, hw, sp, d.density, r_render, lat, les, d.bpe_amp if cem else None)
             if img.outline is not None:
                 outlines[(lat, view)] = img.outline
             for energy in prof.energies:
                 signal = img.des if energy == "DES" else img.le
                 assert signal is not None  # DES is rendered for the CEM profiles that store it
                 px = _to_stored(signal, prof, r_store, 1.8 if energy == "DES" else 1.0)
-                write(px, lat, view, energy, "MG", prof.bits_stored, _window(px, img.breast_mask))
+                study.write(px, lat, view, energy, "MG", prof.bits_stored, _window(px, img.breast_mask))
+    return outlines
 
-    us_outlines: dict[tuple[str, str], phantom.Outline] = {}
-    if prof.modalities == "ffdm+us":
-        scans: list[tuple[str, str, bool]] = []
-        if spec is not None:
-            scans.append((lesion_lat, "TRANS", True))
-            if r_us.random() < 0.6:
-                scans.append((lesion_lat, "LONG", True))
-        other = "R" if lesion_lat == "L" else "L"
-        if spec is None or r_us.random() < 0.3:
-            scans.append((other, "TRANS", False))
-        for lat, us_view, with_lesion in scans:
-            us = phantom.render_ultrasound(prof.us_hw, prof.us_spacing_mm, r_us, spec if with_lesion else None, us_view)
-            px = np.rint(us.image * 255.0).astype(np.uint8)
-            write(px, lat, us_view, "NA", "US", 8, None)
-            if us.outline is not None:
-                us_outlines[(lat, us_view)] = us.outline
 
-    # ---------------------------------------------------------------- annotations
+def _write_ultrasound(study: _Study, d: _Drawn, r_us: np.random.Generator) -> dict[tuple[str, str], phantom.Outline]:
+    """The lesion's TRANS (and often LONG) scan, sometimes the other breast's; returns the outlines."""
+    prof = study.prof
+    scans: list[tuple[str, str, bool]] = []
+    if d.spec is not None:
+        scans.append((d.lesion_lat, "TRANS", True))
+        if r_us.random() < 0.6:
+            scans.append((d.lesion_lat, "LONG", True))
+    other = "R" if d.lesion_lat == "L" else "L"
+    if d.spec is None or r_us.random() < 0.3:
+        scans.append((other, "TRANS", False))
+    outlines: dict[tuple[str, str], phantom.Outline] = {}
+    for lat, us_view, with_lesion in scans:
+        us = phantom.render_ultrasound(prof.us_hw, prof.us_spacing_mm, r_us, d.spec if with_lesion else None, us_view)
+        px = np.rint(us.image * 255.0).astype(np.uint8)
+        study.write(px, lat, us_view, "NA", "US", 8, None)
+        if us.outline is not None:
+            outlines[(lat, us_view)] = us.outline
+    return outlines
+
+
+def _simulate_patient(task: _PatientTask) -> _PatientResult:
+    prof, idx = task.profile, task.index
+    ss = np.random.SeedSequence([task.seed, zlib.crc32(prof.name.encode()), idx])
+    r_patient, r_render, r_store, r_syntax, r_reader, r_us = (np.random.default_rng(s) for s in ss.spawn(6))
+    pid = f"{prof.name.upper().replace('-', '')}P{idx + 1:05d}"
+    accession = f"A{zlib.crc32(f'{task.seed}/{prof.name}/{idx}'.encode()) % 10**8:08d}"
+    d = _draw_patient(r_patient, task.intercept)
+    study = _Study(task, pid, accession, r_syntax)
+    outlines = _write_mammograms(study, d, r_render, r_store)
+    us_outlines = _write_ultrasound(study, d, r_us) if prof.modalities == "ffdm+us" else {}
+    rows, truth, breasts = _annotate(prof, pid, accession, d, outlines, us_outlines, r_reader)
+    return _PatientResult(rows, truth, study.n_images, breasts)
+
+
+def _annotate(
+    prof: SiteProfile,
+    pid: str,
+    accession: str,
+    d: _Drawn,
+    outlines: dict[tuple[str, str], phantom.Outline],
+    us_outlines: dict[tuple[str, str], phantom.Outline],
+    r_reader: np.random.Generator,
+) -> tuple[list[dict[str, str]], list[dict[str, str]], list[tuple[float, int, bool]]]:
+    """The reader's annotation rows (descriptors as a radiologist reads them), the hidden truth
+    per breast, and (p, malignant, has lesion) per breast for the oracle AUC."""
+    cem = prof.modalities == "cem"
+    spec, p, malignant, density, bpe = d.spec, d.p, d.malignant, d.density, d.bpe
     rows: list[dict[str, str]] = []
     dens_read = _reader(r_reader, "density", density)
     bpe_read = _reader(r_reader, "bpe", bpe) if cem else ""
@@ -549,7 +604,7 @@ def _simulate_patient(task: _PatientTask) -> _PatientResult:
     breasts: list[tuple[float, int, bool]] = []
     truth: list[dict[str, str]] = []
     for lat in ("L", "R"):
-        lesion = spec if lat == lesion_lat else None  # this breast's lesion, if it has one
+        lesion = spec if lat == d.lesion_lat else None  # this breast's lesion, if it has one
         lesion_here = lesion is not None
         p_lat = p if lesion_here else 0.0
         label = ("malignant" if malignant else "benign") if lesion_here else "normal"
@@ -604,7 +659,7 @@ def _simulate_patient(task: _PatientTask) -> _PatientResult:
             if (lat, us_view) in us_outlines:
                 o = us_outlines[(lat, us_view)]
                 rows.append(row(lat, view=f"US_{us_view}", label=label, roi_shape=o.kind, roi=o.roi_text()))
-    return _PatientResult(rows, truth, n_images, breasts)
+    return rows, truth, breasts
 
 
 # ------------------------------------------------------------------ sites
