@@ -29,6 +29,7 @@ from fedbreast.client.personal import (
     personal_metrics,
     personaliser_for,
     psft_metrics,
+    refuse_fine_tuning_outside_dp,
 )
 from fedbreast.client.secure_aggregation import secure_aggregation_mod
 from fedbreast.shared import protocol
@@ -220,7 +221,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     try:
         cfg, data, model = _load(msg, context)
-    except SiteUnavailable as exc:
+        refuse_fine_tuning_outside_dp(context, cfg)
+    except (SiteUnavailable, DPRefused) as exc:
         return _unable(msg, context, str(exc))
     device = pick_device()
     task = task_for(cfg)
@@ -279,7 +281,8 @@ def personal(msg: Message, context: Context) -> Message:
     """The cross-site phase asks for this site's personalised model: weights only leave."""
     try:
         cfg, data, model = _load(msg, context)
-    except SiteUnavailable as exc:
+        refuse_fine_tuning_outside_dp(context, cfg)
+    except (SiteUnavailable, DPRefused) as exc:
         return _unable(msg, context, str(exc))
     server_round = protocol.round_of(msg.content, default=cfg.rounds)
     personaliser = personaliser_for(context, cfg, site_dir_of(context))
@@ -298,7 +301,8 @@ def cross_site(msg: Message, context: Context) -> Message:
     try:
         cfg = RunConfig.from_flower(context.run_config, ignore=SIM_KEYS)
         data = task_for(cfg).open(site_dir_of(context), cfg)
-    except SiteUnavailable as exc:
+        refuse_fine_tuning_outside_dp(context, cfg)  # its own personal model may be fine-tuned here
+    except (SiteUnavailable, DPRefused) as exc:
         return _unable(msg, context, str(exc))
     config = protocol.config_record(msg.content)
     server_round = protocol.round_of(msg.content, default=cfg.rounds)

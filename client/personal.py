@@ -23,6 +23,7 @@ from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.site_data import SiteUnavailable
 from fedbreast.shared.metrics import BINARY_METRIC_KEYS, binary_metrics, operating_threshold
 from fedbreast.shared.training.accounting import run_key
+from fedbreast.shared.training.dp import CEILING_KEY, DPRefused, site_ceiling
 from fedbreast.shared.training.personalise import (
     PersonalSettings,
     PersonalStore,
@@ -37,6 +38,23 @@ log = logging.getLogger("fedbreast.client")
 PERSONAL_SUFFIX = "_personal"
 # split_metrics(split, y, p, loss, units, threshold) -> the reply's fixed key set for one split
 SplitMetrics = Callable[[str, np.ndarray, np.ndarray, float, int, float], dict[str, Any]]
+
+
+def refuse_fine_tuning_outside_dp(context: Context, cfg: RunConfig) -> None:
+    """DPRefused when this message would fine-tune on the site's data without DP-SGD (personal
+    or patient-specific fine-tuning) at a site whose policy requires DP (``dp-max-epsilon``).
+
+    With dp on, the run config itself refuses them (the site validates its own copy); this is
+    the case the run config cannot see: dp = off at a site that requires DP, where training is
+    refused already (shared/training/dp.py) and evaluate and personal queries must not train
+    either."""
+    keys = cfg.fine_tunes_without_dp
+    ceiling = site_ceiling(context.node_config)
+    if keys and ceiling is not None:
+        raise DPRefused(
+            f"this site's policy ({CEILING_KEY} = {ceiling:g}) requires differential privacy, but "
+            f"{' and '.join(keys)} would fine-tune on its data without DP-SGD"
+        )
 
 
 def personaliser_for(context: Context, cfg: RunConfig, site_dir: Path) -> SitePersonaliser:

@@ -230,11 +230,29 @@ class RunConfig(FamilySettings):
             raise bad(
                 "cross_site", "needs a personal model: set personal-epochs or personal-steps > 0, or fedbn = true"
             )
+        if self.dp != "off" and self.fine_tunes_without_dp:
+            # Both train on the site's data outside DP-SGD, and the first sends the result out.
+            raise bad(
+                "dp",
+                f"cannot run with {' and '.join(self.fine_tunes_without_dp)}: they fine-tune on the site's data "
+                "without DP-SGD",
+            )
         if self.cross_site and self.dp != "off":
             raise bad(
                 "cross_site",
                 "cannot run with dp: personal models are fine-tuned without DP and the cross-site phase sends them out",
             )
+
+    @property
+    def fine_tunes_without_dp(self) -> list[str]:
+        """The run-config keys that make a site train on its data outside DP-SGD (personal
+        fine-tuning, patient-specific fine-tuning); empty when none does."""
+        keys = []
+        if self.personal_epochs > 0 or self.personal_steps > 0:
+            keys.append("personal-epochs" if self.personal_epochs > 0 else "personal-steps")
+        if self.patient_finetune:
+            keys.append("patient-finetune")
+        return keys
 
     @property
     def personalised(self) -> bool:

@@ -29,12 +29,18 @@ def request(kind: str, server_round: int, arrays: dict[str, np.ndarray] | None =
 
 
 def site_context(
-    site_dir: Path, run_config: dict | None = None, run_id: int = 42, site_name: str = "hospital-a"
+    site_dir: Path,
+    run_config: dict | None = None,
+    run_id: int = 42,
+    site_name: str = "hospital-a",
+    policy: dict | None = None,
 ) -> Context:
+    """The context a site's SuperNode gives its ClientApp; ``policy``: more node-config keys
+    (the site's own settings, e.g. dp-max-epsilon)."""
     return Context(
         run_id=run_id,
         node_id=7,
-        node_config={"data-path": str(site_dir), "site-name": site_name},
+        node_config={"data-path": str(site_dir), "site-name": site_name, **(policy or {})},
         state=RecordDict(),
         run_config=dict(run_config or {}),
     )

@@ -376,3 +376,47 @@ def test_simulation_with_cross_site_matrix(tmp_path, federation):
     summary = (run / "summary.md").read_text()
     assert "Global vs personalised model" in summary and "Cross-site evaluation" in summary
     assert all("test_auc_personal" in r for r in store.rows("evaluate"))
+
+
+def test_no_fine_tuning_outside_dp_sgd_when_dp_is_on_or_the_site_requires_it(tmp_path, federation):
+    """Personal and patient-specific fine-tuning train on the site's data without DP-SGD. A run
+    config with dp on refuses them (the site validates its own copy), and a site whose policy
+    requires DP refuses every message that would run them, with the reason; nothing is trained."""
+    from fedbreast.client.app import cross_site, evaluate, personal
+    from fedbreast.server.exchange import to_record
+    from fedbreast.shared import protocol
+    from fedbreast.shared.data.rules import ConfigError
+    from fedbreast.shared.models.factory import build_model
+    from fedbreast.shared.training.personalise import model_slot
+
+    for changes, keys in (
+        (dict(personal_epochs=2), "personal-epochs"),
+        (dict(personal_steps=2, fedbn=True), "personal-steps"),
+        (dict(model="birads", backbone="smallcnn", patient_finetune=True), "patient-finetune"),
+    ):
+        with pytest.raises(ConfigError, match=rf"dp = 'local': cannot run with {keys}: .*without DP-SGD"):
+            RunConfig(**{**TINY, **changes}, dp="local")
+
+    as_task()
+    cfg = RunConfig(**{**TINY, "rounds": 1}, workers=0, personal_steps=2)  # dp = off: legal for the run
+    run_config = {**cfg.to_flower(), "run-dir": str(tmp_path / "run")}
+    torch.manual_seed(0)
+    arrays = {k: v.detach().numpy().copy() for k, v in build_model(cfg).state_dict().items()}
+    site = federation / "sites" / "site-2"
+    strict = site_context(site, run_config, site_name="site-2", policy={"dp-max-epsilon": 4.0})
+    before = sorted((site / "state").rglob("*")) if (site / "state").exists() else []
+    for handler, kind in ((evaluate, "evaluate"), (personal, "query.personal")):
+        out = handler(request(kind, 1, arrays=arrays), strict)
+        status = out.content["site"]
+        assert status["status"] == "unable", kind
+        assert "dp-max-epsilon = 4" in str(status["reason"]) and "personal-steps" in str(status["reason"]), status
+        assert "arrays" not in out.content  # no weights leave
+    ask = request("evaluate.cross_site", 1)
+    ask.content[protocol.CONFIG]["models"] = ["global"]
+    ask.content[model_slot(0)] = to_record(arrays)
+    assert cross_site(ask, strict).content["site"]["status"] == "unable"
+    after = sorted((site / "state").rglob("*")) if (site / "state").exists() else []
+    assert after == before  # no personal model was trained or stored
+    # The same site without the policy fine-tunes and answers.
+    relaxed = site_context(site, run_config, site_name="site-2")
+    assert evaluate(request("evaluate", 1, arrays=arrays), relaxed).content["site"]["status"] == "ok"
