@@ -154,6 +154,25 @@ def test_mgus_learns_and_the_site_without_ultrasound_trains_the_mammography_bran
     assert _pooled_auc_lower_bound(store, final) > 0.55, final
 
 
+def test_the_cem_sites_hold_what_the_learning_runs_need(cem_sites) -> None:
+    """Before dualmode and latefusion learn on them: every CEM site ingested whole, with lesion
+    breasts of both classes that the generator's own oracle separates. (This test also carries
+    the sites' generation, 30 s alone and 80 s with one core busy, which would otherwise count
+    against the dualmode test's timeout.)"""
+    import json
+
+    for name in FAMILY_SITES:
+        summary = json.loads((cem_sites.parent / "generated" / name / "generation.json").read_text())["summary"]
+        assert summary["modalities"] == "cem" and summary["n_images"] == 8 * CEM_PATIENTS, summary
+        lesions, malignant = summary["n_lesion_breasts"], summary["n_malignant_breasts"]
+        assert lesions >= 0.8 * CEM_PATIENTS and 0.25 < malignant / lesions < 0.75, summary
+        # the lesions carry the label (the oracle: 0.89-0.98 on these four sites): learnable
+        assert summary["oracle_auc_lesions"] > 0.85, summary
+        site = cem_sites / name
+        assert len((site / "manifest.jsonl").read_text().splitlines()) == summary["n_images"]
+        assert (site / "rejected.jsonl").read_text() == ""
+
+
 def test_dualmode_learns_from_lesion_boxes(tmp_path, cem_sites) -> None:
     store, final = _run(
         tmp_path, cem_sites, "dualmode", box_size=64, batch_size=8, lr=0.02, local_epochs=2, rounds=4, augment=True

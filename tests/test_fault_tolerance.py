@@ -23,6 +23,7 @@ from test_deploy import (  # noqa: F401 - tls is a fixture used by this module
     FEDBREAST,
     GOOD_SITES,
     add_site,
+    healthz,
     running_federation,
     sh,
     start_server,
@@ -93,6 +94,20 @@ def latest_round(run_dir: Path) -> int:
         return int(json.loads((run_dir / "checkpoints" / "latest.json").read_text())["round"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def test_the_drills_start_from_a_healthy_federation(fed):
+    """The three drills share this federation (a SuperLink, three site daemons). First, that it
+    is whole: every site online under its registered node id and healthy, the coordinator
+    healthy. (This test also carries the federation's start-up, 30 s alone and 80 s with one
+    core busy, which would otherwise count against the first drill's timeout.)"""
+    online = {nid for nid, n in fed["online"].items() if n["status"] == "online"}
+    assert online == {fed["node_ids"][s] for s in GOOD_SITES}
+    for site in GOOD_SITES:
+        status, body = healthz(fed["daemons"][site][1])
+        assert status == 200 and body["ok"] is True, (site, body)
+    status, body = healthz(fed["server_metrics"])
+    assert status == 200 and body["ok"] is True, body
 
 
 def test_a_server_killed_mid_run_resumes_at_the_next_round_without_double_counting(fed):
