@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedbreast.shared import protocol
 from fedbreast.shared.errors import FedbreastError
 from fedbreast.shared.processes import bin_path, flower_env
 
@@ -37,7 +38,7 @@ COLUMNS = (
     ("round", "round", 5),
     ("site", "site", 16),
     ("phase", "phase", 9),
-    ("examples", "num-examples", 8),
+    ("examples", protocol.NUM_EXAMPLES, 8),
     ("loss", "train_loss", 7),
     ("train s", "train_seconds", 7),
     ("img/s", "train_images_per_s", 7),
