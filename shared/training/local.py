@@ -184,6 +184,7 @@ class StepRule(Protocol):
     """
 
     model: nn.Module  # what the loop calls for logits (DP: Opacus' wrapper around the model)
+    plain_model: nn.Module  # the model itself: a family's loss_fn gets it (Opacus' hooks watch it under DP)
     # A multi-view batch with no labelled breast: plain SGD skips it; DP-SGD runs it through the
     # mechanism (clipped, noised, accounted) like any other draw.
     skips_unlabelled: bool
@@ -208,7 +209,7 @@ class SGDSteps:
     def __init__(
         self, model: nn.Module, *, lr: float, momentum: float, weight_decay: float, proximal_mu: float
     ) -> None:
-        self.model = model
+        self.model = self.plain_model = model
         self.skips_unlabelled = True
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.anchor = [p.detach().clone() for p in self.params] if proximal_mu > 0 else None
@@ -256,9 +257,8 @@ def run_steps(
             n_steps += rule.nothing_to_learn()
             continue
         if loss_fn is not None:
-            # The family's loss gets the plain model: Opacus' hooks watch it under DP-SGD.
             with autocast(device, amp):
-                loss, count = loss_fn(getattr(rule, "plain_model", rule.model), batch)
+                loss, count = loss_fn(rule.plain_model, batch)
             if count == 0:
                 n_steps += rule.nothing_to_learn()
                 continue
