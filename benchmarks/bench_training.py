@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fedbreast.server.app import initial_arrays
-from fedbreast.server.federation import to_record
+from fedbreast.server.exchange import to_record
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.site_data import site_for

@@ -21,12 +21,7 @@ from flwr.serverapp import Grid
 
 from fedbreast.server.central_dp import CentralLedger
 from fedbreast.server.checkpoints import check_resumable, load_checkpoint, save_checkpoint
-from fedbreast.server.exchange import (  # noqa: F401 - to_numpy, to_record: the loop's array helpers, imported from here
-    Exchange,
-    RoundOutcome,
-    to_numpy,
-    to_record,
-)
+from fedbreast.server.exchange import Exchange, RoundOutcome
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.server.phases import EvaluationWave, Phase, PlainTrainWave, RunState
 from fedbreast.server.strategies import build_strategy

@@ -147,32 +147,33 @@ def run_status(federation: str, run_id: int | None, env: dict[str, str]) -> dict
 
 
 def stop_unfinished_runs(federation: str, run_dir: Path, env: dict[str, str], emit: Callable[[str], None]) -> list[int]:
-    """Stop the runs launched into ``run_dir`` before that the SuperLink still lists as
-    unfinished, and return their ids. A run directory has one live run: an earlier one left
-    going would race the new one on its checkpoints and metrics."""
+    """Stop the run last launched into ``run_dir`` if the SuperLink still lists it as
+    unfinished, and return the ids stopped. A run directory has one live run: an earlier one
+    left going would race the new one on its checkpoints and metrics. Only the last can be
+    unfinished: every launch stops the one before it (or fails)."""
     try:
         earlier = [int(line) for line in (run_dir / RUN_IDS).read_text().split()]
     except FileNotFoundError:
         return []
     except ValueError:
         raise RunFailed(f"{run_dir / RUN_IDS}: not a list of Flower run ids; remove it to launch") from None
-    stopped = []
-    for run_id in earlier:
-        try:
-            status = str(run_status(federation, run_id, env).get("status", ""))
-        except RunFailed:
-            continue  # a run this SuperLink does not know (another SuperLink, or a fresh database)
-        if status.startswith("finished"):
-            continue
-        out = _flwr(["stop", str(run_id), federation], env)
-        if out.returncode != 0:
-            raise RunFailed(
-                f"run {run_id}, launched into {run_dir} before, is still {status} and could not be stopped: "
-                f"{(out.stdout + out.stderr).strip()}"
-            )
-        emit(f"stopped run {run_id}: launched into this run directory before, still {status} (its coordinator stopped)")
-        stopped.append(run_id)
-    return stopped
+    if not earlier:
+        return []
+    run_id = earlier[-1]
+    try:
+        status = str(run_status(federation, run_id, env).get("status", ""))
+    except RunFailed:
+        return []  # a run this SuperLink does not know (another SuperLink, or a fresh database)
+    if status.startswith("finished"):
+        return []
+    out = _flwr(["stop", str(run_id), federation], env)
+    if out.returncode != 0:
+        raise RunFailed(
+            f"run {run_id}, launched into {run_dir} before, is still {status} and could not be stopped: "
+            f"{(out.stdout + out.stderr).strip()}"
+        )
+    emit(f"stopped run {run_id}: launched into this run directory before, still {status} (its coordinator stopped)")
+    return [run_id]
 
 
 def _record_run_id(run_dir: Path, run_id: int) -> None:

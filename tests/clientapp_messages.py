@@ -9,7 +9,7 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedbreast.server.federation import to_record
+from fedbreast.server.exchange import to_record
 from fedbreast.shared import protocol
 
 _ids = itertools.count(1)

@@ -15,7 +15,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from fedbreast.server.federation import FederatedRun, to_numpy, to_record
+from fedbreast.server.exchange import to_numpy, to_record
+from fedbreast.server.federation import FederatedRun
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.rules import ConfigError

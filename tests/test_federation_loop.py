@@ -12,7 +12,8 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedbreast.server.federation import FederatedRun, FederationStopped, to_record
+from fedbreast.server.exchange import to_record
+from fedbreast.server.federation import FederatedRun, FederationStopped
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import RunConfig
 

@@ -33,7 +33,8 @@ import pytest
 import torch
 from flwr.app import Message
 
-from fedbreast.server.federation import FederatedRun, to_record
+from fedbreast.server.exchange import to_record
+from fedbreast.server.federation import FederatedRun
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.generate import SiteProfile, generate_federation
