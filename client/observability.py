@@ -236,7 +236,8 @@ class SiteCollector:
         yield g
         c = CounterMetricFamily(
             "fedbreast_site_audit_unreadable_lines",
-            "Complete audit-log lines that were not JSON objects",
+            "Audit-log lines that are not JSON objects: torn writes (a crash mid-write) or edits; "
+            "fedbreast site audit SITE_DIR --verify names them",
             labels=["site"],
         )
         c.add_metric([site], float(self._tail.bad_lines))

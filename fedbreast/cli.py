@@ -42,12 +42,21 @@ def cmd_site_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_site_audit(args: argparse.Namespace) -> int:
-    from fedbreast.client.audit import audit_path, read_audit, render_table
+    from fedbreast.client.audit import audit_path, render_table, scan_audit, verify_audit
 
     site_dir = Path(args.site_dir)
     if not site_dir.is_dir():
         raise FileNotFoundError(f"{site_dir}: no such site directory")
-    lines = read_audit(site_dir)
+    if args.verify or args.head:
+        result = verify_audit(site_dir, head=args.head)
+        print(result.render())
+        return 0 if result.ok else 1
+    scan = scan_audit(site_dir)
+    for n, why in scan.broken[:5]:  # on stderr: --json's output stays JSONL
+        print(f"warning: {audit_path(site_dir)} line {n} skipped: {why}", file=sys.stderr)
+    if len(scan.broken) > 5:
+        print(f"warning: {len(scan.broken) - 5} more unreadable line(s); see --verify", file=sys.stderr)
+    lines = scan.records
     if args.run is not None:
         lines = [line for line in lines if str(line.get("run_id")) == args.run]
     if args.last:
@@ -323,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw audit lines (JSONL)")
     p.add_argument("--run", help="only this Flower run id")
     p.add_argument("--last", type=int, help="only the last N messages")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the log's hash chain: exit 0 if intact, 1 naming the first edited, deleted, reordered or torn line",
+    )
+    p.add_argument(
+        "--head", metavar="HASH", help="with --verify: a chain head printed earlier, which must still be in the log"
+    )
     p.set_defaults(func=cmd_site_audit)
 
     p = site.add_parser("generate", help="write simulated hospitals as DICOM files + annotation CSVs")

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,17 @@ from clientapp_messages import as_task, reply, request, site_context
 from flwr.app import Array
 
 from fedbreast.cli import main as cli_main
-from fedbreast.client.audit import SITE_DATA, AuditUnavailable, audit_path, egress_mod, read_audit
+from fedbreast.client import audit
+from fedbreast.client.audit import (
+    GENESIS,
+    SITE_DATA,
+    AuditUnavailable,
+    append_line,
+    audit_path,
+    egress_mod,
+    read_audit,
+)
+from fedbreast.client.observability import site_registry
 
 WEIGHTS = {"conv.weight": np.ones((4, 2, 3, 3), np.float32), "bn.num_batches_tracked": np.array(5, np.int64)}
 
@@ -127,3 +140,156 @@ def test_site_audit_command_prints_what_left(tmp_path, capsys):
     dumped = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert dumped == read_audit(tmp_path)
     assert cli_main(["site", "audit", str(tmp_path / "missing")]) == 2
+
+
+# ---- the hash chain --------------------------------------------------------------------------
+
+
+def _write_log(site_dir, n: int) -> list[bytes]:
+    ctx = site_context(site_dir)
+    for rnd in range(1, n + 1):
+        egress_mod(request("train", rnd, arrays=WEIGHTS), ctx, _train_reply)
+    return audit_path(site_dir).read_bytes().splitlines(keepends=True)
+
+
+def _verify(site_dir, capsys, *extra: str) -> tuple[int, str]:
+    code = cli_main(["site", "audit", str(site_dir), "--verify", *extra])
+    return code, capsys.readouterr().out
+
+
+def test_the_chain_verifies(tmp_path, capsys):
+    lines = _write_log(tmp_path, 4)
+    records = read_audit(tmp_path)
+    assert [r["seq"] for r in records] == [1, 2, 3, 4]
+    assert records[0]["prev"] == GENESIS
+    for before, record in zip(lines, records[1:]):
+        assert record["prev"] == hashlib.sha256(before.rstrip(b"\n")).hexdigest()
+    code, out = _verify(tmp_path, capsys)
+    head = hashlib.sha256(lines[-1].rstrip(b"\n")).hexdigest()
+    assert code == 0 and out.strip() == f"audit log OK: 4 records, chain head {head}"
+    # A head printed earlier is still in the log; one that never was is not.
+    assert _verify(tmp_path, capsys, "--head", head)[0] == 0
+    code, out = _verify(tmp_path, capsys, "--head", "0" * 64)
+    assert code == 1 and "last records were removed or rewritten" in out
+    # No log yet: an empty chain.
+    assert _verify(tmp_path / "empty", capsys)[0] == 2  # no such site directory
+    (tmp_path / "empty").mkdir()
+    assert _verify(tmp_path / "empty", capsys) == (0, f"audit log OK: 0 records, chain head {GENESIS}\n")
+
+
+def _edit(lines: list[bytes], i: int, new: bytes) -> None:
+    assert b'"type": "train"' in lines[i]
+    lines[i] = lines[i].replace(b'"type": "train"', new)
+
+
+def _swap(lines: list[bytes], i: int, j: int) -> None:
+    lines[i], lines[j] = lines[j], lines[i]
+
+
+TAMPERING = {
+    # one byte, still valid JSON: the next record's prev gives it away
+    "edited": (
+        lambda lines: _edit(lines, 2, b'"type": "trbin"'),
+        "line 3: record edited: its hash no longer matches the prev of line 4",
+    ),
+    "edited-not-json": (
+        lambda lines: _edit(lines, 1, b'"type": train"'),
+        "line 2: record edited (no longer valid JSON): the chain breaks after it",
+    ),
+    "deleted": (lambda lines: lines.pop(2), "line 3: record deleted: line 3 holds record 4, record 3 was removed"),
+    "swapped": (
+        lambda lines: _swap(lines, 2, 3),
+        "line 3: records reordered: line 3 holds record 4, record 3 is at line 4",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", TAMPERING)
+def test_tampering_is_named_by_line(tmp_path, capsys, kind):
+    tamper, first_bad = TAMPERING[kind]
+    lines = _write_log(tmp_path, 5)
+    tamper(lines)
+    audit_path(tmp_path).write_bytes(b"".join(lines))
+    code, out = _verify(tmp_path, capsys)
+    assert code == 1 and out.startswith(f"audit log NOT OK: {first_bad} (")
+    good = int(first_bad.split(":")[0].split()[1]) - 1
+    assert f"{good} records verify up to line {good}," in out
+
+
+def test_a_torn_write_loses_no_later_record(tmp_path, capsys):
+    lines = _write_log(tmp_path, 2)
+    with open(audit_path(tmp_path), "ab") as fh:  # a ClientApp killed mid-write
+        fh.write(lines[-1][: len(lines[-1]) // 2])
+    code, out = _verify(tmp_path, capsys)
+    assert code == 1 and out.startswith("audit log NOT OK: line 3: torn/partial write: the last line is unfinished")
+    ctx = site_context(tmp_path)
+    egress_mod(request("evaluate", 3, arrays=WEIGHTS), ctx, _train_reply)
+    egress_mod(request("train", 4, arrays=WEIGHTS), ctx, _train_reply)
+    records = read_audit(tmp_path)
+    assert [(r["type"], r["round"], r["seq"]) for r in records] == [
+        ("train", 1, 1),
+        ("train", 2, 2),
+        ("evaluate", 3, 4),
+        ("train", 4, 5),
+    ]
+    assert records[2]["prev"] == hashlib.sha256(lines[-1].rstrip(b"\n")).hexdigest()  # the last good record
+    code, out = _verify(tmp_path, capsys)
+    assert code == 1
+    assert out.startswith("audit log NOT OK: line 3: torn/partial write: an unfinished record")
+    assert "4 records verify up to line 5" in out
+    # The table still shows every record and warns about the torn line; the exporter counts it.
+    assert cli_main(["site", "audit", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "4 message(s) sent" in captured.out and "line 3 skipped: torn/partial write" in captured.err
+    registry, _ = site_registry(tmp_path, "hospital-a")
+    assert registry.get_sample_value("fedbreast_site_audit_unreadable_lines_total", {"site": "hospital-a"}) == 1
+    assert (
+        registry.get_sample_value(
+            "fedbreast_site_messages_sent_total", {"site": "hospital-a", "type": "train", "status": "ok"}
+        )
+        == 3
+    )
+
+
+def test_a_log_from_before_the_chain_is_reported_and_then_chained(tmp_path, capsys):
+    path = audit_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    old = [{"type": "train", "status": "ok", "round": r, "array_bytes": 8} for r in (1, 2)]
+    path.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in old))
+    code, out = _verify(tmp_path, capsys)
+    assert code == 1 and out.startswith("audit log unchained (written before the audit log was hash-chained): 2")
+    egress_mod(request("train", 3, arrays=WEIGHTS), site_context(tmp_path), _train_reply)
+    assert [r["round"] for r in read_audit(tmp_path)] == [1, 2, 3] and read_audit(tmp_path)[2]["seq"] == 3
+    code, out = _verify(tmp_path, capsys)
+    assert code == 0 and out.startswith("audit log OK: 1 records") and "lines 1-2 are unchained" in out
+
+
+def _append_many(site_dir: str, worker: int, n: int) -> None:
+    for i in range(n):
+        append_line(audit_path(Path(site_dir)), {"worker": worker, "i": i, "pad": "x" * (500 * (i % 7))})
+
+
+def test_concurrent_appends_from_several_processes_keep_one_chain(tmp_path, capsys):
+    ctx = multiprocessing.get_context("spawn")  # as separate ClientApp processes: no shared state
+    procs = [ctx.Process(target=_append_many, args=(str(tmp_path), w, 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    records = read_audit(tmp_path)
+    assert sorted((r["worker"], r["i"]) for r in records) == [(w, i) for w in range(4) for i in range(25)]
+    assert [r["seq"] for r in records] == list(range(1, 101))
+    assert _verify(tmp_path, capsys)[1].startswith("audit log OK: 100 records")
+
+
+def test_the_head_is_found_past_a_long_tail(tmp_path, monkeypatch, capsys):
+    # The appender reads back from the end in chunks: a chunk smaller than a line must still work.
+    monkeypatch.setattr(audit, "_TAIL_CHUNK", 64)
+    _append_many(str(tmp_path), 0, 6)
+    with open(audit_path(tmp_path), "ab") as fh:
+        fh.write(b'{"torn": ')
+    _append_many(str(tmp_path), 1, 2)
+    assert [r["seq"] for r in read_audit(tmp_path)] == [1, 2, 3, 4, 5, 6, 8, 9]
+    code, out = _verify(tmp_path, capsys)
+    assert code == 1 and out.startswith("audit log NOT OK: line 7: torn/partial write") and "8 records verify" in out
