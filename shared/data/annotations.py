@@ -7,6 +7,7 @@ read, and matched against the pseudonyms ingest stored, so no raw identifier is 
 from __future__ import annotations
 
 import csv
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,13 +48,32 @@ class AnnotationSet:
     unknown_descriptors: Counter = field(default_factory=Counter)
 
 
+def _coordinate(text: str) -> float:
+    # float() reads "nan", "inf" and "-1e999"; none is a place in an image, and NaN would
+    # pass every later bounds comparison (all comparisons with NaN are false).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+def _non_negative(kind: ShapeKind, values: list[float]) -> None:
+    # Pixel coordinates and radii start at 0; only an ellipse's angle (its 5th value) may be negative.
+    checked = values[:4] if kind is ShapeKind.ELLIPSE else values
+    negative = [v for v in checked if v < 0]
+    if negative:
+        raise ValueError(f"negative coordinate {negative[0]:g} (pixel coordinates start at 0)")
+
+
 def _parse_roi(kind: ShapeKind, text: str) -> Lesion:
     if kind is ShapeKind.POLYGON:
-        pts = [tuple(float(v) for v in p.split()) for p in text.split(";") if p.strip()]
+        pts = [tuple(_coordinate(v) for v in p.split()) for p in text.split(";") if p.strip()]
         if len(pts) < 3 or any(len(p) != 2 for p in pts):
             raise ValueError("a polygon needs 3 or more 'x y' points separated by ';'")
+        _non_negative(kind, [v for p in pts for v in p])
         return Lesion(kind, tuple(pts))  # type: ignore[arg-type]
-    nums = [float(v) for v in text.replace(",", " ").split()]
+    nums = [_coordinate(v) for v in text.replace(",", " ").split()]
+    _non_negative(kind, nums)
     if kind is ShapeKind.ELLIPSE and len(nums) in (4, 5):
         return Lesion(kind, ((nums[0], nums[1]), (nums[2], nums[3])), angle_deg=nums[4] if len(nums) == 5 else 0.0)
     if kind is ShapeKind.BOX and len(nums) == 4:
@@ -159,13 +179,29 @@ def _merge_birads(a: BiRads, b: BiRads) -> BiRads:
     return BiRads(**merged)
 
 
+def _outside_image(lesion: Lesion, images: list[ImageRecord]) -> str | None:
+    """Why ``lesion`` cannot outline one of ``images`` (a point placing it lies outside), or None.
+
+    An ellipse or circle is placed by its centre: an outline drawn round a lesion at the edge
+    of the image may run past it.
+    """
+    anchors = lesion.points[:1] if lesion.kind in (ShapeKind.ELLIPSE, ShapeKind.CIRCLE) else lesion.points
+    for r in images:
+        for x, y in anchors:
+            if not (0 <= x <= r.cols and 0 <= y <= r.rows):
+                image = f"{r.laterality.value}{r.view.value} {r.energy.value}"
+                return f"point ({x:g}, {y:g}) lies outside the {image} image it outlines ({r.cols}x{r.rows} pixels)"
+    return None
+
+
 def join_annotations(
     records: list[ImageRecord], accession_of: dict[str, set[str]], annotations: AnnotationSet
 ) -> tuple[list[ImageRecord], list[str]]:
     """Attach labels, lesions and BI-RADS to records; return (records, unmatched row locations).
 
     ``accession_of`` maps an exam pseudonym to the pseudonyms of its accession number and
-    study UID, so a row restricted to one study finds it.
+    study UID, so a row restricted to one study finds it. A row whose outline lies outside
+    an image it would outline is moved from ``annotations.rows`` to ``annotations.rejections``.
     """
     by_patient: dict[str, list[int]] = {}
     for i, r in enumerate(records):
@@ -175,6 +211,7 @@ def join_annotations(
     birads: dict[tuple[str, str, str], BiRads] = {}
     annotated_exams: set[str] = set()
     unmatched: list[str] = []
+    outside: set[int] = set()  # id() of the rows rejected here
     for row in annotations.rows:
         hits = [
             i
@@ -185,6 +222,17 @@ def join_annotations(
         if not hits:
             unmatched.append(row.where)
             continue
+        outlined = [
+            i
+            for i in hits
+            if row.lesion is not None
+            and records[i].view is row.view
+            and (row.energy is None or records[i].energy is row.energy)
+        ]
+        if row.lesion is not None and (refusal := _outside_image(row.lesion, [records[i] for i in outlined])):
+            annotations.rejections.append(Rejection(row.where, "roi", refusal))
+            outside.add(id(row))
+            continue
         for i in hits:
             r = records[i]
             annotated_exams.add(r.exam)
@@ -193,8 +241,9 @@ def join_annotations(
                 labels[breast] = row.label
             if not row.birads.is_empty():
                 birads[breast] = _merge_birads(birads.get(breast, BiRads()), row.birads)
-            if row.lesion is not None and r.view is row.view and (row.energy is None or r.energy is row.energy):
+            if row.lesion is not None and i in outlined:
                 lesions.setdefault(i, []).append(row.lesion)
+    annotations.rows[:] = [row for row in annotations.rows if id(row) not in outside]
     joined = []
     for i, r in enumerate(records):
         label = labels.get(r.breast_key)

@@ -13,7 +13,7 @@ from pydicom.multival import MultiValue
 
 from fedbreast.shared.errors import FedbreastError
 
-from .rules import IngestRules
+from .rules import MIB, IngestRules
 from .schema import Energy, Laterality, Modality, View
 
 
@@ -140,6 +140,54 @@ def _floats(ds, keyword: str, n: int) -> tuple[float, ...] | None:
     return tuple(values[:n]) if len(values) >= n else None
 
 
+def _int_tag(ds, keyword: str, default: int) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise HeaderRejection(keyword, f"malformed value {value!r}") from None
+
+
+def check_geometry(ds, modality: str, rows: int, cols: int, rules: IngestRules) -> None:
+    """Refuse a header whose declared pixels are over the ingest limits, before anything decodes them.
+
+    The decoder allocates what the header declares (65535x65535 x 16-bit is 8 GiB) whatever
+    the payload holds, so a small file can exhaust memory; the header is all there is to check.
+    """
+    limits = rules.limits
+    if rows * cols > limits.max_pixels:
+        raise HeaderRejection(
+            "Rows/Columns",
+            f"{rows}x{cols} = {rows * cols / 1e6:.0f} megapixels exceeds the limit of "
+            f"{limits.max_pixels / 1e6:g} megapixels (ingest rules max_megapixels)",
+        )
+    frames = _int_tag(ds, "NumberOfFrames", 1)
+    if frames < 1:
+        raise HeaderRejection("NumberOfFrames", f"invalid NumberOfFrames {frames}")
+    if frames > limits.frames_for(modality):
+        raise HeaderRejection(
+            "NumberOfFrames",
+            f"{frames} frames exceeds the limit of {limits.frames_for(modality)} for {modality} "
+            f"(ingest rules max_frames.{modality})",
+        )
+    samples = _int_tag(ds, "SamplesPerPixel", 1)
+    if samples not in (1, 3):  # grey or colour; 4 (ARGB, CMYK) was retired from DICOM
+        raise HeaderRejection("SamplesPerPixel", f"unsupported SamplesPerPixel {samples} (expected 1 or 3)")
+    bits = _int_tag(ds, "BitsAllocated", 16)
+    if bits not in (1, 8, 16, 32, 64):
+        raise HeaderRejection("BitsAllocated", f"unsupported BitsAllocated {bits} (expected 1, 8, 16, 32 or 64)")
+    decoded = rows * cols * frames * samples * max(1, bits // 8)
+    if decoded > limits.max_decoded_bytes:
+        raise HeaderRejection(
+            "Rows/Columns/NumberOfFrames",
+            f"{rows}x{cols} x {frames} frames x {samples} samples x {bits} bits decodes to "
+            f"{decoded / MIB:.0f} MiB, over the limit of {limits.max_decoded_bytes / MIB:g} MiB "
+            "(ingest rules max_decoded_mib)",
+        )
+
+
 def read_header(ds, rules: IngestRules) -> HeaderInfo:
     """Interpret a pydicom dataset; raises :class:`HeaderRejection` naming the tag at fault."""
     modality = _text(ds, "Modality").upper()
@@ -160,6 +208,7 @@ def read_header(ds, rules: IngestRules) -> HeaderInfo:
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows <= 0 or cols <= 0:
         raise HeaderRejection("Rows/Columns", f"invalid image size {rows}x{cols}")
+    check_geometry(ds, modality, rows, cols, rules)
 
     laterality = _laterality(ds, rules)
     if modality == "MG":

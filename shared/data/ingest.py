@@ -1,12 +1,16 @@
 """``fedbreast site ingest``: a DICOM folder (+ annotation CSV) -> a validated site manifest.
 
 Incremental and idempotent: ``ingest_state.jsonl`` remembers each file's size, mtime and
-outcome, so a re-run reads only new or changed files and, with nothing changed, rewrites
-byte-identical outputs. Each file's outcome is appended to a journal as soon as it is
+outcome, so a re-run reads only new or changed files (and files judged under other ingest
+rules) and, with nothing changed, rewrites byte-identical outputs. Each file's outcome is appended to a journal as soon as it is
 known, so an interrupted ingest loses nothing and a re-run completes it.
 
 Every file is fully decoded once here: a file whose pixels cannot be decoded is rejected
 now, with its reason, rather than failing later in the middle of a training round.
+
+Nothing is read that could stall or exhaust the ingest: only regular files (a FIFO, socket,
+device or link to one is rejected unopened), up to the rules' size limit, and pixels are
+decoded only after the header's geometry is within the rules' limits (``headers.check_geometry``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,7 +36,7 @@ from .manifest import read_site_meta, write_jsonl, write_manifest
 from .pixels import PixelDecodeError, dicom_pixels
 from .pseudonym import load_or_create_key, pseudonymise
 from .rejects import Rejection, write_rejections
-from .rules import IngestRules, load_rules
+from .rules import MIB, IngestRules, load_rules
 from .schema import record_from_dict
 from .splits import DEFAULT_FRACTIONS, assign_splits
 
@@ -76,11 +81,114 @@ class IngestReport:
 
 
 def _walk(root: Path, exclude: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and Path(dirpath, d).resolve() != exclude)
+    """Every path ingest must account for: files, and what it will not enter, to be rejected by name.
+
+    Symbolic links to folders are yielded, never followed (one pointing up the tree loops
+    forever); a folder that cannot be listed is yielded too, so neither vanishes unreported.
+    FIFOs, sockets and devices are in ``filenames`` and are yielded like files.
+    """
+    unlisted: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
+        while unlisted:
+            yield Path(unlisted.pop(0).filename)
+        entered = []
+        for d in sorted(dirnames):
+            path = Path(dirpath, d)
+            if d.startswith("."):
+                continue
+            if path.is_symlink():
+                yield path
+            elif path.resolve() != exclude:
+                entered.append(d)
+        dirnames[:] = entered
         for name in sorted(filenames):
             if not name.startswith(".") and name not in SKIP_NAMES:
                 yield Path(dirpath, name)
+    while unlisted:
+        yield Path(unlisted.pop(0).filename)
+
+
+_KINDS = (
+    (stat.S_ISDIR, "folder"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+class _NotRead(Exception):
+    """The file was refused before (or while) reading it; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
+def _read_regular(path: str, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is (or links to) a regular file within the size limit.
+
+    Checked before opening: opening a FIFO waits for a writer, reading /dev/zero never ends
+    and opening some devices has side effects. The open is non-blocking anyway and re-checks
+    the type, in case the path was swapped after the check; the read stops at the limit
+    whatever the size said (a file still being written, /proc files that report 0).
+    """
+    try:
+        st = os.stat(path)  # follows a symlink: what matters is what would be read
+    except OSError as exc:
+        if os.path.islink(path):
+            # Broken, or a loop of links (a -> b -> a).
+            raise _NotRead(f"symbolic link to {os.readlink(path)} cannot be followed ({exc.strerror})") from None
+        raise _NotRead(f"cannot read the file ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = _kind(st.st_mode)
+        if os.path.islink(path):
+            raise _NotRead(f"not a regular file (symbolic link to a {kind}, {os.readlink(path)}; not followed)")
+        if stat.S_ISDIR(st.st_mode):  # only a folder os.walk could not list reaches here
+            raise _NotRead(f"a folder that could not be listed ({_list_error(path)}): its files were not ingested")
+        raise _NotRead(f"not a regular file ({kind})")
+    if st.st_size > max_bytes:
+        raise _NotRead(f"{_mib(st.st_size)} exceeds the limit of {_mib(max_bytes)} (ingest rules max_file_mib)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise _NotRead(f"cannot read the file ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotRead(f"not a regular file ({_kind(mode)}; the path was replaced after it was checked)")
+        try:
+            data = fh.read(max_bytes + 1)
+        except OSError as exc:
+            raise _NotRead(f"cannot read the file ({exc.strerror})") from None
+    if len(data) > max_bytes:
+        raise _NotRead(f"grew past the limit of {_mib(max_bytes)} while being read (ingest rules max_file_mib)")
+    return data
+
+
+def _list_error(path: str) -> str:
+    try:
+        os.scandir(path).close()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return "it can be listed now: ingest again"
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:.2f} MiB"
+
+
+def _stat_or_lstat(path: str) -> os.stat_result:
+    # A broken symbolic link has no target to stat; its own lstat still identifies it in the
+    # state, so it is rejected and reported like any other file rather than skipped.
+    try:
+        return os.stat(path)
+    except OSError:
+        return os.lstat(path)
 
 
 def ingest_file(path: str, key: bytes, rules: IngestRules) -> dict[str, Any]:
@@ -91,17 +199,22 @@ def ingest_file(path: str, key: bytes, rules: IngestRules) -> dict[str, Any]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    st = os.stat(path)
-    entry: dict[str, Any] = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    # size -1 until known: an entry that never learnt it matches nothing, so the next run reads it again.
+    entry: dict[str, Any] = {"path": path, "size": -1, "mtime_ns": -1, "rules": rules.fingerprint}
 
     def rejected(field_name: str, reason: str) -> dict[str, Any]:
         entry["rejection"] = {"path": path, "field": field_name, "reason": reason}
         return entry
 
     try:
-        data = Path(path).read_bytes()
+        st = _stat_or_lstat(path)
     except OSError as exc:
         return rejected("file", f"cannot read the file ({exc.strerror})")
+    entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    try:
+        data = _read_regular(path, rules.limits.max_file_bytes)
+    except _NotRead as exc:
+        return rejected("file", exc.reason)
     entry["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -205,10 +318,15 @@ def ingest(
     for path in files:
         old = previous.get(path)
         try:
-            st = os.stat(path)
+            st = _stat_or_lstat(path)
         except OSError:
             continue  # vanished while walking
-        if old and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
+        if (
+            old
+            and old["size"] == st.st_size
+            and old["mtime_ns"] == st.st_mtime_ns
+            and old.get("rules") == rules.fingerprint
+        ):
             current[path] = old
         else:
             todo.append(path)

@@ -1,12 +1,17 @@
-"""Header-reading rules: how laterality, view and energy are read from a vendor's DICOM tags.
+"""Header-reading rules: how laterality, view and energy are read from a vendor's DICOM tags,
+and the limits (file size, pixels, frames) a file must meet before it is read or decoded.
 
 Defaults live in ``ingest_rules.toml`` beside this file. A site overrides any table in
 its own TOML file (section ``[ingest]``); unknown keys and bad regexes are rejected at
-load time with the key named, so a typo never silently changes what is ingested.
+load time with the key named, so a typo never silently changes what is ingested; so is a
+limit that is not a positive number.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -16,9 +21,10 @@ from typing import Any
 
 from fedbreast.shared.errors import FedbreastError
 
-from .schema import Energy, View
+from .schema import Energy, Modality, View
 
 _ENERGY_TARGETS = {"LE", "DES", "FFDM", "REJECT"}
+MIB = 1 << 20
 
 
 class ConfigError(FedbreastError, ValueError):
@@ -36,6 +42,28 @@ class IngestRules:
     us_view_patterns: dict[str, re.Pattern[str]]
     energy_image_type: dict[str, str]
     energy_description_patterns: dict[str, re.Pattern[str]]
+    limits: IngestLimits
+    # Digest of the merged configuration: ingest re-reads a file it judged under other rules,
+    # so raising a limit or adding a vendor's tag value takes effect on the next run.
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Bounds a file must meet before it is read (size) and before its pixels are decoded.
+
+    A hostile or broken file can declare any geometry in a few hundred bytes; decoding
+    allocates what the header declares, so these are checked on the header first.
+    """
+
+    max_file_bytes: int  # ingest rules max_file_mib
+    max_pixels: int  # Rows x Columns of one frame; ingest rules max_megapixels
+    max_frames: dict[str, int]  # NumberOfFrames by modality; ingest rules max_frames
+    max_decoded_bytes: int  # the whole decoded array (all frames and samples); ingest rules max_decoded_mib
+
+    def frames_for(self, modality: str) -> int:
+        # A modality the table does not name holds single images.
+        return self.max_frames.get(modality, 1)
 
 
 def _defaults() -> dict[str, Any]:
@@ -64,6 +92,34 @@ def _mapping(where: str, table: Any, allowed: set[str]) -> dict[str, str]:
         if target not in allowed:
             raise ConfigError(f"{where}.{key}: {target!r} is not one of {sorted(allowed)}")
     return {str(k).upper(): str(v) for k, v in table.items()}
+
+
+def _positive(where: str, value: Any) -> float:
+    # bool is an int to Python: `max_file_mib = true` must not read as 1 MiB.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{where}: {value!r} is not a positive number")
+    return float(value)
+
+
+def _limits(where: str, raw: dict[str, Any]) -> IngestLimits:
+    frames = raw["max_frames"]
+    if not isinstance(frames, dict):
+        raise ConfigError(f"{where}.max_frames: expected a table of MODALITY = frames")
+    max_frames = {}
+    for modality, value in frames.items():
+        if str(modality).upper() not in Modality.__members__:
+            raise ConfigError(
+                f"{where}.max_frames.{modality}: unknown modality; expected one of {list(Modality.__members__)}"
+            )
+        if _positive(f"{where}.max_frames.{modality}", value) != int(value):
+            raise ConfigError(f"{where}.max_frames.{modality}: {value!r} is not a whole number of frames")
+        max_frames[str(modality).upper()] = int(value)
+    return IngestLimits(
+        max_file_bytes=int(_positive(f"{where}.max_file_mib", raw["max_file_mib"]) * MIB),
+        max_pixels=int(_positive(f"{where}.max_megapixels", raw["max_megapixels"]) * 1_000_000),
+        max_frames=max_frames,
+        max_decoded_bytes=int(_positive(f"{where}.max_decoded_mib", raw["max_decoded_mib"]) * MIB),
+    )
 
 
 def load_rules(site_config: str | Path | None = None) -> IngestRules:
@@ -102,4 +158,6 @@ def load_rules(site_config: str | Path | None = None) -> IngestRules:
             raw["energy_description_patterns"],
             {e.value for e in Energy} - {"NA"},
         ),
+        limits=_limits(where, raw),
+        fingerprint=hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16],
     )
