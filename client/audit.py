@@ -44,6 +44,7 @@ from typing import Any
 
 from flwr.app import Context, Message
 
+from fedbreast.shared.durable import fsync_dir
 from fedbreast.shared.errors import FedbreastError
 from fedbreast.shared.protocol import record_int
 
@@ -252,14 +253,6 @@ def _chain_head(fd: int, size: int) -> tuple[str, int, bool]:
             chunk *= 4
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def append_line(path: Path, line: dict[str, Any]) -> dict[str, Any]:
     """Append ``line`` as the next chained record and fsync it: the record exists before the
     message leaves. Returns the record as written (with ``prev`` and ``seq``).
@@ -282,7 +275,7 @@ def append_line(path: Path, line: dict[str, Any]) -> dict[str, Any]:
             data = data[os.write(fd, data) :]
         os.fsync(fd)
         if size == 0:  # a new log: its directory entry must survive a power cut too
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     finally:
         os.close(fd)
     return record

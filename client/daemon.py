@@ -495,9 +495,17 @@ def flower_exit_code(lines: Iterable[str]) -> int | None:
     return found
 
 
+def restrict_umask() -> int:
+    """Make every file this process and its children (SuperNode, ClientApps) create private
+    to the site's user: 0600 files, 0700 folders. The cache shards hold patient images and
+    the state files models fitted to them. Returns the previous umask."""
+    return os.umask(0o077)
+
+
 def run_site(config_path: Path, insecure: bool = False, max_restarts: int | None = None) -> int:
     from fedbreast.client.site_config import load_site_config
 
+    restrict_umask()  # first: before any file (node config, cache, state) is written
     cfg = load_site_config(config_path, insecure=insecure)
     if insecure:
         print(

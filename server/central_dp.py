@@ -8,11 +8,11 @@ adds Gaussian noise of std sigma*C/k to the mean of the k clipped updates, once 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.durable import atomic_write_json
 from fedbreast.shared.training.accounting import CENTRAL_WEIGHT_KEY, epsilon_of, noise_for_budget
 
 if TYPE_CHECKING:
@@ -56,8 +56,8 @@ class CentralLedger:
         """Count this round's noised aggregate (if any); the metrics for the round's train row."""
         if released:
             self.releases += 1
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"releases": self.releases, "noise_multiplier": self.noise_multiplier}))
-            os.replace(tmp, self.path)
+            # Durable: a release forgotten after a power cut would under-report the ε spent.
+            atomic_write_json(
+                self.path, {"releases": self.releases, "noise_multiplier": self.noise_multiplier}, indent=None
+            )
         return {"dp_epsilon": self.epsilon(), "dp_delta": self.delta, "dp_noise_multiplier": self.noise_multiplier}

@@ -8,9 +8,6 @@ resume can refuse a checkpoint from another model and detect a corrupted file.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbreast.shared.durable import atomic_write, atomic_write_json
 from fedbreast.shared.errors import FedbreastError
 
 KINDS = ("latest", "best", "final")
@@ -50,7 +48,7 @@ def content_hash(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def save_checkpoint(run_dir: Path, kind: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
-    """Atomically write ``checkpoints/<kind>.pt`` plus a readable ``<kind>.json`` sidecar."""
+    """Atomically and durably write ``checkpoints/<kind>.pt`` plus a readable ``<kind>.json`` sidecar."""
     if kind not in KINDS:
         raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
     folder = Path(run_dir) / "checkpoints"
@@ -61,14 +59,12 @@ def save_checkpoint(run_dir: Path, kind: str, arrays: Mapping[str, np.ndarray], 
         "meta": full_meta,
     }
     path = folder / f"{kind}.pt"
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    (folder / f"{kind}.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True, default=str) + "\n")
+    # Durable (fsync, rename, fsync the folder): a resume after a power cut finds this round's
+    # checkpoint or the previous one, never a torn file. The .pt is the checkpoint; the .json
+    # beside it is a copy of its meta for people, written second: after a crash between the
+    # two, its sha256 names the previous .pt's content, so a stale sidecar is recognisable.
+    atomic_write(path, lambda fh: torch.save(payload, fh))
+    atomic_write_json(folder / f"{kind}.json", full_meta, default=str)
     return path
 
 

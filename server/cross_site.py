@@ -17,7 +17,6 @@ model) and to ``cross_site.md`` / ``cross_site.csv`` (test site x model AUC).
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from fedbreast.server.metric_store import MetricStore
 from fedbreast.server.phases import RunState
 from fedbreast.server.validation import check_update
 from fedbreast.shared import protocol
+from fedbreast.shared.csv_cells import write_csv
 from fedbreast.shared.training.personalise import CROSS_SITE_KEYS, model_slot
 
 COLLECT_TYPE = "query.personal"
@@ -103,12 +103,12 @@ def write_cross_site(run_dir: Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     sites, models, cells = cross_site_table(run_dir)
     paths = {"csv": run_dir / "cross_site.csv", "markdown": run_dir / "cross_site.md"}
-    with open(paths["csv"], "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["test_site", "test_n"] + [f"auc[{m}]" for m in models])
-        for s in sites:
-            n = next((cells[(s, m)].get("test_n") for m in models if (s, m) in cells), None)
-            w.writerow([s, n] + [cells.get((s, m), {}).get("test_auc") for m in models])
+    # Site and model names come from the sites: write_csv neutralises one a spreadsheet would run.
+    table: list[list[Any]] = [["test_site", "test_n"] + [f"auc[{m}]" for m in models]]
+    for s in sites:
+        n = next((cells[(s, m)].get("test_n") for m in models if (s, m) in cells), None)
+        table.append([s, n] + [cells.get((s, m), {}).get("test_auc") for m in models])
+    write_csv(paths["csv"], table)
     paths["markdown"].write_text("\n".join(matrix_markdown(sites, models, cells)) + "\n")
     return paths
 

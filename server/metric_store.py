@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedbreast.shared.durable import atomic_write_text
+
 
 def _clean(value: Any) -> Any:
     # JSON has no NaN: store it as null so every tool can read the file.
@@ -54,5 +56,8 @@ class MetricStore:
         rows = self.rows()
         keep = [r for r in rows if r.get("round", 0) <= server_round]
         if len(keep) != len(rows):
-            self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep), encoding="utf-8")
+            # A new file renamed over the old one, not a rewrite in place: a crash mid-truncation
+            # leaves the whole old file (the resume truncates again), never a cut one. The
+            # exporter sees the new inode and re-reads from the top.
+            atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep), mode=0o666)
         return len(rows) - len(keep)

@@ -6,13 +6,13 @@ directory after the fact (``write_report``), including one written by an interru
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
 
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.csv_cells import write_csv
 from fedbreast.shared.metrics import default_bin_edges, pooled_roc_from_histograms
 
 COLUMNS = (
@@ -60,26 +60,24 @@ def write_report(
     failures = [r for r in store.rows("failure")]
     paths = {"markdown": run_dir / "summary.md", "csv": run_dir / "summary.csv"}
 
-    with open(paths["csv"], "w", newline="") as fh:
-        w = csv.writer(fh)
-        header = (
-            ["site", "round", "test_exams", "test_n"]
-            + [k for k, _ in COLUMNS]
-            + [f"test_auc_{b}" for b in ("lo", "hi")]
-        )
+    # Site names come from the sites: write_csv neutralises a name that a spreadsheet would run.
+    header = (
+        ["site", "round", "test_exams", "test_n"] + [k for k, _ in COLUMNS] + [f"test_auc_{b}" for b in ("lo", "hi")]
+    )
+    if baselines:
+        header += ["local_only_test_auc", "pooled_test_auc"]
+    extra = [k for k in SIDE_BY_SIDE_CSV if any(k in r for r in sites)]  # personalised / PSFT columns when run
+    header += extra
+    table: list[list[Any]] = [header]
+    for r in sites:
+        row = [r["site"], r["round"], r.get("test_exams"), r.get("test_n")] + [r.get(k) for k, _ in COLUMNS]
+        row += [r.get("test_auc_lo"), r.get("test_auc_hi")]
         if baselines:
-            header += ["local_only_test_auc", "pooled_test_auc"]
-        extra = [k for k in SIDE_BY_SIDE_CSV if any(k in r for r in sites)]  # personalised / PSFT columns when run
-        header += extra
-        w.writerow(header)
-        for r in sites:
-            row = [r["site"], r["round"], r.get("test_exams"), r.get("test_n")] + [r.get(k) for k, _ in COLUMNS]
-            row += [r.get("test_auc_lo"), r.get("test_auc_hi")]
-            if baselines:
-                b = baselines.get(r["site"], {})
-                row += [b.get("local"), b.get("pooled")]
-            row += [r.get(k) for k in extra]
-            w.writerow(row)
+            b = baselines.get(r["site"], {})
+            row += [b.get("local"), b.get("pooled")]
+        row += [r.get(k) for k in extra]
+        table.append(row)
+    write_csv(paths["csv"], table)
 
     lines = [
         "# fedbreast run report",

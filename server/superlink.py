@@ -17,7 +17,6 @@ default one:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedbreast.shared.durable import atomic_write_json, atomic_write_text
 from fedbreast.shared.errors import FedbreastError
 from fedbreast.shared.processes import StopSignal, bin_path, flower_env, http_ok, probe_host, stop_group, wait_until
 
@@ -138,9 +138,7 @@ def write_connection(flwr_home: Path, name: str, address: str, root_certificates
         entry["root-certificates"] = str(root_certificates.resolve())
     links[name] = entry
     links.setdefault("default", name)
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(doc))
-    os.replace(tmp, path)
+    atomic_write_text(path, tomli_w.dumps(doc), mode=0o666)  # Flower's own config: never half-written
     return path
 
 
@@ -157,7 +155,8 @@ def pointer_path(flwr_home: Path, federation: str) -> Path:
 
 def write_pointer(flwr_home: Path, settings: SuperLinkSettings) -> Path:
     path = pointer_path(flwr_home, settings.federation)
-    path.write_text(json.dumps({"state_dir": str(settings.state_dir), "runs_dir": str(settings.runs_dir)}) + "\n")
+    where = {"state_dir": str(settings.state_dir), "runs_dir": str(settings.runs_dir)}
+    atomic_write_json(path, where, mode=0o666, indent=None)  # 0o666 less the umask, as before
     return path
 
 

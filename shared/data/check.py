@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .manifest import group_exams, load_manifest, read_site_meta
+from .manifest import group_exams, load_manifest, meta_mismatch, read_site_meta
 from .schema import Split
 
 
@@ -111,4 +111,7 @@ def check_site(site_dir: str | Path) -> SiteCheck:
         result.problems.append("no benign or normal breast in the train split")
     if result.leaking_patients:
         result.problems.append(f"{len(result.leaking_patients)} patients appear in more than one split")
+    mismatch = meta_mismatch(site_dir)
+    if mismatch:
+        result.problems.append(mismatch)
     return result

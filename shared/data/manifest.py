@@ -9,21 +9,25 @@ Layout of a site directory (``SITE_DIR``)::
     secret.key         the site-local key for pseudonymisation (never leaves the site)
     cache/             preprocessed arrays, keyed by file hash and preprocessing config
 
-Writes are atomic (temp file + rename) so an interrupted ingest never leaves a
-half-written manifest behind.
+Writes are atomic and durable (temp file, fsync, rename, fsync the folder:
+shared/durable.py), so an interrupted ingest or a power cut never leaves a half-written
+file. manifest.jsonl and site.json change together, but POSIX cannot rename two files at
+once: the manifest is renamed first and site.json, which records the manifest's sha256
+(``manifest_sha256``), last. A crash between the two renames leaves a new manifest beside
+the old site.json, which :func:`meta_mismatch` (and ``fedbreast site check``) recognises.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedbreast.shared.durable import atomic_write_text, replace_together
 from fedbreast.shared.errors import FedbreastError
 
 from .schema import SCHEMA_VERSION, Energy, ImageRecord, Label, Laterality, View, record_from_dict
@@ -32,28 +36,19 @@ MANIFEST = "manifest.jsonl"
 SITE_META = "site.json"
 REJECTED = "rejected.jsonl"
 REJECTED_TXT = "rejected.txt"
+MANIFEST_HASH = "manifest_sha256"  # in site.json: the manifest.jsonl it describes
 
 
 class ManifestError(FedbreastError, ValueError):
     """A site directory whose manifest cannot be used; the message names file and line."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def jsonl_text(rows: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    atomic_write_text(path, jsonl_text(rows))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -75,15 +70,34 @@ def write_manifest(site_dir: Path, records: Iterable[ImageRecord], meta: dict[st
     records = sorted(
         records, key=lambda r: (r.patient, r.exam, r.laterality.value, r.view.value, r.energy.value, r.sha256)
     )
-    write_jsonl(site_dir / MANIFEST, (r.to_dict() for r in records))
+    manifest = jsonl_text(r.to_dict() for r in records).encode("utf-8")
     info = dict(meta or {})
+    info[MANIFEST_HASH] = hashlib.sha256(manifest).hexdigest()
     info["schema_version"] = SCHEMA_VERSION
     info["images"] = len(records)
     info["exams"] = len({r.exam for r in records})
     info["patients"] = len({r.patient for r in records})
     if records and "site" not in info:
         info["site"] = records[0].site
-    atomic_write_text(site_dir / SITE_META, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    site_json = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    # site.json last: it names the manifest by hash, so it is the commit record of the pair.
+    replace_together({site_dir / MANIFEST: manifest, site_dir / SITE_META: site_json})
+
+
+def meta_mismatch(site_dir: Path) -> str | None:
+    """Why site.json does not describe manifest.jsonl (None: it does, or it records no hash,
+    as site.json files written before the hash existed)."""
+    site_dir = Path(site_dir)
+    expected = read_site_meta(site_dir).get(MANIFEST_HASH)
+    path = site_dir / MANIFEST
+    if not expected or not path.exists():
+        return None
+    if hashlib.sha256(path.read_bytes()).hexdigest() == expected:
+        return None
+    return (
+        f"{site_dir / SITE_META} describes another {MANIFEST} ({MANIFEST_HASH} differs): an ingest stopped "
+        f"between writing the two, or {path} was edited; run `fedbreast site ingest` again"
+    )
 
 
 def read_site_meta(site_dir: Path) -> dict[str, Any]:
@@ -182,6 +196,7 @@ __all__ = [
     "atomic_write_text",
     "group_exams",
     "load_manifest",
+    "meta_mismatch",
     "read_jsonl",
     "read_site_meta",
     "records_by_breast",

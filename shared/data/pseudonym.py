@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
+
+from fedbreast.shared.durable import atomic_create_bytes
 
 KEY_FILE = "secret.key"
 
@@ -23,11 +24,11 @@ def load_or_create_key(site_dir: str | Path) -> bytes:
         if len(key) < 16:
             raise ValueError(f"{path}: key is shorter than 16 bytes; delete it only if nothing was ingested yet")
         return key
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key.hex() + "\n")
+    # Complete and fsynced before it appears (a crash never leaves an empty key), 0600, and
+    # never replaced: if another ingest created it first, its key is the site's key.
+    if not atomic_create_bytes(path, (key.hex() + "\n").encode(), mode=0o600):
+        return load_or_create_key(site_dir)
     return key
 
 

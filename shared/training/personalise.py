@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedbreast.shared.durable import atomic_write
+
 log = logging.getLogger("fedbreast.personal")
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -92,10 +94,9 @@ class PersonalStore:
         return state
 
     def save(self, state: Mapping[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        torch.save({**state, "format": STATE_FORMAT}, tmp)
-        os.replace(tmp, self.path)
+        # Durable and 0600: the personal model is fitted to this site's patients, and after a
+        # power cut the site must find the state of its last reply, not an older one.
+        atomic_write(self.path, lambda fh: torch.save({**state, "format": STATE_FORMAT}, fh))
 
 
 @dataclass(frozen=True)
