@@ -57,7 +57,8 @@ def run_cross_site(state: RunState, server_round: int, outcome: RoundOutcome) ->
     content = protocol.instruction(server_round, to_record(state.arrays))
     ask = [Message(content, dst_node_id=n, message_type=COLLECT_TYPE) for n in nodes]
     models: list[tuple[str, dict[str, np.ndarray]]] = [(GLOBAL, state.arrays)]
-    for r in sorted(exchange.wave(ask, "cross-site collect", server_round, outcome), key=lambda r: r.site):
+    collected = exchange.wave(ask, "cross-site collect", server_round, outcome, carries_model=True)
+    for r in sorted(collected, key=lambda r: r.site):
         problem = check_update(r.site, r.arrays, state.arrays) if r.arrays is not None else None
         if r.arrays is None or problem is not None:
             why = problem.reason if problem is not None else "reply carried no model arrays"
@@ -72,7 +73,9 @@ def run_cross_site(state: RunState, server_round: int, outcome: RoundOutcome) ->
     records[protocol.CONFIG] = ConfigRecord({protocol.SERVER_ROUND: server_round, "models": names})
     payload = RecordDict(records)
     send = [Message(payload, dst_node_id=n, message_type=EVALUATE_TYPE) for n in nodes]
-    for r in exchange.wave(send, "cross-site evaluate", server_round, outcome):
+    # A reply holds MATRIX_KEYS per model on top of the usual metrics (checked on arrival).
+    matrix_values = len(names) * len(MATRIX_KEYS)
+    for r in exchange.wave(send, "cross-site evaluate", server_round, outcome, extra_values=matrix_values):
         for i, name in enumerate(names):
             values = {k: r.metrics.get(f"m{i}_{k}") for k in MATRIX_KEYS}
             state.store.append(server_round, PHASE, r.site, {"model": name, **values})

@@ -3,8 +3,13 @@
 Every phase of a round (the plain and the secure train wave, evaluation, cross-site) talks
 to the sites through an ``Exchange``: it sends, collects the replies within the round
 timeout, and sorts them into usable replies and failures. A failure (an error reply, a site
-that answers "unable", a site that does not answer in time) is named, recorded in the run's
-metrics and printed, and never ends the run.
+that answers "unable", a site that does not answer in time, a malformed reply) is named,
+recorded in the run's metrics and printed, and never ends the run.
+
+Every reply is checked before anything in it is used (server/reply_checks.py): its size
+against the model's (before any conversion to numpy), the site's name against the
+registered-site pattern, and every metric's type and range. A reply that fails is dropped
+for the round as "malformed reply: <what, naming the key>"; so is one whose reading raises.
 """
 
 from __future__ import annotations
@@ -20,6 +25,15 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from fedbreast.server.metric_store import MetricStore
+from fedbreast.server.reply_checks import (
+    MalformedReply,
+    ReplyLimits,
+    check_metrics,
+    check_size,
+    printable,
+    shown,
+    valid_site_name,
+)
 from fedbreast.shared import protocol
 
 log = logging.getLogger("fedbreast.server")
@@ -88,21 +102,39 @@ class Exchange:
     """Sends waves of messages to the sites and sorts what comes back.
 
     It also keeps the node id -> site name map, learned from the sites' replies, so every
-    failure names the site (``node-<id>`` until the site has answered once).
+    failure names the site (``node-<id>`` until the site has answered once with a valid name).
+    ``limits`` bounds what one reply may carry; without it, replies may carry no model arrays.
     """
 
-    def __init__(self, grid: Grid, store: MetricStore, echo: Callable[[str], None], round_timeout: float) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        store: MetricStore,
+        echo: Callable[[str], None],
+        round_timeout: float,
+        limits: ReplyLimits | None = None,
+    ) -> None:
         self.grid, self.store, self.echo, self.round_timeout = grid, store, echo, float(round_timeout)
+        self.limits = limits if limits is not None else ReplyLimits()
         self.names: dict[int, str] = {}
 
     def site_name(self, node_id: int) -> str:
         return self.names.get(node_id, f"node-{node_id}")
 
     def wave(
-        self, messages: Iterable[Message], phase: str, server_round: int, outcome: RoundOutcome
+        self,
+        messages: Iterable[Message],
+        phase: str,
+        server_round: int,
+        outcome: RoundOutcome,
+        *,
+        carries_model: bool = False,
+        extra_values: int = 0,
     ) -> list[SiteReply]:
         """Send, collect within the round timeout, and sort replies into usable ones (ordered by
-        site name) and failures."""
+        site name) and failures. ``carries_model``: the replies carry the model (train, the
+        personal model), up to the model's size; ``extra_values``: metric values a reply of this
+        phase may hold beyond the usual limit (the cross-site matrix)."""
         messages = list(messages)
         sent_to = {m.metadata.dst_node_id for m in messages}
         replies, by_msg_id = self.send_and_collect(messages)
@@ -114,17 +146,17 @@ class Exchange:
             # A dead node's error comes from the SuperLink itself: map it back by message id.
             node = by_msg_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
-            if reply.has_error():
-                self.record_failure(outcome, server_round, phase, node, f"error: {reply.error.reason}")
-                continue
-            got = protocol.read_reply(reply.content)
-            if got.site is not None and got.site.name:
-                self.names[node] = got.site.name
-            if got.site is not None and not got.site.ok:
-                self.record_failure(outcome, server_round, phase, node, f"unable: {got.site.reason}")
-                continue
-            arrays = to_numpy(got.arrays) if got.arrays is not None else None
-            usable.append(SiteReply(self.site_name(node), node, got.metrics, arrays, reply))
+            try:
+                sorted_reply = self.read(reply, node, carries_model, extra_values)
+            except MalformedReply as exc:
+                sorted_reply = f"malformed reply: {exc}"
+            except Exception as exc:  # noqa: BLE001 - one site's reply, however broken, never ends the run
+                log.warning("round %d %s: reply of node %d unreadable", server_round, phase, node, exc_info=True)
+                sorted_reply = f"malformed reply: unreadable ({type(exc).__name__}: {printable(exc, 120)})"
+            if isinstance(sorted_reply, str):
+                self.record_failure(outcome, server_round, phase, node, sorted_reply)
+            else:
+                usable.append(sorted_reply)
         for node in sent_to - answered:
             outcome.timed_out.add(node)
             self.record_failure(outcome, server_round, phase, node, TIMEOUT_REASON.format(self.round_timeout))
@@ -132,6 +164,25 @@ class Exchange:
         # weighted sum of float32 arrays depends on its order in the last bits, and a few rounds
         # of training turn those bits into a different model. Sorted, a seeded run repeats.
         return sorted(usable, key=lambda r: (r.site, r.node_id))
+
+    def read(self, reply: Message, node: int, carries_model: bool, extra_values: int) -> SiteReply | str:
+        """One reply, checked: the usable reply, or why it is a failure ("error", "unable");
+        raises MalformedReply naming what is wrong with it."""
+        if reply.has_error():
+            return f"error: {printable(reply.error.reason)}"
+        if not reply.has_content():
+            raise MalformedReply("no content")
+        check_size(reply.content, self.limits, carries_model, extra_values)  # before any array is read
+        got = protocol.read_reply(reply.content)
+        if got.site is not None and got.site.name:
+            if not valid_site_name(got.site.name):
+                raise MalformedReply(f"invalid site name {shown(got.site.name)!r}")
+            self.names[node] = got.site.name
+        if got.site is not None and not got.site.ok:
+            return f"unable: {printable(got.site.reason)}"
+        check_metrics(got.metrics, self.limits.hist_bins)
+        arrays = to_numpy(got.arrays) if got.arrays is not None else None
+        return SiteReply(self.site_name(node), node, got.metrics, arrays, reply)
 
     def send_and_collect(self, messages: list[Message]) -> tuple[list[Message], dict[str, int]]:
         """Push, then poll for replies every POLL_SECONDS until all answered or the round times out;

@@ -24,6 +24,7 @@ from fedbreast.server.checkpoints import check_resumable, load_checkpoint, save_
 from fedbreast.server.exchange import Exchange, RoundOutcome
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.server.phases import EvaluationWave, Phase, PlainTrainWave, RunState
+from fedbreast.server.reply_checks import MalformedReply, ReplyLimits, count_metric
 from fedbreast.server.strategies import build_strategy
 from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
@@ -63,7 +64,8 @@ class FederatedRun:
         self.echo = echo
         self.state = RunState(
             cfg=cfg,
-            exchange=Exchange(grid, self.store, echo, cfg.round_timeout),
+            # Replies are held to the model's size (server/reply_checks.py): its shapes never change.
+            exchange=Exchange(grid, self.store, echo, cfg.round_timeout, ReplyLimits.for_model(initial, cfg.hist_bins)),
             strategy=build_strategy(cfg),
             arrays=initial,
             central_dp=CentralLedger(self.run_dir, cfg) if cfg.dp == "central" else None,  # the coordinator's epsilon
@@ -157,13 +159,25 @@ class FederatedRun:
 
     def roll_call(self, nodes: list[int]) -> None:
         """Ask every site for its name and readiness before round 1 (this also starts the
-        ClientApp runtime, so round 1's time is training, not start-up)."""
+        ClientApp runtime, so round 1's time is training, not start-up). Its counts bound what a
+        site may claim later: train_samples its train num-examples, test_exams its evaluate ones
+        (server/phases.py weigh_claims); a site without them is capped instead."""
         outcome = RoundOutcome(0)
         messages = [protocol.query(n, 0) for n in nodes]
-        for reply in self.state.exchange.wave(messages, "roll-call", 0, outcome):
-            self.state.train_samples[reply.node_id] = int(reply.metrics.get("train_samples", 0))
-            counts = ", ".join(f"{k.split('_')[0]} {int(v)}" for k, v in reply.metrics.items() if k.endswith("_exams"))
-            self.echo(f"site {reply.site} ready: {counts} exams")
+        exchange = self.state.exchange
+        for reply in exchange.wave(messages, "roll-call", 0, outcome):
+            try:
+                counts = {k: count_metric(reply.metrics, k) for k in reply.metrics if k.endswith("_exams")}
+                samples = count_metric(reply.metrics, "train_samples")
+            except MalformedReply as exc:  # a count that is no count: the site is left uncounted
+                exchange.record_failure(outcome, 0, "roll-call", reply.node_id, f"malformed reply: {exc}")
+                continue
+            if samples is not None:
+                self.state.train_samples[reply.node_id] = samples
+            if counts.get("test_exams") is not None:
+                self.state.test_exams[reply.node_id] = int(counts["test_exams"] or 0)
+            listed = ", ".join(f"{k.split('_')[0]} {v}" for k, v in counts.items())
+            self.echo(f"site {reply.site} ready: {listed} exams")
 
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> list[RoundOutcome]:

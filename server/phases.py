@@ -4,10 +4,13 @@ A phase is a callable ``phase(state, server_round, outcome)`` over the run's sha
 ``RunState``: it talks to the sites through ``state.exchange``, may replace the global
 model ``state.arrays``, and records what it saw in ``outcome`` and the run's metrics.
 
-- ``PlainTrainWave``: every sampled site trains; each update is checked, optionally
-  clipped, and aggregated by the run's strategy (and the family's after-train hook).
+- ``PlainTrainWave``: every sampled site trains; each update is checked, its claimed
+  ``num-examples`` held to what the roll call makes plausible, clipped (by default to 3 x
+  the round's median change norm), and aggregated by the run's strategy (and the family's
+  after-train hook).
 - ``SecureTrainWave`` (server/secure_aggregation.py): the same wave under SecAgg+.
-- ``EvaluationWave``: every site evaluates the global model; pooled ROC from histograms.
+- ``EvaluationWave``: every site evaluates the global model; pooled ROC from histograms
+  (of mixed resolution: pooled at their common one).
 - ``CrossSite`` (server/cross_site.py): after the last round, every model on every site.
 """
 
@@ -19,17 +22,19 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 
 from fedbreast.server.central_dp import CentralLedger
 from fedbreast.server.exchange import Exchange, RoundOutcome, SiteReply, to_record
 from fedbreast.server.metric_store import MetricStore
-from fedbreast.server.validation import check_update, clip_to_median_norm
+from fedbreast.server.reply_checks import shown, train_examples_bound, unknown_site_cap
+from fedbreast.server.validation import check_update, clip_to_median_norm, clip_to_norm
 from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.families import family_of
-from fedbreast.shared.metrics import auc_binning_bound, default_bin_edges, pooled_auc_from_histograms, weighted_mean
+from fedbreast.shared.metrics import auc_binning_bound, pool_histograms, pooled_auc_from_histograms, weighted_mean
+from fedbreast.shared.training.accounting import CENTRAL_WEIGHT_KEY
 
 log = logging.getLogger("fedbreast.server")
 
@@ -44,6 +49,7 @@ class RunState:
     arrays: dict[str, np.ndarray]  # the global model: a phase replaces the dict, never mutates it
     central_dp: CentralLedger | None = None  # the coordinator's epsilon when dp = central
     train_samples: dict[int, int] = field(default_factory=dict)  # node id -> training samples (roll call)
+    test_exams: dict[int, int] = field(default_factory=dict)  # node id -> test exams (roll call)
 
     @property
     def store(self) -> MetricStore:
@@ -71,6 +77,74 @@ def record_train_aggregate(state: RunState, server_round: int, good: list[SiteRe
     state.store.append(server_round, "aggregate-train", "ALL", agg)
 
 
+def weigh_claims(
+    state: RunState,
+    server_round: int,
+    outcome: RoundOutcome,
+    phase: str,
+    replies: list[SiteReply],
+    bound_of: Callable[[int], tuple[float, str] | None],
+    known_bounds: list[float],
+    extra: float,
+) -> list[SiteReply]:
+    """Hold each reply's ``num-examples`` (its weight in every mean) to what the roll call makes
+    plausible. A site the roll call counted that claims more is dropped for the round, the
+    reason naming both numbers; ``bound_of(node)`` gives (bound, what it rests on), or None
+    for a site the roll call did not count, whose weight is capped instead
+    (reply_checks.unknown_site_cap): it keeps its update but can outweigh no counted site."""
+    kept: list[SiteReply] = []
+    unknown: list[SiteReply] = []
+    for r in replies:
+        claim = float(r.metrics[protocol.NUM_EXAMPLES])
+        known = bound_of(r.node_id)
+        if known is None:
+            unknown.append(r)
+        elif claim > known[0]:
+            state.exchange.record_failure(
+                outcome,
+                server_round,
+                phase,
+                r.node_id,
+                f"malformed reply: {protocol.NUM_EXAMPLES!r} = {claim:g} exceeds {known[0]:g}, "
+                f"the most plausible ({known[1]})",
+            )
+            continue
+        kept.append(r)
+    if unknown:
+        cap = unknown_site_cap(known_bounds, [float(r.metrics[protocol.NUM_EXAMPLES]) for r in kept], extra)
+        for r in unknown:
+            claim = float(r.metrics[protocol.NUM_EXAMPLES])
+            if claim > cap:
+                r.metrics[protocol.NUM_EXAMPLES] = int(cap)
+                log.warning(
+                    "round %d %s: site %s: num-examples %g capped at %d", server_round, phase, r.site, claim, cap
+                )
+                state.echo(
+                    f"  round {server_round} {phase}: site {r.site}: {protocol.NUM_EXAMPLES} {claim:g} capped at "
+                    f"{int(cap)} (the roll call has no count for this site)"
+                )
+    return kept
+
+
+def train_bound_of(state: RunState) -> Callable[[int], tuple[float, str] | None]:
+    """A site's most plausible train ``num-examples`` and what it rests on (weigh_claims)."""
+    cfg = state.cfg
+
+    def bound_of(node: int) -> tuple[float, str] | None:
+        samples = state.train_samples.get(node)
+        bound = train_examples_bound(cfg, samples)
+        if bound is None:
+            return None
+        if cfg.local_steps > 0:
+            return bound, f"{cfg.local_steps} local steps x batch-size {cfg.batch_size}, with slack"
+        return (
+            bound,
+            f"its {samples} training samples at the roll call x {max(cfg.local_epochs, 1)} epoch(s), with slack",
+        )
+
+    return bound_of
+
+
 def too_few_trained(state: RunState, server_round: int, trained: int, what: str) -> bool:
     """True, and says so, when fewer than min-train-sites updates can be released this round."""
     if trained >= state.cfg.min_train_sites:
@@ -89,30 +163,46 @@ class PlainTrainWave:
         cfg, exchange = state.cfg, state.exchange
         config = ConfigRecord({protocol.SERVER_ROUND: server_round})
         messages = state.strategy.configure_train(server_round, to_record(state.arrays), config, exchange.grid)
-        good: list[SiteReply] = []
-        for r in exchange.wave(messages, "train", server_round, outcome):
-            if r.arrays is None:
-                reason = "reply carried no model arrays"
-            elif (problem := check_update(r.site, r.arrays, state.arrays)) is not None:
-                reason = problem.reason
+        checked: list[SiteReply] = []
+        for r in exchange.wave(messages, "train", server_round, outcome, carries_model=True):
+            reason = self._problem(state, r)
+            if reason is None:
+                checked.append(r)
             else:
-                good.append(r)
-                state.store.append(server_round, "train", r.site, r.metrics)
-                continue
-            exchange.record_failure(outcome, server_round, "train", r.node_id, f"update dropped: {reason}")
+                exchange.record_failure(outcome, server_round, "train", r.node_id, reason)
+        known = [b for s in state.train_samples.values() if (b := train_examples_bound(cfg, s)) is not None]
+        good = weigh_claims(
+            state, server_round, outcome, "train", checked, train_bound_of(state), known, extra=cfg.batch_size
+        )
+        for r in good:
+            state.store.append(server_round, "train", r.site, r.metrics)
         outcome.sites_trained = [r.site for r in good]
         for r in good:
             outcome.site_seconds[r.site] = float(r.metrics.get("train_seconds", 0.0))
         if too_few_trained(state, server_round, len(good), "usable update(s)"):
             record_train_aggregate(state, server_round, good, released=False)
             return
-        if cfg.update_norm_bound > 0:  # model replacement: a scaled update is cut down before it is averaged
-            self._clip_updates(state, server_round, good)
+        multiple = cfg.median_norm_multiple
+        if multiple > 0:  # model replacement: a scaled update is cut down before it is averaged
+            clipped_arrays, clipped = clip_to_median_norm([r.update for r in good], state.arrays, multiple)
+            self._apply_clips(state, server_round, good, clipped_arrays, clipped, f"{multiple:g} x the median")
+        weight_keys: tuple[str, ...] = (protocol.NUM_EXAMPLES,)
         if state.central_dp is not None:  # central DP: noise std sigma*C/k for the k sites actually averaged
+            # The noise assumes every change is within dp-max-grad-norm: enforced here, not trusted.
+            clipped_arrays, clipped = clip_to_norm([r.update for r in good], state.arrays, cfg.dp_max_grad_norm)
+            self._apply_clips(state, server_round, good, clipped_arrays, clipped, "dp-max-grad-norm")
             # build_strategy wraps the aggregation rule in Flower's central-DP strategy when dp = central
             assert isinstance(state.strategy, DifferentialPrivacyClientSideFixedClipping)
             state.strategy.num_sampled_clients = len(good)
-        # Replies must share metric keys for Flower's aggregation; ours do by construction.
+            weight_keys = (protocol.NUM_EXAMPLES, CENTRAL_WEIGHT_KEY)
+        if not any(float(r.metrics[weight_keys[-1]]) > 0 for r in good):  # a weighted mean of nothing
+            state.echo(
+                f"  round {server_round}: every usable update weighs 0; the global model is unchanged this round"
+            )
+            record_train_aggregate(state, server_round, good, released=False)
+            return
+        for r in good:  # Flower's aggregation sees the model and the weights only (see aggregation_content)
+            r.plain_message.content = aggregation_content(r, weight_keys)
         agg, _ = state.strategy.aggregate_train(server_round, [r.plain_message for r in good])
         if agg is not None:
             # Averaging turns integer buffers (BatchNorm's num_batches_tracked) into floats: cast back.
@@ -125,20 +215,50 @@ class PlainTrainWave:
         record_train_aggregate(state, server_round, good, released=agg is not None)
 
     @staticmethod
-    def _clip_updates(state: RunState, server_round: int, good: list[SiteReply]) -> None:
-        """Clip each update's change to update-norm-bound x the round's median change norm
-        (server/validation.py); the clipped arrays replace the reply's before aggregation."""
-        bound = state.cfg.update_norm_bound
-        clipped_arrays, clipped = clip_to_median_norm([r.update for r in good], state.arrays, bound)
+    def _problem(state: RunState, r: SiteReply) -> str | None:
+        """Why a train reply cannot be aggregated (server/validation.py's checks on the update, the
+        central-DP weight), or None."""
+        if r.arrays is None:
+            return "update dropped: reply carried no model arrays"
+        if (problem := check_update(r.site, r.arrays, state.arrays)) is not None:
+            return f"update dropped: {problem.reason}"
+        if state.central_dp is not None and r.metrics.get(CENTRAL_WEIGHT_KEY) != 1:
+            # Flower's central-DP mean is weighted by this key: any other value would outweigh the rest.
+            return (
+                f"malformed reply: {CENTRAL_WEIGHT_KEY!r} = {shown(r.metrics.get(CENTRAL_WEIGHT_KEY))}, "
+                "central DP weighs every site 1"
+            )
+        return None
+
+    @staticmethod
+    def _apply_clips(
+        state: RunState,
+        server_round: int,
+        good: list[SiteReply],
+        clipped_arrays: list[dict[str, np.ndarray]],
+        clipped: list[tuple[int, float, float]],
+        why: str,
+    ) -> None:
+        """The clipped updates (server/validation.py) replace the replies' before aggregation."""
         for i, norm, limit in clipped:
             r = good[i]
             r.arrays = clipped_arrays[i]
             r.plain_message.content["arrays"] = to_record(r.arrays)
             log.warning("round %d train: site %s: update norm %.3g clipped to %.3g", server_round, r.site, norm, limit)
             state.echo(
-                f"  round {server_round} train: site {r.site}: update norm {norm:.3g} clipped to {limit:.3g} "
-                f"({bound:g} x the median)"
+                f"  round {server_round} train: site {r.site}: update norm {norm:.3g} clipped to {limit:.3g} ({why})"
             )
+
+
+def aggregation_content(r: SiteReply, weight_keys: tuple[str, ...]) -> RecordDict:
+    """A train reply's content as Flower's strategy aggregates it: the model and the weights only.
+
+    Flower averages every metric too and raises (ending the run) when the replies' metric keys,
+    list lengths or record counts differ; one site could make them differ. Its metric mean is
+    not used (record_train_aggregate averages the checked metrics), so it gets none of them.
+    """
+    arrays = r.plain_message.content.array_records[protocol.ARRAYS]
+    return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord({k: r.metrics[k] for k in weight_keys})})
 
 
 class EvaluationWave:
@@ -155,7 +275,18 @@ class EvaluationWave:
                 outcome, server_round, "evaluate", node, "skipped: no train reply within the round timeout"
             )
         messages = [m for m in messages if m.metadata.dst_node_id not in outcome.timed_out]
-        replies = exchange.wave(messages, "evaluate", server_round, outcome)
+        replies = weigh_claims(
+            state,
+            server_round,
+            outcome,
+            "evaluate",
+            exchange.wave(messages, "evaluate", server_round, outcome),
+            lambda node: (
+                (float(state.test_exams[node]), "its test_exams at the roll call") if node in state.test_exams else None
+            ),
+            [float(n) for n in state.test_exams.values()],
+            extra=0.0,
+        )
         outcome.sites_evaluated = [r.site for r in replies]
         for r in replies:
             # Histograms are aggregate counts (no per-patient score); kept for per-site ROC curves.
@@ -171,18 +302,33 @@ class EvaluationWave:
             weight_key=protocol.NUM_EXAMPLES,
             sum_keys=(protocol.NUM_EXAMPLES, "val_exams", "test_exams", "val_n", "test_n"),
         )
-        edges = list(default_bin_edges(cfg.hist_bins))
+        # Checked on arrival (reply_checks.check_histograms): counts, of hist-bins or a divisor of it.
         hists = [
-            {"hist_pos": r.metrics["test_hist_pos"], "hist_neg": r.metrics["test_hist_neg"], "hist_edges": edges}
+            {"hist_pos": r.metrics["test_hist_pos"], "hist_neg": r.metrics["test_hist_neg"]}
             for r in replies
             if "test_hist_pos" in r.metrics
         ]
-        if hists and sum(sum(h["hist_pos"]) for h in hists) and sum(sum(h["hist_neg"]) for h in hists):
-            agg["test_pooled_auc"] = pooled_auc_from_histograms(hists)
-            agg["test_pooled_auc_binning_bound"] = auc_binning_bound(hists)
+        if hists:
+            try:  # a site may send fewer bins (its policy caps them): pooled at the common resolution
+                pooled = pool_histograms(hists)
+            except ValueError as exc:  # no common resolution finer than one bin: nothing to rank
+                state.echo(f"  round {server_round} evaluate: no pooled test AUC: {exc}")
+            else:
+                if sum(pooled["hist_pos"]) and sum(pooled["hist_neg"]):
+                    agg["test_pooled_auc"] = pooled_auc_from_histograms([pooled])
+                    agg["test_pooled_auc_binning_bound"] = auc_binning_bound([pooled])
+                    agg["test_pooled_hist_bins"] = len(pooled["hist_pos"])
         agg["sites"] = len(replies)
         # A family may update the global model from aggregate evaluation counts (late fusion: MCC weights).
-        state.arrays, family_agg = family_of(cfg.model).after_evaluate(state.arrays, [r.metrics for r in replies])
+        try:
+            state.arrays, family_agg = family_of(cfg.model).after_evaluate(state.arrays, [r.metrics for r in replies])
+        except Exception as exc:  # noqa: BLE001 - family counts from the sites (of a wrong shape) never end the run
+            log.exception("round %d: the family's after-evaluate hook failed", server_round)
+            state.echo(
+                f"  round {server_round} evaluate: {cfg.model}'s after-evaluate update skipped "
+                f"({type(exc).__name__}: {exc}); the global model is unchanged by it"
+            )
+            family_agg = {}
         agg.update(family_agg)
         outcome.aggregate = agg
         state.store.append(server_round, "aggregate", "ALL", agg)

@@ -6,6 +6,7 @@ directory after the fact (``write_report``), including one written by an interru
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.csv_cells import write_csv
 from fedbreast.shared.metrics import default_bin_edges, pooled_roc_from_histograms
+
+log = logging.getLogger("fedbreast.server")
 
 COLUMNS = (
     ("test_auc", "AUC"),
@@ -122,7 +125,11 @@ def write_report(
     lines += personal_sections(run_dir, sites)
     if failures:
         lines += ["## Sites left out of a round", "", "| round | site | stage | reason |", "|---|---|---|---|"]
-        lines += [f"| {f['round']} | {f['site']} | {f.get('stage')} | {f.get('reason')} |" for f in failures]
+        # A reason may quote a site's own words (its "unable" reason): a '|' would split the row.
+        lines += [
+            f"| {f['round']} | {f['site']} | {f.get('stage')} | {str(f.get('reason')).replace('|', chr(92) + '|')} |"
+            for f in failures
+        ]
         lines.append("")
     lines += [
         "Files: `metrics.jsonl` (round x site), `summary.csv`, `roc.png`, `learning_curves.png`, `checkpoints/`.",
@@ -140,12 +147,18 @@ def _plots(run_dir: Path, store: MetricStore, sites: list[dict], cfg: RunConfig)
     import matplotlib.pyplot as plt
 
     out: dict[str, Path] = {}
-    edges = list(default_bin_edges(cfg.hist_bins))
     fig, ax = plt.subplots(figsize=(5, 5))
     for r in sites:
         pos, neg = r.get("test_hist_pos"), r.get("test_hist_neg")
         if pos and neg and sum(pos) and sum(neg):
-            fpr, tpr = pooled_roc_from_histograms([{"hist_edges": edges, "hist_pos": pos, "hist_neg": neg}])
+            # A site may send fewer bins than hist-bins (a divisor: its policy caps them): the
+            # default edges of its own resolution (shared/metrics/histogram.py coarsen).
+            try:
+                edges = list(default_bin_edges(len(pos)))
+                fpr, tpr = pooled_roc_from_histograms([{"hist_edges": edges, "hist_pos": pos, "hist_neg": neg}])
+            except ValueError as exc:  # a one-bin histogram, or rows of an older run: no curve, said so
+                log.warning("report: no ROC curve for site %s: %s", r["site"], exc)
+                continue
             ax.plot(fpr, tpr, label=f"{r['site']} (AUC {_f(r.get('test_auc'))})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Test ROC per site (global model)")

@@ -16,7 +16,11 @@ statistics) would overflow while one round's changes do not.
 Limitations, by construction of secure aggregation: the coordinator cannot validate or clip
 an individual update (NaN, shape, norm bound), so those checks move to the site
 (``client/secure_aggregation.py`` refuses a non-finite or out-of-range change) and
-``update-norm-bound``, robust strategies and central DP are refused with it (shared/config.py).
+``update-norm-bound``, robust strategies and central DP are refused with it (shared/config.py;
+the default "auto" bound clips nothing here). What each site reports beside its masked update
+(name, metrics, num-examples) is checked like any reply (server/reply_checks.py); a site that
+fails them cannot be taken out of the masked sum, so that round's sum is not released. The
+weight a site masks into its vector is beyond the coordinator's reach (docs/server-robustness.md).
 """
 
 from __future__ import annotations
@@ -38,6 +42,16 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from fedbreast.server.exchange import TIMEOUT_REASON, Exchange, RoundOutcome, SiteReply, array_bytes, to_record
 from fedbreast.server.phases import RunState, record_train_aggregate, too_few_trained
+from fedbreast.server.reply_checks import (
+    MalformedReply,
+    check_metrics,
+    printable,
+    shown,
+    train_examples_bound,
+    unknown_site_cap,
+    valid_site_name,
+    value_count,
+)
 from fedbreast.shared import protocol
 from fedbreast.shared.secure_aggregation import ARRAY_NAMES_KEY, SITE_NAME_KEY
 
@@ -130,6 +144,35 @@ def expected_weight(state: RunState, nodes: list[int]) -> float:
     return float(max(per_round, 1))
 
 
+def _checked_result(state: RunState, node: int, fitres: Any, cap: float) -> tuple[str, dict[str, Any]]:
+    """A SecAgg+ result's site name and metrics, checked as any reply's (server/reply_checks.py);
+    its num-examples against the roll call (``cap`` for a site the roll call did not count).
+    Raises MalformedReply naming what is wrong."""
+    exchange, cfg = state.exchange, state.cfg
+    metrics = dict(fitres.metrics)
+    name = metrics.pop(SITE_NAME_KEY, "")
+    if name:
+        if not isinstance(name, str) or not valid_site_name(name):
+            raise MalformedReply(f"invalid site name {shown(name)!r}")
+        exchange.names[node] = name
+    if (values := value_count(metrics)) > exchange.limits.max_values():
+        raise MalformedReply(f"metrics hold {values} values, more than the limit of {exchange.limits.max_values()}")
+    metrics[protocol.NUM_EXAMPLES] = fitres.num_examples
+    check_metrics(metrics, exchange.limits.hist_bins)
+    claim = float(fitres.num_examples)
+    bound = train_examples_bound(cfg, state.train_samples.get(node))
+    if bound is not None and claim > bound:
+        raise MalformedReply(
+            f"{protocol.NUM_EXAMPLES!r} = {claim:g} exceeds {bound:g}, the most its roll call count and the run allow"
+        )
+    if bound is None and claim > cap:  # the weight is masked into the sum: it cannot be capped, only refused
+        raise MalformedReply(
+            f"{protocol.NUM_EXAMPLES!r} = {claim:g} exceeds {cap:g}, "
+            "the most a site without a roll call count may claim"
+        )
+    return exchange.site_name(node), metrics
+
+
 class SecureTrainWave:
     """The train wave under SecAgg+ (the phase that replaces ``PlainTrainWave`` when
     ``secure-aggregation`` is on): the same sampled sites, their updates summed under masks."""
@@ -168,26 +211,48 @@ def secure_train_round(state: RunState, server_round: int, outcome: RoundOutcome
     log.info("round %d: secure aggregation took %.1f s", server_round, time.monotonic() - t0)
 
     good: list[SiteReply] = []
+    refused = False  # a site in the sum whose reply the coordinator refuses
+    claims = [float(f.num_examples) for _, f in strategy.results if isinstance(f.num_examples, (int, float))]
+    cap = unknown_site_cap(
+        [b for s in state.train_samples.values() if (b := train_examples_bound(cfg, s)) is not None],
+        [c for c in claims if c == c],  # NaN claims are refused below; the median is of the others
+        cfg.batch_size,
+    )
     for proxy, fitres in strategy.results:
-        metrics = dict(fitres.metrics)
-        site = str(metrics.pop(SITE_NAME_KEY, "")) or exchange.site_name(proxy.node_id)
-        exchange.names[proxy.node_id] = site
-        metrics[protocol.NUM_EXAMPLES] = fitres.num_examples
-        good.append(SiteReply(site, proxy.node_id, metrics, None, None))
-    trained = {r.node_id for r in good}
+        try:
+            site, metrics = _checked_result(state, proxy.node_id, fitres, cap)
+        except MalformedReply as exc:
+            reason = f"malformed reply: {exc}"
+        except Exception as exc:  # noqa: BLE001 - one site's reply, however broken, never ends the run
+            reason = f"malformed reply: unreadable ({type(exc).__name__}: {printable(exc, 120)})"
+        else:
+            good.append(SiteReply(site, proxy.node_id, metrics, None, None))
+            continue
+        refused = True
+        exchange.record_failure(
+            outcome, server_round, "train", proxy.node_id, f"{reason} (its masked update is in this round's sum)"
+        )
+    in_sum = {proxy.node_id for proxy, _ in strategy.results}
     for node in nodes:
-        if node not in trained:
+        if node not in in_sum:
             if node not in grid.errors:
                 outcome.timed_out.add(node)
-            reason = grid.errors.get(node, TIMEOUT_REASON.format(cfg.round_timeout))
+            reason = printable(grid.errors.get(node, TIMEOUT_REASON.format(cfg.round_timeout)))
             exchange.record_failure(outcome, server_round, "train", node, f"left secure aggregation: {reason}")
     outcome.sites_trained = [r.site for r in good]
     for r in good:
         state.store.append(server_round, "train", r.site, r.metrics)
         outcome.site_seconds[r.site] = float(r.metrics.get("train_seconds", 0.0))
-    released = strategy.mean_delta is not None and not too_few_trained(
-        state, server_round, len(good), "site(s) in the secure sum"
+    released = (
+        strategy.mean_delta is not None
+        and not refused
+        and not too_few_trained(state, server_round, len(good), "site(s) in the secure sum")
     )
+    if refused and strategy.mean_delta is not None:
+        state.echo(
+            f"  round {server_round}: the secure sum holds a reply the coordinator refused, and a masked update "
+            "cannot be taken out of it; the global model is unchanged this round"
+        )
     if strategy.mean_delta is None:
         state.echo(
             f"  round {server_round}: secure aggregation did not complete (too few sites answered every stage); "

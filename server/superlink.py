@@ -96,6 +96,12 @@ def check_tls(settings: SuperLinkSettings) -> dict[str, Path]:
 
 
 def superlink_command(settings: SuperLinkSettings) -> list[str]:
+    # No message size limit can be set here: flower-superlink 1.41 has no option for it (its
+    # Fleet API server is built with GRPC_MAX_MESSAGE_LENGTH, 2 GiB, fixed in
+    # flwr/superlink/cli/flower_superlink.py), and Flower sends arrays as separate chunks of
+    # FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE (5 MiB), so a per-gRPC-message cap would not bound a
+    # reply anyway. The coordinator bounds each reply itself, before reading it
+    # (server/reply_checks.py; docs/server-robustness.md).
     cmd = [
         bin_path("flower-superlink"),
         "--database",

@@ -78,10 +78,35 @@ def clip_to_median_norm(
     """
     norms = [delta_norm(u, reference) for u in updates]
     limit = bound * float(np.median(norms)) if norms else 0.0
+    return _clip(updates, reference, norms, limit, limit)
+
+
+def clip_to_norm(
+    updates: list[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray], limit: float, rtol: float = 1e-3
+) -> tuple[list[dict[str, np.ndarray]], list[tuple[int, float, float]]]:
+    """Scale every update whose change exceeds ``limit`` (an absolute norm) back to it.
+
+    Central DP's noise assumes every site clipped its change to dp-max-grad-norm; the
+    coordinator enforces it, so the guarantee does not rest on each site's honesty. ``rtol``
+    leaves alone an honest site whose float32 clip landed a hair above the limit (a
+    no-op clip would still change the model's last bits). Returns as clip_to_median_norm.
+    """
+    norms = [delta_norm(u, reference) for u in updates]
+    return _clip(updates, reference, norms, limit * (1.0 + rtol), limit)
+
+
+def _clip(
+    updates: list[Mapping[str, np.ndarray]],
+    reference: Mapping[str, np.ndarray],
+    norms: list[float],
+    allowed: float,
+    limit: float,
+) -> tuple[list[dict[str, np.ndarray]], list[tuple[int, float, float]]]:
+    """Scale each update whose change norm exceeds ``allowed`` to ``limit``."""
     out: list[dict[str, np.ndarray]] = []
     clipped: list[tuple[int, float, float]] = []
     for i, (u, n) in enumerate(zip(updates, norms)):
-        if n <= limit or n == 0.0:
+        if n <= allowed or n == 0.0:
             out.append(dict(u))
             continue
         f = limit / n

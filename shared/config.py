@@ -29,6 +29,11 @@ KEY_METRICS = ("val_auc", "val_loss", "val_mcc", "val_accuracy")
 DP_MODES = ("off", "local", "central")  # shared/training/dp.py
 DP_GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")  # Opacus per-sample gradient engines
 PSFT_SCOPES = ("all", "head")
+# update-norm-bound = -1 is "auto" (the default): 3 x the round's median change norm in a plain
+# run; nothing under secure aggregation (no single update is seen) or central DP (every change
+# is clipped to dp-max-grad-norm, at the site and again at the coordinator). 0: off.
+AUTO_NORM_BOUND = -1.0
+AUTO_NORM_MULTIPLE = 3.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,10 @@ class RunConfig(FamilySettings):
     server_lr: float = 0.01  # FedAdam / FedYogi
     trim_beta: float = 0.2  # FedTrimmedAvg
     krum_byzantine: int = 0  # Krum: number of malicious sites tolerated
-    update_norm_bound: float = 0.0  # >0: clip each update's change to this multiple of the round's median change norm
+    # Model-replacement defence (server/phases.py, docs/server-robustness.md): > 0 clips each
+    # update's change to this multiple of the round's median change norm; -1 = auto (the default,
+    # AUTO_NORM_BOUND above: 3 in a plain run, none with secure aggregation or central DP); 0 = off.
+    update_norm_bound: float = AUTO_NORM_BOUND
     # SecAgg+ (server/secure_aggregation.py): the coordinator sees only the sum of the updates
     secure_aggregation: bool = False
     secagg_shares: float = 1.0  # fraction of the sampled sites each site shares its key with
@@ -118,6 +126,8 @@ class RunConfig(FamilySettings):
         for key, value in run_config.items():
             if key in ignore:
                 continue
+            if key == "update-norm-bound" and value == "auto":  # the spelled-out default
+                value = AUTO_NORM_BOUND
             f = by_key.get(key)
             if f is None:
                 raise ConfigError(f"run config: unknown key {key!r}; valid keys: {', '.join(sorted(by_key))}")
@@ -190,13 +200,14 @@ class RunConfig(FamilySettings):
             "weight_decay",
             "proximal_mu",
             "krum_byzantine",
-            "update_norm_bound",
             "bootstrap",
             "hist_noise_epsilon",
             "workers",
         ):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
+        if self.update_norm_bound < 0 and self.update_norm_bound != AUTO_NORM_BOUND:
+            raise bad("update_norm_bound", "must be -1 (auto), 0 (off) or a positive multiple of the median norm")
         if not 0 <= self.momentum < 1:
             raise bad("momentum", "must be in [0, 1)")
         if not 0 < self.trim_beta < 0.5:
@@ -255,6 +266,14 @@ class RunConfig(FamilySettings):
         return keys
 
     @property
+    def median_norm_multiple(self) -> float:
+        """The multiple of the round's median change norm each update is clipped to; 0: none.
+        Auto (AUTO_NORM_BOUND) resolves here, so an explicit value is always used as given."""
+        if self.update_norm_bound != AUTO_NORM_BOUND:
+            return self.update_norm_bound
+        return 0.0 if self.secure_aggregation or self.dp == "central" else AUTO_NORM_MULTIPLE
+
+    @property
     def personalised(self) -> bool:
         """Sites keep a personal model (fine-tuned on their train split, or with their own norm layers)."""
         return self.personal_epochs > 0 or self.personal_steps > 0 or self.fedbn
@@ -274,7 +293,7 @@ class RunConfig(FamilySettings):
                 "secure_aggregation",
                 f"works with strategy = 'fedavg' only (a masked sum is a weighted mean); got {self.strategy!r}",
             )
-        if self.update_norm_bound > 0:
+        if self.update_norm_bound > 0:  # auto (-1) is accepted: it clips nothing under secure aggregation
             raise bad(
                 "secure_aggregation",
                 "cannot run with update-norm-bound: the coordinator never sees one site's update to clip it",

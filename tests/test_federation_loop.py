@@ -49,10 +49,21 @@ class StubGrid:
         self._outbox = [r for r in self._outbox if r not in out]
         return out
 
-    def _answer(self, m) -> str:
+    def _stamp(self, m) -> str:
+        """Give the message an id, as pushing it to a SuperLink would; returns its site."""
         self._next_id += 1
         m.metadata.__dict__["_message_id"] = f"m{self._next_id}"
-        site = self.nodes[m.metadata.dst_node_id]
+        return self.nodes[m.metadata.dst_node_id]
+
+    def _send(self, m, content: dict) -> str:
+        """Queue the site's reply to ``m`` for pull_messages; returns the message id."""
+        reply = Message(RecordDict(content), reply_to=m)
+        reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+        self._outbox.append(reply)
+        return m.metadata.message_id
+
+    def _answer(self, m) -> str:
+        site = self._stamp(m)
         how = self.behaviour[site]
         if how == "silent":
             return m.metadata.message_id
@@ -71,10 +82,7 @@ class StubGrid:
         else:
             content = {"metrics": MetricRecord({"num-examples": 5, "val_auc": 0.7, "test_auc": 0.6})}
         content["site"] = ConfigRecord({"name": site, "status": "ok", "reason": ""})
-        reply = Message(RecordDict(content), reply_to=m)
-        reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
-        self._outbox.append(reply)
-        return m.metadata.message_id
+        return self._send(m, content)
 
 
 def initial() -> dict[str, np.ndarray]:

@@ -38,7 +38,9 @@ __all__ = [
     "DEFAULT_BINS",
     "add_laplace_noise",
     "auc_binning_bound",
+    "coarsen",
     "default_bin_edges",
+    "pool_histograms",
     "pooled_auc_from_histograms",
     "pooled_roc_from_histograms",
     "score_histogram",
@@ -149,6 +151,66 @@ def sum_histograms(hists: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
         pos += p
         neg += n
     return {KEY_EDGES: edges.tolist(), KEY_POS: pos.tolist(), KEY_NEG: neg.tolist()}
+
+
+def coarsen(hist_counts: ArrayLike, k: int) -> NDArray[np.int64]:
+    """Sum adjacent bins of an n-bin count vector into ``k`` bins (``k`` must divide n).
+
+    With the default edges this is exact: for k | n, ``default_bin_edges(k)`` are every
+    (n/k)-th edge of ``default_bin_edges(n)`` (both are the same uniform grid in the
+    transformed space, see ``_default_edges_cached``), so merging each run of n/k bins gives
+    the histogram the site would have sent with k bins.
+    """
+    c = np.asarray(hist_counts, dtype=np.float64)
+    if c.ndim != 1 or c.shape[0] == 0 or not np.isfinite(c).all() or (c < 0).any() or (c != np.round(c)).any():
+        raise ValueError(
+            f"hist_counts must be a non-empty 1-D vector of non-negative integer counts, got shape {c.shape}"
+        )
+    n = c.shape[0]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or n % int(k):
+        raise ValueError(f"cannot coarsen {n} bins into {k!r}: k must be a positive divisor of {n}")
+    return c.astype(np.int64).reshape(int(k), n // int(k)).sum(axis=1)
+
+
+def pool_histograms(hists: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Sum site histograms over the default edges whose resolutions may differ.
+
+    A site may send fewer bins than the run's ``hist-bins`` (its privacy policy caps them;
+    the count divides the run's). Every histogram is coarsened to the greatest common
+    divisor g of the bin counts (:func:`coarsen`) and the sum is returned in the layout of
+    :func:`score_histogram` with ``default_bin_edges(g)``, ready for
+    :func:`pooled_auc_from_histograms` / :func:`auc_binning_bound`. Each histogram needs
+    ``hist_pos`` and ``hist_neg`` of one length; ``hist_edges``, if given, must be the
+    default edges of that length (explicit edges cannot be merged this way). Raises
+    ValueError when the histograms share no resolution finer than one bin (g = 1).
+    """
+    if isinstance(hists, Mapping):
+        hists = [hists]
+    if len(hists) == 0:
+        raise ValueError("hists is empty: need at least one site histogram")
+    counts: list[tuple[NDArray[np.int64], NDArray[np.int64]]] = []
+    for i, h in enumerate(hists):
+        where = f"hists[{i}]"
+        if not isinstance(h, Mapping) or KEY_POS not in h or KEY_NEG not in h:
+            raise ValueError(f"{where} must be a mapping with {KEY_POS!r} and {KEY_NEG!r}")
+        k = len(h[KEY_POS])
+        pos, neg = _counts(h, KEY_POS, k, where), _counts(h, KEY_NEG, k, where)
+        if KEY_EDGES in h:
+            e = _check_edges(h[KEY_EDGES])
+            if e.shape[0] != k + 1 or not np.allclose(e, default_bin_edges(k), rtol=0.0, atol=_EDGE_ATOL):
+                raise ValueError(f"{where} uses other edges than default_bin_edges({k}); only those can be pooled")
+        counts.append((pos, neg))
+    g = math.gcd(*(p.shape[0] for p, _ in counts))
+    if g < 2:
+        lengths = sorted({p.shape[0] for p, _ in counts})
+        raise ValueError(f"histograms of {lengths} bins share no resolution finer than one bin")
+    pos_sum = sum(coarsen(p, g) for p, _ in counts)
+    neg_sum = sum(coarsen(n, g) for _, n in counts)
+    return {
+        KEY_EDGES: default_bin_edges(g).tolist(),
+        KEY_POS: np.asarray(pos_sum).tolist(),
+        KEY_NEG: np.asarray(neg_sum).tolist(),
+    }
 
 
 def _pooled_counts(
