@@ -31,9 +31,10 @@ from fedbreast.client.personal import (
     psft_metrics,
     refuse_fine_tuning_outside_dp,
 )
+from fedbreast.client.policy import PolicyRefused, policy_mod, policy_of
 from fedbreast.client.secure_aggregation import secure_aggregation_mod
 from fedbreast.shared import protocol
-from fedbreast.shared.config import RunConfig
+from fedbreast.shared.config import HARNESS_KEYS, RunConfig
 from fedbreast.shared.data.manifest import read_site_meta
 from fedbreast.shared.data.site_data import SiteData, SiteUnavailable
 from fedbreast.shared.metrics import (
@@ -45,16 +46,26 @@ from fedbreast.shared.metrics import (
     score_histogram,
 )
 from fedbreast.shared.models.factory import build_model
-from fedbreast.shared.training.dp import DPRefused, central_dp_mod, local_dp_for
+from fedbreast.shared.training.accounting import run_key
+from fedbreast.shared.training.dp import (
+    CEILING_KEY,
+    DPRefused,
+    central_dp_mod,
+    lifetime_epsilon,
+    local_dp_for,
+    record_release,
+    site_ceiling,
+)
 from fedbreast.shared.training.local import pick_device
 from fedbreast.shared.training.tasks import FamilySite, task_for
 
 log = logging.getLogger("fedbreast.client")
-# egress_mod outermost: every reply is audited on the site's disk as it leaves (masked or not).
-app = ClientApp(mods=[egress_mod, secure_aggregation_mod])
+# egress_mod outermost: every reply is audited on the site's disk as it leaves (masked or not),
+# refusals included; then the site's policy (client/policy.py), before anything reads the message.
+app = ClientApp(mods=[egress_mod, policy_mod, secure_aggregation_mod])
 
 # Run-config keys that steer the simulation harness, not the model; the ClientApp ignores them.
-SIM_KEYS = ("sim-sites-dir", "run-dir")
+SIM_KEYS = HARNESS_KEYS
 CI_METRICS = ("auc", "sensitivity", "specificity", "accuracy", "mcc", "spec_at_sens100")
 
 
@@ -132,8 +143,13 @@ def train(msg: Message, context: Context) -> Message:
     except SiteUnavailable as exc:
         return _unable(msg, context, str(exc))
     server_round = protocol.round_of(msg.content, default=1)
-    try:  # local DP, or the site's privacy policy refusing this round (shared/training/dp.py)
+    try:  # the site's policy on its data, then local DP or its refusal (shared/training/dp.py)
+        policy = policy_of(context)
+        if policy is not None:
+            policy.check_training(len(data.datasets["train"]), cfg)
         dp = local_dp_for(context, cfg, site_dir_of(context), len(data.datasets["train"]), server_round)
+    except PolicyRefused as exc:
+        return _unable(msg, context, f"refused: {exc}")
     except DPRefused as exc:
         return _unable(msg, context, str(exc))
     torch.manual_seed(cfg.seed * 1000 + server_round)
@@ -216,6 +232,36 @@ def histogram_noise_epsilon(context: Context, cfg: RunConfig) -> float:
     return min(asked) if asked else 0.0
 
 
+def test_histograms(context: Context, cfg: RunConfig, y: np.ndarray, p: np.ndarray) -> dict[str, list[int]]:
+    """The test split's per-class score histograms, as this site's policy lets them leave.
+
+    Bins: the run's ``hist-bins``, or fewer (a divisor, so the coordinator can pool it) when the
+    policy caps them (client/policy.py). Noise: the stricter of the run's and the site's
+    ``hist-noise-epsilon``; each noised release is charged to the site's lifetime budget. A site
+    with a privacy ceiling (``dp-max-epsilon``) releases no histogram it cannot account for:
+    none without noise, none beyond the ceiling (the reply then has no histogram keys, and the
+    coordinator pools the others')."""
+    policy = policy_of(context)
+    n_bins = policy.hist_bins(cfg.hist_bins, len(y)) if policy is not None else cfg.hist_bins
+    hist = score_histogram(y, p, bins=n_bins) if len(y) else None
+    if hist is None:
+        return {"test_hist_pos": [0] * n_bins, "test_hist_neg": [0] * n_bins}
+    epsilon = histogram_noise_epsilon(context, cfg)
+    ceiling = site_ceiling(context.node_config)
+    if ceiling is not None:
+        site_dir = site_dir_of(context)
+        if epsilon <= 0:
+            log.warning("histogram withheld: %s is set and histograms are not noised", CEILING_KEY)
+            return {}
+        if lifetime_epsilon(site_dir) + epsilon > ceiling:
+            log.warning("histogram withheld: its epsilon %g would pass %s = %g", epsilon, CEILING_KEY, ceiling)
+            return {}
+        record_release(site_dir, run_key(context.run_config, context.run_id), "test histogram", epsilon)
+    if epsilon > 0:
+        hist = add_laplace_noise(hist, epsilon, np.random.default_rng(), n_groups=min(16, n_bins))
+    return {"test_hist_pos": hist["hist_pos"], "test_hist_neg": hist["hist_neg"]}
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
@@ -246,14 +292,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             split_metrics(split, y, p, loss, data.exams(split), cfg, with_ci=split == "test", threshold=threshold)
         )
         if split == "test":
-            hist = score_histogram(y, p, bins=cfg.hist_bins) if len(y) else None
-            n_bins = cfg.hist_bins
-            metrics["test_hist_pos"] = hist["hist_pos"] if hist else [0] * n_bins
-            metrics["test_hist_neg"] = hist["hist_neg"] if hist else [0] * n_bins
-            epsilon = histogram_noise_epsilon(context, cfg)
-            if epsilon > 0 and hist:
-                noisy = add_laplace_noise(hist, epsilon, np.random.default_rng())
-                metrics["test_hist_pos"], metrics["test_hist_neg"] = noisy["hist_pos"], noisy["hist_neg"]
+            metrics.update(test_histograms(context, cfg, y, p))
     metrics.update(task.extra_metrics(model, data, cfg, device, server_round=server_round))
     if personaliser is not None:  # the personalised model side by side (*_personal keys)
         metrics.update(

@@ -89,14 +89,19 @@ def app_hash() -> str:
     return h.hexdigest()
 
 
-@lru_cache(maxsize=1)
 def fab_hash_prefix() -> str:
-    """The FAB's hash prefix when this ClientApp was installed from a FAB by a SuperNode.
-
-    Flower gives the app no handle on the FAB, but installs it under
-    ``$FLWR_HOME/apps/<publisher>.<name>.<version>.<hash[:8]>``, which is on ``sys.path``;
-    empty in simulation or when run from a source tree.
+    """The sha256 of the app bundle this message came with: the pinned runtime's (a site
+    daemon: client/pinned_clientapp.py, which never installs the bundle), else the hash prefix
+    of the folder Flower installed it to, ``$FLWR_HOME/apps/<publisher>.<name>.<version>.<hash[:8]>``
+    (on ``sys.path``); empty in simulation or when run from a source tree.
     """
+    from fedbreast.client.pinned_clientapp import current_bundle_sha256
+
+    return current_bundle_sha256() or _installed_fab_prefix()
+
+
+@lru_cache(maxsize=1)
+def _installed_fab_prefix() -> str:
     for entry in sys.path:
         p = Path(entry)
         if p.parent.name == "apps":

@@ -361,16 +361,21 @@ class SiteDaemon:
             self.echo(line.rstrip("\n"))
 
     def _supernode_env(self) -> dict[str, str]:
-        """Flower's quiet environment; with a warm ClientApp, our ``flwr-clientapp`` shim first
-        on the PATH the SuperNode's SuperExec searches."""
+        """Flower's quiet environment, and our ``flwr-clientapp`` first on the PATH the
+        SuperNode's SuperExec searches: the pinned ClientApp (client/pinned_clientapp.py), forked
+        from the warm server or, without one, started cold. Flower's own never runs here."""
         env = flower_env()
-        if not self.cfg.warm_clientapp:
-            return env
-        from fedbreast.client.warm_clientapp import install_shim, socket_path
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        from fedbreast.client.warm_clientapp import install_pinned, install_shim, socket_path
 
-        self.warm_socket = socket_path(self.cfg.state_dir)
-        shim = install_shim(self.cfg.state_dir / "bin", self.warm_socket, bin_path("flwr-clientapp"))
-        env["PATH"] = os.pathsep.join([str(shim.parent), env["PATH"]])
+        bin_dir = self.cfg.state_dir / "bin"
+        if not self.cfg.warm_clientapp:
+            entry = install_pinned(bin_dir)
+        else:
+            self.warm_socket = socket_path(self.cfg.state_dir)
+            cold = install_pinned(bin_dir, "flwr-clientapp-cold")
+            entry = install_shim(bin_dir, self.warm_socket, str(cold))
+        env["PATH"] = os.pathsep.join([str(entry.parent), env["PATH"]])
         return env
 
     def _keep_warm_server(self) -> None:

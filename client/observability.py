@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from fedbreast.client.audit import audit_path
+from fedbreast.client.pinned_clientapp import BUNDLE_TYPE
 from fedbreast.shared.data.manifest import MANIFEST, ManifestError, group_exams, load_manifest, read_site_meta
 from fedbreast.shared.observability import ExporterServer, HealthCheck, JsonlTail, serve
 
@@ -60,6 +61,8 @@ class SiteState:
         self.last_success_time: float | None = None
         self.last_success_round: int | None = None
         self.epsilon: tuple[str, float] | None = None  # (run id, ε) of the latest line that reported one
+        self.bundles_refused = 0  # app bundles the site did not approve (their code never ran)
+        self.last_bundle_refusal = ""
 
     def add(self, line: dict[str, Any]) -> None:
         kind, status = str(line.get("type", "unknown")), str(line.get("status", "unknown"))
@@ -80,6 +83,9 @@ class SiteState:
         eps = line.get("dp_epsilon")
         if isinstance(eps, (int, float)):
             self.epsilon = (str(line.get("run_id", "")), float(eps))
+        if kind == BUNDLE_TYPE and status == "refused":  # client/pinned_clientapp.py
+            self.bundles_refused += 1
+            self.last_bundle_refusal = f"{line.get('utc', '')}: {line.get('reason', '')}"
 
 
 class SiteCollector:
@@ -91,7 +97,7 @@ class SiteCollector:
         self.health = health
         self._tail = JsonlTail(audit_path(self.site_dir))
         self._state = SiteState()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # healthy() re-enters it from collect()
         self._exam_cache: tuple[tuple[int, int], dict[str, int] | None] | None = None
 
     def _name_from_disk(self) -> str:
@@ -124,7 +130,18 @@ class SiteCollector:
         return None if self._exam_cache[1] is None else dict(self._exam_cache[1])
 
     def healthy(self) -> tuple[bool, str]:
-        """The daemon's own check if it gave one, else: the manifest is readable and has exams."""
+        """The daemon's own check if it gave one, else: the manifest is readable and has exams;
+        either way, the app bundles the site refused are named (the site stays healthy: it did
+        what it should)."""
+        ok, reason = self._own_health()
+        with self._lock:
+            self._refresh()
+            refused, last = self._state.bundles_refused, self._state.last_bundle_refusal
+        if refused:
+            reason = "; ".join(r for r in (reason, f"refused {refused} app bundle(s), the last at {last}") if r)
+        return ok, reason
+
+    def _own_health(self) -> tuple[bool, str]:
         if self.health is not None:
             from fedbreast.shared.observability import check_health
 
@@ -136,13 +153,17 @@ class SiteCollector:
             return False, "the site's manifest has no train exams"
         return True, ""
 
+    def _refresh(self) -> None:
+        """Fold in what was appended to the audit log since the last read (caller holds the lock)."""
+        reset, lines = self._tail.read()
+        if reset:
+            self._state = SiteState()
+        for line in lines:
+            self._state.add(line)
+
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            reset, lines = self._tail.read()
-            if reset:
-                self._state = SiteState()
-            for line in lines:
-                self._state.add(line)
+            self._refresh()
             yield from self._families(self._state)
 
     def _families(self, st: SiteState) -> Iterator[Metric]:

@@ -23,6 +23,10 @@ Example (deploy/site.example.toml)::
     [daemon]
     metrics-port = 9401
     # warm-clientapp = true           # fork each message's ClientApp from a warm process
+
+    [policy]                          # what the coordinator may ask of this site (client/policy.py)
+    min-batch-size = 8
+    require-dp = true
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedbreast.client.policy import DEFAULT as DEFAULT_POLICY
+from fedbreast.client.policy import SitePolicy
 from fedbreast.shared.data.rules import ConfigError
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -64,6 +70,8 @@ class SiteConfig:
     # Test hook, off unless set: the ClientApp sleeps this long before each training reply,
     # making the site a straggler for fault-tolerance drills (tests/test_fault_tolerance.py).
     debug_delay_seconds: float | None = None
+    # The [policy] section (defaults when absent): checked by the ClientApp on every message.
+    policy: SitePolicy = DEFAULT_POLICY
 
     def node_config(self) -> dict[str, Any]:
         """What the ClientApp sees as ``context.node_config`` (client/app.py reads these keys)."""
@@ -71,6 +79,7 @@ class SiteConfig:
             "data-path": str(self.data_path),
             "site-name": self.name,
             "state-dir": str(self.state_dir),
+            "policy": self.policy.to_json(),
         }
         if self.dp_max_epsilon is not None:
             out["dp-max-epsilon"] = self.dp_max_epsilon
@@ -168,9 +177,14 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     values: dict[str, Any] = {}
+    policy_table = doc.pop("policy", {})
+    if not isinstance(policy_table, dict):
+        raise ConfigError(f"{path}: policy: expected a [policy] table")
+    policy = SitePolicy.from_mapping(policy_table, str(path))
     for section, content in doc.items():
         if section not in SCHEMA:
-            raise ConfigError(f"{path}: [{section}]: unknown section (known: {', '.join(f'[{s}]' for s in SCHEMA)})")
+            known = ", ".join([*(f"[{s}]" for s in SCHEMA), "[policy]"])
+            raise ConfigError(f"{path}: [{section}]: unknown section (known: {known})")
         if not isinstance(content, dict):
             raise ConfigError(f"{path}: {section}: expected a [{section}] table")
         for key, raw in content.items():
@@ -215,5 +229,6 @@ def load_site_config(path: str | Path, insecure: bool = False) -> SiteConfig:
         dp_max_epsilon=values.get("site.dp-max-epsilon"),
         hist_noise_epsilon=values.get("site.hist-noise-epsilon"),
         debug_delay_seconds=values.get("site.debug-delay-seconds"),
+        policy=policy,
         **daemon,
     )

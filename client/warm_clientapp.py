@@ -16,8 +16,10 @@ and stderr to the server over a Unix socket; the server forks a child that runs 
   carries over to the next one, as before;
 - the code that runs is the site's installed ClientApp, imported before any run's app bundle
   is seen (Flower's loader reuses a module that is already imported);
-- if the server is not running, the shim execs the real ``flwr-clientapp``: slower, never
-  a lost message.
+- if the server is not running, the shim execs a cold ``flwr-clientapp``: slower, never
+  a lost message;
+- warm or cold, the entry point is the pinned one (client/pinned_clientapp.py): a run's app
+  bundle selects the installed ClientApp and never brings code of its own.
 
 The socket is created without group or other access, in the daemon's state directory: only
 the site's own user can ask for a ClientApp, which it could start itself anyway.
@@ -51,9 +53,10 @@ PRELOAD = (
     "sklearn.metrics",
     "flwr.supernode.cli.flwr_clientapp",
     "fedbreast.client.app",
+    "fedbreast.client.pinned_clientapp",
     "opacus",
 )
-FLOWER_ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
+FLOWER_ENTRY = "fedbreast.client.pinned_clientapp:main"  # Flower's flwr-clientapp, pinned
 SHIM_NAME = "flwr-clientapp"
 MAX_REQUEST = 64 * 1024
 # sockaddr_un holds 108 bytes on Linux; longer state paths get a private temp folder.
@@ -242,6 +245,17 @@ class WarmServer:
                 time.sleep(0.05)
         self.echo(f"warm ClientApp: stopped after starting {self.forked} ClientApp process(es)")
         return 0
+
+
+def install_pinned(bin_dir: Path, name: str = SHIM_NAME) -> Path:
+    """Write a cold ``flwr-clientapp`` that runs the pinned entry point (no warm server)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    target = bin_dir / name
+    target.write_text(
+        f"#!{sys.executable}\nfrom fedbreast.client.pinned_clientapp import main\nmain()\n", encoding="utf-8"
+    )
+    target.chmod(0o755)
+    return target
 
 
 def install_shim(bin_dir: Path, sock: Path, fallback: str) -> Path:

@@ -158,6 +158,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         sites_dir=Path(args.sites_dir) if args.sites_dir else None,
         modalities=args.modalities,
         engine=args.engine,
+        site_policy=Path(args.site_policy) if args.site_policy else None,
     )
     return 0
 
@@ -198,6 +199,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"fedbreast: run failed: {exc}", file=sys.stderr)
         return 1
     print(f"report: {run_dir.resolve() / 'summary.md'}")
+    return 0
+
+
+def cmd_release_hash(args: argparse.Namespace) -> int:
+    """The sha256 of the app bundle ``fedbreast run`` submits (or of ``--app``), for sites' app-hashes."""
+    import hashlib
+    import tempfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedbreast.simulation.flower_runner import write_app_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        app = Path(args.app) if args.app else write_app_dir(Path(tmp) / "app")
+        digest = hashlib.sha256(build_fab_from_disk(app)).hexdigest()
+    if args.json:
+        print(json.dumps({"sha256": digest}))
+    else:
+        print(digest)
+        print(f'# sites that approve this release add it to [policy] in site.toml: app-hashes = ["{digest}"]')
     return 0
 
 
@@ -255,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--baselines", action="store_true", help="also train local-only and pooled models with the same budget"
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key, e.g. --set local-epochs=2")
+    p.add_argument(
+        "--site-policy",
+        metavar="FILE",
+        help="a TOML file with a [policy] table (as in site.toml) that every simulated site enforces",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="generate simulated hospitals, ingest and check each, print a per-site report")
@@ -273,6 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flwr-home", help="Flower config folder (default $FLWR_HOME or ~/.flwr)")
     _add_run_config_flags(p)
     p.set_defaults(func=cmd_run)
+
+    release = sub.add_parser("release", help="coordinator: publish what sites approve").add_subparsers(
+        dest="release_command", required=True
+    )
+    p = release.add_parser(
+        "hash", help="print the sha256 of the app bundle `fedbreast run` submits; sites pin it in [policy] app-hashes"
+    )
+    p.add_argument("--app", help="Flower app folder (default: the one generated from the installed fedbreast)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_release_hash)
 
     server = sub.add_parser("server", help="coordinator commands").add_subparsers(dest="server_command", required=True)
     p = server.add_parser("start", help="start the SuperLink: TLS + site authentication, persistent state, /metrics")

@@ -18,13 +18,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedbreast.server.federation import FederatedRun, FederationStopped
 from fedbreast.server.report import write_report
-from fedbreast.shared.config import RunConfig
+from fedbreast.shared.config import HARNESS_KEYS, RunConfig
 from fedbreast.shared.models.factory import build_model
 
 log = logging.getLogger("fedbreast.server")
 app = ServerApp()
-
-HARNESS_KEYS = ("sim-sites-dir", "run-dir")
 
 
 def initial_arrays(cfg: RunConfig) -> dict[str, np.ndarray]:

@@ -157,6 +157,7 @@ class Exchange:
                 self.record_failure(outcome, server_round, phase, node, sorted_reply)
             else:
                 usable.append(sorted_reply)
+                self.record_clamps(server_round, phase, sorted_reply)
         for node in sent_to - answered:
             outcome.timed_out.add(node)
             self.record_failure(outcome, server_round, phase, node, TIMEOUT_REASON.format(self.round_timeout))
@@ -204,6 +205,18 @@ class Exchange:
                 break
             time.sleep(POLL_SECONDS)
         return replies, by_msg_id
+
+    def record_clamps(self, server_round: int, phase: str, reply: SiteReply) -> None:
+        """A site that answered with settings clamped under its own policy: shown and recorded."""
+        message = reply.message
+        site = (
+            protocol.SiteInfo.from_content(message.content) if message is not None and message.has_content() else None
+        )
+        if site is None or not site.notes:
+            return
+        notes = printable(site.notes)
+        self.echo(f"  round {server_round} {phase}: site {reply.site} clamped under its policy: {notes}")
+        self.store.append(server_round, "policy", reply.site, {"stage": phase, "notes": notes})
 
     def record_failure(self, outcome: RoundOutcome, server_round: int, phase: str, node: int, reason: str) -> None:
         site = self.site_name(node)

@@ -76,6 +76,9 @@ def table_row(row: Mapping[str, Any]) -> str | None:
     if phase == "failure":
         head = "  ".join(_cell(row.get(k), w) for _, k, w in COLUMNS[:2])
         return f"{head}  {_cell('LEFT OUT', 9)}  {row.get('stage', '')}: {row.get('reason', '')}"
+    if phase == "policy":  # a setting the site clamped under its own policy (client/policy.py)
+        head = "  ".join(_cell(row.get(k), w) for _, k, w in COLUMNS[:2])
+        return f"{head}  {_cell('CLAMPED', 9)}  {row.get('stage', '')}: {row.get('notes', '')}"
     if phase == "round":
         return (
             f"{_cell(row.get('round'), 5)}  {_cell('all sites', 16)}  {_cell('done', 9)}  "

@@ -34,6 +34,21 @@ PSFT_SCOPES = ("all", "head")
 # is clipped to dp-max-grad-norm, at the site and again at the coordinator). 0: off.
 AUTO_NORM_BOUND = -1.0
 AUTO_NORM_MULTIPLE = 3.0
+# Run-config keys of the simulation harness, not run settings: the sites folder, the run
+# directory, and a policy file for every simulated site (client/policy.py). A deployed site
+# ignores the first and the last (it has its own data path and its own policy).
+HARNESS_KEYS = ("sim-sites-dir", "run-dir", "sim-site-policy")
+SANITY_CEILINGS = {
+    "hist_bins": 4096,  # a score histogram finer than this is a list of scores
+    "bootstrap": 100_000,
+    "workers": 256,
+    "local_epochs": 10_000,
+    "local_steps": 1_000_000,
+    "personal_epochs": 10_000,
+    "personal_steps": 1_000_000,
+    "psft_epochs": 10_000,
+    "rounds": 100_000,
+}
 
 
 @dataclass(frozen=True)
@@ -214,6 +229,15 @@ class RunConfig(FamilySettings):
             raise bad("trim_beta", "must be in (0, 0.5)")
         if self.hist_bins < 16:
             raise bad("hist_bins", "must be at least 16")
+        # Sanity ceilings for every run, whoever sends it (a site's own policy is stricter:
+        # client/policy.py): beyond these a value is a mistake or an attack on the site's memory.
+        for name, most in SANITY_CEILINGS.items():
+            if getattr(self, name) > most:
+                raise bad(name, f"must be at most {most}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, "must be a finite number")
         try:
             self.decay_rounds  # noqa: B018 - parsing it is the check
         except ValueError:

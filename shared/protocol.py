@@ -43,6 +43,7 @@ class SiteInfo:
     name: str
     status: SiteStatus = SiteStatus.OK
     reason: str = ""
+    notes: str = ""  # settings the site clamped under its own policy (client/policy.py)
 
     @property
     def ok(self) -> bool:
@@ -65,7 +66,7 @@ class SiteInfo:
         except ValueError:
             parsed, reason = SiteStatus.UNABLE, f"unknown site status {status!r}" + (f": {reason}" if reason else "")
         name = record.get("name")
-        return cls(str(name) if name else "", parsed, reason)
+        return cls(str(name) if name else "", parsed, reason, str(record.get("notes", "") or ""))
 
 
 # ---- the coordinator's side ------------------------------------------------------------------

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedbreast.shared.config import RunConfig
+from fedbreast.shared.config import HARNESS_KEYS, RunConfig
 from fedbreast.shared.errors import FedbreastError
 
 QUIET_ENV = {
@@ -31,7 +31,7 @@ QUIET_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
-HARNESS_DEFAULTS = {"sim-sites-dir": "", "run-dir": ""}
+HARNESS_DEFAULTS = dict.fromkeys(HARNESS_KEYS, "")
 
 
 class SimulationFailed(FedbreastError, RuntimeError):

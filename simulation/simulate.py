@@ -103,11 +103,13 @@ def simulate(
     echo=print,
     modalities: str | None = None,
     engine: str = "ray",
+    site_policy: Path | None = None,
 ) -> dict[str, Any]:
     """Run the federation; with ``sites_dir``, on already-ingested site directories
     (one sub-folder per site, e.g. CDD-CESM imported per machine) instead of generated ones.
     ``engine``: ``ray`` (Flower's simulation engine, one SuperNode per site) or ``inprocess``
-    (the same apps in this process, sites in turn: simulation/inprocess.py)."""
+    (the same apps in this process, sites in turn: simulation/inprocess.py). ``site_policy``:
+    a TOML file whose ``[policy]`` every simulated site enforces (client/policy.py)."""
     t0 = time.perf_counter()
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
@@ -153,6 +155,12 @@ def simulate(
         )
     )
     run_config = {**cfg.to_flower(), "sim-sites-dir": str(sites_root), "run-dir": str(run_dir)}
+    if site_policy is not None:
+        from fedbreast.client.policy import SitePolicy  # the sites' own code reads it again per message
+
+        SitePolicy.from_file(site_policy)  # a bad file stops here, naming the key, not at every site
+        run_config["sim-site-policy"] = str(Path(site_policy).resolve())
+        echo(f"every site enforces the policy in {site_policy}")
     t = time.perf_counter()
     if engine == "inprocess":
         from fedbreast.simulation.inprocess import run_inprocess

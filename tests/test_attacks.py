@@ -1,12 +1,20 @@
 """The attack suite (issue 15): each attack is refused, clamped or survived, with nothing lost.
 
-Each section is one kind of attack and keeps its own helpers, so sections stay independent.
+Each section is one kind of attack and keeps its own helpers, so sections stay independent:
+hostile files at ingest; a malicious coordinator against one site's policy (the real
+ClientApp with all its mods); app bundles a site did not approve; a malicious site against
+the real round loop. The attacks that need a running federation (a real `flwr run` of a
+hostile bundle against four TLS site daemons) are in tests/test_deploy.py, beside the
+federation they use; the coordinator's reply checks one by one in tests/test_server_robustness.py.
+docs/security.md maps every attack to its defence.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,12 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clientapp_messages import as_task, request, site_context
 from dicom_cases import breast_pixels, edit, write_exam, write_one
 
+from fedbreast.client.audit import read_audit
+from fedbreast.client.policy import SitePolicy
+from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.dicom_writer import DicomMeta, new_study_uid, write_dicom
 from fedbreast.shared.data.ingest import ingest
 from fedbreast.shared.data.manifest import load_manifest, read_jsonl
 from fedbreast.shared.data.rules import ConfigError, load_rules
+from fedbreast.shared.training.dp import lifetime_epsilon
 
 # ---- hostile files ----
 #
@@ -211,3 +224,290 @@ def test_a_site_raises_one_frame_limit_and_keeps_the_others(tmp_path):
     assert limits.max_frames == {"MG": 60, "US": 1000}
     assert limits.max_pixels == 100_000_000 and limits.max_file_bytes == 512 << 20
     assert load_rules(config).fingerprint != load_rules().fingerprint
+
+
+# ---- a malicious coordinator against one site's policy (in process: the real ClientApp) ----
+#
+# Every message a hostile ServerApp could send, with the run config it chooses, goes to the
+# real ClientApp (all its mods: audit, policy, SecAgg+) of one generated, ingested hospital.
+# What comes back is what the coordinator would get; the site's disk shows what was spent.
+
+TINY = dict(backbone="smallcnn", image_h=64, image_w=32, bootstrap=50, hist_bins=64, rounds=1, batch_size=4, workers=0)
+POLICY = {
+    "min-batch-size": 4,
+    "max-local-epochs": 3,
+    "max-image-pixels": 64 * 64,
+    "max-bootstrap": 200,
+    "max-workers": 1,
+    "max-hist-bins": 16,
+}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    as_task()
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory) -> Path:
+    from fedbreast.simulation.simulate import prepare_federation
+
+    root = tmp_path_factory.mktemp("attacked")
+    return prepare_federation(root / "data", sites=1, patients=8, seed=5, echo=lambda line: None)[0]
+
+
+def send(site: Path, kind: str, policy: dict | None = None, run_id: int = 42, arrays: bool = True, **run):
+    """One message of a hostile coordinator; returns (status, reason, reply)."""
+    from fedbreast.client.app import app
+    from fedbreast.server.app import initial_arrays
+
+    cfg_keys = {**TINY, **run}
+    raw = RunConfig(**{k: v for k, v in cfg_keys.items() if k in RunConfig.__dataclass_fields__}).to_flower()
+    raw.update({RunConfig.flower_key(k): v for k, v in run.items() if k not in RunConfig.__dataclass_fields__})
+    node = {"policy": json.dumps(policy)} if policy is not None else {}
+    ctx = site_context(site, raw, run_id=run_id, policy=node)
+    weights = initial_arrays(RunConfig(**{k: v for k, v in cfg_keys.items() if k in RunConfig.__dataclass_fields__}))
+    server_round = 0 if kind == "query" else 1
+    reply = app(request(kind, server_round, weights if arrays and kind != "query" else None), ctx)
+    site_rec = reply.content["site"]
+    return str(site_rec["status"]), str(site_rec["reason"]), reply
+
+
+def test_a_batch_of_one_is_refused_naming_the_key(hospital):
+    status, reason, reply = send(hospital, "train", POLICY, batch_size=1, local_steps=1, augment=False)
+    assert status == "unable" and "min-batch-size = 4" in reason and "batch-size = 1" in reason
+    assert len(reply.content.array_records) == 0  # no update left
+    assert read_audit(hospital)[-1]["status"] == "unable"  # the refusal is on the site's record
+
+
+@pytest.mark.parametrize(
+    "run, key",
+    [
+        (dict(local_epochs=1000), "max-local-epochs"),
+        (dict(image_h=4096, image_w=4096), "max-image-pixels"),
+        (dict(model="birads", n_patches=100_000), "max-patches"),
+    ],
+)
+def test_resource_exhaustion_is_refused_before_data_is_read(hospital, run, key):
+    status, reason, _ = send(hospital, "train", POLICY, **run)
+    assert status == "unable" and key in reason, reason
+
+
+def test_what_only_costs_the_site_time_is_clamped_and_said(hospital):
+    status, _, reply = send(hospital, "evaluate", POLICY, bootstrap=50_000, workers=64, hist_bins=4096)
+    assert status == "ok"
+    notes = str(reply.content["site"]["notes"])
+    assert "bootstrap 50000 -> 200 (policy max-bootstrap)" in notes and "workers 64 -> 1" in notes
+    metrics = reply.content["metrics"]
+    n_test = int(metrics["test_n"])
+    bins = len(metrics["test_hist_pos"])
+    # Coarse: at most max-hist-bins and two scores per bin, and a divisor of the run's bins.
+    assert bins <= min(16, max(2, n_test // 2)) and 4096 % bins == 0, (bins, n_test)
+
+
+def test_nan_learning_rate_and_huge_histograms_are_refused_by_the_site(hospital):
+    from fedbreast.client.app import app
+
+    for key, value, why in (("lr", float("nan"), "must be a finite number"), ("hist-bins", 10**6, "at most 4096")):
+        raw = {**RunConfig(**TINY).to_flower(), key: value}  # what a hostile ServerApp can put in a run
+        reply = app(request("evaluate", 1), site_context(hospital, raw, policy={"policy": json.dumps(POLICY)}))
+        assert reply.content["site"]["status"] == "unable", key
+        assert f"{key} = " in reply.content["site"]["reason"] and why in reply.content["site"]["reason"]
+
+
+def test_plain_train_is_refused_where_the_site_requires_secure_aggregation(hospital):
+    status, reason, reply = send(hospital, "train", {**POLICY, "require-secure-aggregation": True})
+    assert status == "unable" and "require-secure-aggregation" in reason
+    assert len(reply.content.array_records) == 0
+
+
+def test_families_and_message_types_outside_the_policy_are_refused(hospital):
+    status, reason, _ = send(hospital, "train", {**POLICY, "families": ["dualmode"]})
+    assert status == "unable" and "families" in reason and "'multiview'" in reason
+    status, reason, _ = send(hospital, "evaluate", {**POLICY, "messages": ["hello", "train"]})
+    assert status == "unable" and "does not answer 'evaluate'" in reason
+
+
+def test_delta_near_one_is_refused(hospital):
+    status, reason, _ = send(
+        hospital, "train", {**POLICY, "require-dp": True}, dp="local", dp_epsilon=8.0, dp_delta=0.5
+    )
+    assert status == "unable" and "dp-delta = 0.5 is above 1/n" in reason
+
+
+def test_dp_bypass_through_the_personal_query_is_refused(hospital):
+    status, reason, reply = send(
+        hospital, "query.personal", {**POLICY, "require-dp": True, "max-epsilon": 8.0}, personal_epochs=2
+    )
+    assert status == "unable" and "fine-tune" in reason
+    assert len(reply.content.array_records) == 0
+
+
+def test_a_fresh_run_does_not_reset_epsilon(tmp_path, hospital):
+
+    site = tmp_path / "site"
+    shutil.copytree(hospital, site, ignore=shutil.ignore_patterns("audit", "state"))
+    policy = {**POLICY, "require-dp": True, "max-epsilon": 2.6, "hist-noise-epsilon": 0.5}
+    dp = dict(dp="local", dp_epsilon=2.0, dp_delta=1e-3, rounds=1)
+    status, reason, _ = send(site, "train", policy, run_id=1, run_dir="run-a", **dp)
+    assert status == "ok", reason
+    spent = lifetime_epsilon(site)
+    assert 1.5 < spent <= 2.0 + 1e-6
+    # A new run (new run id, new run directory) asks for the same budget: over the lifetime ceiling.
+    status, reason, _ = send(site, "train", policy, run_id=2, run_dir="run-b", **dp)
+    assert status == "unable" and "lifetime epsilon" in reason and "dp-max-epsilon = 2.6" in reason
+    # Histogram releases are charged to the same ledger, and withheld once it is spent.
+    status, _, reply = send(site, "evaluate", policy, run_id=2, run_dir="run-b", **dp)
+    assert status == "ok" and "test_hist_pos" in reply.content["metrics"]
+    assert lifetime_epsilon(site) == pytest.approx(spent + 0.5)
+    status, _, reply = send(site, "evaluate", policy, run_id=3, run_dir="run-c", **dp)
+    assert status == "ok" and "test_hist_pos" not in reply.content["metrics"]  # 2.6 would be passed
+    assert lifetime_epsilon(site) == pytest.approx(spent + 0.5)
+
+
+def test_an_unreadable_policy_refuses_everything(hospital):
+    from fedbreast.client.app import app
+
+    ctx = site_context(hospital, RunConfig(**TINY).to_flower(), policy={"policy": "{not json"})
+    reply = app(request("query", 0), ctx)
+    assert reply.content["site"]["status"] == "unable" and "policy cannot be read" in reply.content["site"]["reason"]
+
+
+def test_policy_files_are_validated_naming_the_key(tmp_path):
+    bad = tmp_path / "policy.toml"
+    bad.write_text("[policy]\nmin-batch-size = 0\n")
+    with pytest.raises(ConfigError, match=r"\[policy\] min-batch-size = 0: expected a positive"):
+        SitePolicy.from_file(bad)
+    bad.write_text("[policy]\nmessages = ['train', 'steal']\n")
+    with pytest.raises(ConfigError, match="unknown message type"):
+        SitePolicy.from_file(bad)
+    good = tmp_path / "good.toml"
+    good.write_text("[policy]\nmin-batch-size = 8\nrequire-dp = true\nmax-epsilon = 4\n")
+    p = SitePolicy.from_file(good)
+    assert (p.min_batch_size, p.require_dp, p.max_epsilon) == (8, True, 4.0)
+    assert SitePolicy.from_mapping(json.loads(p.to_json()), "round trip") == p
+
+
+# ---- app bundles a site did not approve (the network version: tests/test_deploy.py) ----
+
+
+def _bundle(tmp_path: Path, clientapp: str, extra: dict[str, str] | None = None) -> bytes:
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedbreast.simulation.flower_runner import write_app_dir
+
+    app = write_app_dir(tmp_path / f"app-{abs(hash((clientapp, str(extra))))}")
+    text = (app / "pyproject.toml").read_text().replace('"fedbreast.client.app:app"', f'"{clientapp}"')
+    (app / "pyproject.toml").write_text(text)
+    for name, body in (extra or {}).items():
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text(body)
+    return build_fab_from_disk(app)
+
+
+def test_only_bundles_that_select_the_installed_clientapp_and_are_pinned_are_approved(tmp_path):
+    from fedbreast.client.pinned_clientapp import verify_bundle
+
+    ours = _bundle(tmp_path, "fedbreast.client.app:app")
+    digest = hashlib.sha256(ours).hexdigest()
+    # `fedbreast release hash` publishes exactly the hash of the bundle `fedbreast run` submits.
+    published = subprocess.run(
+        [sys.executable, "-m", "fedbreast", "release", "hash", "--json"], capture_output=True, text=True, check=True
+    )
+    assert json.loads(published.stdout)["sha256"] == digest
+    assert verify_bundle(ours, digest, "fedbreast/fedbreast-app", None).approved
+    assert verify_bundle(ours, digest, "fedbreast/fedbreast-app", (digest,)).approved
+
+    cases = {
+        "another ClientApp": (_bundle(tmp_path, "evil:client"), None, "names the ClientApp 'evil:client'"),
+        "a shadowing copy of our package": (
+            _bundle(tmp_path, "fedbreast.client.app:app", {"fedbreast/client/app.py": "STEAL = 1\n"}),
+            (digest,),
+            "not in this site's policy app-hashes",
+        ),
+        "not a bundle": (b"PK\x03\x04 not a zip", None, "not a readable app bundle"),
+        "too large": (b"\0" * (17 * 1024 * 1024), None, "more than"),
+    }
+    for what, (content, pinned, why) in cases.items():
+        verdict = verify_bundle(content, hashlib.sha256(content).hexdigest(), "mallory/x", pinned)
+        assert not verdict.approved and why in verdict.refused, (what, verdict.refused)
+    lying = verify_bundle(ours, "0" * 64, "fedbreast/fedbreast-app", None)
+    assert not lying.approved and "does not match the hash" in lying.refused
+
+
+def test_simulate_applies_a_site_policy_to_every_simulated_site(tmp_path, hospital, capsys):
+
+    from fedbreast.cli import main
+    from fedbreast.server.metric_store import MetricStore
+
+    sites = tmp_path / "sites"
+    for name in ("site-1", "site-2"):
+        shutil.copytree(hospital, sites / name, ignore=shutil.ignore_patterns("audit", "state"))
+        meta = json.loads((sites / name / "site.json").read_text())
+        (sites / name / "site.json").write_text(json.dumps({**meta, "site": name}))  # two hospitals, two names
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\nmax-bootstrap = 20\nmax-hist-bins = 8\nmin-scores-per-bin = 1\n")
+    run = tmp_path / "run"
+    flags = ["--rounds", "1", "--backbone", "smallcnn", "--image-size", "64x32", "--set", "workers=0"]
+    args = ["simulate", "--out", str(run), "--sites-dir", str(sites), "--engine", "inprocess", *flags]
+    assert main([*args, "--set", "bootstrap=100", "--set", "hist-bins=64", "--site-policy", str(policy)]) == 0
+    store = MetricStore(run)
+    clamps = store.rows("policy")
+    assert {(r["site"], r["stage"]) for r in clamps} == {("site-1", "evaluate"), ("site-2", "evaluate")}
+    assert all(r["notes"] == "bootstrap 100 -> 20 (policy max-bootstrap)" for r in clamps)
+    for row in store.rows("evaluate"):
+        assert len(row["test_hist_pos"]) <= 8 and 64 % len(row["test_hist_pos"]) == 0
+    # A bad policy file stops the run before it starts, naming the key.
+    policy.write_text("[policy]\nmax-bootstrap = -1\n")
+    assert main([*args, "--site-policy", str(policy)]) == 2
+    assert "[policy] max-bootstrap = -1: expected a positive" in capsys.readouterr().err
+
+
+# ---- a malicious site against the real round loop ----
+#
+# Three hospitals answer the real coordinator (FederatedRun over the in-process grid, the real
+# ClientApp behind it); two of them lie in their replies. The run must finish, drop each liar
+# for the round with a reason naming the key, and aggregate the honest site alone.
+
+LIES = {
+    "site-2": {"train": {"num-examples": 10**12}, "evaluate": {"test_hist_pos": [-5, 3, 2]}},
+    "site-3": {"train": {"num-examples": float("nan")}, "evaluate": {"num-examples": float("nan")}},
+}
+
+
+def test_lying_sites_are_dropped_for_the_round_and_the_run_goes_on(tmp_path, hospital):
+    from flwr.app import MetricRecord
+
+    from fedbreast.server.app import initial_arrays
+    from fedbreast.server.federation import FederatedRun
+    from fedbreast.server.metric_store import MetricStore
+    from fedbreast.simulation.inprocess import InProcessGrid
+
+    sites = []
+    for name in ("site-1", "site-2", "site-3"):
+        shutil.copytree(hospital, tmp_path / name, ignore=shutil.ignore_patterns("audit", "state"))
+        meta = json.loads((tmp_path / name / "site.json").read_text())
+        (tmp_path / name / "site.json").write_text(json.dumps({**meta, "site": name}))
+        sites.append(tmp_path / name)
+
+    def lie(site_dir, request_msg, reply):
+        told = LIES.get(site_dir.name, {}).get(str(request_msg.metadata.message_type))
+        if told and "metrics" in reply.content.metric_records:
+            reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), **told})
+        return reply
+
+    cfg = RunConfig(**{**TINY, "rounds": 2, "min_available_sites": 3, "wait_for_sites": 1, "round_timeout": 60})
+    grid = InProcessGrid(sites, cfg.to_flower(), lie, site_names=True)
+    lines: list[str] = []
+    FederatedRun(grid, cfg, tmp_path / "run", initial_arrays(cfg), echo=lines.append).run()
+    store = MetricStore(tmp_path / "run")
+    assert [r["round"] for r in store.rows("round")] == [1, 2]  # finished, every round
+    failures = {(f["round"], f["site"], f["stage"]): f["reason"] for f in store.rows("failure")}
+    for rnd in (1, 2):
+        assert "num-examples" in failures[(rnd, "site-2", "train")] and "1e+12" in failures[(rnd, "site-2", "train")]
+        assert "test_hist_pos" in failures[(rnd, "site-2", "evaluate")]
+        assert "num-examples" in failures[(rnd, "site-3", "train")]
+        assert "num-examples" in failures[(rnd, "site-3", "evaluate")]
+    assert {r["site"] for r in store.rows("train")} == {"site-1"}  # the honest site alone is averaged
+    assert all(r["sites"] == 1 for r in store.rows("aggregate"))
+    assert any("site-2 left out" in line for line in lines)

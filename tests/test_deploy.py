@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from fedbreast.client.audit import read_audit
 from fedbreast.client.site_config import load_site_config
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.data.rules import ConfigError
@@ -221,6 +222,7 @@ def test_site_config_resolves_relative_paths_and_builds_the_node_config(tmp_path
     path.write_text(
         '[site]\nname = "h-1"\ndata-path = "../data"\ndp-max-epsilon = 3\n[superlink]\naddress = "127.0.0.1:9092"\n'
         'root-certificates = "tls/ca.crt"\n[keys]\nprivate-key = "/k/site.key"\n'
+        "[policy]\nmin-batch-size = 8\nmessages = ['hello', 'train', 'evaluate']\n"
     )
     cfg = load_site_config(path)
     assert cfg.data_path == tmp_path / "conf" / ".." / "data" and cfg.state_dir == tmp_path / "conf" / "state"
@@ -230,7 +232,12 @@ def test_site_config_resolves_relative_paths_and_builds_the_node_config(tmp_path
         "site-name": "h-1",
         "state-dir": str(cfg.state_dir),
         "dp-max-epsilon": 3.0,
+        "policy": cfg.policy.to_json(),
     }
+    # The [policy] travels to the ClientApp as JSON in the node config (client/policy.py reads it back).
+    policy = json.loads(cfg.node_config()["policy"])
+    assert policy["min-batch-size"] == 8 and policy["messages"] == ["hello", "train", "evaluate"]
+    assert policy["max-hist-bins"] == 32  # the defaults of every key the section leaves out
 
 
 # ---- insecure mode needs the flag ----------------------------------------------------------------
@@ -467,6 +474,7 @@ def add_site(fed: dict, site: str, data: Path, extra: str = "") -> subprocess.Po
             start_new_session=True,
         )
     fed["daemons"][site] = (proc, mport, root / site)
+    fed.setdefault("data", {})[site] = data
     return proc
 
 
@@ -641,6 +649,76 @@ def test_fedbreast_run_over_tls_reports_per_site_with_registered_names(federatio
         log = (federation["daemons"][site][2] / "daemon.log").read_text()
         assert "warm ClientApp: ready" in log and "starting a cold one" not in log, log[-3000:]
     print(f"1-round TLS deployment run with 4 SuperNodes under SecAgg+: {seconds:.1f} s")
+
+
+EVIL_APP = """
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@client.query()
+def steal(msg: Message, context: Context) -> Message:
+    # What a hostile bundle would do at a site: read its data and keys, send them out.
+    loot = {"site": str(context.node_config.get("site-name")), "data": str(context.node_config.get("data-path"))}
+    Path(str(context.run_config["marker"])).write_text(json.dumps(loot))
+    return Message(RecordDict({"loot": ConfigRecord(loot)}), reply_to=msg)
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    nodes = sorted(grid.get_node_ids())
+    config = RecordDict({"config": ConfigRecord({"server-round": 0})})
+    msgs = [Message(config, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    out = []
+    for reply in grid.send_and_receive(msgs, timeout=120):
+        if reply.has_error():
+            out.append({"error": reply.error.reason})
+        else:
+            out.append({k: dict(v) for k, v in reply.content.config_records.items()})
+    Path(str(context.run_config["out"])).write_text(json.dumps(out))
+"""
+
+
+def test_a_bundle_the_sites_did_not_approve_never_runs_there(federation, tmp_path):
+    """The attack suite's malicious bundle (tests/test_attacks.py lists it): anyone who reaches
+    the SuperLink submits an app whose ClientApp would read each site's data. Every site answers
+    with the refusal instead, none of the bundle's code runs at a site, the refusal is on each
+    site's audit log and /healthz, and the daemons go on (the run test below uses them)."""
+    app = tmp_path / "evil-app"
+    app.mkdir()
+    marker, out_file = tmp_path / "loot.json", tmp_path / "replies.json"
+    (app / "evil.py").write_text(EVIL_APP)
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "evil"\nversion = "1.0.0"\nlicense = "Apache-2.0"\ndependencies = []\n'
+        '[tool.flwr.app]\npublisher = "mallory"\n'
+        '[tool.flwr.app.components]\nserverapp = "evil:server"\nclientapp = "evil:client"\n'
+        f'[tool.flwr.app.config]\nmarker = "{marker}"\nout = "{out_file}"\n'
+    )
+    run = sh(FLWR, "run", app, federation["name"], "--stream", env=federation["env"], timeout=240)
+    assert run.returncode == 0, run.stdout + run.stderr
+    wait_for(out_file.exists, 60, "the ServerApp's replies")
+    replies = json.loads(out_file.read_text())
+    assert not marker.exists(), f"the bundle's ClientApp ran at a site: {marker.read_text()}"
+    assert len(replies) == len(federation["daemons"]), replies
+    for reply in replies:
+        site = reply["site"]
+        assert site["status"] == "unable" and "loot" not in reply, reply
+        assert "refused: app bundle mallory/evil" in site["reason"], site
+        assert "names the ClientApp 'evil:client'" in site["reason"], site
+    for site in GOOD_SITES:
+        lines = read_audit(federation["data"][site])
+        refusal = [x for x in lines if x["type"] == "app-bundle"][-1]
+        assert refusal["status"] == "refused" and "evil:client" in refusal["reason"] and len(refusal["fab_hash"]) == 64
+        status, health = healthz(federation["daemons"][site][1])
+        assert status == 200 and "refused 1 app bundle" in health["reason"] and "evil:client" in health["reason"]
 
 
 # A SuperNode killed with kill -9 (restarted by its daemon under the same node id, and

@@ -43,6 +43,7 @@ from torch import nn
 
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.datasets import passthrough_collate
+from fedbreast.shared.durable import atomic_write_json, fsync_dir
 from fedbreast.shared.errors import FedbreastError
 from fedbreast.shared.models.backbones import replace_inplace_relu
 from fedbreast.shared.models.multiview import VIEW_ORDER, MultiViewFusionNet
@@ -261,9 +262,10 @@ class PrivacyLedger:
         self.history = [tuple(h) for h in history]  # type: ignore[misc]
         self.rounds.append(round_entry)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"mechanism": ACCOUNTANT, "history": self.history, "rounds": self.rounds}, indent=1))
-        os.replace(tmp, self.path)
+        # fsync'd file and folder: a power cut never brings back a smaller epsilon than was spent.
+        atomic_write_json(
+            self.path, {"mechanism": ACCOUNTANT, "history": self.history, "rounds": self.rounds}, indent=1
+        )
 
 
 def site_ceiling(node_config: Mapping[str, Any]) -> float | None:
@@ -691,16 +693,71 @@ def local_dp_for(context: Context, cfg: RunConfig, site_dir: Path, n_train: int,
             )
         return None
     plan = plan_local_round(cfg, n_train)
-    ledger = PrivacyLedger.for_run(site_dir, run_key(context.run_config, context.run_id))
+    key = run_key(context.run_config, context.run_id)
+    ledger = PrivacyLedger.for_run(site_dir, key)
     if ceiling is not None:
         projected = ledger.projected_epsilon(plan)
-        if projected > ceiling:
+        # The ceiling is for the site's data, not per run: a fresh run does not start at 0.
+        elsewhere = lifetime_epsilon(site_dir, exclude_run=key)
+        if projected + elsewhere > ceiling:
             raise DPRefused(
-                f"privacy ceiling: round {server_round} would bring this run's epsilon to {projected:.3f} "
-                f"(delta {plan.delta:g}; {ledger.epsilon(plan.delta):.3f} spent so far), above this site's "
-                f"{CEILING_KEY} = {ceiling:g}"
+                f"privacy ceiling: round {server_round} would bring this site's lifetime epsilon to "
+                f"{projected + elsewhere:.3f} (this run {projected:.3f} with delta {plan.delta:g}, "
+                f"{ledger.epsilon(plan.delta):.3f} of it spent so far; earlier runs and releases "
+                f"{elsewhere:.3f}), above this site's {CEILING_KEY} = {ceiling:g}"
             )
     return LocalDP(plan, ledger, cfg.dp_grad_sample_mode, cfg.dp_freeze_blocks, server_round)
+
+
+RELEASES = "releases.jsonl"  # in state/dp: every noised release outside DP-SGD (histograms)
+
+
+def _dp_dir(site_dir: str | os.PathLike[str]) -> Path:
+    return Path(site_dir) / "state" / "dp"
+
+
+def lifetime_epsilon(site_dir: str | os.PathLike[str], exclude_run: str | None = None) -> float:
+    """Epsilon this site has spent on its data over all runs: each run's DP-SGD ledger (its last
+    round's epsilon) plus every noised release, composed by addition (basic composition, an
+    upper bound). ``exclude_run``: the ledger key of the run being planned (its own accountant
+    composes its rounds more tightly). An unreadable record refuses (DPRefused): never a reset."""
+    total = 0.0
+    folder = _dp_dir(site_dir)
+    if not folder.is_dir():
+        return 0.0
+    for path in sorted(folder.glob("*.json")):
+        if path.stem == exclude_run:
+            continue
+        ledger = PrivacyLedger(path)
+        if ledger.rounds:
+            total += float(ledger.rounds[-1].get("epsilon", 0.0) or 0.0)
+        elif ledger.history:  # a ledger without round entries: recompute (delta 1e-5 is what runs use)
+            total += ledger.epsilon(1e-5)
+    releases = folder / RELEASES
+    if releases.exists():
+        for n, line in enumerate(releases.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                total += float(json.loads(line)["epsilon"])
+            except (ValueError, KeyError, TypeError):
+                raise DPRefused(f"privacy release record {releases} line {n} is unreadable; not releasing") from None
+    return total
+
+
+def record_release(site_dir: str | os.PathLike[str], run: str, what: str, epsilon: float) -> None:
+    """Charge one noised release (e.g. a Laplace histogram) to the site's lifetime budget,
+    durably, before it leaves."""
+    path = _dp_dir(site_dir) / RELEASES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"run": run, "what": what, "epsilon": float(epsilon), "time": round(time.time(), 3)}) + "\n"
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)
 
 
 # ---- central DP: the site's side (the coordinator's is server/central_dp.py) ----------------
