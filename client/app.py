@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ from fedbreast.shared.training.dp import (
     central_dp_mod,
     lifetime_epsilon,
     local_dp_for,
+    privacy_lock,
     record_release,
     site_ceiling,
 )
@@ -113,9 +115,15 @@ def _unable(msg: Message, context: Context, reason: str) -> Message:
 def _load(msg: Message, context: Context) -> tuple[RunConfig, SiteData | FamilySite, torch.nn.Module]:
     cfg = RunConfig.from_flower(context.run_config, ignore=SIM_KEYS)
     data = task_for(cfg).open(site_dir_of(context), cfg)  # the family's inputs at this site
-    model = build_model(cfg)
+    model = site_model(cfg)
     model.load_state_dict(protocol.array_record(msg.content).to_torch_state_dict(), strict=True)
     return cfg, data, model
+
+
+def site_model(cfg: RunConfig) -> torch.nn.Module:
+    """The model's structure at the site; its weights always come in the message. A run's
+    ``weights-path`` is never opened here: it would let the coordinator probe the site's files."""
+    return build_model(cfg.replace(weights_path=""))
 
 
 @app.query()
@@ -143,24 +151,28 @@ def train(msg: Message, context: Context) -> Message:
     except SiteUnavailable as exc:
         return _unable(msg, context, str(exc))
     server_round = protocol.round_of(msg.content, default=1)
-    try:  # the site's policy on its data, then local DP or its refusal (shared/training/dp.py)
-        policy = policy_of(context)
-        if policy is not None:
-            policy.check_training(len(data.datasets["train"]), cfg)
-        dp = local_dp_for(context, cfg, site_dir_of(context), len(data.datasets["train"]), server_round)
-    except PolicyRefused as exc:
-        return _unable(msg, context, f"refused: {exc}")
-    except DPRefused as exc:
-        return _unable(msg, context, str(exc))
-    torch.manual_seed(cfg.seed * 1000 + server_round)
-    device = pick_device()
-    personaliser = personaliser_for(context, cfg, site_dir_of(context)) if cfg.fedbn else None
-    # FedBN: train with the site's own normalisation layers (from its disk, so also after a restart)
-    own_norms = personaliser.use_local_norms(model, server_round) if personaliser is not None else False
-    try:  # the family's local training (train_local underneath; keyword arguments pass through to it)
-        stats = task_for(cfg).train(model.to(device), data, cfg, server_round, device, dp=dp)
-    except SiteUnavailable as exc:  # e.g. no ultrasound for mgus' fusion step
-        return _unable(msg, context, str(exc))
+    # DP rounds of all runs at this site take turns: the lifetime budget is checked and spent as
+    # one step, so concurrent messages cannot each pass the check before any of them has spent.
+    budget = privacy_lock(site_dir_of(context)) if cfg.dp == "local" else nullcontext()
+    with budget:
+        try:  # the site's policy on its data, then local DP or its refusal (shared/training/dp.py)
+            policy = policy_of(context)
+            if policy is not None:
+                policy.check_training(len(data.datasets["train"]), cfg)
+            dp = local_dp_for(context, cfg, site_dir_of(context), len(data.datasets["train"]), server_round)
+        except PolicyRefused as exc:
+            return _unable(msg, context, f"refused: {exc}")
+        except DPRefused as exc:
+            return _unable(msg, context, str(exc))
+        torch.manual_seed(cfg.seed * 1000 + server_round)
+        device = pick_device()
+        personaliser = personaliser_for(context, cfg, site_dir_of(context)) if cfg.fedbn else None
+        # FedBN: train with the site's own normalisation layers (from its disk, so also after a restart)
+        own_norms = personaliser.use_local_norms(model, server_round) if personaliser is not None else False
+        try:  # the family's local training (train_local underneath; keyword arguments pass through to it)
+            stats = task_for(cfg).train(model.to(device), data, cfg, server_round, device, dp=dp)
+        except SiteUnavailable as exc:  # e.g. no ultrasound for mgus' fusion step
+            return _unable(msg, context, str(exc))
     metrics = {
         protocol.NUM_EXAMPLES: stats.examples,
         "train_loss": stats.loss,
@@ -246,19 +258,25 @@ def test_histograms(context: Context, cfg: RunConfig, y: np.ndarray, p: np.ndarr
     hist = score_histogram(y, p, bins=n_bins) if len(y) else None
     if hist is None:
         return {"test_hist_pos": [0] * n_bins, "test_hist_neg": [0] * n_bins}
-    epsilon = histogram_noise_epsilon(context, cfg)
+    epsilon = histogram_noise_epsilon(context, cfg)  # per patient
     ceiling = site_ceiling(context.node_config)
+    per_patient = task_for(cfg).units_per_patient  # one patient changes up to this many counts
+    site_dir = site_dir_of(context)
     if ceiling is not None:
-        site_dir = site_dir_of(context)
-        if epsilon <= 0:
-            log.warning("histogram withheld: %s is set and histograms are not noised", CEILING_KEY)
+        if epsilon <= 0 or per_patient is None:
+            log.warning("histogram withheld: %s is set and this histogram cannot be accounted per patient", CEILING_KEY)
             return {}
-        if lifetime_epsilon(site_dir) + epsilon > ceiling:
-            log.warning("histogram withheld: its epsilon %g would pass %s = %g", epsilon, CEILING_KEY, ceiling)
-            return {}
+        with privacy_lock(site_dir):  # checked and charged as one step (see train)
+            if lifetime_epsilon(site_dir) + epsilon > ceiling:
+                log.warning("histogram withheld: its epsilon %g would pass %s = %g", epsilon, CEILING_KEY, ceiling)
+                return {}
+            record_release(site_dir, run_key(context.run_config, context.run_id), "test histogram", epsilon)
+    elif epsilon > 0:  # no ceiling: still on the ledger, so the record of what was spent is whole
         record_release(site_dir, run_key(context.run_config, context.run_id), "test histogram", epsilon)
     if epsilon > 0:
-        hist = add_laplace_noise(hist, epsilon, np.random.default_rng(), n_groups=min(16, n_bins))
+        # Laplace noise for epsilon per patient: a patient's units move up to that many counts.
+        scale = per_patient if per_patient is not None else 1
+        hist = add_laplace_noise(hist, epsilon / scale, np.random.default_rng(), n_groups=min(16, n_bins))
     return {"test_hist_pos": hist["hist_pos"], "test_hist_neg": hist["hist_neg"]}
 
 
@@ -349,7 +367,7 @@ def cross_site(msg: Message, context: Context) -> Message:
     assert isinstance(names, list)  # the coordinator's model names (server/cross_site.py)
     models = []
     for i, name in enumerate(names):
-        m = build_model(cfg)
+        m = site_model(cfg)
         m.load_state_dict(protocol.array_record(msg.content, model_slot(i)).to_torch_state_dict(), strict=True)
         models.append((str(name), m))
     personaliser = personaliser_for(context, cfg, site_dir_of(context))

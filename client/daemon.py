@@ -366,9 +366,11 @@ class SiteDaemon:
         from the warm server or, without one, started cold. Flower's own never runs here."""
         env = flower_env()
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        from fedbreast.client.pinned_clientapp import install_pinned_runtime
         from fedbreast.client.warm_clientapp import install_pinned, install_shim, socket_path
 
         bin_dir = self.cfg.state_dir / "bin"
+        install_pinned_runtime(bin_dir)  # flower-superexec for ClientApp tasks only; no other task command
         if not self.cfg.warm_clientapp:
             entry = install_pinned(bin_dir)
         else:

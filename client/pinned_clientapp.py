@@ -37,6 +37,7 @@ import tomllib
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("fedbreast.client.pinned")
@@ -181,6 +182,52 @@ def pin_flower_runtime() -> None:
     runtime.install_from_fab = never_install  # type: ignore[assignment]
     runtime.install_app_dependencies = never_install  # type: ignore[assignment]
     runtime.get_load_client_app_fn = load_installed  # type: ignore[assignment]
+
+
+# Flower's other task commands (flwr.supercore.constant.TASK_TYPE_TO_COMMAND). A run whose
+# bundle names an ``agentapp`` makes the SuperNode create an AGENT_APP task, which Flower's own
+# ``flwr-agentapp`` would run by unpacking and importing the bundle: none of them may run here.
+REFUSED_COMMANDS = ("flwr-agentapp", "flwr-serverapp", "flwr-simulation", "flwr-model", "flwr-connector")
+
+
+def superexec_main() -> None:
+    """``flower-superexec`` as the site runs it: Flower's, executing ClientApp tasks only.
+
+    Any other task type a run asks for (an AgentApp bundle) is logged by Flower as an unknown
+    task type and never started; the coordinator sees no answer from this site."""
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    restrict_superexec()
+    flower_superexec()
+
+
+def restrict_superexec() -> None:
+    """Flower's SuperExec plugin runs only ClientApp tasks in this process."""
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
+
+    AutoExecPlugin.supported_task_types = frozenset({TaskType.CLIENT_APP})
+
+
+def install_pinned_runtime(bin_dir: Path) -> None:
+    """The site's ``flower-superexec`` (ClientApp tasks only) and a refusing stand-in for every
+    other Flower task command, in ``bin_dir`` (first on the SuperNode's PATH)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    scripts = {
+        "flower-superexec": "from fedbreast.client.pinned_clientapp import superexec_main\nsuperexec_main()\n",
+        **{
+            name: (
+                "import sys\n"
+                f"print('{name}: refused: this fedbreast site runs only its installed ClientApp', file=sys.stderr)\n"
+                "sys.exit(1)\n"
+            )
+            for name in REFUSED_COMMANDS
+        },
+    }
+    for name, body in scripts.items():
+        target = bin_dir / name
+        target.write_text(f"#!{sys.executable}\n{body}", encoding="utf-8")
+        target.chmod(0o755)
 
 
 def main() -> None:

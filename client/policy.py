@@ -88,6 +88,11 @@ class SitePolicy:
     max_patches: int = 500
     max_patch_size: int = 512
     max_descriptor_dim: int = 4096
+    max_crop_size: int = 1024  # dualmode box-size, mgus crop-size (pixels a side)
+    max_batch_size: int = 256
+    max_delta: float = 1e-5  # DP-SGD's delta at most this, and at most 1/(10 n)
+    max_evaluations: int | None = None  # evaluate + cross-site messages answered per run
+    max_cross_site_models: int = 16
     max_bootstrap: int = 2000
     max_workers: int = 8
     max_cache_gb: float = 100.0
@@ -97,6 +102,7 @@ class SitePolicy:
     max_epsilon: float | None = None
     hist_noise_epsilon: float | None = None
     require_secure_aggregation: bool = False
+    secagg_min_peers: int = 3  # SecAgg+ share holders at the least (client/secure_aggregation.py)
     max_message_mb: float = 2048.0
     # sha256 of the app bundles (releases) this site answers; None: any bundle that selects the
     # installed ClientApp (client/pinned_clientapp.py: the bundle's own code never runs).
@@ -158,17 +164,27 @@ class SitePolicy:
             raise PolicyRefused(
                 f"policy max-message-mb = {self.max_message_mb:g}: the message carries {size / MIB:.0f} MB of arrays"
             )
+        cfg = RunConfig.from_flower(run_config, ignore=HARNESS_KEYS)
         notes: list[str] = []
         # Workers preprocess whenever the site's data is opened; bootstrap runs in evaluations only.
+        # Clamped on the parsed value ("256" and 256.0 parse as 256), written back as an int.
         clamped = [("workers", self.max_workers)] + (
             [("bootstrap", self.max_bootstrap)] if name in ("evaluate", "cross_site") else []
         )
         for key, limit in clamped:
-            value = run_config.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            value = getattr(cfg, key)
+            if value > limit:
                 run_config[key] = limit
                 notes.append(f"{key} {value} -> {limit} (policy max-{key})")
-        cfg = RunConfig.from_flower(run_config, ignore=HARNESS_KEYS)
+        if name == "cross_site":
+            config = msg.content.config_records.get("config")
+            models = config.get("models") if config is not None else None
+            count = len(models) if isinstance(models, list) else 0
+            if count > self.max_cross_site_models:
+                raise PolicyRefused(
+                    f"policy max-cross-site-models = {self.max_cross_site_models}: the message asks to "
+                    f"evaluate {count} models"
+                )
         if self.families is not None and cfg.model not in self.families:
             raise PolicyRefused(f"policy families = {list(self.families)}: this site does not train {cfg.model!r}")
         limits: list[tuple[str, float, float, str]] = [
@@ -178,6 +194,8 @@ class SitePolicy:
             ("personal-steps", cfg.personal_steps, self.max_local_steps, "max-local-steps"),
             ("psft-epochs", cfg.psft_epochs if cfg.patient_finetune else 0, self.max_local_epochs, "max-local-epochs"),
             ("image-h x image-w", cfg.image_h * cfg.image_w, self.max_image_pixels, "max-image-pixels"),
+            ("batch-size", cfg.batch_size, self.max_batch_size, "max-batch-size"),
+            ("psft-batch-size", cfg.psft_batch_size, self.max_batch_size * 8, "max-batch-size (x8 for patches)"),
         ]
         # Family settings (shared/families/*/settings.py), whatever the run's model: a run that sets
         # one far out of range is not one this site joins.
@@ -185,6 +203,8 @@ class SitePolicy:
             ("n-patches", "n_patches", "max-patches", self.max_patches),
             ("patch-size", "patch_size", "max-patch-size", self.max_patch_size),
             ("descriptor-dim", "descriptor_dim", "max-descriptor-dim", self.max_descriptor_dim),
+            ("box-size", "box_size", "max-crop-size", self.max_crop_size),
+            ("crop-size", "crop_size", "max-crop-size", self.max_crop_size),
         ):
             limits.append((key, getattr(cfg, attr), limit, policy_key))
         for key, asked, most, policy_key in limits:
@@ -231,10 +251,11 @@ class SitePolicy:
             raise PolicyRefused(
                 f"policy min-examples = {self.min_examples}: this site's train split has {n_train} example(s)"
             )
-        if cfg.dp == "local" and n_train > 0 and cfg.dp_delta > 1.0 / n_train:
+        if cfg.dp == "local" and n_train > 0 and cfg.dp_delta > min(self.max_delta, 0.1 / n_train):
             raise PolicyRefused(
-                f"dp-delta = {cfg.dp_delta:g} is above 1/n = {1.0 / n_train:.3g} for this site's {n_train} "
-                "training examples (a delta that large allows releasing one record outright)"
+                f"dp-delta = {cfg.dp_delta:g} is above this site's limit {min(self.max_delta, 0.1 / n_train):.3g} "
+                f"(policy max-delta = {self.max_delta:g}, and 1/(10 n) for its {n_train} training examples: "
+                "a delta near 1/n allows releasing a record outright)"
             )
 
     def hist_bins(self, asked: int, n_test: int) -> int:
@@ -315,6 +336,31 @@ def policy_of(context: Context) -> SitePolicy | None:
     return None
 
 
+def count_evaluation(policy: SitePolicy, msg: Message, context: Context, site_dir: Path) -> None:
+    """``max-evaluations``: each evaluate or cross-site message of a run counts; past the limit,
+    refused. Every evaluation answers with exact aggregates of the site's splits, so their
+    number is what bounds what a coordinator learns from them (docs/security.md)."""
+    from fedbreast.shared.durable import atomic_write_json
+    from fedbreast.shared.training.accounting import run_key
+    from fedbreast.shared.training.dp import privacy_lock
+
+    if MESSAGE_NAMES.get(str(msg.metadata.message_type)) not in ("evaluate", "cross_site"):
+        return
+    path = Path(site_dir) / "state" / "policy" / f"evaluations-{run_key(context.run_config, context.run_id)}.json"
+    with privacy_lock(site_dir):
+        try:
+            done = int(json.loads(path.read_text(encoding="utf-8"))["count"]) if path.exists() else 0
+        except (OSError, ValueError, KeyError, TypeError):
+            raise PolicyRefused(f"the evaluation count {path.name} is unreadable; refusing") from None
+        assert policy.max_evaluations is not None
+        if done >= policy.max_evaluations:
+            raise PolicyRefused(
+                f"policy max-evaluations = {policy.max_evaluations}: this run has had {done} evaluations"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"count": done + 1})
+
+
 def policy_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Flower mod: the policy's message checks before the handler, its notes on the reply."""
     from fedbreast.client.app import site_dir_of, site_name_of
@@ -332,6 +378,8 @@ def policy_mod(msg: Message, context: Context, call_next: Callable[[Message, Con
         # This message's copies: a clamp applies to it alone (a simulation's contexts live on).
         run_config, node_config = dict(context.run_config), dict(context.node_config)
         notes = policy.check_message(msg, run_config, site_dir)
+        if policy.max_evaluations is not None and site_dir is not None:
+            count_evaluation(policy, msg, context, site_dir)
         # The DP code (shared/training/dp.py) and the evaluate handler read these node-config keys:
         # the stricter of the policy's and any older [site] setting wins.
         for key, value in (("dp-max-epsilon", policy.max_epsilon), ("hist-noise-epsilon", policy.hist_noise_epsilon)):

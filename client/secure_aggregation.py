@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, Conte
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
@@ -39,7 +39,74 @@ class SecureAggregationRefused(FedbreastError, RuntimeError):
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
+    check_stage_request(msg, context)
     return secaggplus_mod(msg, context, lambda m, c: _train_for_secagg(m, c, call_next))
+
+
+def check_stage_request(msg: Message, context: Context) -> None:
+    """The coordinator chooses SecAgg+'s parameters and peer lists, and Flower's mod checks only
+    their types. A coordinator that sets ``share_num = threshold = 1``, lists the site as its
+    own only peer, or names one node both active and dead, gets back the very secret that masks
+    the site's update. Refused here, before Flower's mod sees the stage:
+
+    - setup: at least ``secagg-min-peers`` (site policy, default 3) share holders and a
+      threshold of at least 2; a site that requires secure aggregation also demands a majority
+      threshold (2 t > n), so that no split of the peers into "active" and "dead" halves can
+      gather t shares of both secrets of one site;
+    - share keys: exactly the ``share_num`` peers of the setup, this site among them;
+    - unmask: no node both active and dead, this site not dead.
+    """
+    from fedbreast.client.policy import policy_of
+
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stage = str(configs.get(Key.STAGE, ""))
+    policy = policy_of(context)
+    min_peers = (
+        policy.secagg_min_peers if policy is not None else 2
+    )  # a simulation without a policy: only the degenerate case
+    if stage == Stage.SETUP:
+        n, t = _int(configs.get(Key.SHARE_NUMBER)), _int(configs.get(Key.THRESHOLD))
+        if n < min_peers or t < 2:
+            raise SecureAggregationRefused(
+                f"secure aggregation: refused: share_num = {n}, threshold = {t}; this site shares its "
+                f"secrets with at least secagg-min-peers = {min_peers} sites and a threshold of at least 2"
+            )
+        if policy is not None and policy.require_secure_aggregation and not 2 * t > n:
+            raise SecureAggregationRefused(
+                f"secure aggregation: refused: threshold {t} of {n} shares is not a majority "
+                "(policy require-secure-aggregation)"
+            )
+        return
+    state = context.state.config_records.get(RECORD_KEY_STATE, ConfigRecord({}))
+    me = msg.metadata.dst_node_id
+    if stage == Stage.SHARE_KEYS:
+        peers = [k for k in configs if k != Key.STAGE]
+        expected = _int(state.get("share_num", 0))
+        if len(peers) != expected or str(me) not in peers:
+            raise SecureAggregationRefused(
+                f"secure aggregation: refused: {len(peers)} peers' keys, the setup agreed {expected} "
+                "including this site"
+            )
+    elif stage == Stage.UNMASK:
+        active = {_int(n) for n in _list(configs.get(Key.ACTIVE_NODE_ID_LIST))}
+        dead = {_int(n) for n in _list(configs.get(Key.DEAD_NODE_ID_LIST))}
+        if active & dead or me in dead:
+            raise SecureAggregationRefused(
+                "secure aggregation: refused: a node listed both active and dead (or this site dead) "
+                "would reveal both secrets of one site"
+            )
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SecureAggregationRefused(f"secure aggregation: refused: expected an integer, got {value!r}")
+    return value
+
+
+def _list(value: object) -> list:
+    if not isinstance(value, list):
+        raise SecureAggregationRefused(f"secure aggregation: refused: expected a list, got {type(value).__name__}")
+    return value
 
 
 def _train_for_secagg(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -266,7 +266,9 @@ def send(site: Path, kind: str, policy: dict | None = None, run_id: int = 42, ar
     raw.update({RunConfig.flower_key(k): v for k, v in run.items() if k not in RunConfig.__dataclass_fields__})
     node = {"policy": json.dumps(policy)} if policy is not None else {}
     ctx = site_context(site, raw, run_id=run_id, policy=node)
-    weights = initial_arrays(RunConfig(**{k: v for k, v in cfg_keys.items() if k in RunConfig.__dataclass_fields__}))
+    weights = initial_arrays(
+        RunConfig(**{k: v for k, v in cfg_keys.items() if k in RunConfig.__dataclass_fields__}).replace(weights_path="")
+    )
     server_round = 0 if kind == "query" else 1
     reply = app(request(kind, server_round, weights if arrays and kind != "query" else None), ctx)
     site_rec = reply.content["site"]
@@ -315,6 +317,129 @@ def test_nan_learning_rate_and_huge_histograms_are_refused_by_the_site(hospital)
         assert f"{key} = " in reply.content["site"]["reason"] and why in reply.content["site"]["reason"]
 
 
+@pytest.mark.parametrize(
+    "run, key",
+    [
+        (dict(bootstrap="50000"), "bootstrap 50000 -> 200"),  # a string parses as an int: clamped all the same
+        (dict(workers=64.0), "workers 64 -> 1"),
+    ],
+)
+def test_clamps_hold_whatever_type_the_value_comes_in(hospital, run, key):
+    from fedbreast.client.app import app
+
+    raw = {**RunConfig(**TINY).to_flower(), **{RunConfig.flower_key(k): v for k, v in run.items()}}
+    reply = app(request("evaluate", 1, _weights()), site_context(hospital, raw, policy={"policy": json.dumps(POLICY)}))
+    assert reply.content["site"]["status"] == "ok" and key in str(reply.content["site"]["notes"])
+
+
+@pytest.mark.parametrize(
+    "run, key",
+    [
+        (dict(model="dualmode", box_size=30_000), "max-crop-size"),
+        (dict(model="mgus", crop_size=50_000), "max-crop-size"),
+        (dict(batch_size=10**9), "max-batch-size"),
+    ],
+)
+def test_sizes_that_would_exhaust_memory_are_refused(hospital, run, key):
+    status, reason, _ = send(hospital, "train", POLICY, **run)
+    assert status == "unable" and key in reason, reason
+
+
+def test_the_coordinator_cannot_make_a_site_open_its_files(hospital, tmp_path):
+    # weights-path names a file on the site; the site never opens it (the weights come in the message).
+    status, reason, _ = send(hospital, "evaluate", POLICY, weights_path="/etc/shadow")
+    assert status == "ok", reason
+    status, reason, _ = send(hospital, "evaluate", POLICY, weights_path=str(tmp_path / "no-such-file.pt"))
+    assert status == "ok", reason
+
+
+def test_a_site_answers_only_so_many_evaluations_per_run(tmp_path, hospital):
+    site = tmp_path / "site"
+    shutil.copytree(hospital, site, ignore=shutil.ignore_patterns("audit", "state"))
+    policy = {**POLICY, "max-evaluations": 2}
+    assert [send(site, "evaluate", policy)[0] for _ in range(3)] == ["ok", "ok", "unable"]
+    assert "max-evaluations = 2" in send(site, "evaluate", policy)[1]
+    assert send(site, "evaluate", policy, run_id=43)[0] == "ok"  # another run has its own count
+
+
+def test_the_reported_threshold_is_not_a_patients_score(hospital):
+    from fedbreast.shared.metrics.histogram import default_bin_edges
+
+    _, _, reply = send(hospital, "evaluate", POLICY)
+    edges = set(default_bin_edges(64).tolist())
+    for split in ("val", "test"):
+        assert float(reply.content["metrics"][f"{split}_threshold"]) in edges | {0.5}
+
+
+def test_dp_on_patches_or_lesions_is_refused_under_a_per_patient_ceiling(hospital):
+    status, reason, _ = send(
+        hospital,
+        "train",
+        {**POLICY, "require-dp": True, "max-epsilon": 8.0},
+        model="birads",
+        dp="local",
+        dp_epsilon=4.0,
+        patch_size=32,
+        n_patches=8,
+    )
+    assert status == "unable" and "bounds epsilon per patient" in reason and "'birads'" in reason
+
+
+def test_concurrent_runs_cannot_each_spend_the_whole_budget(tmp_path, hospital):
+    import threading
+
+    site = tmp_path / "site"
+    shutil.copytree(hospital, site, ignore=shutil.ignore_patterns("audit", "state"))
+    policy = {**POLICY, "require-dp": True, "max-epsilon": 2.6}
+    dp = dict(dp="local", dp_epsilon=2.0, dp_delta=1e-5, rounds=1)
+    results: dict[int, str] = {}
+
+    def run(run_id: int) -> None:
+        as_task()
+        results[run_id] = send(site, "train", policy, run_id=run_id, run_dir=f"run-{run_id}", **dp)[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(results.values()) == ["ok", "unable"], results  # one spends, the other is refused
+    assert lifetime_epsilon(site) <= 2.6
+
+
+def test_secure_aggregation_parameters_that_unmask_a_site_are_refused(hospital):
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+
+    from fedbreast.client.secure_aggregation import SecureAggregationRefused, check_stage_request
+
+    ctx = site_context(hospital, RunConfig(**TINY).to_flower(), policy={"policy": json.dumps(POLICY)})
+
+    def stage(**configs):
+        msg = request("train", 1)
+        msg.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(configs)
+        return msg
+
+    # share_num = threshold = 1: the site's one share of its mask seed is the seed itself.
+    with pytest.raises(SecureAggregationRefused, match="share_num = 1, threshold = 1"):
+        check_stage_request(stage(stage="setup", share_num=1, threshold=1), ctx)
+    strict = site_context(hospital, {}, policy={"policy": json.dumps({"require-secure-aggregation": True})})
+    with pytest.raises(SecureAggregationRefused, match="not a majority"):
+        check_stage_request(stage(stage="setup", share_num=4, threshold=2), strict)
+    check_stage_request(stage(stage="setup", share_num=5, threshold=3), strict)  # a majority: accepted
+    ctx.state.config_records[RECORD_KEY_STATE] = ConfigRecord({"share_num": 3})
+    with pytest.raises(SecureAggregationRefused, match="the setup agreed 3"):
+        check_stage_request(stage(stage="share_keys", **{"7": [b"a", b"b"]}), ctx)  # itself as its only peer
+    with pytest.raises(SecureAggregationRefused, match="both active and dead"):
+        check_stage_request(stage(stage="unmask", active_nids=[7, 8, 9], dead_nids=[9]), ctx)
+
+
+def _weights():
+    from fedbreast.server.app import initial_arrays
+
+    return initial_arrays(RunConfig(**TINY))
+
+
 def test_plain_train_is_refused_where_the_site_requires_secure_aggregation(hospital):
     status, reason, reply = send(hospital, "train", {**POLICY, "require-secure-aggregation": True})
     assert status == "unable" and "require-secure-aggregation" in reason
@@ -332,7 +457,7 @@ def test_delta_near_one_is_refused(hospital):
     status, reason, _ = send(
         hospital, "train", {**POLICY, "require-dp": True}, dp="local", dp_epsilon=8.0, dp_delta=0.5
     )
-    assert status == "unable" and "dp-delta = 0.5 is above 1/n" in reason
+    assert status == "unable" and "dp-delta = 0.5 is above this site's limit" in reason
 
 
 def test_dp_bypass_through_the_personal_query_is_refused(hospital):
@@ -348,7 +473,7 @@ def test_a_fresh_run_does_not_reset_epsilon(tmp_path, hospital):
     site = tmp_path / "site"
     shutil.copytree(hospital, site, ignore=shutil.ignore_patterns("audit", "state"))
     policy = {**POLICY, "require-dp": True, "max-epsilon": 2.6, "hist-noise-epsilon": 0.5}
-    dp = dict(dp="local", dp_epsilon=2.0, dp_delta=1e-3, rounds=1)
+    dp = dict(dp="local", dp_epsilon=2.0, dp_delta=1e-5, rounds=1)
     status, reason, _ = send(site, "train", policy, run_id=1, run_dir="run-a", **dp)
     assert status == "ok", reason
     spent = lifetime_epsilon(site)
@@ -511,3 +636,34 @@ def test_lying_sites_are_dropped_for_the_round_and_the_run_goes_on(tmp_path, hos
     assert {r["site"] for r in store.rows("train")} == {"site-1"}  # the honest site alone is averaged
     assert all(r["sites"] == 1 for r in store.rows("aggregate"))
     assert any("site-2 left out" in line for line in lines)
+
+
+def test_no_flower_task_but_the_pinned_clientapp_can_start_at_a_site(tmp_path):
+    """A bundle naming an ``agentapp`` makes the SuperNode create an AgentApp task, which Flower's
+    own ``flwr-agentapp`` would run from the bundle. The daemon's bin folder (first on the
+    SuperNode's PATH) holds a SuperExec that runs ClientApp tasks only, and a refusing stand-in
+    for every other task command."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+
+    from fedbreast.client.pinned_clientapp import install_pinned_runtime
+
+    install_pinned_runtime(tmp_path)
+    for task_type, command in TASK_TYPE_TO_COMMAND.items():
+        if task_type == TaskType.CLIENT_APP:
+            continue  # the daemon's flwr-clientapp: the pinned one (tests/test_deploy.py runs it)
+        ran = subprocess.run([str(tmp_path / command)], capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 1 and "refused" in ran.stderr, command
+    restricted = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from fedbreast.client.pinned_clientapp import restrict_superexec\n"
+            "from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin\n"
+            "restrict_superexec(); print(sorted(t.value for t in AutoExecPlugin.supported_task_types))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert restricted.stdout.strip() == "['flwr-clientapp']", restricted.stdout + restricted.stderr
+    assert (tmp_path / "flower-superexec").read_text().endswith("superexec_main()\n")

@@ -568,6 +568,8 @@ def test_registered_sites_are_accepted_under_their_registered_ids(federation):
         node_config = (folder / "state" / "node-config.toml").read_text()
         assert f'site-name = "{site}"' in node_config and "data-path = " in node_config
         assert ("dp-max-epsilon = 8.0" in node_config) == (site == DP_SITE)
+        # The SuperNode's SuperExec is the daemon's (ClientApp tasks only), not Flower's own.
+        assert processes_mentioning(str(folder / "state" / "bin" / "flower-superexec")), site
 
 
 def test_health_endpoints_report_the_bad_data_folder(federation):

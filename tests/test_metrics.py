@@ -182,9 +182,10 @@ def test_bad_inputs_raise_clear_value_error(y, s, match):
 
 def test_operating_threshold_maximises_youden_j(data):
     from fedbreast.shared.metrics import operating_threshold
+    from fedbreast.shared.metrics.histogram import default_bin_edges
 
     y, s = data
-    t = operating_threshold(y, s)
+    t = operating_threshold(y, s, grid=None)
 
     def j(cut: float) -> float:
         m = binary_metrics(y, s, threshold=cut)
@@ -192,6 +193,11 @@ def test_operating_threshold_maximises_youden_j(data):
 
     assert all(j(t) >= j(c) - 1e-12 for c in np.unique(s))
     assert operating_threshold(np.zeros(5, int), np.linspace(0, 1, 5)) == 0.5  # one class: the default
+    # What a site reports is never a patient's exact score: the grid edge at or below it.
+    snapped = operating_threshold(y, s)
+    edges = default_bin_edges(64)
+    assert snapped in set(edges.tolist()) and snapped <= t and snapped not in set(np.asarray(s).tolist())
+    assert not ((edges > snapped) & (edges <= t)).any()
 
 
 def test_threshold_out_of_range_raises(data):

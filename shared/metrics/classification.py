@@ -101,12 +101,22 @@ def _check_threshold(threshold: float) -> float:
     return t
 
 
-def operating_threshold(y_true: ArrayLike, scores: ArrayLike, default: float = 0.5) -> float:
+THRESHOLD_GRID = 64  # bins of the histogram grid a site's operating point is snapped to
+
+
+def operating_threshold(
+    y_true: ArrayLike, scores: ArrayLike, default: float = 0.5, grid: int | None = THRESHOLD_GRID
+) -> float:
     """The score cut-off that maximises Youden's J (sensitivity + specificity - 1).
 
     Chosen on a site's validation split and applied to its test split, as a clinical
     operating point is: 0.5 on an uncalibrated model trained on imbalanced data can call
     every breast benign. ``default`` when the split lacks one of the classes.
+
+    Youden's cut-off is one patient's exact score, and the site reports its threshold; so
+    it is moved to the nearest edge of the ``grid``-bin histogram grid (the edges the pooled
+    ROC uses), at or below the chosen score so the positives it caught stay caught.
+    ``grid=None`` keeps the exact score (for analysis that never leaves the site).
     """
     from sklearn.metrics import roc_curve
 
@@ -115,7 +125,13 @@ def operating_threshold(y_true: ArrayLike, scores: ArrayLike, default: float = 0
         return default
     fpr, tpr, thresholds = roc_curve(y, s)
     best = int(np.argmax(tpr - fpr))
-    return float(np.clip(thresholds[best], 0.0, 1.0))
+    exact = float(np.clip(thresholds[best], 0.0, 1.0))
+    if grid is None:
+        return exact
+    from .histogram import default_bin_edges
+
+    edges = default_bin_edges(grid)
+    return float(edges[max(0, int(np.searchsorted(edges, exact, side="right")) - 1)])
 
 
 def midranks(x: NDArray[np.float64]) -> NDArray[np.float64]:

@@ -32,7 +32,8 @@ import os
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -692,6 +693,15 @@ def local_dp_for(context: Context, cfg: RunConfig, site_dir: Path, n_train: int,
                 "adds noise at the coordinator, so the site cannot bound its own epsilon"
             )
         return None
+    from fedbreast.shared.training.tasks import task_for  # here: tasks imports the training stack
+
+    unit = task_for(cfg).dp_unit
+    if ceiling is not None and unit != "exam":
+        raise DPRefused(
+            f"this site's {CEILING_KEY} = {ceiling:g} bounds epsilon per patient, but DP-SGD in model "
+            f"{cfg.model!r} protects one training {unit} (a patch or lesion; a patient has several), so a "
+            "patient's epsilon would be larger than the one accounted"
+        )
     plan = plan_local_round(cfg, n_train)
     key = run_key(context.run_config, context.run_id)
     ledger = PrivacyLedger.for_run(site_dir, key)
@@ -707,6 +717,23 @@ def local_dp_for(context: Context, cfg: RunConfig, site_dir: Path, n_train: int,
                 f"{elsewhere:.3f}), above this site's {CEILING_KEY} = {ceiling:g}"
             )
     return LocalDP(plan, ledger, cfg.dp_grad_sample_mode, cfg.dp_freeze_blocks, server_round)
+
+
+@contextmanager
+def privacy_lock(site_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Exclusive hold on the site's privacy budget (``state/dp/.lock``, flock): every check of
+    the lifetime epsilon and the spending that follows it happen under it, whichever process
+    (one ClientApp process per message) and whichever run."""
+    import fcntl
+
+    folder = _dp_dir(site_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 RELEASES = "releases.jsonl"  # in state/dp: every noised release outside DP-SGD (histograms)

@@ -142,6 +142,11 @@ class Task:
     family = ""
     unit = "breast"  # what predict() scores
     count_unit = "breast"  # what exams(split) counts
+    # What one DP-SGD sample is: "exam" (one patient's study) or a smaller piece (a patch, a
+    # lesion) of which a patient has several, so epsilon per sample is not epsilon per patient.
+    dp_unit = "sample"
+    # The most scored units one patient has (its breasts: 2); None when unbounded (lesions).
+    units_per_patient: int | None = 2
     augment_preset = ""  # AUGMENT_PRESETS key for the family's training images
     augment_shared_views = False  # one warp for all images of a sample (multi-view exams), or one each
 

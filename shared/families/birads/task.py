@@ -37,6 +37,7 @@ class BiradsTask(Task):
     """Unit: the lesion (one lesion breast: the mean over the patches of its images)."""
 
     family, unit, count_unit = "birads", "lesion", "lesion"
+    units_per_patient = None  # lesions: a patient may have any number
     augment_preset = "patches"
 
     def open(self, site_dir, cfg):

@@ -27,6 +27,7 @@ from fedbreast.shared.training.tasks import (
 
 class DualModeTask(Task):
     family, unit, count_unit = "dualmode", "lesion", "lesion"
+    units_per_patient = None  # lesions: a patient may have any number
     augment_preset = "roi_box"  # CC and MLO are two projections: each box gets its own warp
 
     def open(self, site_dir, cfg):

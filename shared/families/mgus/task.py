@@ -35,6 +35,7 @@ class MgusTask(Task):
     is scored by the mammography branch alone."""
 
     family, unit, count_unit = "mgus", "lesion", "lesion"
+    units_per_patient = None  # lesions: a patient may have any number
     augment_preset = "us"  # seed 002: translation, rotation and flips of both lesion crops
     MG_ENERGIES = ("FFDM", "LE")
 

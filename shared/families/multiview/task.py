@@ -18,6 +18,7 @@ from fedbreast.shared.training.tasks import (
 
 class MultiviewTask(Task):
     family, unit, count_unit = "multiview", "breast", "exam"
+    dp_unit = "exam"  # one exam per sample: DP-SGD's epsilon is per exam
     augment_preset, augment_shared_views = "multiview", True  # keep the four views' correspondences
 
     def open(self, site_dir: str | Path, cfg: RunConfig) -> Any:
