@@ -103,6 +103,8 @@ class Exchange:
 
     It also keeps the node id -> site name map, learned from the sites' replies, so every
     failure names the site (``node-<id>`` until the site has answered once with a valid name).
+    A name belongs to the first node that answers with it (bind_name): another node's reply
+    under it is refused while that node is online.
     ``limits`` bounds what one reply may carry; without it, replies may carry no model arrays.
     """
 
@@ -117,6 +119,23 @@ class Exchange:
         self.grid, self.store, self.echo, self.round_timeout = grid, store, echo, float(round_timeout)
         self.limits = limits if limits is not None else ReplyLimits()
         self.names: dict[int, str] = {}
+        self.owners: dict[str, int] = {}  # site name -> the node that answers under it
+
+    def bind_name(self, node: int, name: str) -> None:
+        """Bind a (valid) site name to the node that answered with it; raise MalformedReply when
+        another node still online answers under it. A restarted site may come back under a new
+        node id (a SuperNode without authentication; an authenticated one keeps its id): its name
+        moves to the new node once the old one has left the SuperLink's node list."""
+        owner = self.owners.get(name)
+        if owner is not None and owner != node:
+            if owner in set(self.grid.get_node_ids()):
+                raise MalformedReply(f"site name {name!r} is already answered by node {owner}")
+            log.info("site %s answers from node %d now (node %d is gone)", name, node, owner)
+        previous = self.names.get(node)
+        if previous is not None and previous != name and self.owners.get(previous) == node:
+            del self.owners[previous]  # a node that renames itself frees its old name
+        self.owners[name] = node
+        self.names[node] = name
 
     def site_name(self, node_id: int) -> str:
         return self.names.get(node_id, f"node-{node_id}")
@@ -178,7 +197,7 @@ class Exchange:
         if got.site is not None and got.site.name:
             if not valid_site_name(got.site.name):
                 raise MalformedReply(f"invalid site name {shown(got.site.name)!r}")
-            self.names[node] = got.site.name
+            self.bind_name(node, got.site.name)
         if got.site is not None and not got.site.ok:
             return f"unable: {printable(got.site.reason)}"
         check_metrics(got.metrics, self.limits.hist_bins)

@@ -24,7 +24,7 @@ from fedbreast.server.checkpoints import check_resumable, load_checkpoint, save_
 from fedbreast.server.exchange import Exchange, RoundOutcome
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.server.phases import EvaluationWave, Phase, PlainTrainWave, RunState
-from fedbreast.server.reply_checks import MalformedReply, ReplyLimits, count_metric
+from fedbreast.server.reply_checks import MalformedReply, ReplyLimits, count_metric, roll_call_caps
 from fedbreast.server.strategies import build_strategy
 from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
@@ -161,7 +161,8 @@ class FederatedRun:
         """Ask every site for its name and readiness before round 1 (this also starts the
         ClientApp runtime, so round 1's time is training, not start-up). Its counts bound what a
         site may claim later: train_samples its train num-examples, test_exams its evaluate ones
-        (server/phases.py weigh_claims); a site without them is capped instead."""
+        (server/phases.py weigh_claims); a site without them is capped instead. They are the site's
+        own word: a count above 10 x the roll call's median weighs as that much (cap_roll_call)."""
         outcome = RoundOutcome(0)
         messages = [protocol.query(n, 0) for n in nodes]
         exchange = self.state.exchange
@@ -178,6 +179,27 @@ class FederatedRun:
                 self.state.test_exams[reply.node_id] = int(counts["test_exams"] or 0)
             listed = ", ".join(f"{k.split('_')[0]} {v}" for k, v in counts.items())
             self.echo(f"site {reply.site} ready: {listed} exams")
+        self.cap_roll_call()
+
+    def cap_roll_call(self) -> None:
+        """Cap the weight of a site whose roll-call count is far above the others'
+        (reply_checks.roll_call_caps), and say so: a site that claims 10**9 training samples
+        would otherwise take FedAvg over. Under SecAgg+ a site masks its train weight into its update,
+        out of this cap's reach (docs/server-robustness.md); its evaluate weight is capped all the same."""
+        state = self.state
+        for counts, caps, what in (
+            (state.train_samples, state.train_samples_cap, "training samples"),
+            (state.test_exams, state.test_exams_cap, "test exams"),
+        ):
+            caps.clear()
+            for node, (cap, why) in roll_call_caps(counts).items():
+                caps[node] = cap
+                line = (
+                    f"site {state.exchange.site_name(node)} claims {counts[node]} {what} at the roll call; "
+                    f"weighted as at most {cap} ({why})"
+                )
+                log.warning(line)
+                self.echo(line)
 
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> list[RoundOutcome]:

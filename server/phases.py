@@ -28,7 +28,14 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 from fedbreast.server.central_dp import CentralLedger
 from fedbreast.server.exchange import Exchange, RoundOutcome, SiteReply, to_record
 from fedbreast.server.metric_store import MetricStore
-from fedbreast.server.reply_checks import shown, train_examples_bound, unknown_site_cap
+from fedbreast.server.reply_checks import (
+    MalformedReply,
+    check_hist_total,
+    printable,
+    shown,
+    train_examples_bound,
+    unknown_site_cap,
+)
 from fedbreast.server.validation import check_update, clip_to_median_norm, clip_to_norm
 from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
@@ -50,6 +57,17 @@ class RunState:
     central_dp: CentralLedger | None = None  # the coordinator's epsilon when dp = central
     train_samples: dict[int, int] = field(default_factory=dict)  # node id -> training samples (roll call)
     test_exams: dict[int, int] = field(default_factory=dict)  # node id -> test exams (roll call)
+    # node id -> the most its roll-call count weighs (reply_checks.roll_call_caps), for capped sites only
+    train_samples_cap: dict[int, int] = field(default_factory=dict)
+    test_exams_cap: dict[int, int] = field(default_factory=dict)
+
+    def weighed_samples(self, node: int) -> int | None:
+        """The site's roll-call ``train_samples`` as its weight sees them: capped (None: uncounted)."""
+        return _capped(self.train_samples.get(node), self.train_samples_cap.get(node))
+
+    def weighed_exams(self, node: int) -> int | None:
+        """The site's roll-call ``test_exams`` as its weight sees them: capped (None: uncounted)."""
+        return _capped(self.test_exams.get(node), self.test_exams_cap.get(node))
 
     @property
     def store(self) -> MetricStore:
@@ -58,6 +76,10 @@ class RunState:
     @property
     def echo(self) -> Callable[[str], None]:
         return self.exchange.echo
+
+
+def _capped(count: int | None, cap: int | None) -> int | None:
+    return count if count is None or cap is None else min(count, cap)
 
 
 class Phase(Protocol):
@@ -86,12 +108,15 @@ def weigh_claims(
     bound_of: Callable[[int], tuple[float, str] | None],
     known_bounds: list[float],
     extra: float,
+    weight_of: Callable[[int], float | None] = lambda _node: None,
 ) -> list[SiteReply]:
     """Hold each reply's ``num-examples`` (its weight in every mean) to what the roll call makes
     plausible. A site the roll call counted that claims more is dropped for the round, the
     reason naming both numbers; ``bound_of(node)`` gives (bound, what it rests on), or None
     for a site the roll call did not count, whose weight is capped instead
-    (reply_checks.unknown_site_cap): it keeps its update but can outweigh no counted site."""
+    (reply_checks.unknown_site_cap): it keeps its update but can outweigh no counted site.
+    ``weight_of(node)``: the most a counted site weighs when its roll-call count was capped
+    (reply_checks.roll_call_caps), None otherwise; a larger claim keeps the reply at that weight."""
     kept: list[SiteReply] = []
     unknown: list[SiteReply] = []
     for r in replies:
@@ -109,6 +134,16 @@ def weigh_claims(
                 f"the most plausible ({known[1]})",
             )
             continue
+        elif (limit := weight_of(r.node_id)) is not None and claim > limit:
+            r.metrics[protocol.NUM_EXAMPLES] = int(limit)
+            log.warning(
+                "round %d %s: site %s: num-examples %g weighed as %d (its roll-call count is capped)",
+                server_round,
+                phase,
+                r.site,
+                claim,
+                int(limit),
+            )
         kept.append(r)
     if unknown:
         cap = unknown_site_cap(known_bounds, [float(r.metrics[protocol.NUM_EXAMPLES]) for r in kept], extra)
@@ -145,6 +180,21 @@ def train_bound_of(state: RunState) -> Callable[[int], tuple[float, str] | None]
     return bound_of
 
 
+def train_weight_of(state: RunState) -> Callable[[int], float | None]:
+    """The most a site whose roll-call ``train_samples`` were capped weighs in a train round:
+    local-epochs passes over the capped count (weigh_claims). With local-steps every site's
+    bound is the same already."""
+    cfg = state.cfg
+
+    def weight_of(node: int) -> float | None:
+        cap = state.train_samples_cap.get(node)
+        if cap is None or cfg.local_steps > 0:
+            return None
+        return float(max(cfg.local_epochs, 1) * cap)
+
+    return weight_of
+
+
 def too_few_trained(state: RunState, server_round: int, trained: int, what: str) -> bool:
     """True, and says so, when fewer than min-train-sites updates can be released this round."""
     if trained >= state.cfg.min_train_sites:
@@ -170,9 +220,19 @@ class PlainTrainWave:
                 checked.append(r)
             else:
                 exchange.record_failure(outcome, server_round, "train", r.node_id, reason)
-        known = [b for s in state.train_samples.values() if (b := train_examples_bound(cfg, s)) is not None]
+        known = [
+            b for n in state.train_samples if (b := train_examples_bound(cfg, state.weighed_samples(n))) is not None
+        ]
         good = weigh_claims(
-            state, server_round, outcome, "train", checked, train_bound_of(state), known, extra=cfg.batch_size
+            state,
+            server_round,
+            outcome,
+            "train",
+            checked,
+            train_bound_of(state),
+            known,
+            extra=cfg.batch_size,
+            weight_of=train_weight_of(state),
         )
         for r in good:
             state.store.append(server_round, "train", r.site, r.metrics)
@@ -261,6 +321,44 @@ def aggregation_content(r: SiteReply, weight_keys: tuple[str, ...]) -> RecordDic
     return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord({k: r.metrics[k] for k in weight_keys})})
 
 
+POOLED_AUC_UNAVAILABLE = "test_pooled_auc_unavailable"  # the round's aggregate: why it has no pooled AUC
+
+
+def pooled_auc(hists: list[dict[str, list]]) -> dict[str, float]:
+    """The pooled test AUC, its binning bound and resolution of the sites' histograms (checked on
+    arrival: reply_checks.check_histograms, held_to_test_exams). A site may send fewer bins (its
+    policy caps them): pooled at the common resolution. Empty when a class is absent overall;
+    ValueError when the histograms share no resolution finer than one bin."""
+    pooled = pool_histograms(hists)
+    if not (sum(pooled["hist_pos"]) and sum(pooled["hist_neg"])):
+        return {}
+    return {
+        "test_pooled_auc": pooled_auc_from_histograms([pooled]),
+        "test_pooled_auc_binning_bound": auc_binning_bound([pooled]),
+        "test_pooled_hist_bins": len(pooled["hist_pos"]),
+    }
+
+
+def held_to_test_exams(
+    state: RunState, server_round: int, outcome: RoundOutcome, replies: list[SiteReply]
+) -> list[SiteReply]:
+    """Drop an evaluate reply whose score histograms count more than its roll-call ``test_exams``
+    allow (reply_checks.hist_total_bound); a site the roll call did not count is held to the
+    largest counted site's (capped) count, and to none when the roll call counted no site."""
+    known = [e for n in state.test_exams if (e := state.weighed_exams(n)) is not None]
+    kept = []
+    for r in replies:
+        exams = state.test_exams.get(r.node_id, max(known) if known else None)
+        try:
+            if exams is not None:
+                check_hist_total(r.metrics, exams)
+        except MalformedReply as exc:
+            state.exchange.record_failure(outcome, server_round, "evaluate", r.node_id, f"malformed reply: {exc}")
+            continue
+        kept.append(r)
+    return kept
+
+
 class EvaluationWave:
     """Every site evaluates the global model; the coordinator pools aggregate metrics only."""
 
@@ -284,9 +382,11 @@ class EvaluationWave:
             lambda node: (
                 (float(state.test_exams[node]), "its test_exams at the roll call") if node in state.test_exams else None
             ),
-            [float(n) for n in state.test_exams.values()],
+            [float(state.weighed_exams(n) or 0) for n in state.test_exams],
             extra=0.0,
+            weight_of=lambda node: None if (cap := state.test_exams_cap.get(node)) is None else float(cap),
         )
+        replies = held_to_test_exams(state, server_round, outcome, replies)
         outcome.sites_evaluated = [r.site for r in replies]
         for r in replies:
             # Histograms are aggregate counts (no per-patient score); kept for per-site ROC curves.
@@ -309,15 +409,14 @@ class EvaluationWave:
             if "test_hist_pos" in r.metrics
         ]
         if hists:
-            try:  # a site may send fewer bins (its policy caps them): pooled at the common resolution
-                pooled = pool_histograms(hists)
-            except ValueError as exc:  # no common resolution finer than one bin: nothing to rank
-                state.echo(f"  round {server_round} evaluate: no pooled test AUC: {exc}")
-            else:
-                if sum(pooled["hist_pos"]) and sum(pooled["hist_neg"]):
-                    agg["test_pooled_auc"] = pooled_auc_from_histograms([pooled])
-                    agg["test_pooled_auc_binning_bound"] = auc_binning_bound([pooled])
-                    agg["test_pooled_hist_bins"] = len(pooled["hist_pos"])
+            try:
+                agg.update(pooled_auc(hists))
+            except Exception as exc:  # noqa: BLE001 - the pooled AUC is one number of the round, never the round
+                if not isinstance(exc, ValueError):
+                    log.exception("round %d: the pooled test AUC failed", server_round)
+                reason = printable(f"{type(exc).__name__}: {exc}")
+                state.echo(f"  round {server_round} evaluate: no pooled test AUC: {reason}")
+                agg[POOLED_AUC_UNAVAILABLE] = reason  # type: ignore[assignment]  # a reason among the numbers
         agg["sites"] = len(replies)
         # A family may update the global model from aggregate evaluation counts (late fusion: MCC weights).
         try:

@@ -48,6 +48,16 @@ MAX_TEXT_CHARS = 64 * 1024  # strings in a reply's config records (the site reco
 # num-examples slack over the roll call's count: rounding, and DP-SGD's Poisson batches, whose
 # sizes vary around batch-size (about 5 standard deviations above the mean for small sites).
 EXAMPLES_SLACK = 1.5
+# A score histogram's counts: each below 2**31, so no sum of them (4096 bins, any number of
+# sites) comes near int64's limit. Its total (pos + neg) counts the site's test units: at most
+# two an exam (a breast-level family: both breasts of an exam), plus room for Laplace noise on a
+# noised histogram (client/app.py test_histograms: 16 groups a class, each of scale u/epsilon for
+# u units a patient; the total moves by a standard deviation of about 8 u/epsilon: 64 is 4 of
+# them at u = 2 and epsilon 1, 8 at u = 1). A site noising with a much smaller epsilon can pass it.
+MAX_HIST_COUNT = 2**31
+HIST_UNITS_PER_EXAM, HIST_EXTRA = 2, 64
+# A site's roll-call counts weigh at most this multiple of the roll call's median (roll_call_caps).
+ROLL_CALL_CAP_MULTIPLE = 10
 
 
 class MalformedReply(ValueError):
@@ -173,6 +183,8 @@ def check_histograms(metrics: Mapping[str, Any], hist_bins: int) -> None:
             raise MalformedReply(f"histogram {key!r} is not a list of counts")
         if not all(_real(x) and math.isfinite(x) and x >= 0 and float(x).is_integer() for x in value):
             raise MalformedReply(f"histogram {key!r} holds a value that is not a non-negative integer count")
+        if any(x >= MAX_HIST_COUNT for x in value):
+            raise MalformedReply(f"histogram {key!r} holds a count of 2**31 or more")
         if not value or hist_bins % len(value):
             raise MalformedReply(
                 f"histogram {key!r} has {len(value)} bins; it must have hist-bins ({hist_bins}) or a divisor of it"
@@ -181,6 +193,25 @@ def check_histograms(metrics: Mapping[str, Any], hist_bins: int) -> None:
     if lengths[0] != lengths[1]:
         raise MalformedReply(
             f"histograms {HIST_KEYS[0]!r} and {HIST_KEYS[1]!r} have {lengths[0]} and {lengths[1]} bins"
+        )
+
+
+def hist_total_bound(test_exams: int) -> int:
+    """The most test units a site with ``test_exams`` (the roll call's) can count in its score
+    histograms: HIST_UNITS_PER_EXAM an exam, plus HIST_EXTRA for noise."""
+    return HIST_UNITS_PER_EXAM * test_exams + HIST_EXTRA
+
+
+def check_hist_total(metrics: Mapping[str, Any], test_exams: int) -> None:
+    """Raise MalformedReply when a reply's score histograms (checked by check_histograms) count
+    more than a site with ``test_exams`` test exams at the roll call can."""
+    if not all(k in metrics for k in HIST_KEYS):
+        return
+    total = int(sum(metrics[HIST_KEYS[0]]) + sum(metrics[HIST_KEYS[1]]))
+    if total > hist_total_bound(test_exams):
+        raise MalformedReply(
+            f"{HIST_KEYS[0]} + {HIST_KEYS[1]} total {total} exceeds the roll call's test exams {test_exams} "
+            f"(at most {HIST_UNITS_PER_EXAM} x {test_exams} + {HIST_EXTRA})"
         )
 
 
@@ -219,3 +250,22 @@ def unknown_site_cap(known_bounds: Iterable[float], claims: Sequence[float], ext
     if known:
         return max(known)
     return EXAMPLES_SLACK * statistics.median(claims) + extra if claims else 0.0
+
+
+def roll_call_caps(counts: Mapping[int, int], multiple: int = ROLL_CALL_CAP_MULTIPLE) -> dict[int, tuple[int, str]]:
+    """The roll call's counts (node -> ``train_samples`` or ``test_exams``) are each site's own
+    word, and they set its weight. node -> (the most its count weighs, what that rests on), for
+    every site whose count exceeds ``multiple`` x the median of the sites that counted any;
+    with two such sites, ``multiple`` x the other's count (a median of two is their mean, which
+    one huge count sets); with one, there is nothing to compare with and no cap."""
+    positive = {node: c for node, c in counts.items() if c > 0}
+    caps: dict[int, tuple[int, str]] = {}
+    if len(positive) >= 3:
+        cap = int(multiple * statistics.median(positive.values()))
+        caps = {node: (cap, f"{multiple} x the median") for node, c in positive.items() if c > cap}
+    elif len(positive) == 2:
+        (a, count_a), (b, count_b) = positive.items()
+        for node, count, other in ((a, count_a, count_b), (b, count_b, count_a)):
+            if count > multiple * other:
+                caps[node] = (multiple * other, f"{multiple} x the other site's")
+    return caps

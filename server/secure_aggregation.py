@@ -21,6 +21,12 @@ the default "auto" bound clips nothing here). What each site reports beside its 
 (name, metrics, num-examples) is checked like any reply (server/reply_checks.py); a site that
 fails them cannot be taken out of the masked sum, so that round's sum is not released. The
 weight a site masks into its vector is beyond the coordinator's reach (docs/server-robustness.md).
+
+Flower's workflow reads each stage's replies unchecked (``zip(strict=True)``, direct record
+lookups, masked vectors added as they come): ``_WatchedGrid`` checks every stage reply against
+what the workflow will read (check_stage_reply) and hands it a malformed one as that site's
+error reply, so the workflow drops the site; an exception the workflow still raises fails that
+round's secure aggregation (the model unchanged, the reason recorded), never the run.
 """
 
 from __future__ import annotations
@@ -32,13 +38,17 @@ from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common import FitIns, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.server import ServerConfig
 from flwr.server.compat import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from fedbreast.server.exchange import TIMEOUT_REASON, Exchange, RoundOutcome, SiteReply, array_bytes, to_record
 from fedbreast.server.phases import RunState, record_train_aggregate, too_few_trained
@@ -58,6 +68,9 @@ from fedbreast.shared.secure_aggregation import ARRAY_NAMES_KEY, SITE_NAME_KEY
 log = logging.getLogger("fedbreast.server")
 
 QUANTIZATION_RANGE = 1 << 22  # Flower's default: with ratio 1 a step of 2*clip/4M (2e-6 for clip 4)
+# A public key (PEM, 215 bytes), a ciphertext of two shares (612 bytes), a share (52 or 308 bytes):
+# each at most this; a masked vector's element is an int64, and its .npy header at most this.
+SECRET_BYTES, VECTOR_HEADER_BYTES = 4096, 1024
 
 
 @dataclass
@@ -87,12 +100,113 @@ class _RoundStrategy:
         return None, {}  # the workflow's own history and state are not used
 
 
+def _items(record: ConfigRecord, key: str, kind: type, stage: str) -> list[Any]:
+    """``record[key]``, a list of ``kind`` (bool is no int), or MalformedReply naming the key."""
+    if key not in record:
+        raise MalformedReply(f"{stage} stage: no {key!r}")
+    value = record[key]
+    if not isinstance(value, list) or not all(isinstance(x, kind) and not isinstance(x, bool) for x in value):
+        raise MalformedReply(f"{stage} stage: {key!r} is not a list of {kind.__name__}")
+    return value
+
+
+def _secret(value: Any, key: str, stage: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) > SECRET_BYTES:
+        raise MalformedReply(f"{stage} stage: {key!r} is not bytes of at most {SECRET_BYTES}")
+    return value
+
+
+def _per_node(got: ConfigRecord, stage: str, nodes: tuple[str, str], secrets: tuple[str, str]) -> list[bytes]:
+    """A list of node ids and a list of secrets (bytes of at most SECRET_BYTES), one a node
+    (the workflow zips them with strict=True); returns the secrets."""
+    (ids_key, ids_what), (key, what) = nodes, secrets
+    ids, items = _items(got, ids_key, int, stage), _items(got, key, bytes, stage)
+    if len(ids) != len(items):
+        raise MalformedReply(f"{stage} stage: {len(ids)} {ids_what} ({ids_key!r}) and {len(items)} {what} ({key!r})")
+    return [_secret(x, key, stage) for x in items]
+
+
+def _named_among(got: ConfigRecord, stage: str, key: str, allowed: set[int], otherwise: str) -> None:
+    ids = got[key]
+    assert isinstance(ids, list)  # _per_node checked it
+    if len(set(ids)) != len(ids) or not set(ids) <= allowed:
+        raise MalformedReply(f"{stage} stage: {key!r} names a node twice or one {otherwise}")
+
+
+def check_stage_reply(request: Message, reply: Message, node: int, sizes: list[int]) -> None:
+    """Raise MalformedReply (naming the stage and the key) unless ``reply`` holds what Flower's
+    SecAggPlusWorkflow (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py) reads
+    from a reply to ``request``, of the kinds and lengths it assumes:
+
+    - setup: ``pk1`` and ``pk2``, public keys;
+    - share_keys: ``dsts`` (node ids among the neighbours the request named, each once) and
+      ``ctxts`` (bytes), one ciphertext a destination;
+    - collect_masked_vectors: ``masked_params``, one integer vector of the weight factor (1
+      value) then one a model tensor (``sizes``: each tensor's number of values, flattened),
+      and FitRes records Flower can read;
+    - unmask: ``nids`` (among the active and dead nodes the request named, each once) and
+      ``shares`` (bytes in Flower's share layout: a 4-byte index and 16-byte chunks), as many.
+
+    No stage reply carries arrays: the masked vector travels as bytes."""
+    if not reply.has_content():
+        raise MalformedReply("no content")
+    content = reply.content
+    if got_bytes := sum(len(a.data) for rec in content.array_records.values() for a in rec.values()):
+        raise MalformedReply(f"arrays of {got_bytes} bytes, expected none")
+    asked = request.content.config_records[RECORD_KEY_CONFIGS]
+    stage = str(asked[SecAggKey.STAGE])
+    if RECORD_KEY_CONFIGS not in content.config_records:
+        raise MalformedReply(f"{stage} stage: no {RECORD_KEY_CONFIGS!r} record")
+    got = content.config_records[RECORD_KEY_CONFIGS]
+    if stage == Stage.SETUP:
+        for key in (SecAggKey.PUBLIC_KEY_1, SecAggKey.PUBLIC_KEY_2):
+            try:
+                bytes_to_public_key(_secret(got.get(key), key, stage))
+            except MalformedReply:
+                raise
+            except Exception:  # noqa: BLE001 - whatever the key parser raises: not a key
+                raise MalformedReply(f"{stage} stage: {key!r} is not a public key") from None
+    elif stage == Stage.SHARE_KEYS:
+        neighbours = {int(k) for k in asked if k != SecAggKey.STAGE} - {node}
+        _per_node(got, stage, (SecAggKey.DESTINATION_LIST, "destinations"), (SecAggKey.CIPHERTEXT_LIST, "ciphertexts"))
+        _named_among(got, stage, SecAggKey.DESTINATION_LIST, neighbours, "that is not its neighbour")
+    elif stage == Stage.COLLECT_MASKED_VECTORS:
+        key = SecAggKey.MASKED_PARAMETERS
+        vectors = _items(got, key, bytes, stage)
+        expected = [1, *sizes]
+        if len(vectors) != len(expected):
+            raise MalformedReply(f"{stage} stage: {key!r} holds {len(vectors)} vectors, expected {len(expected)}")
+        for i, (raw, n) in enumerate(zip(vectors, expected)):
+            if len(raw) > 8 * n + VECTOR_HEADER_BYTES:  # before numpy reads it
+                raise MalformedReply(f"{stage} stage: {key!r}[{i}] is {len(raw)} bytes, expected {n} int64 values")
+            vector = bytes_to_ndarray(raw)
+            if vector.shape != (n,) or vector.dtype.kind not in "iu":
+                raise MalformedReply(
+                    f"{stage} stage: {key!r}[{i}] is {vector.dtype} of shape {vector.shape}, expected {n} integers"
+                )
+        try:
+            compat.recorddict_to_fitres(content, keep_input=True)
+        except Exception as exc:  # noqa: BLE001 - what the workflow would raise on, named
+            raise MalformedReply(
+                f"{stage} stage: its FitRes records are unreadable ({type(exc).__name__}: {printable(exc, 120)})"
+            ) from None
+    elif stage == Stage.UNMASK:
+        named = set(_items(asked, SecAggKey.ACTIVE_NODE_ID_LIST, int, stage))
+        named |= set(_items(asked, SecAggKey.DEAD_NODE_ID_LIST, int, stage))
+        shares = _per_node(got, stage, (SecAggKey.NODE_ID_LIST, "node ids"), (SecAggKey.SHARE_LIST, "shares"))
+        _named_among(got, stage, SecAggKey.NODE_ID_LIST, named, "the request did not name")
+        for share in shares:
+            if len(share) < 20 or (len(share) - 4) % 16:
+                raise MalformedReply(f"{stage} stage: {SecAggKey.SHARE_LIST!r} holds a share of {len(share)} bytes")
+
+
 class _WatchedGrid:
     """The run's Grid, as the workflow sees it: replies are pulled every 0.1 s (not Flower's 3 s),
-    error replies are remembered per node so a site that drops out is named, and bytes are counted."""
+    error replies are remembered per node so a site that drops out is named, bytes are counted,
+    and a stage reply the workflow could not read (check_stage_reply) reaches it as an error reply."""
 
-    def __init__(self, exchange: Exchange, outcome: RoundOutcome):
-        self._exchange, self._outcome = exchange, outcome
+    def __init__(self, exchange: Exchange, outcome: RoundOutcome, sizes: list[int]):
+        self._exchange, self._outcome, self._sizes = exchange, outcome, sizes
         self.errors: dict[int, str | None] = {}  # node -> the error's reason (Flower's Error.reason is optional)
 
     def __getattr__(self, name: str):
@@ -102,13 +216,31 @@ class _WatchedGrid:
         messages = list(messages)
         self._outcome.bytes_sent += sum(_payload_bytes(m) for m in messages)
         replies, by_msg_id = self._exchange.send_and_collect(messages)
+        requests = {m.metadata.dst_node_id: m for m in messages}
+        checked: list[Message] = []
         for reply in replies:
             node = by_msg_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if node not in requests:  # pulled by the ids of what was sent: cannot happen, and is not used
+                continue
             if reply.has_error():
                 self.errors.setdefault(node, reply.error.reason)
+                checked.append(reply)
+                continue
+            self._outcome.bytes_received += _payload_bytes(reply)
+            try:
+                check_stage_reply(requests[node], reply, node, self._sizes)
+            except MalformedReply as exc:
+                reason = f"malformed reply: {exc}"
+            except Exception as exc:  # noqa: BLE001 - one site's reply, however broken, never ends the run
+                reason = f"malformed reply: unreadable ({type(exc).__name__}: {printable(exc, 120)})"
             else:
-                self._outcome.bytes_received += _payload_bytes(reply)
-        return replies
+                checked.append(reply)
+                continue
+            log.warning("secure aggregation: site %s: %s", self._exchange.site_name(node), reason)
+            self.errors.setdefault(node, reason)
+            # The workflow takes a node with an error reply for one that dropped out.
+            checked.append(Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=requests[node]))
+        return checked
 
 
 def _payload_bytes(message: Message) -> int:
@@ -154,7 +286,7 @@ def _checked_result(state: RunState, node: int, fitres: Any, cap: float) -> tupl
     if name:
         if not isinstance(name, str) or not valid_site_name(name):
             raise MalformedReply(f"invalid site name {shown(name)!r}")
-        exchange.names[node] = name
+        exchange.bind_name(node, name)
     if (values := value_count(metrics)) > exchange.limits.max_values():
         raise MalformedReply(f"metrics hold {values} values, more than the limit of {exchange.limits.max_values()}")
     metrics[protocol.NUM_EXAMPLES] = fitres.num_examples
@@ -171,6 +303,22 @@ def _checked_result(state: RunState, node: int, fitres: Any, cap: float) -> tupl
             "the most a site without a roll call count may claim"
         )
     return exchange.site_name(node), metrics
+
+
+def _secure_round_failed(
+    state: RunState, server_round: int, outcome: RoundOutcome, grid: _WatchedGrid, reason: str
+) -> None:
+    """The workflow raised: the sites that dropped out (an error, a malformed stage reply) are
+    named, the round's failure is recorded under "ALL" with the reason, and the global model
+    stays as it is."""
+    exchange = state.exchange
+    for node, why in grid.errors.items():
+        exchange.record_failure(outcome, server_round, "train", node, f"left secure aggregation: {printable(why)}")
+    why = f"secure aggregation failed: {reason}"
+    outcome.failures["ALL"] = why
+    exchange.store.append(server_round, "failure", "ALL", {"stage": "train", "reason": why})
+    state.echo(f"  round {server_round} train: {why}; the global model is unchanged this round")
+    record_train_aggregate(state, server_round, [], released=False)
 
 
 class SecureTrainWave:
@@ -205,9 +353,14 @@ def secure_train_round(state: RunState, server_round: int, outcome: RoundOutcome
         quantization_range=QUANTIZATION_RANGE,
         timeout=cfg.round_timeout,
     )
-    grid = _WatchedGrid(exchange, outcome)
+    grid = _WatchedGrid(exchange, outcome, [int(np.asarray(state.arrays[k]).size) for k in names])
     t0 = time.monotonic()
-    workflow(grid, legacy)  # type: ignore[arg-type]
+    try:
+        workflow(grid, legacy)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - what a site sent made Flower's workflow raise: this round, not the run
+        log.exception("round %d: secure aggregation failed", server_round)
+        _secure_round_failed(state, server_round, outcome, grid, f"{type(exc).__name__}: {printable(exc, 200)}")
+        return
     log.info("round %d: secure aggregation took %.1f s", server_round, time.monotonic() - t0)
 
     good: list[SiteReply] = []
@@ -233,6 +386,11 @@ def secure_train_round(state: RunState, server_round: int, outcome: RoundOutcome
             outcome, server_round, "train", proxy.node_id, f"{reason} (its masked update is in this round's sum)"
         )
     in_sum = {proxy.node_id for proxy, _ in strategy.results}
+    for node in sorted(in_sum & set(grid.errors)):  # in the sum, then out at the unmask stage: unmasked all the same
+        state.echo(
+            f"  round {server_round} train: site {exchange.site_name(node)} at the unmask stage: "
+            f"{printable(grid.errors[node])} (its update is in the sum, unmasked from the others' shares)"
+        )
     for node in nodes:
         if node not in in_sum:
             if node not in grid.errors:

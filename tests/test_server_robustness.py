@@ -9,15 +9,20 @@ honest ClientApp does.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import math
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarray_to_bytes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.supercore.task_identity import TaskIdentity
 from test_federation_loop import StubGrid as LoopGrid
 from test_federation_loop import initial
@@ -28,8 +33,10 @@ from fedbreast.server.metric_store import MetricStore
 from fedbreast.server.reply_checks import (
     MalformedReply,
     ReplyLimits,
+    check_hist_total,
     check_histograms,
     check_metrics,
+    roll_call_caps,
     shown,
     train_examples_bound,
     unknown_site_cap,
@@ -63,12 +70,12 @@ def task_identity():
     yield
 
 
-def site_histogram(site: str) -> dict[str, list[Any]]:
+def site_histogram(site: str, bins: int = BINS) -> dict[str, list[Any]]:
     """A site's honest full-resolution test histogram (scores that separate the classes)."""
     rng = np.random.default_rng(sum(map(ord, site)))
     y = np.array([0, 1] * 20)
     p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
-    return score_histogram(y, p, bins=BINS)
+    return score_histogram(y, p, bins=bins)
 
 
 class StubGrid(LoopGrid):
@@ -472,3 +479,284 @@ def test_the_failure_table_of_the_report_keeps_a_pipe_in_a_reason(tmp_path):
     row = next(ln for ln in (tmp_path / "summary.md").read_text().splitlines() if ln.startswith("| 1 | site-a"))
     assert row == "| 1 | site-a | train | unable: a \\| b |"
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["reason"] == "unable: a | b"
+
+
+# ---- histogram counts against overflow and the roll call ---------------------------------------
+
+
+def test_a_histogram_of_2_62_counts_is_dropped_and_the_pooled_auc_goes_on(tmp_path):
+    # 64 bins of 2**62 beside the others' 32: pooled at 32 bins, two of them sum past int64 to a
+    # negative count, and the pooled AUC's ValueError ended the run.
+    huge = [2**62] * 64
+    honest = {site: site_histogram(site, bins=32) for site in ("site-a", "site-c")}
+    tamper = {s: on("evaluate", test_hist_pos=h["hist_pos"], test_hist_neg=h["hist_neg"]) for s, h in honest.items()}
+    tamper["site-b"] = on("evaluate", test_hist_pos=huge, test_hist_neg=huge)
+    fed, store, _ = run_with(tamper, tmp_path, hist_bins=64)
+    assert_dropped_every_round(fed, store, "site-b", "evaluate", "'test_hist_pos'", "2**31 or more")
+    pooled = pool_histograms(list(honest.values()))
+    for row in store.rows("aggregate"):
+        assert row["test_pooled_hist_bins"] == 32
+        assert row["test_pooled_auc"] == pytest.approx(pooled_auc_from_histograms([pooled]), abs=1e-12)
+
+
+def test_a_histogram_counting_more_than_the_roll_calls_test_exams_is_dropped(tmp_path):
+    most = 2**31 - 1  # each count allowed; their total is not
+    fed, store, _ = run_with(
+        {"site-c": on("evaluate", test_hist_pos=[most] * BINS, test_hist_neg=[0] * BINS)}, tmp_path
+    )
+    assert_dropped_every_round(
+        fed, store, "site-c", "evaluate", f"total {most * BINS} exceeds the roll call's test exams {TEST_EXAMS}"
+    )
+    assert all("test_pooled_auc" in r for r in store.rows("aggregate"))
+
+
+def test_a_failing_pooled_auc_leaves_the_round_without_it_and_says_why(tmp_path, monkeypatch):
+    import fedbreast.server.phases as phases
+
+    def broken(hists):
+        raise OverflowError("Python int too large to convert to C long")
+
+    monkeypatch.setattr(phases, "pool_histograms", broken)
+    fed, store, lines = run_with({}, tmp_path)
+    assert len(fed.history) == fed.cfg.rounds and not failures_of(store)
+    rows = store.rows("aggregate")
+    assert len(rows) == fed.cfg.rounds
+    for row in rows:
+        assert "test_pooled_auc" not in row and row["val_auc"] == pytest.approx(0.7)
+        assert row["test_pooled_auc_unavailable"] == "OverflowError: Python int too large to convert to C long"
+    assert sum("no pooled test AUC: OverflowError" in ln for ln in lines) == fed.cfg.rounds
+
+
+def test_histogram_counts_and_totals():
+    with pytest.raises(MalformedReply, match="'test_hist_neg' holds a count of 2\\*\\*31 or more"):
+        check_histograms({"test_hist_pos": [1, 2], "test_hist_neg": [2**31, 0]}, 16)
+    check_hist_total({"test_hist_pos": [10, 2], "test_hist_neg": [58, 0]}, test_exams=3)  # 70 = 2 x 3 + 64
+    with pytest.raises(MalformedReply, match="total 71 exceeds the roll call's test exams 3"):
+        check_hist_total({"test_hist_pos": [11, 2], "test_hist_neg": [58, 0]}, test_exams=3)
+    check_hist_total({"num-examples": 1}, test_exams=0)  # no histogram: nothing to hold
+
+
+# ---- the roll call's counts and the site names --------------------------------------------------
+
+
+def test_a_site_claiming_a_billion_samples_at_the_roll_call_weighs_ten_medians(tmp_path):
+    billion = 10**9
+
+    def liar(kind: str, content: Content) -> Content:  # the same lie at the roll call and in every round
+        if kind == "query":
+            content["metrics"].update(train_samples=billion, test_exams=billion)
+        if kind == "train":  # an update against the others' (of the same norm: the median clip leaves it)
+            content["arrays"] = {k: v - 2.0 if v.dtype.kind == "f" else v for k, v in content["arrays"].items()}
+            content["metrics"]["num-examples"] = billion
+        return content
+
+    fed, store, lines = run_with({"site-c": liar}, tmp_path)
+    assert not failures_of(store)
+    cap = 10 * TRAIN_SAMPLES
+    assert (
+        f"site site-c claims {billion} training samples at the roll call; weighted as at most {cap} (10 x the median)"
+        in lines
+    )
+    assert (
+        f"site site-c claims {billion} test exams at the roll call; weighted as at most {10 * TEST_EXAMS} (10 x the median)"
+        in lines
+    )
+    assert [r["num-examples"] for r in store.rows("train") if r["site"] == "site-c"] == [cap] * fed.cfg.rounds
+    # FedAvg of +1, +1 (weight 10 each) and -1 (weight 100, not 10**9): -80 / 120 per round.
+    np.testing.assert_allclose(fed.arrays["w"], np.full((2, 3), 2 * -80 / 120), rtol=1e-6)
+
+
+def test_roll_call_caps():
+    assert roll_call_caps({1: 10, 2: 12, 3: 10**9, 4: 0}) == {3: (120, "10 x the median")}  # 0: no data, not counted
+    assert roll_call_caps({1: 10, 2: 100, 3: 11}) == {}
+    assert roll_call_caps({1: 10, 2: 10**9}) == {2: (100, "10 x the other site's")}  # a median of two is their mean
+    assert roll_call_caps({1: 10, 2: 100}) == {}
+    assert roll_call_caps({1: 10**9}) == {} and roll_call_caps({}) == {}
+
+
+def test_a_site_taking_another_sites_name_is_refused_while_that_site_is_online(tmp_path):
+    def impostor(kind: str, content: Content) -> Content:
+        content["site"]["name"] = "site-a"
+        return content
+
+    fed, store, _ = run_with({"site-c": impostor}, tmp_path)
+    assert len(fed.history) == fed.cfg.rounds
+    failures = failures_of(store)
+    assert {f["site"] for f in failures} == {"node-102"}
+    assert [f["stage"] for f in failures] == ["roll-call"] + ["train", "evaluate"] * fed.cfg.rounds
+    assert all(f["reason"] == "malformed reply: site name 'site-a' is already answered by node 100" for f in failures)
+    assert {r["site"] for r in store.rows("train")} == {"site-a", "site-b"}
+    assert fed.state.exchange.names == {100: "site-a", 101: "site-b"}
+
+
+class RestartGrid(StubGrid):
+    """site-a's SuperNode goes down after round 1 and comes back under a new node id (103), as
+    one without authentication does (an authenticated SuperNode keeps its id)."""
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        if any(m.metadata.message_type == "evaluate" for m in messages) and 100 in self.nodes:
+            del self.nodes[100]
+            self.nodes[103] = "site-a"
+        return ids
+
+
+def test_a_restarted_site_takes_its_name_to_its_new_node_once_the_old_one_is_gone(tmp_path):
+    cfg = RunConfig(backbone="smallcnn", rounds=2, round_timeout=1, wait_for_sites=1, hist_bins=BINS)
+    fed = FederatedRun(RestartGrid(), cfg, tmp_path, initial(), echo=lambda _line: None)
+    fed.run()
+    store = MetricStore(tmp_path)
+    assert not failures_of(store)
+    assert [(r["round"], r["site"]) for r in store.rows("train") if r["site"] == "site-a"] == [
+        (1, "site-a"),
+        (2, "site-a"),
+    ]
+    assert fed.state.exchange.owners["site-a"] == 103
+
+
+# ---- SecAgg+ stage replies ----------------------------------------------------------------------
+
+StageTamper = Callable[[str, ConfigRecord], None]  # (stage, the reply's secaggplus_configs) -> edits it
+
+
+class SecAggGrid(LoopGrid):
+    """Four sites that answer SecAgg+ as Flower's ``secaggplus_mod`` does, around a stand-in for
+    the site's training (a change of +1 everywhere, 10 examples); ``tamper[site]`` edits that
+    site's stage replies before they are sent."""
+
+    def __init__(self, tamper: dict[str, StageTamper] | None = None):
+        super().__init__(dict.fromkeys(("site-a", "site-b", "site-c", "site-d"), "ok"))
+        self.tamper = tamper or {}
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in self.nodes
+        }
+        self._ids = itertools.count(1)
+
+    def _train(self, msg: Message, context: Context) -> Message:
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        change = [np.ones(a.size, np.float32) for a in parameters_to_ndarrays(fitins.parameters)]
+        metrics = {"fedbreast-site-name": self.nodes[context.node_id], "train_seconds": 0.1}
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(change), TRAIN_SAMPLES, metrics)
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
+            node, stage = m.metadata.dst_node_id, m.content.config_records["secaggplus_configs"]["stage"]
+            try:
+                reply = secaggplus_mod(copy.deepcopy(m), self.contexts[node], self._train)
+            except Exception as exc:  # noqa: BLE001 - as Flower's runtime: the site's exception is its error reply
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=m)
+            else:
+                if self.nodes[node] in self.tamper:
+                    self.tamper[self.nodes[node]](str(stage), reply.content.config_records["secaggplus_configs"])
+            reply.metadata.__dict__["_src_node_id"] = node
+            self._outbox.append(reply)
+            ids.append(m.metadata.message_id)
+        return ids
+
+
+def secure_round(grid: SecAggGrid, tmp_path, rounds: int = 1):
+    from fedbreast.server.exchange import Exchange, RoundOutcome
+    from fedbreast.server.phases import RunState
+    from fedbreast.server.secure_aggregation import secure_train_round
+
+    cfg = RunConfig(backbone="smallcnn", hist_bins=BINS, secure_aggregation=True, round_timeout=1)
+    lines: list[str] = []
+    exchange = Exchange(grid, MetricStore(tmp_path), lines.append, 1, ReplyLimits(hist_bins=BINS))
+    for node, site in grid.nodes.items():  # the roll call's names and counts
+        exchange.bind_name(node, site)
+    no_strategy: Any = None  # the secure round samples no sites itself
+    state = RunState(cfg, exchange, no_strategy, initial(), train_samples=dict.fromkeys(grid.nodes, TRAIN_SAMPLES))
+    for server_round in range(1, rounds + 1):
+        secure_train_round(state, server_round, RoundOutcome(server_round), list(grid.nodes))
+    return state, MetricStore(tmp_path), lines
+
+
+def on_stage(stage: str, edit: Callable[[ConfigRecord], None]) -> StageTamper:
+    def tamper(s: str, record: ConfigRecord) -> None:
+        if s == stage:
+            edit(record)
+
+    return tamper
+
+
+def test_honest_secure_aggregation_passes_the_stage_checks(tmp_path):
+    state, store, _ = secure_round(SecAggGrid(), tmp_path)
+    assert not failures_of(store)
+    np.testing.assert_allclose(state.arrays["w"], np.ones((2, 3)), atol=2e-5)  # the mean of four +1 changes
+    assert state.arrays["steps"] == 1 and state.arrays["steps"].dtype == np.int64
+
+
+def _two_dsts_one_ciphertext(r: ConfigRecord) -> None:
+    r["dsts"], r["ctxts"] = r["dsts"][:2], r["ctxts"][:1]
+
+
+def _wrong_shape(r: ConfigRecord) -> None:
+    r["masked_params"] = [r["masked_params"][0], ndarray_to_bytes(np.zeros(2, np.int64)), *r["masked_params"][2:]]
+
+
+def _stranger(r: ConfigRecord) -> None:
+    r["dsts"] = [999, *r["dsts"][1:]]
+
+
+def _not_a_key(r: ConfigRecord) -> None:
+    r["pk1"] = b"-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n"
+
+
+@pytest.mark.parametrize(
+    "stage, edit, needle, completes",
+    [
+        # Flower's workflow drops a site at setup or share_keys, but cannot unmask the others without it.
+        ("setup", _not_a_key, "setup stage: 'pk1' is not a public key", False),
+        ("share_keys", _two_dsts_one_ciphertext, "2 destinations ('dsts') and 1 ciphertexts ('ctxts')", False),
+        ("share_keys", _stranger, "'dsts' names a node twice or one that is not its neighbour", False),
+        # At the masking stage, the dropped site is unmasked away and the others' sum is released.
+        ("collect_masked_vectors", lambda r: r.pop("masked_params"), "no 'masked_params'", True),
+        (
+            "collect_masked_vectors",
+            _wrong_shape,
+            "'masked_params'[1] is int64 of shape (2,), expected 6 integers",
+            True,
+        ),
+    ],
+)
+def test_a_malformed_stage_reply_drops_that_site_named_and_never_the_run(tmp_path, stage, edit, needle, completes):
+    state, store, lines = secure_round(SecAggGrid({"site-b": on_stage(stage, edit)}), tmp_path)
+    (failure,) = [f for f in failures_of(store) if f["site"] == "site-b"]
+    assert failure["reason"].startswith("left secure aggregation: malformed reply: ") and needle in failure["reason"]
+    expected = np.ones((2, 3)) if completes else np.zeros((2, 3))  # the mean of the three others' +1, or unchanged
+    np.testing.assert_allclose(state.arrays["w"], expected, atol=2e-5)
+    if completes:
+        assert sorted(r["site"] for r in store.rows("train")) == ["site-a", "site-c", "site-d"]
+    else:
+        assert any("the global model is unchanged this round" in ln for ln in lines)
+
+
+def test_an_exception_inside_the_workflow_fails_that_round_alone(tmp_path):
+    def short_shares(r: ConfigRecord) -> None:  # Flower's share layout, but 2 chunks where the others have 3
+        r["shares"] = [s[:36] for s in r["shares"]]
+
+    grid = SecAggGrid({"site-b": on_stage("unmask", short_shares)})
+    state, store, lines = secure_round(grid, tmp_path)
+    (failure,) = failures_of(store)
+    assert failure["site"] == "ALL" and failure["stage"] == "train"
+    assert failure["reason"].startswith("secure aggregation failed: ValueError: ")
+    np.testing.assert_allclose(state.arrays["w"], np.zeros((2, 3)))
+    assert any("secure aggregation failed" in ln and "unchanged this round" in ln for ln in lines)
+    grid.tamper.clear()  # the next round, honest again, completes
+    state, store, _ = secure_round(grid, tmp_path / "next")
+    np.testing.assert_allclose(state.arrays["w"], np.ones((2, 3)), atol=2e-5)
+
+
+def test_a_malformed_unmask_reply_is_named_and_the_others_shares_unmask_the_sum(tmp_path):
+    def stranger(r: ConfigRecord) -> None:
+        r["nids"] = [999, *r["nids"][1:]]
+
+    state, store, lines = secure_round(SecAggGrid({"site-b": on_stage("unmask", stranger)}), tmp_path)
+    assert not failures_of(store)  # its masked update is in the sum already: site-b trained this round
+    np.testing.assert_allclose(state.arrays["w"], np.ones((2, 3)), atol=2e-5)
+    (line,) = [ln for ln in lines if "site site-b at the unmask stage" in ln]
+    assert "'nids' names a node twice or one the request did not name" in line
