@@ -23,10 +23,21 @@ and stderr to the server over a Unix socket; the server forks a child that runs 
 
 The socket is created without group or other access, in the daemon's state directory: only
 the site's own user can ask for a ClientApp, which it could start itself anyway.
+
+At most ``--max-children`` ClientApps (default 4) run at once, each a full torch process: a
+coordinator that sends many messages at once (Flower's SuperExec starts a ``flwr-clientapp``
+for every one) gets them run a few at a time. A request beyond the bound is accepted and
+waits, in order, until a ClientApp exits; its shim simply waits longer for the answer. The
+wait must stay short: Flower 1.41's SuperNode gives a claimed task 30 s
+(``HEARTBEAT_DEFAULT_INTERVAL``) to send its first heartbeat, which the ClientApp does as it
+starts, then expires it and answers the coordinator with an error for that message. A
+queued ClientApp whose task expired starts, is refused its message by the SuperNode and
+exits; a request whose shim has gone is dropped without starting one.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
@@ -38,6 +49,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -59,6 +71,7 @@ PRELOAD = (
 FLOWER_ENTRY = "fedbreast.client.pinned_clientapp:main"  # Flower's flwr-clientapp, pinned
 SHIM_NAME = "flwr-clientapp"
 MAX_REQUEST = 64 * 1024
+DEFAULT_MAX_CHILDREN = 4  # ClientApp processes at once; more requests wait for one to exit
 # sockaddr_un holds 108 bytes on Linux; longer state paths get a private temp folder.
 MAX_SOCKET_PATH = 100
 
@@ -107,6 +120,18 @@ def _exit_code(exc: SystemExit) -> int:
     return exc.code if isinstance(exc.code, int) else 1
 
 
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the shim closed its end (it was killed while its request waited for a slot).
+    Its request was the only thing it sends, so anything readable now is the end of file."""
+    conn.setblocking(False)
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    finally:
+        conn.settimeout(5.0)
+
+
 def _run_child(argv: list[str], fds: list[int], inherited: list[socket.socket], entry: str) -> NoReturn:
     """In the forked child: take the shim's stdio and arguments, run the entry point, exit."""
     code = 1
@@ -144,12 +169,26 @@ def _run_child(argv: list[str], fds: list[int], inherited: list[socket.socket], 
 
 class WarmServer:
     """The accept / fork / reap loop. Single-threaded on purpose: a fork from a process with
-    other threads can copy a lock one of them held."""
+    other threads can copy a lock one of them held. Every connection is accepted at once and
+    queued; a request is read and forked only while fewer than ``max_children`` run."""
 
-    def __init__(self, path: Path, entry: str = FLOWER_ENTRY, echo: Callable[[str], None] = print) -> None:
-        self.path, self.entry, self.echo = path, entry, echo
+    def __init__(
+        self,
+        path: Path,
+        entry: str = FLOWER_ENTRY,
+        echo: Callable[[str], None] = print,
+        max_children: int = DEFAULT_MAX_CHILDREN,
+    ) -> None:
+        if max_children < 1:
+            raise ValueError(f"max_children must be at least 1, not {max_children}")
+        self.path, self.entry, self.echo, self.max_children = path, entry, echo, max_children
         self.children: dict[int, socket.socket] = {}
+        # (connection, accepted at, found every slot taken), oldest first
+        self.pending: deque[tuple[socket.socket, float, bool]] = deque()
         self.forked = 0
+        self.waited = 0  # requests that found every slot taken
+        self.longest_wait = 0.0
+        self._queue_reported = False
         self._stop = False
 
     def _listen(self) -> socket.socket:
@@ -163,6 +202,32 @@ class WarmServer:
         srv.listen(64)
         return srv
 
+    def _accept(self, srv: socket.socket) -> None:
+        conn, _ = srv.accept()
+        full = len(self.children) + len(self.pending) >= self.max_children
+        if full and not self._queue_reported:
+            self._queue_reported = True
+            self.echo(
+                f"warm ClientApp: {len(self.children)} ClientApps running (--max-children {self.max_children}); "
+                "further requests wait for one to exit"
+            )
+        self.pending.append((conn, time.monotonic(), full))
+
+    def _dispatch(self, srv: socket.socket) -> None:
+        """Fork the queued requests, oldest first, while there are free slots."""
+        while self.pending and len(self.children) < self.max_children:
+            conn, accepted, full = self.pending.popleft()
+            if full:
+                self.waited += 1
+                self.longest_wait = max(self.longest_wait, time.monotonic() - accepted)
+            self._handle(srv, conn)
+        if not self.pending and self._queue_reported:
+            self._queue_reported = False
+            self.echo(
+                f"warm ClientApp: no request waits any more ({self.waited} waited so far, "
+                f"the longest {self.longest_wait:.1f} s)"
+            )
+
     def _handle(self, srv: socket.socket, conn: socket.socket) -> None:
         fds: list[int] = []
         try:
@@ -172,6 +237,8 @@ class WarmServer:
             argv = request["argv"]
             if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)) or len(fds) != 3:
                 raise ValueError("a request is {'argv': [str, ...]} with stdin, stdout and stderr attached")
+            if _hung_up(conn):
+                raise ValueError("its flwr-clientapp exited while the request waited for a slot")
         except (OSError, ValueError, KeyError, TypeError) as err:
             for fd in fds:
                 os.close(fd)
@@ -182,7 +249,8 @@ class WarmServer:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _run_child(argv, fds, [srv, conn, *self.children.values()], self.entry)
+            queued = [c for c, _, _ in self.pending]
+            _run_child(argv, fds, [srv, conn, *self.children.values(), *queued], self.entry)
         for fd in fds:
             os.close(fd)
         self.forked += 1
@@ -192,14 +260,17 @@ class WarmServer:
             pass  # the shim is gone; the child still runs its message, and is reaped below
         self.children[pid] = conn
 
-    def _reap(self) -> None:
+    def _reap(self) -> int:
+        """Answer the shims of the ClientApps that exited; returns how many did."""
+        reaped = 0
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
+            reaped += 1
             conn = self.children.pop(pid, None)
             if conn is not None:
                 try:
@@ -207,6 +278,13 @@ class WarmServer:
                 except OSError:
                     pass
                 conn.close()
+        return reaped
+
+    def _close_pending(self) -> None:
+        # Their shims find the connection closed without an answer and start a cold
+        # flwr-clientapp, as for a server that is not running.
+        while self.pending:
+            self.pending.popleft()[0].close()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop = True
@@ -219,18 +297,29 @@ class WarmServer:
         sel.register(srv, selectors.EVENT_READ)
         if ready is not None:
             ready()
+        paused_until: float | None = None
         try:
             while not self._stop:
                 for _key, _events in sel.select(timeout=0.1):
                     try:
-                        conn, _ = srv.accept()
-                    except OSError:
-                        continue
-                    self._handle(srv, conn)
-                self._reap()
+                        self._accept(srv)
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE):
+                            # Out of descriptors (thousands queued): leave the rest in the
+                            # listen backlog, where their shims wait in connect(), until a
+                            # ClientApp exits or a second passes, rather than spin on a
+                            # socket that stays readable.
+                            sel.unregister(srv)
+                            paused_until = time.monotonic() + 1.0
+                reaped = self._reap()
+                self._dispatch(srv)
+                if paused_until is not None and (reaped or time.monotonic() > paused_until):
+                    sel.register(srv, selectors.EVENT_READ)
+                    paused_until = None
         finally:
             sel.close()
             srv.close()
+            self._close_pending()
             self.path.unlink(missing_ok=True)
             # Stopping the daemon stops the messages in flight, as stopping the SuperNode's
             # own ClientApp processes would.
@@ -251,8 +340,10 @@ def install_pinned(bin_dir: Path, name: str = SHIM_NAME) -> Path:
     """Write a cold ``flwr-clientapp`` that runs the pinned entry point (no warm server)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     target = bin_dir / name
+    # -P: a script's own folder (the state directory's bin/) is not put on sys.path, so
+    # nothing dropped beside it shadows an import.
     target.write_text(
-        f"#!{sys.executable}\nfrom fedbreast.client.pinned_clientapp import main\nmain()\n", encoding="utf-8"
+        f"#!{sys.executable} -P\nfrom fedbreast.client.pinned_clientapp import main\nmain()\n", encoding="utf-8"
     )
     target.chmod(0o755)
     return target
@@ -275,22 +366,47 @@ def install_shim(bin_dir: Path, sock: Path, fallback: str) -> Path:
     return target
 
 
+def _drop_working_directory_from_path() -> None:
+    """Take the working directory off ``sys.path``.
+
+    ``python -m`` puts it first, and the daemon starts this server in its state directory:
+    a ``torch.py`` (or ``fedbreast/``) dropped there would be imported in place of the real
+    one by the preloads and by every forked ClientApp. Modules imported before ``main`` runs
+    (this one, its package, the standard library it imports) are not covered: for those the
+    server must be started with ``python -P`` (Python 3.11+), which never adds the folder.
+    """
+    here = os.path.realpath(os.getcwd())
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) != here]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedbreast.client.warm_clientapp SOCKET [--entry MODULE:FUNC]`` (the daemon
-    starts it; ``--entry`` is for tests)."""
+    """``python -P -m fedbreast.client.warm_clientapp SOCKET [--max-children N] [--entry MODULE:FUNC]``
+    (the daemon starts it; ``--entry`` is for tests)."""
     import argparse
 
+    _drop_working_directory_from_path()
     parser = argparse.ArgumentParser(prog="fedbreast.client.warm_clientapp")
     parser.add_argument("socket", type=Path)
+    parser.add_argument(
+        "--max-children",
+        type=int,
+        default=DEFAULT_MAX_CHILDREN,
+        help=f"ClientApp processes at once; further requests wait for one to exit (default {DEFAULT_MAX_CHILDREN})",
+    )
     parser.add_argument("--entry", default=FLOWER_ENTRY)
     parser.add_argument("--no-preload", action="store_true")
     args = parser.parse_args(argv)
+    if args.max_children < 1:
+        parser.error(f"--max-children must be at least 1, not {args.max_children}")
     started = time.monotonic()
     missing = [] if args.no_preload else preload_modules()
-    server = WarmServer(args.socket, entry=args.entry, echo=lambda line: print(line, flush=True))
+    server = WarmServer(
+        args.socket, entry=args.entry, echo=lambda line: print(line, flush=True), max_children=args.max_children
+    )
     return server.serve(
         ready=lambda: print(
-            f"warm ClientApp: ready on {args.socket} after {time.monotonic() - started:.1f} s"
+            f"warm ClientApp: ready on {args.socket} after {time.monotonic() - started:.1f} s, "
+            f"up to {args.max_children} ClientApps at once"
             + (f" (not preloaded: {', '.join(missing)})" if missing else ""),
             flush=True,
         )

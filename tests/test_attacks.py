@@ -16,15 +16,17 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from clientapp_messages import as_task, request, site_context
-from dicom_cases import breast_pixels, edit, write_exam, write_one
+from dicom_cases import breast_pixels, edit, graft_compressed, write_exam, write_one
 
 from fedbreast.client.audit import read_audit
 from fedbreast.client.policy import SitePolicy
@@ -73,6 +75,18 @@ CHILD = textwrap.dedent(
 )
 
 
+def _child_json(script: str, args: list[str], out: Path, timeout: float, what: str, **popen) -> dict:
+    """Run ``script`` in a child (it writes JSON to ``out``, its last argument); fail if it blocks."""
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", script, *args, str(out)], capture_output=True, text=True, timeout=timeout, **popen
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} did not finish in {timeout} s: a hostile file blocked it")
+    assert child.returncode == 0, child.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def _limit_address_space() -> None:
     import resource
 
@@ -97,6 +111,10 @@ def _hostile_folder(dicom: Path) -> tuple[set[str], dict[str, tuple[str, str]]]:
     # 512x512 16-bit: 512 KiB, over the test config's 0.25 MiB (a real file, not a huge one).
     meta = DicomMeta(patient_id="BIG", study_uid=new_study_uid(), energy="FFDM")
     write_dicom(dicom / "big.dcm", np.tile(breast_pixels(), (6, 8))[:512, :512], meta)
+    # A 64x64 header over a codestream whose own header (JPEG-LS SOF, JPEG 2000 SIZ) declares
+    # gigapixels: the decoder allocates what the codestream says (65535x65535: 8 GiB).
+    _grow_codestream(graft_compressed(dicom / "jls.dcm", "MR_small_jpeg_ls_lossless.dcm"), b"\xff\xf7", 5, ">HH")
+    _grow_codestream(graft_compressed(dicom / "j2k.dcm", "MR_small_jp2klossless.dcm"), b"\xff\x51", 6, ">II")
 
     os.mkfifo(dicom / "pipe.dcm")
     (dicom / "zero.dcm").symlink_to("/dev/zero")
@@ -111,6 +129,8 @@ def _hostile_folder(dicom: Path) -> tuple[set[str], dict[str, tuple[str, str]]]:
         "samples.dcm": ("SamplesPerPixel", "unsupported SamplesPerPixel 7"),
         "cine.dcm": ("Rows/Columns/NumberOfFrames", "ingest rules max_decoded_mib"),
         "big.dcm": ("file", "exceeds the limit of 0.25 MiB (ingest rules max_file_mib)"),
+        "jls.dcm": ("PixelData", "the JPEG-LS codestream declares 65535x65535 x 1 samples, more than"),
+        "j2k.dcm": ("PixelData", "the JPEG 2000 codestream declares 65535x65535 x 1 samples, more than"),
         "pipe.dcm": ("file", "not a regular file (FIFO)"),
         "zero.dcm": ("file", "symbolic link to a character device, /dev/zero; not followed"),
         "loop": ("file", "symbolic link to a folder"),
@@ -120,24 +140,28 @@ def _hostile_folder(dicom: Path) -> tuple[set[str], dict[str, tuple[str, str]]]:
     return good, hostile
 
 
+def _grow_codestream(path: Path, marker: bytes, offset: int, fmt: str) -> None:
+    """Make the frame header at ``marker`` declare 65535x65535 (height and width, or, in a
+    JPEG 2000 SIZ, width and height; for SIZ the tile size too, so it stays one tile)."""
+    ds = pydicom.dcmread(path)
+    data = bytearray(ds.PixelData)
+    at = data.index(marker) + offset
+    size = struct.pack(fmt, 65535, 65535)
+    data[at : at + len(size)] = size
+    if marker == b"\xff\x51":
+        data[at + 16 : at + 24] = size
+    ds.PixelData = bytes(data)
+    ds.save_as(path, enforce_file_format=True)
+
+
 def test_hostile_files_are_rejected_before_reading_or_decoding_and_good_files_ingested(tmp_path):
     dicom, site = tmp_path / "in", tmp_path / "site"
     good, hostile = _hostile_folder(dicom)
     config = tmp_path / "site.toml"
     config.write_text("[ingest]\nmax_file_mib = 0.25\n")
+    args = [str(dicom), str(site), str(config)]
     out = tmp_path / "child.json"
-    try:
-        child = subprocess.run(
-            [sys.executable, "-c", CHILD, str(dicom), str(site), str(config), str(out)],
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT_S,
-            preexec_fn=_limit_address_space,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"ingest did not finish in {CHILD_TIMEOUT_S} s: a hostile file blocked it")
-    assert child.returncode == 0, child.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _child_json(CHILD, args, out, CHILD_TIMEOUT_S, "ingest", preexec_fn=_limit_address_space)
 
     rejected = {Path(r["path"]).name: r for r in read_jsonl(site / "rejected.jsonl")}
     assert set(rejected) == set(hostile), sorted(rejected)
@@ -224,6 +248,74 @@ def test_a_site_raises_one_frame_limit_and_keeps_the_others(tmp_path):
     assert limits.max_frames == {"MG": 60, "US": 1000}
     assert limits.max_pixels == 100_000_000 and limits.max_file_bytes == 512 << 20
     assert load_rules(config).fingerprint != load_rules().fingerprint
+
+
+# ---- files swapped after ingest ----
+#
+# The preprocessing cache reads every source file again for each new configuration (a
+# coordinator asks for a new image size), long after ingest checked it. Between the two,
+# whoever can write the DICOM folder swaps files: other pixels under the same name, a FIFO,
+# a link to /dev/zero, a file over the site's size limit. Each must be a failure naming it,
+# nothing may be cached under the hash ingest recorded, and every other image is built.
+# The build runs in a child (`_child_json`, above): a read that blocks fails the test.
+
+SWAP_TIMEOUT_S = 120
+SWAP_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from fedbreast.shared.data.cache import build_cache, open_cache
+    from fedbreast.shared.data.manifest import load_manifest
+    from fedbreast.shared.data.preprocess import PreprocessConfig
+
+    site, out = sys.argv[1:]
+    cfg = PreprocessConfig(window="dicom", crop_breast=True, pad="aspect", size=(32, 16), orientation="chest_left")
+    stats = build_cache(site, load_manifest(site), cfg)
+    cache = open_cache(site, cfg)
+    failures = {f.path: [f.sha256, f.reason] for f in stats.failures}
+    with open(out, "w") as fh:
+        json.dump({"built": stats.built, "failures": failures, "cached": sorted(cache.shas())}, fh)
+    """
+)
+
+
+def test_files_swapped_after_ingest_are_named_failures_of_the_next_cache_build(tmp_path):
+    from fedbreast.shared.data.cache import CHANGED, build_cache
+    from fedbreast.shared.data.preprocess import PreprocessConfig
+
+    dicom, site = tmp_path / "in", tmp_path / "site"
+    paths = write_exam(dicom, "P1") + write_exam(dicom, "P2", seed=1)
+    config = tmp_path / "site.toml"
+    config.write_text("[ingest]\nmax_file_mib = 0.25\n")  # stored with the site; the cache reads under it
+    ingest(dicom, site, config=config)
+    records = {r.path: r for r in load_manifest(site)}
+    assert set(records) == {str(p) for p in paths}
+    first = PreprocessConfig(window="dicom", crop_breast=True, pad="aspect", size=(48, 24), orientation="chest_left")
+    assert build_cache(site, list(records.values()), first).failed == 0
+
+    swapped, fifo, zero, big = (str(p) for p in paths[:4])
+    write_one(Path(swapped), patient_id="OTHER")  # a valid DICOM file, other content
+    os.unlink(fifo)
+    os.mkfifo(fifo)  # opened for reading, it would wait for a writer forever
+    os.unlink(zero)
+    os.symlink("/dev/zero", zero)  # read, it never ends
+    meta = DicomMeta(patient_id="BIG", study_uid=new_study_uid(), energy="FFDM")
+    write_dicom(Path(big), np.tile(breast_pixels(), (6, 8))[:512, :512], meta)  # 512 KiB > 0.25 MiB
+
+    result = _child_json(SWAP_CHILD, [str(site)], tmp_path / "child.json", SWAP_TIMEOUT_S, "the cache build")
+
+    expected = {
+        swapped: CHANGED,
+        fifo: f"not a regular file (FIFO); {CHANGED}",
+        zero: f"not a regular file (symbolic link to a character device, /dev/zero; not followed); {CHANGED}",
+        big: f"exceeds the limit of 0.25 MiB (ingest rules max_file_mib); {CHANGED}",
+    }
+    assert set(result["failures"]) == set(expected), result["failures"]
+    for path, words in expected.items():
+        sha, reason = result["failures"][path]
+        assert sha == records[path].sha256 and reason.endswith(words), (path, reason)
+    # Nothing is cached under the hashes ingest recorded for them; every other image is built.
+    assert result["built"] == len(records) - len(expected)
+    assert set(result["cached"]) == {r.sha256 for p, r in records.items() if p not in expected}
 
 
 # ---- a malicious coordinator against one site's policy (in process: the real ClientApp) ----

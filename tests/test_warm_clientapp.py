@@ -21,13 +21,8 @@ from fedbreast.client.warm_clientapp import install_shim, socket_path
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def warm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("warm")
-    sock = socket_path(root)
-    fallback = root / "cold-clientapp"
-    fallback.write_text(f"#!{sys.executable}\nimport sys\nprint('cold', sys.argv[1:])\n")
-    fallback.chmod(0o755)
+def start_server(sock: Path, *args: str, cwd: Path | None = None) -> subprocess.Popen:
+    """The warm server as the daemon starts it (``python -m``), on the test entry point."""
     server = subprocess.Popen(
         [
             sys.executable,
@@ -37,18 +32,36 @@ def warm(tmp_path_factory):
             "--entry",
             "warm_entry:main",
             "--no-preload",
-        ],
+        ]
+        + list(args),
         env=dict(os.environ, PYTHONPATH=str(TESTS)),
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     assert "ready" in server.stdout.readline()
-    shim = install_shim(root / "bin", sock, str(fallback))
-    yield {"server": server, "shim": shim, "sock": sock, "root": root, "fallback": fallback}
+    return server
+
+
+def stop_server(server: subprocess.Popen) -> str:
     server.terminate()
     out, _ = server.communicate(timeout=30)
     assert server.returncode == 0, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warm")
+    sock = socket_path(root)
+    fallback = root / "cold-clientapp"
+    fallback.write_text(f"#!{sys.executable}\nimport sys\nprint('cold', sys.argv[1:])\n")
+    fallback.chmod(0o755)
+    server = start_server(sock)
+    shim = install_shim(root / "bin", sock, str(fallback))
+    yield {"server": server, "shim": shim, "sock": sock, "root": root, "fallback": fallback}
+    stop_server(server)
 
 
 def test_the_socket_is_private_to_the_sites_user(warm) -> None:
@@ -110,3 +123,56 @@ def test_a_long_state_path_gets_a_private_socket_folder(tmp_path) -> None:
     path = socket_path(deep)
     assert len(os.fsencode(path)) <= 100 and path.parent.stat().st_mode & 0o777 == 0o700
     assert socket_path(deep) == path  # the same state directory, the same socket
+
+
+def most_at_once(log: Path) -> int:
+    """The most ClientApps that ran at the same time, from the start / end lines they logged."""
+    events = sorted(
+        (float(t), kind == "start") for _, kind, t in (line.split() for line in log.read_text().splitlines())
+    )
+    running = most = 0
+    for _, started in events:  # at a tie an end sorts first: it happened before the next fork
+        running += 1 if started else -1
+        most = max(most, running)
+    return most
+
+
+def test_at_most_max_children_clientapps_run_and_the_rest_wait_their_turn(tmp_path) -> None:
+    # The state directory is the server's working directory; a warm_entry.py dropped there
+    # must not be what the ClientApps import (python -m puts the folder first on sys.path).
+    (tmp_path / "warm_entry.py").write_text("def main():\n    print('shadowed')\n")
+    sock = socket_path(tmp_path)
+    server = start_server(sock, "--max-children", "2", cwd=tmp_path)
+    shim = install_shim(tmp_path / "bin", sock, "/bin/false")
+    log = tmp_path / "ran.log"
+    t0 = time.monotonic()
+    shims = [
+        subprocess.Popen([shim, "hold", "0.5", str(log), str(10 + i)], stdout=subprocess.PIPE, text=True)
+        for i in range(5)
+    ]
+    outs = [p.communicate(timeout=60)[0] for p in shims]
+    elapsed = time.monotonic() - t0
+    out = stop_server(server)
+    assert [p.returncode for p in shims] == [10, 11, 12, 13, 14], outs  # each its own exit code
+    assert all(o.startswith("pid=") and "shadowed" not in o for o in outs), outs
+    assert most_at_once(log) == 2, log.read_text()  # two at once, never three
+    assert elapsed >= 1.5, elapsed  # three turns of 0.5 s
+    assert "further requests wait for one to exit" in out and "no request waits any more (3 waited" in out, out
+
+
+def test_a_request_whose_shim_died_while_it_waited_starts_no_clientapp(tmp_path) -> None:
+    sock = socket_path(tmp_path)
+    server = start_server(sock, "--max-children", "1")
+    shim = install_shim(tmp_path / "bin", sock, "/bin/false")
+    log = tmp_path / "ran.log"
+    first = subprocess.Popen([shim, "hold", "1.5", str(log), "1"], stdout=subprocess.PIPE, text=True)
+    assert "argv=['hold'" in first.stdout.readline()  # it runs, and holds the only slot
+    dead = subprocess.Popen([shim, "hold", "0", str(log), "2"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # connected and queued
+    dead.kill()  # as the SuperNode would stop a task it gave up on
+    dead.wait(timeout=10)
+    third = subprocess.run([shim, "hold", "0", str(log), "3"], capture_output=True, text=True, timeout=30)
+    assert first.wait(timeout=30) == 1 and third.returncode == 3, third
+    out = stop_server(server)
+    assert [line.split()[0] for line in log.read_text().splitlines() if "start" in line] == ["1", "3"]
+    assert "its flwr-clientapp exited while the request waited for a slot" in out, out

@@ -18,3 +18,11 @@ def main() -> None:
         sys.exit(int(args[1]))
     if args[:1] == ["raise"]:
         raise RuntimeError("the ClientApp failed")
+    if args[:1] == ["hold"]:  # hold SECONDS LOG CODE: a ClientApp that logs when it runs
+        seconds, log, code = float(args[1]), args[2], int(args[3])
+        with open(log, "a") as fh:
+            fh.write(f"{code} start {time.time()}\n")
+        time.sleep(seconds)
+        with open(log, "a") as fh:
+            fh.write(f"{code} end {time.time()}\n")
+        sys.exit(code)

@@ -26,6 +26,15 @@ Builds are crash-safe: a shard is written to a temp file, fsynced and renamed in
 then the index is replaced atomically. A build interrupted anywhere leaves at worst an
 unreferenced shard or temp file, which the next build deletes.
 
+Source files are re-read as ingest read them: a config the site has not built yet (a
+coordinator asks for a new image size) reads every file again, and the DICOM folder may
+have changed since ingest. Each file is read through ingest's reader (a regular file, up to
+``max_file_mib``: shared/data/files.py), its bytes must hash to the manifest's sha256, and its
+header must be within the ingest limits before its pixels are decoded (``headers.check_geometry``,
+which also reads each JPEG 2000 / JPEG-LS / JPEG frame's own header). The limits are the ones
+ingest stored in ``site.json`` (``ingest_limits``), else the default rules'. A file that fails
+is a failure of its own ("changed since ingest: re-run fedbreast site ingest"); the build goes on.
+
 Lesion masks are not cached: they are rasterised on demand from the stored geometry
 (PIL, ~20 us at 256x128), because annotations live in the manifest and can be corrected
 without the image bytes (hence the sha256 key) changing; a cached mask would go stale silently.
@@ -33,6 +42,7 @@ without the image bytes (hence the sha256 key) changing; a cached mask would go 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -41,7 +51,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +59,11 @@ import numpy as np
 
 from fedbreast.shared.errors import FedbreastError
 
-from .manifest import atomic_write_text
-from .pixels import read_pixels
+from .files import NotRead, read_regular
+from .manifest import SITE_META, atomic_write_text, read_site_meta
+from .pixels import decode_source
 from .preprocess import Geometry, PreprocessConfig, preprocess_image
+from .rules import INGEST_LIMITS, ConfigError, IngestLimits, IngestRules, load_rules
 from .schema import Energy, ImageRecord
 
 CACHE_DTYPE = np.float16
@@ -60,10 +72,15 @@ INDEX = "index.json"
 CONFIG = "config.json"
 LOCK = ".lock"
 DEFAULT_CHUNK_BYTES = 256 << 20  # one shard per 256 MiB of output: bounds memory and lost work
+CHANGED = "changed since ingest: re-run fedbreast site ingest"
 
 
 class CacheError(FedbreastError, RuntimeError):
     """A cache folder that cannot be used; the message names the file at fault."""
+
+
+class SourceChanged(FedbreastError, ValueError):
+    """A source file is not the file ingest read (other bytes, or no longer a regular file)."""
 
 
 @dataclass(frozen=True)
@@ -155,13 +172,38 @@ _Item = tuple[ImageRecord, "str | None", "dict[str, Any] | None"]
 _Result = tuple[str, str, "np.ndarray | None", "dict[str, Any] | None", "str | None", "str | None"]
 
 
+def source_rules(site_dir: str | Path) -> IngestRules:
+    """The rules a cache build reads source files under: the default ingest rules with the
+    limits ingest stored in the site's site.json (a site may have raised them), if it did."""
+    rules = load_rules()
+    stored = read_site_meta(Path(site_dir)).get(INGEST_LIMITS)
+    if stored is None:  # ingested before the limits were stored, or not by ingest (CDD-CESM import)
+        return rules
+    try:
+        limits = IngestLimits.from_dict(f"{Path(site_dir) / SITE_META}: {INGEST_LIMITS}", stored)
+    except ConfigError as exc:
+        raise CacheError(str(exc)) from None
+    return replace(rules, limits=limits)
+
+
+def _read_source(record: ImageRecord, rules: IngestRules) -> np.ndarray:
+    """The record's pixels, read once: ingest's reader, the manifest's sha256, then the geometry check."""
+    try:
+        data = read_regular(record.path, rules.limits.max_file_bytes)
+    except NotRead as exc:
+        raise SourceChanged(f"{exc.reason}; {CHANGED}") from None
+    if hashlib.sha256(data).hexdigest() != record.sha256:
+        raise SourceChanged(CHANGED)
+    return decode_source(data, record.path, record.modality.value, rules)
+
+
 def _worker_init() -> None:
     import torch
 
     torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
 
 
-def _run_task(cfg: PreprocessConfig, items: list[_Item]) -> list[_Result]:
+def _run_task(cfg: PreprocessConfig, items: list[_Item], rules: IngestRules) -> list[_Result]:
     """Preprocess a group of images in order; an LE processed here lends its geometry to its DES."""
     out: list[_Result] = []
     done_geometry: dict[str, dict[str, Any]] = {}
@@ -172,17 +214,19 @@ def _run_task(cfg: PreprocessConfig, items: list[_Item]) -> list[_Result]:
             if ref_sha is not None and ref_geometry is None:
                 ref_sha = None  # the LE failed: fall back to the DES's own crop, rebuilt next time
             reference = Geometry.from_dict(ref_geometry) if ref_geometry is not None else None
-            pixels = read_pixels(record.path)
+            pixels = _read_source(record, rules)
             arr, geometry = preprocess_image(pixels, record, cfg, reference=reference)
             gd = geometry.to_dict()
             done_geometry[record.sha256] = gd
             out.append((record.sha256, record.path, arr.astype(CACHE_DTYPE), gd, ref_sha, None))
+        except SourceChanged as exc:
+            out.append((record.sha256, record.path, None, None, None, str(exc)))
         except Exception as exc:  # noqa: BLE001 - one bad file must never abort a site's build
             out.append((record.sha256, record.path, None, None, None, f"{type(exc).__name__}: {exc}"))
     return out
 
 
-def _run_task_star(args: tuple[PreprocessConfig, list[_Item]]) -> list[_Result]:
+def _run_task_star(args: tuple[PreprocessConfig, list[_Item], IngestRules]) -> list[_Result]:
     return _run_task(*args)
 
 
@@ -291,13 +335,14 @@ def build_cache(
 
     ``workers > 1`` preprocesses in a process pool (forkserver/spawn, so it is safe from a
     process that already runs threads). ``progress(done, todo)`` is called after each image
-    group. A file that fails to decode or preprocess is reported in ``failures`` (path and
-    reason) and skipped; the build goes on.
+    group. A file that fails to decode or preprocess, or is not the file ingest read (see the
+    module docstring), is reported in ``failures`` (path and reason) and skipped; the build goes on.
     """
     t0 = time.perf_counter()
     cache_dir = cache_dir_for(site_dir, cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)
     stats = CacheStats(cache_dir=cache_dir)
+    rules = source_rules(site_dir)
     with _locked(cache_dir):
         index = _read_index(cache_dir, cfg)
         if not (cache_dir / CONFIG).exists():
@@ -339,13 +384,13 @@ def build_cache(
                 ctx.set_forkserver_preload([__name__])  # import torch once in the server, not per worker
             ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
             try:
-                for results in ex.map(_run_task_star, [(cfg, t) for t in tasks]):
+                for results in ex.map(_run_task_star, [(cfg, t, rules) for t in tasks]):
                     consume(results)
             finally:
                 ex.shutdown(wait=True, cancel_futures=True)
         else:
             for t in tasks:
-                consume(_run_task(cfg, t))
+                consume(_run_task(cfg, t, rules))
         flush()
         if not (cache_dir / INDEX).exists():
             atomic_write_text(cache_dir / INDEX, json.dumps(index, sort_keys=True, separators=(",", ":")))
@@ -501,7 +546,9 @@ __all__ = [
     "CacheFailure",
     "CacheStats",
     "ImageCache",
+    "SourceChanged",
     "build_cache",
     "cache_dir_for",
     "open_cache",
+    "source_rules",
 ]

@@ -186,6 +186,75 @@ def check_geometry(ds, modality: str, rows: int, cols: int, rules: IngestRules) 
             f"{decoded / MIB:.0f} MiB, over the limit of {limits.max_decoded_bytes / MIB:g} MiB "
             "(ingest rules max_decoded_mib)",
         )
+    _check_codestreams(ds, rows, cols, frames, samples)
+
+
+def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
+    # pylibjpeg-openjpeg reads the main header only (opj_read_header): 0.1 ms, no tile decoded.
+    from openjpeg.utils import get_parameters
+
+    try:
+        info = get_parameters(frame)
+    except (RuntimeError, ValueError):
+        return None
+    return int(info["rows"]), int(info["columns"]), int(info["samples_per_pixel"])
+
+
+def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
+    # pylibjpeg-libjpeg's own get_parameters is no use here: it allocates the whole image
+    # (a 64x64 JPEG-LS whose frame header says 65535x65535 took 16 GB and 8 minutes).
+    # pydicom parses the SOF segment in Python before it decodes each frame; its parser is
+    # private, so a pydicom that drops it refuses JPEG files here rather than decode them unchecked.
+    from pydicom.pixels.utils import _get_jpg_parameters
+
+    info = _get_jpg_parameters(frame)
+    if "height" not in info:
+        return None
+    return int(info["height"]), int(info["width"]), int(info["components"])
+
+
+def _check_codestreams(ds, rows: int, cols: int, frames: int, samples: int) -> None:
+    """Refuse compressed pixel data whose codestream declares a larger image than the header.
+
+    A JPEG 2000, JPEG-LS or JPEG decoder allocates what its codestream's own header declares
+    (SIZ, SOF), which need not be Rows x Columns: each frame's header is read before anything
+    is decoded. Other transfer syntaxes (native, RLE) are decoded into Rows x Columns.
+    """
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts in JPEG2000TransferSyntaxes:
+        name, size_of = "JPEG 2000", _j2k_size
+    elif ts in JPEGLSTransferSyntaxes or ts in JPEGTransferSyntaxes:
+        name, size_of = "JPEG-LS" if ts in JPEGLSTransferSyntaxes else "JPEG", _jpeg_size
+    else:
+        return
+    frames_read = generate_frames(ds.PixelData, number_of_frames=frames)
+    number = 0
+    while True:
+        try:
+            frame = next(frames_read, None)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for malformed encapsulation
+            raise HeaderRejection(
+                "PixelData", f"cannot read the encapsulated frames ({type(exc).__name__}: {exc})"
+            ) from None
+        if frame is None:
+            return
+        number += 1
+        try:
+            size = size_of(frame)
+        except ImportError as exc:
+            raise HeaderRejection("PixelData", f"cannot check the {name} codestream before decoding ({exc})") from None
+        if size is None:
+            raise HeaderRejection("PixelData", f"frame {number}: the {name} codestream's header cannot be read")
+        r, c, n = size
+        if r > rows or c > cols or n > samples:
+            raise HeaderRejection(
+                "PixelData",
+                f"frame {number}: the {name} codestream declares {r}x{c} x {n} samples, more than "
+                f"Rows/Columns/SamplesPerPixel {rows}x{cols} x {samples}",
+            )
 
 
 def read_header(ds, rules: IngestRules) -> HeaderInfo:

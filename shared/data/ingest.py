@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,12 +30,13 @@ from typing import Any
 from fedbreast.shared.errors import FedbreastError
 
 from .annotations import AnnotationSet, join_annotations, read_annotations
+from .files import NotRead, read_regular
 from .headers import HeaderRejection, read_header
 from .manifest import read_site_meta, write_jsonl, write_manifest
 from .pixels import PixelDecodeError, dicom_pixels
 from .pseudonym import load_or_create_key, pseudonymise
 from .rejects import Rejection, write_rejections
-from .rules import MIB, IngestRules, load_rules
+from .rules import INGEST_LIMITS, IngestRules, load_rules
 from .schema import record_from_dict
 from .splits import DEFAULT_FRACTIONS, assign_splits
 
@@ -108,78 +108,12 @@ def _walk(root: Path, exclude: Path) -> Iterator[Path]:
         yield Path(unlisted.pop(0).filename)
 
 
-_KINDS = (
-    (stat.S_ISDIR, "folder"),
-    (stat.S_ISFIFO, "FIFO"),
-    (stat.S_ISCHR, "character device"),
-    (stat.S_ISBLK, "block device"),
-    (stat.S_ISSOCK, "socket"),
-)
-
-
-class _NotRead(Exception):
-    """The file was refused before (or while) reading it; ``reason`` says why."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "special file")
-
-
-def _read_regular(path: str, max_bytes: int) -> bytes:
-    """The bytes of ``path`` if it is (or links to) a regular file within the size limit.
-
-    Checked before opening: opening a FIFO waits for a writer, reading /dev/zero never ends
-    and opening some devices has side effects. The open is non-blocking anyway and re-checks
-    the type, in case the path was swapped after the check; the read stops at the limit
-    whatever the size said (a file still being written, /proc files that report 0).
-    """
-    try:
-        st = os.stat(path)  # follows a symlink: what matters is what would be read
-    except OSError as exc:
-        if os.path.islink(path):
-            # Broken, or a loop of links (a -> b -> a).
-            raise _NotRead(f"symbolic link to {os.readlink(path)} cannot be followed ({exc.strerror})") from None
-        raise _NotRead(f"cannot read the file ({exc.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = _kind(st.st_mode)
-        if os.path.islink(path):
-            raise _NotRead(f"not a regular file (symbolic link to a {kind}, {os.readlink(path)}; not followed)")
-        if stat.S_ISDIR(st.st_mode):  # only a folder os.walk could not list reaches here
-            raise _NotRead(f"a folder that could not be listed ({_list_error(path)}): its files were not ingested")
-        raise _NotRead(f"not a regular file ({kind})")
-    if st.st_size > max_bytes:
-        raise _NotRead(f"{_mib(st.st_size)} exceeds the limit of {_mib(max_bytes)} (ingest rules max_file_mib)")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError as exc:
-        raise _NotRead(f"cannot read the file ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise _NotRead(f"not a regular file ({_kind(mode)}; the path was replaced after it was checked)")
-        try:
-            data = fh.read(max_bytes + 1)
-        except OSError as exc:
-            raise _NotRead(f"cannot read the file ({exc.strerror})") from None
-    if len(data) > max_bytes:
-        raise _NotRead(f"grew past the limit of {_mib(max_bytes)} while being read (ingest rules max_file_mib)")
-    return data
-
-
 def _list_error(path: str) -> str:
     try:
         os.scandir(path).close()
     except OSError as exc:
         return exc.strerror or type(exc).__name__
     return "it can be listed now: ingest again"
-
-
-def _mib(n: int) -> str:
-    return f"{n / MIB:.2f} MiB"
 
 
 def _stat_or_lstat(path: str) -> os.stat_result:
@@ -212,8 +146,12 @@ def ingest_file(path: str, key: bytes, rules: IngestRules) -> dict[str, Any]:
         return rejected("file", f"cannot read the file ({exc.strerror})")
     entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
     try:
-        data = _read_regular(path, rules.limits.max_file_bytes)
-    except _NotRead as exc:
+        data = read_regular(path, rules.limits.max_file_bytes)
+    except NotRead as exc:
+        if exc.kind == "folder":  # only a folder os.walk could not list reaches here
+            return rejected(
+                "file", f"a folder that could not be listed ({_list_error(path)}): its files were not ingested"
+            )
         return rejected("file", exc.reason)
     entry["sha256"] = hashlib.sha256(data).hexdigest()
     try:
@@ -369,6 +307,9 @@ def ingest(
             "unknown_descriptors": dict(sorted(annotation_set.unknown_descriptors.items())),
         },
         "rejected_files": len(rejections),
+        # The limits every file in the manifest was read under: the preprocessing cache
+        # re-reads the files under the same ones (shared/data/cache.py).
+        INGEST_LIMITS: rules.limits.to_dict(),
     }
     write_manifest(site_dir, records, meta)
     report.images = len(records)

@@ -25,6 +25,7 @@ from .schema import Energy, Modality, View
 
 _ENERGY_TARGETS = {"LE", "DES", "FFDM", "REJECT"}
 MIB = 1 << 20
+INGEST_LIMITS = "ingest_limits"  # site.json: the IngestLimits the manifest's files were read under
 
 
 class ConfigError(FedbreastError, ValueError):
@@ -64,6 +65,34 @@ class IngestLimits:
     def frames_for(self, modality: str) -> int:
         # A modality the table does not name holds single images.
         return self.max_frames.get(modality, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_file_bytes": self.max_file_bytes,
+            "max_pixels": self.max_pixels,
+            "max_frames": dict(sorted(self.max_frames.items())),
+            "max_decoded_bytes": self.max_decoded_bytes,
+        }
+
+    @classmethod
+    def from_dict(cls, where: str, raw: Any) -> IngestLimits:
+        """The limits :meth:`to_dict` wrote; ConfigError naming ``where`` and the key if they are not."""
+        if not isinstance(raw, dict) or set(raw) != {"max_file_bytes", "max_pixels", "max_frames", "max_decoded_bytes"}:
+            raise ConfigError(f"{where}: expected max_file_bytes, max_pixels, max_frames and max_decoded_bytes")
+        frames = raw["max_frames"]
+        if not isinstance(frames, dict):
+            raise ConfigError(f"{where}.max_frames: expected a table of MODALITY = frames")
+        ints = {k: raw[k] for k in ("max_file_bytes", "max_pixels", "max_decoded_bytes")}
+        ints.update({f"max_frames.{m}": v for m, v in frames.items()})
+        for key, value in ints.items():
+            if _positive(f"{where}.{key}", value) != int(value):
+                raise ConfigError(f"{where}.{key}: {value!r} is not a whole number")
+        return cls(
+            max_file_bytes=int(raw["max_file_bytes"]),
+            max_pixels=int(raw["max_pixels"]),
+            max_frames={str(m): int(v) for m, v in frames.items()},
+            max_decoded_bytes=int(raw["max_decoded_bytes"]),
+        )
 
 
 def _defaults() -> dict[str, Any]:
