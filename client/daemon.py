@@ -394,7 +394,10 @@ class SiteDaemon:
         assert sock is not None  # set with the SuperNode's environment, before any start
         sock.unlink(missing_ok=True)  # a socket left by a crashed server must not read as "up"
         warm = self.warm = self._spawn(
-            [sys.executable, "-m", "fedbreast.client.warm_clientapp", str(sock)], "warm-output", 1
+            # -P: the state directory (its cwd) is not on the import path; nothing dropped there shadows an import
+            [sys.executable, "-P", "-m", "fedbreast.client.warm_clientapp", str(sock)],
+            "warm-output",
+            1,
         )[0]
         # Join once it listens (its imports take 3-15 s), so the first round's messages are
         # warm too; a server that does not come up only costs the cold path, not the join.

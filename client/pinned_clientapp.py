@@ -226,7 +226,7 @@ def install_pinned_runtime(bin_dir: Path) -> None:
     }
     for name, body in scripts.items():
         target = bin_dir / name
-        target.write_text(f"#!{sys.executable}\n{body}", encoding="utf-8")
+        target.write_text(f"#!{sys.executable} -P\n{body}", encoding="utf-8")
         target.chmod(0o755)
 
 
