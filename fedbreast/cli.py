@@ -222,6 +222,31 @@ def cmd_release_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A checkpoint (or a run directory: its best checkpoint) -> a self-contained model + model card."""
+    from fedbreast.server.checkpoints import CheckpointError, load_checkpoint
+    from fedbreast.shared.export import export_model
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        # Its best-validation checkpoint; a run without validation AUC has none: its final (or latest) one.
+        kinds = [k for k in ("best", "final", "latest") if (path / "checkpoints" / f"{k}.pt").exists()]
+        run_dir, kind = path, (kinds or ["best"])[0]
+    else:
+        if path.suffix != ".pt" or path.parent.name != "checkpoints" or not path.exists():
+            raise CheckpointError(f"{path}: not a run directory or RUN_DIR/checkpoints/{{latest,best,final}}.pt")
+        run_dir, kind = path.parent.parent, path.stem
+    ckpt = load_checkpoint(run_dir, kind)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir / 'checkpoints' / (kind + '.pt')}: no such checkpoint")
+    source = str(run_dir / "checkpoints" / f"{kind}.pt")
+    card = export_model(ckpt.arrays, ckpt.meta, Path(args.out), args.format, run_dir=run_dir, checkpoint=source)
+    out = Path(args.out) / card["model"]["file"]
+    print(f"{out} ({card['model']['bytes']} bytes; max abs diff to PyTorch {card['verification']['max_abs_diff']})")
+    print(f"model card: {Path(args.out) / 'model_card.md'}")
+    return 0
+
+
 def cmd_site_start(args: argparse.Namespace) -> int:
     from fedbreast.client.daemon import run_site
 
@@ -299,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flwr-home", help="Flower config folder (default $FLWR_HOME or ~/.flwr)")
     _add_run_config_flags(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="write a trained model as TorchScript or ONNX plus a model card")
+    p.add_argument("checkpoint", help="RUN_DIR/checkpoints/{latest,best,final}.pt, or a run directory (its best)")
+    p.add_argument("--out", required=True, help="folder for the model file and model_card.md/.json")
+    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
+    p.set_defaults(func=cmd_export)
 
     release = sub.add_parser("release", help="coordinator: publish what sites approve").add_subparsers(
         dest="release_command", required=True
