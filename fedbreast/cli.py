@@ -159,6 +159,43 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         modalities=args.modalities,
         engine=args.engine,
         site_policy=Path(args.site_policy) if args.site_policy else None,
+        holdout_site=args.holdout_site,
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import time
+
+    from fedbreast.simulation.evaluate import evaluate_checkpoint
+
+    if args.federation:
+        from fedbreast.server.launcher import RunFailed, default_run_dir
+
+        flwr_home = Path(args.flwr_home).resolve() if args.flwr_home else None
+        run_dir = (
+            Path(args.out)
+            if args.out
+            else default_run_dir(args.federation, flwr_home, "evaluate-" + time.strftime("%Y%m%d-%H%M%S"))
+        )
+        try:
+            evaluate_checkpoint(
+                Path(args.checkpoint),
+                run_dir,
+                federation=args.federation,
+                flwr_home=flwr_home,
+                app_dir=Path(args.app) if args.app else None,
+            )
+        except RunFailed as exc:
+            print(f"fedbreast: evaluation run failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"report: {run_dir.resolve() / 'summary.md'}")
+        return 0
+    evaluate_checkpoint(
+        Path(args.checkpoint),
+        Path(args.out or "runs/evaluate"),
+        sites_dir=Path(args.sites_dir) if args.sites_dir else None,
+        engine=args.engine,
     )
     return 0
 
@@ -306,7 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a TOML file with a [policy] table (as in site.toml) that every simulated site enforces",
     )
+    p.add_argument(
+        "--holdout-site",
+        metavar="NAME",
+        help="this site takes no part in training; it is evaluated every round and reported as external validation",
+    )
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="an evaluation-only federated run of a finished model (no training): the per-site and pooled report",
+    )
+    p.add_argument("checkpoint", help="a checkpoint file, e.g. RUN/checkpoints/best.pt")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--sites-dir", help="simulation: already-ingested site directories (one folder per site)")
+    where.add_argument("--federation", help="a deployed federation by name (as for `fedbreast run`)")
+    p.add_argument("--out", help="run directory (default runs/evaluate; deployed: as for `fedbreast run`)")
+    p.add_argument("--engine", choices=("ray", "inprocess"), default="ray", help="simulation engine (as for simulate)")
+    p.add_argument("--app", help="deployed: Flower app folder to submit (default: generated)")
+    p.add_argument("--flwr-home", help="deployed: Flower config folder (default $FLWR_HOME or ~/.flwr)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="generate simulated hospitals, ingest and check each, print a per-site report")
     p.add_argument("--out", default="runs/demo")

@@ -73,6 +73,14 @@ def load_checkpoint(run_dir: Path, kind: str = "latest") -> Checkpoint | None:
     path = Path(run_dir) / "checkpoints" / f"{kind}.pt"
     if not path.exists():
         return None
+    return read_checkpoint(path)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """One checkpoint file, its content hash checked; CheckpointError names the file and why."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         arrays = {k: v.numpy() for k, v in payload["arrays"].items()}
@@ -84,7 +92,12 @@ def load_checkpoint(run_dir: Path, kind: str = "latest") -> Checkpoint | None:
     return Checkpoint(arrays, meta)
 
 
-def check_resumable(ckpt: Checkpoint, signature: str, path_hint: str = "checkpoints/latest.pt") -> None:
+RESUME_ADVICE = "refusing to resume. Use a new run directory, or the original model settings."
+
+
+def check_resumable(
+    ckpt: Checkpoint, signature: str, path_hint: str = "checkpoints/latest.pt", advice: str = RESUME_ADVICE
+) -> None:
     """Refuse a checkpoint whose model differs from the configured one."""
     theirs = ckpt.meta.get("model_signature")
     if theirs != signature:
@@ -93,7 +106,12 @@ def check_resumable(ckpt: Checkpoint, signature: str, path_hint: str = "checkpoi
             f"{k}={cfg.get(k)}"
             for k in ("model", "backbone", "view-fusion", "head", "in-channels", "image-h", "image-w")
         )
-        raise CheckpointError(
-            f"{path_hint}: was written by a different model ({described}); refusing to resume. "
-            "Use a new run directory, or the original model settings."
-        )
+        raise CheckpointError(f"{path_hint}: was written by a different model ({described}); {advice}")
+
+
+def initial_checkpoint(path: Path, signature: str) -> Checkpoint:
+    """A finished model given as a run's initial model (run config ``init-checkpoint``): read,
+    its sha256 checked against its content, and its model signature held to the configured one."""
+    ckpt = read_checkpoint(path)
+    check_resumable(ckpt, signature, str(path), "not this run's; give the run the checkpoint's own model settings")
+    return ckpt

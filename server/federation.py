@@ -58,7 +58,19 @@ class FederatedRun:
     checkpoint, then the phases after the last round. The phases (server/phases.py) share
     one ``RunState``; this class owns the order, the checkpoints and the resume."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, initial: dict[str, np.ndarray], echo=print):
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        run_dir: Path,
+        initial: dict[str, np.ndarray],
+        echo=print,
+        holdout: tuple[str, ...] = (),
+        evaluate_only: bool = False,
+    ):
+        """``holdout``: site names kept out of training, evaluated every round (external validation).
+        ``evaluate_only``: one evaluation wave of ``initial`` and nothing else: no train message,
+        no checkpoint, no phase after the last round (``fedbreast evaluate``)."""
         self.grid, self.cfg, self.run_dir = grid, cfg, Path(run_dir)
         self.store = MetricStore(self.run_dir)
         self.echo = echo
@@ -69,14 +81,17 @@ class FederatedRun:
             strategy=build_strategy(cfg),
             arrays=initial,
             central_dp=CentralLedger(self.run_dir, cfg) if cfg.dp == "central" else None,  # the coordinator's epsilon
+            holdout_sites=frozenset(holdout),
         )
+        self.evaluate_only = evaluate_only
         self.train_wave, self.evaluation, self.after_last_round = round_phases(cfg)
         self.start_round = 1
         self.best_value: float | None = None
         self.history: list[RoundOutcome] = []
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending_checkpoint: Future | None = None
-        self._resume()
+        if not evaluate_only:
+            self._resume()
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -201,12 +216,52 @@ class FederatedRun:
                 log.warning(line)
                 self.echo(line)
 
+    def check_holdout(self) -> None:
+        """Every held-out site must have answered the roll call under its name; stop otherwise,
+        naming the sites that did."""
+        missing = sorted(self.state.holdout_sites - set(self.state.exchange.owners))
+        if missing:
+            known = ", ".join(sorted(self.state.exchange.owners)) or "none"
+            raise FederationStopped(
+                f"holdout-site {', '.join(missing)}: no such site answered the roll call (sites: {known})"
+            )
+        if self.state.holdout_sites:
+            self.echo(f"held out of training (external validation): {', '.join(sorted(self.state.holdout_sites))}")
+
+    def run_evaluation_only(self) -> list[RoundOutcome]:
+        """One evaluation wave of the given model on every site: the only message a site gets
+        after the roll call is evaluate; nothing is trained, no update leaves a site."""
+        outcome = RoundOutcome(1)
+        t0 = time.perf_counter()
+        self.evaluation(self.state, 1, outcome)
+        outcome.seconds = time.perf_counter() - t0
+        self.store.append(
+            1,
+            "round",
+            "ALL",
+            {
+                "seconds": outcome.seconds,
+                "slowest_site_seconds": outcome.slowest_site_seconds,
+                "evaluate_phase_seconds": outcome.seconds,
+                "sites_trained": 0,
+                "failures": len(outcome.failures),
+                "bytes_sent": outcome.bytes_sent,
+                "bytes_received": outcome.bytes_received,
+            },
+        )
+        self.history.append(outcome)
+        self.echo(self._progress_line(outcome).replace("/" + str(self.cfg.rounds), " (evaluation only)", 1))
+        return self.history
+
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> list[RoundOutcome]:
-        if self.start_round > self.cfg.rounds:
+        if not self.evaluate_only and self.start_round > self.cfg.rounds:
             self.echo(f"all {self.cfg.rounds} rounds are already done in {self.run_dir}")
             return self.history
         self.roll_call(self.wait_for_sites())
+        self.check_holdout()
+        if self.evaluate_only:
+            return self.run_evaluation_only()
         for server_round in range(self.start_round, self.cfg.rounds + 1):
             outcome = RoundOutcome(server_round)
             t0 = time.perf_counter()

@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 
 from fedbreast.server.central_dp import CentralLedger
@@ -60,6 +60,8 @@ class RunState:
     # node id -> the most its roll-call count weighs (reply_checks.roll_call_caps), for capped sites only
     train_samples_cap: dict[int, int] = field(default_factory=dict)
     test_exams_cap: dict[int, int] = field(default_factory=dict)
+    # sites kept out of training (``holdout-site``): evaluated every round, never sent a train message
+    holdout_sites: frozenset[str] = frozenset()
 
     def weighed_samples(self, node: int) -> int | None:
         """The site's roll-call ``train_samples`` as its weight sees them: capped (None: uncounted)."""
@@ -80,6 +82,45 @@ class RunState:
 
 def _capped(count: int | None, cap: int | None) -> int | None:
     return count if count is None or cap is None else min(count, cap)
+
+
+class TrainingGrid:
+    """The grid as a train wave's sampling sees it: without the held-out sites' nodes, and, while
+    a site is held out, without any node that has not yet answered under a name (it could be the
+    held-out site). Everything else is the run's grid."""
+
+    def __init__(self, grid: Any, excluded: set[int]) -> None:
+        self._grid, self._excluded = grid, excluded
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n not in self._excluded]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def train_messages(state: RunState, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+    """The strategy's train messages for the round; a held-out site's node is never sampled (the
+    strategy samples from a TrainingGrid, and waits for no more sites than it may sample)."""
+    grid = state.exchange.grid
+    if not state.holdout_sites:
+        return list(state.strategy.configure_train(server_round, arrays, config, grid))
+    names = state.exchange.names
+    excluded = {n for n in grid.get_node_ids() if names.get(n, "") in state.holdout_sites or n not in names}
+    training = TrainingGrid(grid, excluded)
+    eligible = len(training.get_node_ids())
+    if eligible == 0:
+        state.echo(f"  round {server_round}: no site may train (held out: {', '.join(sorted(state.holdout_sites))})")
+        return []
+    strategy: Any = state.strategy
+    while strategy is not None:  # Flower's DP wrappers hold the aggregation rule as .strategy
+        for attr in ("min_available_nodes", "min_train_nodes"):
+            if isinstance(getattr(strategy, attr, None), int):
+                setattr(strategy, attr, min(getattr(strategy, attr), eligible))
+        strategy = getattr(strategy, "strategy", None)
+    messages = list(state.strategy.configure_train(server_round, arrays, config, training))  # type: ignore[arg-type]
+    assert not {m.metadata.dst_node_id for m in messages} & excluded, "a held-out site was sampled for training"
+    return messages
 
 
 class Phase(Protocol):
@@ -212,7 +253,7 @@ class PlainTrainWave:
     def __call__(self, state: RunState, server_round: int, outcome: RoundOutcome) -> None:
         cfg, exchange = state.cfg, state.exchange
         config = ConfigRecord({protocol.SERVER_ROUND: server_round})
-        messages = state.strategy.configure_train(server_round, to_record(state.arrays), config, exchange.grid)
+        messages = train_messages(state, server_round, to_record(state.arrays), config)
         checked: list[SiteReply] = []
         for r in exchange.wave(messages, "train", server_round, outcome, carries_model=True):
             reason = self._problem(state, r)

@@ -6,6 +6,7 @@ directory after the fact (``write_report``), including one written by an interru
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -52,14 +53,72 @@ def final_site_rows(store: MetricStore) -> tuple[int, list[dict]]:
     return last, sorted((r for r in rows if r["round"] == last), key=lambda r: r["site"])
 
 
+CI_KEYS = ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "test_mcc", "test_spec_at_sens100")
+
+
+def site_table(rows: list[dict], external: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """The per-site Markdown table (a held-out site's name marked "(external)")."""
+    lines = ["| site | exams | breasts | " + " | ".join(label for _, label in COLUMNS) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(COLUMNS))
+    for r in rows:
+        cells = [_with_ci(r, k) if k in CI_KEYS else _f(r.get(k)) for k, _ in COLUMNS]
+        name = f"{r['site']} (external)" if r["site"] in external else r["site"]
+        lines.append(f"| {name} | {r.get('test_exams')} | {r.get('test_n')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def run_mode_of(run_dir: Path) -> dict[str, Any]:
+    """What the ServerApp wrote to run_mode.json (evaluation only, held-out sites), or nothing."""
+    try:
+        mode = json.loads((Path(run_dir) / "run_mode.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return mode if isinstance(mode, dict) else {}
+
+
+def chosen_round(run_dir: Path, store: MetricStore, cfg: RunConfig, mode: dict[str, Any], last: int) -> tuple[int, str]:
+    """The round whose model the report scores, and the sentence that says which: the evaluated
+    checkpoint in an evaluation-only run; else the best-validation checkpoint (checkpoints/best,
+    chosen by the key metric: seed 001's early stopping) when its round's rows are in
+    metrics.jsonl; else the last round, saying why."""
+    if mode.get("evaluate_only"):
+        ck = mode.get("checkpoint") or {}
+        return last, (
+            f"Evaluation only of {ck.get('path')} (round {ck.get('round')} of run {ck.get('run_dir')}, "
+            f"sha256 {str(ck.get('sha256'))[:16]}): no site trained, no update left a site."
+        )
+    try:
+        best = json.loads((Path(run_dir) / "checkpoints" / "best.json").read_text())
+        best_round = int(best["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return last, (
+            f"Scores of the last round's model, round {last}: there is no best-validation checkpoint "
+            f"({cfg.key_metric} was never defined)."
+        )
+    if not any(r["round"] == best_round for r in store.rows("evaluate")):
+        return last, (
+            f"Scores of the last round's model, round {last}: the best-validation checkpoint's round "
+            f"{best_round} has no evaluate rows in metrics.jsonl."
+        )
+    return best_round, (
+        f"Scores of the best-validation model, round {best_round} (key metric {best.get('key_metric')} = "
+        f"{_f(best.get('key_value'), 4)}; checkpoints/best.pt)"
+        + (f"; the last round ({last}) is reported beside it." if best_round != last else ", which is the last round.")
+    )
+
+
 def write_report(
     run_dir: Path, cfg: RunConfig, baselines: dict[str, dict[str, float]] | None = None
 ) -> dict[str, Path]:
     """Write summary.md, summary.csv, roc.png and learning_curves.png; return their paths."""
     run_dir = Path(run_dir)
     store = MetricStore(run_dir)
-    last, sites = final_site_rows(store)
-    aggregate: dict[str, Any] = next((r for r in reversed(store.rows("aggregate")) if r["round"] == last), {})
+    last, last_sites = final_site_rows(store)
+    mode = run_mode_of(run_dir)
+    chosen, heading = chosen_round(run_dir, store, cfg, mode, last)
+    sites = sorted((r for r in store.rows("evaluate") if r["round"] == chosen), key=lambda r: r["site"])
+    aggregate: dict[str, Any] = next((r for r in reversed(store.rows("aggregate")) if r["round"] == chosen), {})
+    holdout = set(mode.get("holdout_sites") or ())
     failures = [r for r in store.rows("failure")]
     paths = {"markdown": run_dir / "summary.md", "csv": run_dir / "summary.csv"}
 
@@ -70,15 +129,17 @@ def write_report(
     if baselines:
         header += ["local_only_test_auc", "pooled_test_auc"]
     extra = [k for k in SIDE_BY_SIDE_CSV if any(k in r for r in sites)]  # personalised / PSFT columns when run
-    header += extra
+    header += extra + ["model", "external"]
     table: list[list[Any]] = [header]
-    for r in sites:
+    scored = [(r, "chosen") for r in sites] + ([(r, "last") for r in last_sites] if last != chosen else [])
+    for r, which in scored:
         row = [r["site"], r["round"], r.get("test_exams"), r.get("test_n")] + [r.get(k) for k, _ in COLUMNS]
         row += [r.get("test_auc_lo"), r.get("test_auc_hi")]
         if baselines:
             b = baselines.get(r["site"], {})
             row += [b.get("local"), b.get("pooled")]
         row += [r.get(k) for k in extra]
+        row += [which, "yes" if r["site"] in holdout else ""]
         table.append(row)
     write_csv(paths["csv"], table)
 
@@ -86,21 +147,24 @@ def write_report(
         "# fedbreast run report",
         "",
         f"Model {cfg.model}/{cfg.backbone}, {cfg.view_fusion} view fusion, "
-        f"{cfg.image_h}x{cfg.image_w}, strategy {cfg.strategy}, {last} of {cfg.rounds} rounds.",
+        + (
+            "evaluation only (no training)."
+            if mode.get("evaluate_only")
+            else f"strategy {cfg.strategy}, {last} of {cfg.rounds} rounds."
+        ),
+        "",
+        heading,
         "",
     ]
     lines += ["## Global model on each site's test split (95% bootstrap CI)", ""]
-    lines.append("| site | exams | breasts | " + " | ".join(label for _, label in COLUMNS) + " |")
-    lines.append("|---|---|---|" + "---|" * len(COLUMNS))
-    for r in sites:
-        cells = [
-            _with_ci(r, k)
-            if k
-            in ("test_auc", "test_sensitivity", "test_specificity", "test_accuracy", "test_mcc", "test_spec_at_sens100")
-            else _f(r.get(k))
-            for k, _ in COLUMNS
+    lines += site_table([r for r in sites if r["site"] not in holdout])
+    if holdout:
+        lines += [
+            "",
+            f"## External validation: {', '.join(sorted(holdout))} (held out of training, evaluated every round)",
+            "",
         ]
-        lines.append(f"| {r['site']} | {r.get('test_exams')} | {r.get('test_n')} | " + " | ".join(cells) + " |")
+        lines += site_table([r for r in sites if r["site"] in holdout])
     thresholds = ", ".join(f"{r['site']} {_f(r.get('test_threshold'))}" for r in sites)
     lines += [
         "",
@@ -111,6 +175,16 @@ def write_report(
         f"({thresholds}).",
         "",
     ]
+    if last != chosen and last_sites:
+        last_agg: dict[str, Any] = next((r for r in reversed(store.rows("aggregate")) if r["round"] == last), {})
+        lines += [f"## Last round ({last}), for comparison", ""]
+        lines += site_table(last_sites, external=holdout)
+        lines += [
+            "",
+            f"Last round: {cfg.key_metric} {_f(last_agg.get(cfg.key_metric))}, weighted mean test AUC "
+            f"{_f(last_agg.get('test_auc'))}, pooled test AUC {_f(last_agg.get('test_pooled_auc'))}.",
+            "",
+        ]
     if baselines:
         lines += [
             "## Federated vs local-only vs pooled (test AUC, same budget)",
@@ -186,7 +260,8 @@ def _plots(run_dir: Path, store: MetricStore, sites: list[dict], cfg: RunConfig)
     a1.set(xlabel="round", ylabel="validation AUC", title="Validation AUC per site")
     a2.set(xlabel="round", ylabel="training loss", title="Local training loss per site")
     for a in (a1, a2):
-        a.legend(fontsize=8)
+        if a.get_legend_handles_labels()[0]:  # an evaluation-only run has no training curve
+            a.legend(fontsize=8)
     out["learning_curves"] = run_dir / "learning_curves.png"
     fig.savefig(out["learning_curves"], dpi=110, bbox_inches="tight")
     plt.close(fig)

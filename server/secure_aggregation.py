@@ -51,7 +51,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from fedbreast.server.exchange import TIMEOUT_REASON, Exchange, RoundOutcome, SiteReply, array_bytes, to_record
-from fedbreast.server.phases import RunState, record_train_aggregate, too_few_trained
+from fedbreast.server.phases import RunState, record_train_aggregate, too_few_trained, train_messages
 from fedbreast.server.reply_checks import (
     MalformedReply,
     check_metrics,
@@ -327,7 +327,7 @@ class SecureTrainWave:
 
     def __call__(self, state: RunState, server_round: int, outcome: RoundOutcome) -> None:
         config = ConfigRecord({protocol.SERVER_ROUND: server_round})
-        sampled = state.strategy.configure_train(server_round, to_record(state.arrays), config, state.exchange.grid)
+        sampled = train_messages(state, server_round, to_record(state.arrays), config)
         secure_train_round(state, server_round, outcome, [m.metadata.dst_node_id for m in sampled])
 
 

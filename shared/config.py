@@ -36,8 +36,10 @@ AUTO_NORM_BOUND = -1.0
 AUTO_NORM_MULTIPLE = 3.0
 # Run-config keys of the simulation harness, not run settings: the sites folder, the run
 # directory, and a policy file for every simulated site (client/policy.py). A deployed site
-# ignores the first and the last (it has its own data path and its own policy).
-HARNESS_KEYS = ("sim-sites-dir", "run-dir", "sim-site-policy")
+# ignores the first and the last (it has its own data path and its own policy). The coordinator's
+# own: a checkpoint file it loads as the initial model (init-checkpoint), evaluation only of it
+# (evaluate-only = "true": no train message is sent), and a site kept out of training (holdout-site).
+HARNESS_KEYS = ("sim-sites-dir", "run-dir", "sim-site-policy", "init-checkpoint", "evaluate-only", "holdout-site")
 SANITY_CEILINGS = {
     "hist_bins": 4096,  # a score histogram finer than this is a list of scores
     "bootstrap": 100_000,

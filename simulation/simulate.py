@@ -91,6 +91,20 @@ def prepare_sites(data_dir: Path, profiles: list[SiteProfile], seed: int, echo=p
     return out
 
 
+def run_on_engine(engine: str, run_dir: Path, run_config: dict[str, Any], site_dirs: list[Path]) -> dict[str, Any]:
+    """The ServerApp and one ClientApp per site folder on ``engine``; Flower's run record."""
+    if engine not in ENGINES:
+        raise ConfigError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
+    if engine == "inprocess":
+        from fedbreast.simulation.inprocess import run_inprocess
+
+        record = run_inprocess(run_config, site_dirs)
+        if record["status"] != "finished:completed":
+            raise SimulationFailed(f"in-process run ended {record['status']}: {record['status-details']}")
+        return record
+    return run_simulation(run_dir, run_config, num_sites=len(site_dirs))
+
+
 def simulate(
     run_dir: Path,
     sites: int = 3,
@@ -104,12 +118,15 @@ def simulate(
     modalities: str | None = None,
     engine: str = "ray",
     site_policy: Path | None = None,
+    holdout_site: str | None = None,
 ) -> dict[str, Any]:
     """Run the federation; with ``sites_dir``, on already-ingested site directories
     (one sub-folder per site, e.g. CDD-CESM imported per machine) instead of generated ones.
     ``engine``: ``ray`` (Flower's simulation engine, one SuperNode per site) or ``inprocess``
     (the same apps in this process, sites in turn: simulation/inprocess.py). ``site_policy``:
-    a TOML file whose ``[policy]`` every simulated site enforces (client/policy.py)."""
+    a TOML file whose ``[policy]`` every simulated site enforces (client/policy.py).
+    ``holdout_site``: that site takes no part in training and is evaluated every round, reported
+    as external validation."""
     t0 = time.perf_counter()
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
@@ -140,6 +157,12 @@ def simulate(
         data_dir = Path(data_dir or run_dir.parent / "data").resolve()
         site_dirs = prepare_federation(data_dir, sites, patients, seed, echo, modalities)
         sites_root = data_dir / "sites"
+    if holdout_site is not None:
+        known = [d.name for d in site_dirs]
+        if holdout_site not in known:
+            raise ConfigError(f"--holdout-site {holdout_site!r}: no such site; the sites are {', '.join(known)}")
+        if len(known) < 2:
+            raise ConfigError(f"--holdout-site {holdout_site!r}: no other site would train")
     t = time.perf_counter()
     site_data = []
     for d in site_dirs:
@@ -155,6 +178,9 @@ def simulate(
         )
     )
     run_config = {**cfg.to_flower(), "sim-sites-dir": str(sites_root), "run-dir": str(run_dir)}
+    if holdout_site is not None:
+        run_config["holdout-site"] = holdout_site
+        echo(f"{holdout_site} is held out of training: evaluated every round as external validation")
     if site_policy is not None:
         from fedbreast.client.policy import SitePolicy  # the sites' own code reads it again per message
 
@@ -162,14 +188,7 @@ def simulate(
         run_config["sim-site-policy"] = str(Path(site_policy).resolve())
         echo(f"every site enforces the policy in {site_policy}")
     t = time.perf_counter()
-    if engine == "inprocess":
-        from fedbreast.simulation.inprocess import run_inprocess
-
-        record = run_inprocess(run_config, site_dirs)
-        if record["status"] != "finished:completed":
-            raise SimulationFailed(f"in-process run ended {record['status']}: {record['status-details']}")
-    else:
-        record = run_simulation(run_dir, run_config, num_sites=len(site_dirs))
+    record = run_on_engine(engine, run_dir, run_config, site_dirs)
     federated_s = time.perf_counter() - t
     results: dict[str, Any] = {"run": record, "federated_seconds": federated_s}
     if baselines:
