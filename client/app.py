@@ -297,6 +297,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         personaliser.use_local_norms(model, server_round or cfg.rounds)
     metrics: dict = {}
     threshold = 0.5
+    # The operating point leaves the site snapped to the grid of the histograms it releases
+    # (shared/metrics operating_threshold): never finer than what those already show.
+    policy = policy_of(context)
+    grid = policy.hist_bins(cfg.hist_bins, 1 << 30) if policy is not None else cfg.hist_bins
     for split in ("val", "test"):
         y, p, loss = task.predict(model.to(device), data, split, cfg, device, server_round=server_round)
         if not np.isfinite(p).all():  # a diverged or poisoned global model: say so, do not crash
@@ -305,7 +309,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             )
         if split == "val" and len(y):
             # The site's operating point (Youden's J) comes from its validation split and applies to test.
-            threshold = operating_threshold(y, p)
+            threshold = operating_threshold(y, p, grid=grid)
         metrics.update(
             split_metrics(split, y, p, loss, data.exams(split), cfg, with_ci=split == "test", threshold=threshold)
         )
@@ -324,10 +328,11 @@ def evaluate(msg: Message, context: Context) -> Message:
                 device,
                 personaliser,
                 lambda s, y, p, loss, n, t: split_metrics(s, y, p, loss, n, cfg, with_ci=False, threshold=t),
+                grid=grid,
             )
         )
     if cfg.patient_finetune:  # seed 000: test metrics with patient-specific fine-tuning (*_psft keys)
-        metrics.update(psft_metrics(task, data, model, cfg, device))
+        metrics.update(psft_metrics(task, data, model, cfg, device, grid=grid))
     metrics[protocol.NUM_EXAMPLES] = data.exams("test")
     metrics["eval_seconds"] = time.perf_counter() - t0
     return protocol.reply(msg, _ok(context, data), metrics)

@@ -108,6 +108,7 @@ def personal_metrics(
     device: torch.device,
     personaliser: SitePersonaliser,
     split_metrics: SplitMetrics,
+    grid: int | None = None,
 ) -> dict[str, Any]:
     """The personalised model's val/test metrics under ``*_personal`` keys (same keys at every
     site), plus whether it was reused from disk. As for the global model, the thresholded
@@ -121,7 +122,7 @@ def personal_metrics(
     for split in ("val", "test"):
         y, p, loss = task.predict(personal.to(device), site, split, cfg, device, server_round=server_round)
         if split == "val" and len(y):
-            threshold = operating_threshold(y, p)
+            threshold = operating_threshold(y, p, grid=grid or cfg.hist_bins)
         out.update(suffixed(split_metrics(split, y, p, loss, site.exams(split), threshold), PERSONAL_SUFFIX))
     out["personal_reused"] = int(reused)
     return out
@@ -203,7 +204,9 @@ def _normal_patches(site_dir: str, cfg: RunConfig, split: str):
     )
 
 
-def psft_metrics(task: Task, site: Any, model: nn.Module, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+def psft_metrics(
+    task: Task, site: Any, model: nn.Module, cfg: RunConfig, device: torch.device, grid: int | None = None
+) -> dict[str, Any]:
     """``val_*_psft`` / ``test_*_psft`` metrics of the patch family with patient-specific
     fine-tuning, and per split the counts of patients fine-tuned / skipped (no normal
     tissue). As for the plain model, thresholded test metrics use the operating point found
@@ -218,7 +221,7 @@ def psft_metrics(task: Task, site: Any, model: nn.Module, cfg: RunConfig, device
     for split in ("val", "test"):
         result = psft_split(site, model, cfg, pcfg, device, split)
         if split == "val" and len(result.y):
-            threshold = operating_threshold(result.y, result.p_psft)
+            threshold = operating_threshold(result.y, result.p_psft, grid=grid or cfg.hist_bins)
         out.update(result.metrics(split, threshold=threshold))
     return out
 
