@@ -7,10 +7,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedbreast.shared.config import VIEW_FUSIONS  # light: no torch
 from fedbreast.shared.data.schema import MODALITY_SETS
 from fedbreast.shared.families import FAMILIES
+
+if TYPE_CHECKING:
+    from fedbreast.server.checkpoints import Checkpoint
 
 MODALITIES_HELP = "every generated site acquires this (default: the sites cycle CEM, FFDM, FFDM+US)"
 
@@ -259,12 +263,12 @@ def cmd_release_hash(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    """A checkpoint (or a run directory: its best checkpoint) -> a self-contained model + model card."""
+def _checkpoint_arg(arg: str) -> tuple[Path, str, Checkpoint]:
+    """A checkpoint ``RUN_DIR/checkpoints/KIND.pt`` or a run directory (its best checkpoint, else
+    final, else latest) -> (run dir, kind, the checkpoint read and its sha256 checked)."""
     from fedbreast.server.checkpoints import CheckpointError, load_checkpoint
-    from fedbreast.shared.export import export_model
 
-    path = Path(args.checkpoint)
+    path = Path(arg)
     if path.is_dir():
         # Its best-validation checkpoint; a run without validation AUC has none: its final (or latest) one.
         kinds = [k for k in ("best", "final", "latest") if (path / "checkpoints" / f"{k}.pt").exists()]
@@ -276,11 +280,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(run_dir, kind)
     if ckpt is None:
         raise CheckpointError(f"{run_dir / 'checkpoints' / (kind + '.pt')}: no such checkpoint")
+    return run_dir, kind, ckpt
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A checkpoint (or a run directory: its best checkpoint) -> a self-contained model + model card."""
+    from fedbreast.shared.export import export_model
+
+    run_dir, kind, ckpt = _checkpoint_arg(args.checkpoint)
     source = str(run_dir / "checkpoints" / f"{kind}.pt")
     card = export_model(ckpt.arrays, ckpt.meta, Path(args.out), args.format, run_dir=run_dir, checkpoint=source)
     out = Path(args.out) / card["model"]["file"]
     print(f"{out} ({card['model']['bytes']} bytes; max abs diff to PyTorch {card['verification']['max_abs_diff']})")
     print(f"model card: {Path(args.out) / 'model_card.md'}")
+    return 0
+
+
+def cmd_site_predict(args: argparse.Namespace) -> int:
+    """Score every breast of every exam at a site (an ingested site dir, or a DICOM folder
+    ingested first into OUT/site) with a trained model; OUT/predictions.csv stays at the site."""
+    from fedbreast.shared.predict import predict_site
+
+    run_dir, kind, ckpt = _checkpoint_arg(args.checkpoint)
+    result = predict_site(
+        Path(args.input),
+        ckpt,
+        run_dir,
+        Path(args.out),
+        threshold=args.threshold,
+        workers=args.workers,
+        site=args.site,
+        progress=_progress("reading"),
+    )
+    print(f"checkpoint: {run_dir / 'checkpoints' / (kind + '.pt')} (round {ckpt.round})")
+    print(result.summary())
     return 0
 
 
@@ -440,6 +473,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="processes reading files (default 2)")
     p.set_defaults(func=cmd_site_ingest)
+
+    p = site.add_parser("predict", help="score every breast at a site with a trained model (multiview for now)")
+    p.add_argument("input", help="an ingested site directory, or a DICOM folder (ingested first into OUT/site)")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/KIND.pt, or a run directory (its best)")
+    p.add_argument("--out", required=True, help="output folder: predictions.csv (and site/ for a DICOM folder)")
+    p.add_argument(
+        "--threshold", type=float, help="operating point (default: the site's validation threshold, else 0.5)"
+    )
+    p.add_argument("--site", help="site name for a DICOM folder's ingest (default: site); picks its threshold")
+    p.add_argument("--workers", type=int, default=2, help="processes reading DICOM files (default 2)")
+    p.set_defaults(func=cmd_site_predict)
 
     p = site.add_parser(
         "check", help="report incomplete exams, label balance, duplicates, leaks; exit 1 if the site cannot train"

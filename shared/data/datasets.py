@@ -225,6 +225,8 @@ class ExamDataset(_CachedDataset):
     the LE image of a CEM exam (an LE is an FFDM-equivalent), so FFDM and CEM sites train
     one model; "le_only" -> C=1, LE of CEM exams only (the ablation).
     Labels: ``y`` (2,) = [left, right] breast, ``y_mask`` (2,) marks labelled breasts.
+    ``fill_missing`` (scoring only; training skips such exams): a missing or uncached view is
+    a blank (zero) slot instead, and ``missing[i]`` names exam i's blank slots ("RCC-LE").
     """
 
     def __init__(
@@ -234,6 +236,7 @@ class ExamDataset(_CachedDataset):
         split: Split | str | None = None,
         channels: str = "cem",
         dtype: torch.dtype = torch.float32,
+        fill_missing: bool = False,
     ) -> None:
         super().__init__()
         if channels not in CHANNEL_MODES:
@@ -245,6 +248,7 @@ class ExamDataset(_CachedDataset):
         exams = group_exams(_filter_split(records, split))
         self.exams: list[str] = []
         self.patients: list[str] = []
+        self.missing: list[list[str]] = []
         shas: list[str] = []
         ys: list[list[float]] = []
         for key in sorted(exams):
@@ -256,7 +260,7 @@ class ExamDataset(_CachedDataset):
             if energies is None:
                 self.skipped[key] = f"wrong modality: {channels!r} needs a CEM exam, this one has {sorted(ex.energies)}"
                 continue
-            row, reason = [], None
+            row, reason, blank = [], None, []
             for v in MAMMO_VIEWS:
                 for e in energies:
                     r = ex.images.get((v[0], v[1:], e))
@@ -267,6 +271,11 @@ class ExamDataset(_CachedDataset):
                     else:
                         row.append(r.sha256)
                         continue
+                    if fill_missing:
+                        blank.append(f"{v}-{e}" + ("" if r is None else " (not cached)"))
+                        row.append("")  # locate(): a blank slot, gathered as zeros
+                        reason = None
+                        continue
                     break
                 if reason:
                     break
@@ -275,6 +284,7 @@ class ExamDataset(_CachedDataset):
                 continue
             self.exams.append(key)
             self.patients.append(ex.patient)
+            self.missing.append(blank)
             shas.extend(row)
             ys.append([_label_value(ex.breast_label("L")), _label_value(ex.breast_label("R"))])
         shard, rows = cache.locate(shas)

@@ -13,6 +13,8 @@ The ClientApp is family-agnostic: it asks :func:`task_for` for the configured fa
   (``local`` is passed on to :func:`train_local`: FedProx, DP, ...);
 * ``predict(model, site, split, cfg, device)`` -> (labels, probabilities, mean loss) at
   the family's reporting unit (``unit``: breast, lesion or exam);
+* ``score(model, site_dir, cfg, device)`` -> one :class:`ScoreRow` per unit of every exam,
+  any split, labelled or not (``fedbreast site predict``; multiview only for now);
 * ``extra_metrics(...)`` -> family-specific aggregate metrics for the evaluate reply
   (fixed keys per family, so every site's reply has the same keys);
 * ``after_evaluate(arrays, replies' metrics)`` on the server: a family may update the
@@ -136,6 +138,18 @@ def unit_predictions(
     return ids, lab[ids].astype(np.int64), s[ids] / c[ids]
 
 
+@dataclass
+class ScoreRow:
+    """One scored unit for ``site predict``: the site's own local (pseudonymous) ids."""
+
+    patient: str
+    exam: str
+    laterality: str
+    score: float | None
+    missing_views: list[str] = field(default_factory=list)
+    note: str = ""  # why a unit has no score
+
+
 class Task:
     """The interface every family implements (see the module docstring)."""
 
@@ -184,6 +198,12 @@ class Task:
         self, model: nn.Module, site: Any, cfg: RunConfig, device: torch.device, server_round: int | None = None
     ) -> dict[str, Any]:
         return {}
+
+    def score(self, model: nn.Module, site_dir: str | Path, cfg: RunConfig, device: torch.device) -> list[ScoreRow]:
+        """Every unit of every exam at an ingested site, whatever its split or label (``site
+        predict``): one :class:`ScoreRow` each, a unit that cannot be scored with ``score`` None
+        and ``note`` saying why."""
+        raise NotImplementedError(f"not yet: predict supports multiview, not the {self.family!r} family")
 
     def after_evaluate(
         self, arrays: dict[str, np.ndarray], metrics: list[Mapping[str, Any]]
