@@ -22,7 +22,7 @@ from typing import Any
 from fedbreast.shared.errors import FedbreastError
 
 PREDICT_FAMILIES = ("multiview",)
-COLUMNS = ("patient", "exam", "laterality", "score", "decision", "threshold", "missing_views")
+COLUMNS = ("patient", "exam", "laterality", "unit", "score", "decision", "threshold", "missing_views")
 
 
 class PredictError(FedbreastError, ValueError):
@@ -139,7 +139,7 @@ def predict_site(
             decision = int(r.score >= threshold)
             positives += int(decision)
         score = "" if r.score is None else f"{r.score:.6f}"
-        table.append([r.patient, r.exam, r.laterality, score, decision, threshold, ";".join(r.missing_views)])
+        table.append([r.patient, r.exam, r.laterality, r.unit, score, decision, threshold, ";".join(r.missing_views)])
     csv = out / "predictions.csv"
     write_csv(csv, table, mode=0o600)  # local ids: readable by the site's operator only
     return PredictResult(

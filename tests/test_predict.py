@@ -57,7 +57,7 @@ def test_one_row_per_breast_of_every_exam_with_scores_and_decisions(predicted, c
     assert (site / "manifest.jsonl").exists() and (site / "rejected.txt").exists()  # the normal ingest
     exams = group_exams(load_manifest(site))
     rows = read_rows(out / "predictions.csv")
-    assert list(rows[0]) == ["patient", "exam", "laterality", "score", "decision", "threshold", "missing_views"]
+    assert list(rows[0]) == ["patient", "exam", "laterality", "unit", "score", "decision", "threshold", "missing_views"]
     assert len(exams) == 4 and len(rows) == 2 * len(exams)
     assert {(r["exam"], r["laterality"]) for r in rows} == {(e, s) for e in exams for s in "LR"}
     assert {r["patient"] for r in rows} == {ex.patient for ex in exams.values()}  # the manifest's local ids

@@ -14,7 +14,9 @@ The ClientApp is family-agnostic: it asks :func:`task_for` for the configured fa
 * ``predict(model, site, split, cfg, device)`` -> (labels, probabilities, mean loss) at
   the family's reporting unit (``unit``: breast, lesion or exam);
 * ``score(model, site_dir, cfg, device)`` -> one :class:`ScoreRow` per unit of every exam,
-  any split, labelled or not (``fedbreast site predict``; multiview only for now);
+  any split, labelled or not (``fedbreast site predict``);
+* ``explain(model, site_dir, cfg, device)`` -> one :class:`~fedbreast.shared.explain.ViewHeatmap`
+  per view of every scored unit (``site predict --explain``), lazily;
 * ``extra_metrics(...)`` -> family-specific aggregate metrics for the evaluate reply
   (fixed keys per family, so every site's reply has the same keys);
 * ``after_evaluate(arrays, replies' metrics)`` on the server: a family may update the
@@ -27,7 +29,7 @@ number of reporting units in the split; the reply keys keep the name ``{split}_e
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -53,7 +55,7 @@ from fedbreast.shared.families import family_of
 from fedbreast.shared.training.local import TrainStats, train_local
 
 if TYPE_CHECKING:
-    pass
+    from fedbreast.shared.explain import ViewHeatmap
 
 log = logging.getLogger("fedbreast.tasks")
 
@@ -148,6 +150,7 @@ class ScoreRow:
     score: float | None
     missing_views: list[str] = field(default_factory=list)
     note: str = ""  # why a unit has no score
+    unit: str = "breast"  # what the row scores: "breast", or "lesion" (the breast's outlined lesion)
 
 
 class Task:
@@ -203,7 +206,14 @@ class Task:
         """Every unit of every exam at an ingested site, whatever its split or label (``site
         predict``): one :class:`ScoreRow` each, a unit that cannot be scored with ``score`` None
         and ``note`` saying why."""
-        raise NotImplementedError(f"not yet: predict supports multiview, not the {self.family!r} family")
+        raise NotImplementedError(f"not yet: predict does not cover the {self.family!r} family")
+
+    def explain(
+        self, model: nn.Module, site_dir: str | Path, cfg: RunConfig, device: torch.device
+    ) -> Iterator[ViewHeatmap]:
+        """A heatmap per view of every unit :meth:`score` scores (same order), with the unit's
+        score and, where the site's annotations outline a lesion, its mask on the heatmap's grid."""
+        raise NotImplementedError(f"not yet: --explain does not cover the {self.family!r} family")
 
     def after_evaluate(
         self, arrays: dict[str, np.ndarray], metrics: list[Mapping[str, Any]]

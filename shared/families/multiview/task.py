@@ -3,6 +3,7 @@ the site Task of the ``multiview`` family (its data, training and scoring)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,10 @@ import torch
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.datasets import ExamDataset, make_loader
 from fedbreast.shared.data.manifest import group_exams
+from fedbreast.shared.data.preprocess import lesion_mask
 from fedbreast.shared.data.site_data import channels_for, preprocess_for, site_for, site_records
+from fedbreast.shared.explain import ViewHeatmap
+from fedbreast.shared.models.multiview import VIEW_ORDER
 from fedbreast.shared.training.local import _in_channels, autocast, match_channels, train_local
 from fedbreast.shared.training.local import predict as predict_multiview
 from fedbreast.shared.training.tasks import (
@@ -43,14 +47,18 @@ class MultiviewTask(Task):
         loader = site.loader(split, cfg.batch_size, shuffle=False, workers=cfg.workers)
         return predict_multiview(model.to(device), loader, device, cfg.amp)
 
-    def score(self, model, site_dir, cfg, device):
-        """Both breasts of every exam, all splits and unlabelled exams included. A missing view is
-        a blank (zero) slot, named in the row; training skips such exams (ExamDataset)."""
-        site_dir = Path(site_dir)
+    def _scoring_set(self, site_dir: Path, cfg: RunConfig):
         records = site_records(site_dir)
         mammo = [r for r in records if r.view.is_mammo]
         cache = cached_images(site_dir, mammo, preprocess_for(cfg), cfg)
         ds = ExamDataset(mammo, cache, split=None, channels=channels_for(mammo, cfg.in_channels), fill_missing=True)
+        return records, cache, ds
+
+    def score(self, model, site_dir, cfg, device):
+        """Both breasts of every exam, all splits and unlabelled exams included. A missing view is
+        a blank (zero) slot, named in the row; training skips such exams (ExamDataset)."""
+        site_dir = Path(site_dir)
+        records, _, ds = self._scoring_set(site_dir, cfg)
         loader = make_loader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers)
         model = model.to(device).eval()
         in_channels = _in_channels(model)
@@ -73,3 +81,53 @@ class MultiviewTask(Task):
                     note = ds.skipped.get(key, "not a mammography exam")
                     rows.append(ScoreRow(ex.patient, key, side, None, note=note))
         return rows
+
+    def explain(self, model, site_dir, cfg, device) -> Iterator[ViewHeatmap]:
+        """Grad-CAM++ (seed 001's method) on the shared backbone's last spatial map, one map per
+        view image, for each breast's malignancy logit: a breast's heatmaps are its own CC and
+        MLO (the network also reads the other breast, whose maps for this target are not shown).
+        Each exam runs twice in one batch, once per breast target. A blank (missing) view has
+        no heatmap. The overlay shows the first channel (LE, or the FFDM image)."""
+        from fedbreast.shared.explain.cam import cam_layer, class_activation_maps, logit
+
+        site_dir = Path(site_dir)
+        records, cache, ds = self._scoring_set(site_dir, cfg)
+        exams = group_exams(records)
+        model = model.to(device).eval()
+        in_channels = _in_channels(model)
+        layer = cam_layer(model.backbone)
+        first = "LE" if ds.channels in ("cem", "le_only") else None
+        for start in range(0, len(ds), max(1, cfg.batch_size // 2)):
+            idx = list(range(start, min(len(ds), start + max(1, cfg.batch_size // 2))))
+            x = match_channels(ds.__getitems__(idx)["x"].to(device), in_channels)
+            b = x.shape[0]
+            maps, out = class_activation_maps(
+                model, [layer], torch.cat([x, x]), [logit(0)] * b + [logit(1)] * b, "Grad-CAM++"
+            )
+            maps = maps.reshape(2, b, len(VIEW_ORDER), *maps.shape[-2:])
+            p = torch.sigmoid(out[:b].float()).cpu().numpy()
+            for i, ds_index in enumerate(idx):
+                key = ds.exams[ds_index]
+                ex = exams[key]
+                for j, side in enumerate("LR"):
+                    for k, v in enumerate(VIEW_ORDER):
+                        if v[0] != side:
+                            continue
+                        rec = _view_record(ex, side, v[1:], first)
+                        if rec is None or not cache.has(rec.sha256):
+                            continue  # a blank slot: nothing the network saw
+                        mask = lesion_mask(rec.lesions, cache.geometry(rec.sha256)) if rec.lesions else None
+                        image = x[i, k, 0].detach().float().cpu().numpy()
+                        yield ViewHeatmap(
+                            ex.patient, key, side, v[1:], image, maps[j, i, k], "Grad-CAM++",
+                            score=float(p[i, j]), lesion=mask, record=rec,
+                        )  # fmt: skip
+
+
+def _view_record(ex: Any, side: str, view: str, energy: str | None) -> Any:
+    """The image shown under a view's heatmap: the LE image of a CEM view, else the FFDM (or LE) one."""
+    for e in (energy,) if energy else ("FFDM", "LE"):
+        r = ex.images.get((side, view, e))
+        if r is not None:
+            return r
+    return None

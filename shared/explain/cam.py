@@ -1,0 +1,91 @@
+"""Grad-CAM and Grad-CAM++ for our networks, through pytorch-grad-cam (not re-implemented here).
+
+Our networks take more than an image batch (the multi-view net a (B, 4, C, H, W) exam, BI-RADS
+a descriptor vector, late fusion an availability mask) and a target layer may see more
+images than there are samples (a shared backbone over four views sees 4B). So:
+
+* :class:`Forward` wraps ``fn(x) -> logits`` as the ``nn.Module`` the library calls;
+* the heatmap is sized to the last two axes of the input, whatever its rank (the library
+  would read a 5-D input as a volume);
+* the target of sample i is a callable on its output row (``logit(j)``: output column j),
+  and the result has one map per image the target layer saw, in its order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+from torch import Tensor, nn
+
+METHODS = {"Grad-CAM": GradCAM, "Grad-CAM++": GradCAMPlusPlus}
+
+
+class Forward(nn.Module):
+    """``fn(model, x)`` as a module over ``model`` (its parameters give the library the device)."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Tensor], Tensor]) -> None:
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        # A leaf that needs its gradient: the target layer's output then has one even where the
+        # layers before it are frozen (a fine-tuned head on a frozen backbone).
+        return self.fn(self.model, x.detach().requires_grad_(True))
+
+
+def logit(column: int | None = None) -> Callable[[Tensor], Tensor]:
+    """The target "this sample's malignancy logit": output column ``column``, or a scalar output."""
+    return lambda out: out if column is None else out[..., column]
+
+
+def _sized_to_last_two_axes(base: type) -> type:
+    class Sized(base):  # type: ignore[misc, valid-type]
+        def get_target_width_height(self, input_tensor: Tensor) -> tuple[int, int]:
+            return input_tensor.size(-1), input_tensor.size(-2)
+
+    Sized.__name__ = base.__name__
+    return Sized
+
+
+_SIZED = {name: _sized_to_last_two_axes(cls) for name, cls in METHODS.items()}
+
+
+def class_activation_maps(
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    x: Tensor,
+    targets: Sequence[Callable[[Tensor], Tensor]],
+    method: str = "Grad-CAM",
+    fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+) -> tuple[np.ndarray, Tensor]:
+    """(N, H, W) float32 heatmaps in [0, 1], one per image ``layers`` saw (N = B, or B x views),
+    and the model's output for ``x`` (detached: the scores come from the same forward pass).
+
+    ``fn(model, x)`` gives the logits (default ``model(x)``); ``targets[i]`` picks sample i's
+    target from its output row. With several layers (one network per energy) the maps are
+    averaged, as the library aggregates layers. BatchNorm and dropout stay in eval mode."""
+    if method not in _SIZED:
+        raise ValueError(f"explain method {method!r}: one of {', '.join(_SIZED)}")
+    module = Forward(model, fn or (lambda m, t: m(t)))
+    was_training = model.training
+    cam = _SIZED[method](model=module, target_layers=list(layers))
+    try:
+        with torch.enable_grad():
+            maps = cam(input_tensor=x, targets=list(targets))
+        outputs = cam.outputs.detach()
+    finally:
+        cam.activations_and_grads.release()
+        model.train(was_training)
+    return np.asarray(maps, dtype=np.float32), outputs
+
+
+def cam_layer(extractor: nn.Module) -> nn.Module:
+    """The layer a CAM reads: a backbone's spatial body (before global pooling), or the module itself."""
+    body = getattr(extractor, "body", None)
+    return body if isinstance(body, nn.Module) else extractor
+
+
+__all__ = ["METHODS", "Forward", "cam_layer", "class_activation_maps", "logit"]
