@@ -173,6 +173,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from fedbreast.simulation.evaluate import evaluate_checkpoint
 
+    # A run directory stands for its best checkpoint (else final, else latest), as for export and predict.
+    run_dir_, kind, _ = _checkpoint_arg(args.checkpoint)
+    args.checkpoint = str(run_dir_ / "checkpoints" / f"{kind}.pt")
     if args.federation:
         from fedbreast.server.launcher import RunFailed, default_run_dir
 
@@ -311,6 +314,10 @@ def cmd_site_predict(args: argparse.Namespace) -> int:
         workers=args.workers,
         site=args.site,
         progress=_progress("reading"),
+        annotations=Path(args.annotations) if args.annotations else None,
+        personal=args.personal,
+        explain=args.explain,
+        dicom=args.dicom,
     )
     print(f"checkpoint: {run_dir / 'checkpoints' / (kind + '.pt')} (round {ckpt.round})")
     print(result.summary())
@@ -387,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="an evaluation-only federated run of a finished model (no training): the per-site and pooled report",
     )
-    p.add_argument("checkpoint", help="a checkpoint file, e.g. RUN/checkpoints/best.pt")
+    p.add_argument("checkpoint", help="RUN/checkpoints/KIND.pt, or a run directory (its best)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--sites-dir", help="simulation: already-ingested site directories (one folder per site)")
     where.add_argument("--federation", help="a deployed federation by name (as for `fedbreast run`)")
@@ -474,7 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="processes reading files (default 2)")
     p.set_defaults(func=cmd_site_ingest)
 
-    p = site.add_parser("predict", help="score every breast at a site with a trained model (multiview for now)")
+    p = site.add_parser(
+        "predict", help="score every breast (or outlined lesion) at a site with a trained model; --explain for heatmaps"
+    )
     p.add_argument("input", help="an ingested site directory, or a DICOM folder (ingested first into OUT/site)")
     p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/KIND.pt, or a run directory (its best)")
     p.add_argument("--out", required=True, help="output folder: predictions.csv (and site/ for a DICOM folder)")
@@ -483,6 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--site", help="site name for a DICOM folder's ingest (default: site); picks its threshold")
     p.add_argument("--workers", type=int, default=2, help="processes reading DICOM files (default 2)")
+    p.add_argument(
+        "--annotations", help="annotation CSV for a DICOM folder: lesion outlines and BI-RADS (the lesion families)"
+    )
+    p.add_argument("--personal", action="store_true", help="the site's personalised model of this checkpoint")
+    p.add_argument(
+        "--explain", action="store_true", help="heatmaps per view: OUT/heatmaps/*.png, heatmaps.csv, pointing game"
+    )
+    p.add_argument("--dicom", action="store_true", help="with --explain: also a DICOM Secondary Capture per heatmap")
     p.set_defaults(func=cmd_site_predict)
 
     p = site.add_parser(

@@ -44,14 +44,19 @@ class PointingScore:
         self.energy += energy_inside(hm.heat, hm.lesion)
         self.area += float(hm.lesion.mean())
 
-    def as_dict(self) -> dict[str, float | int]:
-        n = max(self.images, 1)
+    def as_dict(self) -> dict[str, float | int | None]:
+        """Means over the images with an outlined lesion (None without any: JSON has no NaN)."""
+        n = self.images
+
+        def mean(total: float) -> float | None:
+            return total / n if n else None
+
         return {
-            "images": self.images,
-            "hit_rate": self.hits / n if self.images else float("nan"),
-            "energy_inside": self.energy / n if self.images else float("nan"),
-            "random_hit_rate": self.area / n if self.images else float("nan"),
-            "random_energy_inside": self.area / n if self.images else float("nan"),
+            "images": n,
+            "hit_rate": mean(self.hits),
+            "energy_inside": mean(self.energy),
+            "random_hit_rate": mean(self.area),
+            "random_energy_inside": mean(self.area),
         }
 
 

@@ -203,6 +203,18 @@ class SitePersonaliser:
         return personal, False
 
 
+def find_personal_state(site_dir: str | os.PathLike[str], global_digest: str) -> tuple[Path, dict[str, Any]] | None:
+    """The site's personal state made from the global weights with digest ``global_digest``
+    (``site predict --personal``): the state files are keyed by run, which a checkpoint does not
+    carry, so the match is on the weights themselves; another run's or round's state never fits."""
+    folder = Path(site_dir) / "state" / "personal"
+    for path in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
+        state = PersonalStore(site_dir, path.stem).load()
+        if state.get("global_digest") == global_digest:
+            return path, state
+    return None
+
+
 # The cross-site phase's protocol (server/cross_site.py <-> client/app.py): the models travel
 # as ArrayRecords "model-0", "model-1", ... (global first); a site answers m{i}_{key} per model.
 CROSS_SITE_KEYS = ("test_auc", "test_spec_at_sens100", "test_n", "test_n_pos", "test_n_neg")
@@ -223,6 +235,7 @@ __all__ = [
     "PersonalSettings",
     "PersonalStore",
     "SitePersonaliser",
+    "find_personal_state",
     "model_slot",
     "norm_state_keys",
     "state_digest",
