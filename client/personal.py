@@ -9,8 +9,7 @@ returns for a reply is model weights or aggregate metrics only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from functools import lru_cache
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.site_data import SiteUnavailable
+from fedbreast.shared.families.birads.psft import _normal_patches, psft_split  # noqa: F401
 from fedbreast.shared.metrics import BINARY_METRIC_KEYS, binary_metrics, operating_threshold
 from fedbreast.shared.training.accounting import run_key
 from fedbreast.shared.training.dp import CEILING_KEY, DPRefused, site_ceiling
@@ -175,33 +175,8 @@ def cross_site_metrics(
 
 
 # ---- patient-specific fine-tuning (seed 000; the "birads" patch family) --------------------------
-
-
-@lru_cache(maxsize=4)
-def _normal_patches(site_dir: str, cfg: RunConfig, split: str):
-    """The split's normal-tissue patches, drawn as the lesion patches are (memoised: the
-    lesion-free regions need a pass over every image)."""
-    from fedbreast.shared.data.datasets import NormalPatchDataset
-    from fedbreast.shared.data.manifest import load_manifest
-    from fedbreast.shared.data.schema import Modality
-    from fedbreast.shared.training.tasks import task_for
-
-    site = task_for(cfg).open(site_dir, cfg)
-    energies = cfg.patch_energy_list
-    records = [
-        r
-        for r in load_manifest(Path(site_dir))
-        if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in energies
-    ]
-    return NormalPatchDataset(
-        records,
-        site.datasets[split].cache,
-        split=split,
-        patch=cfg.patch_size,
-        n_patches=cfg.n_patches,
-        seed=cfg.seed,
-        energies=energies,
-    )
+# psft_split and _normal_patches live with the family (shared/families/birads/psft.py, which
+# site predict uses too); imported above, and from here by the claims benchmark and tests.
 
 
 def psft_metrics(
@@ -224,49 +199,3 @@ def psft_metrics(
             threshold = operating_threshold(result.y, result.p_psft, grid=grid or cfg.hist_bins)
         out.update(result.metrics(split, threshold=threshold))
     return out
-
-
-def psft_split(site: Any, model: nn.Module, cfg: RunConfig, pcfg, device: torch.device, split: str):
-    """One split's lesion scores without and with patient-specific fine-tuning (a :class:`PSFTResult`);
-    per unit, so it stays on the site."""
-    from fedbreast.shared.models.birads import BiradsNet
-    from fedbreast.shared.training.patient_finetune import evaluate_patient_finetune
-
-    lesion_ds = site.datasets[split]
-    normal_ds = _normal_patches(str(Path(site.site_dir).resolve()), cfg, split)
-    vec = site.info["birads"][split]  # per lesion image
-    unit_of_image = site.info["unit_of_image"][split]
-    unit_vec = site.info["unit_birads"][split]
-    patient_vec: dict[str, torch.Tensor] = {}
-    for i, r in enumerate(lesion_ds.images):
-        patient_vec.setdefault(r.patient, vec[i])
-
-    def extras(patient: str, kind: str, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if kind == "lesion":
-            return {"birads": vec[batch["image"]]}
-        # Normal tissue has no descriptors of its own: it is paired with the patient's lesion
-        # descriptors, so fine-tuning teaches "this patient's tissue, with these findings, is benign".
-        return {"birads": patient_vec[patient].expand(batch["x"].shape[0], -1)}
-
-    def forward(m: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return m(batch["x"], batch["birads"])
-
-    def fuse(ids: np.ndarray, p: np.ndarray) -> np.ndarray:
-        assert isinstance(model, BiradsNet)  # patient fine-tuning is the patch family's (psft_metrics)
-        with torch.no_grad():
-            out = model.fuse(
-                torch.as_tensor(p, dtype=torch.float32, device=device), unit_vec[torch.from_numpy(ids)].to(device)
-            )
-        return out.cpu().numpy().astype(np.float64)
-
-    return evaluate_patient_finetune(
-        model.to(device),
-        lesion_ds,
-        normal_ds,
-        pcfg,
-        device,
-        forward=forward,
-        extras=extras,
-        unit_of=lambda images: unit_of_image[images],
-        fuse=fuse,
-    )
