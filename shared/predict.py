@@ -216,8 +216,12 @@ def _site_model(ckpt: Any, cfg: Any, site_dir: Path, personal: bool) -> tuple[An
     from fedbreast.shared.models.factory import build_model
     from fedbreast.shared.training.personalise import find_personal_state, norm_state_keys, state_digest
 
-    model = build_model(cfg)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ckpt.arrays.items()}, strict=True)
+    # Built on the meta device and given the checkpoint's tensors: no random initialisation to
+    # throw away (a tenth of a second for a ResNet-18, a fixed cost on every predict).
+    with torch.device("meta"):
+        model = build_model(cfg)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in ckpt.arrays.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     if not (personal or cfg.fedbn):
         return model, f"global model, round {ckpt.round}"
     found = find_personal_state(site_dir, state_digest(model.state_dict()))

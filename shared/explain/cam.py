@@ -8,12 +8,17 @@ images than there are samples (a shared backbone over four views sees 4B). So:
 * the heatmap is sized to the last two axes of the input, whatever its rank (the library
   would read a 5-D input as a volume);
 * the target of sample i is a callable on its output row (``logit(j)``: output column j),
-  and the result has one map per image the target layer saw, in its order.
+  and the result has one map per image the target layer saw, in its order;
+* a CAM needs the gradient at the target layer only: no parameter records a gradient, and the
+  target layer's output is cut from the graph below it (a fresh leaf), so the backward pass
+  runs through the layers after it alone, not the backbone. That makes an explanation cost
+  about one more forward pass instead of a full backward one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +36,7 @@ class Forward(nn.Module):
         self.model, self.fn = model, fn
 
     def forward(self, x: Tensor) -> Tensor:
-        # A leaf that needs its gradient: the target layer's output then has one even where the
-        # layers before it are frozen (a fine-tuned head on a frozen backbone).
-        return self.fn(self.model, x.detach().requires_grad_(True))
+        return self.fn(self.model, x)
 
 
 def logit(column: int | None = None) -> Callable[[Tensor], Tensor]:
@@ -71,15 +74,27 @@ def class_activation_maps(
         raise ValueError(f"explain method {method!r}: one of {', '.join(_SIZED)}")
     module = Forward(model, fn or (lambda m, t: m(t)))
     was_training = model.training
+    needs_grad = [p.requires_grad for p in model.parameters()]
     cam = _SIZED[method](model=module, target_layers=list(layers))
+    # prepend: runs before the library's own hook, which then records the leaf and its gradient
+    cuts = [layer.register_forward_hook(_leaf, prepend=True) for layer in layers]
     try:
+        model.requires_grad_(False)
         with torch.enable_grad():
             maps = cam(input_tensor=x, targets=list(targets))
         outputs = cam.outputs.detach()
     finally:
+        for cut in cuts:
+            cut.remove()
         cam.activations_and_grads.release()
+        for p, flag in zip(model.parameters(), needs_grad):
+            p.requires_grad_(flag)
         model.train(was_training)
     return np.asarray(maps, dtype=np.float32), outputs
+
+
+def _leaf(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+    return output.detach().requires_grad_(True)
 
 
 def cam_layer(extractor: nn.Module) -> nn.Module:
