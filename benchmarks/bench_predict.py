@@ -9,7 +9,8 @@ do not change the cost). Per family, after one warm-up call that builds the site
 preprocessing cache (as any trained site already has it):
 
 * ``plain``: the multiview network over the same exams' input tensors, preloaded in memory,
-  batch by batch under ``no_grad``: the floor any predict can reach (multiview only);
+  batch by batch under ``no_grad`` and the run's autocast (bf16 where ``amp = auto`` picks it,
+  as predict does): the floor any predict can reach (multiview only);
 * ``predict``: ``predict_site`` on the ingested site, end to end (cache read, model, CSV);
 * ``explain``: the same with ``explain=True`` (heatmaps, PNGs, heatmaps.csv, pointing game);
 * birads: ``predict`` with patient-specific fine-tuning on and off; the difference per
@@ -42,16 +43,8 @@ from fedbreast.shared.data.generate import SiteProfile, generate_federation
 from fedbreast.shared.data.ingest import ingest
 from fedbreast.shared.models.factory import build_model
 from fedbreast.shared.predict import predict_site
+from fedbreast.shared.training.local import autocast
 from fedbreast.simulation.simulate import PRESET, PRESETS
-
-
-def _median_seconds(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def make_site(root: Path, patients: int, seed: int) -> Path:
@@ -71,8 +64,9 @@ def checkpoint(cfg: RunConfig) -> Checkpoint:
     return Checkpoint(arrays=arrays, meta={"round": 1, "config": cfg.to_flower()})
 
 
-def plain_multiview(cfg: RunConfig, ckpt: Checkpoint, site_dir: Path, repeats: int) -> tuple[float, int]:
-    """(seconds, exams): the network alone over the site's exams, inputs already in memory."""
+def plain_multiview(cfg: RunConfig, ckpt: Checkpoint, site_dir: Path) -> tuple[Any, int]:
+    """(one timed call of the loop, exams): the network alone over the site's exams, inputs
+    already in memory, batch by batch under no_grad, in the precision predict uses."""
     from fedbreast.shared.data.datasets import ExamDataset
     from fedbreast.shared.families.multiview.task import MultiviewTask
 
@@ -86,18 +80,21 @@ def plain_multiview(cfg: RunConfig, ckpt: Checkpoint, site_dir: Path, repeats: i
         for i in range(0, len(ds), cfg.batch_size)
     ]
 
+    precision = autocast(torch.device("cpu"), cfg.amp)  # the same as predict's (bf16 where "auto" picks it)
+
     def loop() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), precision:
             for x in batches:
                 model(x)
 
     loop()  # warm-up: oneDNN picks its kernels on the first call
-    return _median_seconds(loop, repeats), len(ds)
+    return loop, len(ds)
 
 
 def bench_family(family: str, site_dir: Path, out: Path, repeats: int, overrides: dict[str, Any]) -> dict[str, Any]:
     cfg = RunConfig(**{**PRESET, **PRESETS[family], "workers": 0, **overrides})
     ckpt = checkpoint(cfg)
+    psft_cfg = dataclasses.replace(cfg, patient_finetune=True) if family == "birads" else None
 
     def predict(explain: bool = False, run_cfg: RunConfig = cfg) -> Any:
         shutil.rmtree(out, ignore_errors=True)
@@ -105,29 +102,38 @@ def bench_family(family: str, site_dir: Path, out: Path, repeats: int, overrides
         return predict_site(site_dir, c, None, out, threshold=0.5, explain=explain)
 
     first = predict()  # warm-up: builds the site's cache for this family's preprocessing
-    row: dict[str, Any] = {"family": family, "units": first.rows, "scored": first.scored}
-    row["predict_s"] = _median_seconds(predict, repeats)
-    result = predict(explain=True)
-    row["explain_s"] = _median_seconds(lambda: predict(explain=True), repeats)
-    row["heatmaps"] = result.heatmaps
-    row["explain_over_predict"] = row["explain_s"] / row["predict_s"]
+    result = predict(explain=True)  # warm-up: imports the CAM library once
+    calls: dict[str, Any] = {"predict": predict, "explain": lambda: predict(explain=True)}
+    exams = 0
     if family == "multiview":
-        plain_s, exams = plain_multiview(cfg, ckpt, site_dir, repeats)
+        calls["plain"], exams = plain_multiview(cfg, ckpt, site_dir)
+    if psft_cfg is not None:
+        predict(run_cfg=psft_cfg)
+        calls["psft_predict"] = lambda: predict(run_cfg=psft_cfg)
+    # Interleaved: each repeat times every variant once, so a busy spell on a shared machine
+    # slows all of them rather than one.
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    sec = {k: statistics.median(v) for k, v in times.items()}
+    row: dict[str, Any] = {"family": family, "units": first.rows, "scored": first.scored, "heatmaps": result.heatmaps}
+    row.update({f"{k}_s": v for k, v in sec.items()})
+    row["explain_over_predict"] = sec["explain"] / sec["predict"]
+    if exams:
         row.update(
             exams=exams,
-            plain_s=plain_s,
-            plain_exams_per_s=exams / plain_s,
-            predict_exams_per_s=exams / row["predict_s"],
-            explain_exams_per_s=exams / row["explain_s"],
-            predict_over_plain=row["predict_s"] / plain_s,
+            plain_exams_per_s=exams / sec["plain"],
+            predict_exams_per_s=exams / sec["predict"],
+            explain_exams_per_s=exams / sec["explain"],
+            predict_over_plain=sec["predict"] / sec["plain"],
         )
-    if family == "birads":
-        psft_cfg = dataclasses.replace(cfg, patient_finetune=True)
-        predict(run_cfg=psft_cfg)
-        row["psft_predict_s"] = _median_seconds(lambda: predict(run_cfg=psft_cfg), repeats)
+    if psft_cfg is not None:
         patients = _patients_with_lesions(site_dir)
         row["psft_patients"] = patients
-        row["psft_s_per_patient"] = (row["psft_predict_s"] - row["predict_s"]) / max(patients, 1)
+        row["psft_s_per_patient"] = (sec["psft_predict"] - sec["predict"]) / max(patients, 1)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     return row
 

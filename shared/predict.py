@@ -17,6 +17,7 @@ annotations outline lesions, how often the heatmaps point at them (``explain_sum
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -201,7 +202,14 @@ def predict_site(
     )
     if explain:
         t1 = time.perf_counter()
-        result.heatmaps, result.pointing = write_heatmaps(task.explain(model, site_dir, cfg, device), out, dicom)
+        # A heatmap carries its unit's score as predictions.csv has it (the CAM's own forward pass
+        # runs in float32, the scoring pass in the run's precision, which may be bf16).
+        by_unit = {(r.patient, r.exam, r.laterality): r.score for r in rows}
+        heatmaps = (
+            dataclasses.replace(hm, score=by_unit.get((hm.patient, hm.exam, hm.laterality), hm.score))
+            for hm in task.explain(model, site_dir, cfg, device)
+        )
+        result.heatmaps, result.pointing = write_heatmaps(heatmaps, out, dicom)
         result.explain_seconds = time.perf_counter() - t1
     result.seconds = time.perf_counter() - t0
     return result
@@ -249,12 +257,11 @@ def _site_model(ckpt: Any, cfg: Any, site_dir: Path, personal: bool) -> tuple[An
 def write_heatmaps(heatmaps: Iterable[Any], out: Path, dicom: bool) -> tuple[int, dict[str, Any]]:
     """PNG overlays (and DICOM Secondary Captures) under ``out``, an index ``heatmaps.csv``, and
     the pointing game over the outlined lesions in ``explain_summary.json``; all 0600, all local."""
-    import numpy as np
     from pydicom.uid import generate_uid
 
     from fedbreast.shared.csv_cells import write_csv
     from fedbreast.shared.durable import atomic_write_json
-    from fedbreast.shared.explain.pointing import PointingScore
+    from fedbreast.shared.explain.pointing import PointingScore, peak
     from fedbreast.shared.explain.render import overlay_rgb, write_png, write_secondary_capture
 
     table: list[list[object]] = [list(HEATMAP_COLUMNS)]
@@ -270,7 +277,7 @@ def write_heatmaps(heatmaps: Iterable[Any], out: Path, dicom: bool) -> tuple[int
             uid = series.setdefault(hm.exam, generate_uid())
             path = write_secondary_capture(hm, out / "heatmaps-dicom" / f"{hm.name}.dcm", uid, rgb, number=n)
             dcm = str(path.relative_to(out))
-        row, col = np.unravel_index(int(np.argmax(hm.heat)), hm.heat.shape)
+        row, col = peak(hm.heat)
         table.append(
             [hm.patient, hm.exam, hm.laterality, hm.unit, hm.view, hm.method,
              "" if hm.score is None else f"{hm.score:.6f}", int(row), int(col), str(png.relative_to(out)), dcm]

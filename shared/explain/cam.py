@@ -11,8 +11,9 @@ images than there are samples (a shared backbone over four views sees 4B). So:
   and the result has one map per image the target layer saw, in its order;
 * a CAM needs the gradient at the target layer only: no parameter records a gradient, and the
   target layer's output is cut from the graph below it (a fresh leaf), so the backward pass
-  runs through the layers after it alone, not the backbone. That makes an explanation cost
-  about one more forward pass instead of a full backward one.
+  runs through the layers after it alone, not the backbone; several target sets (each breast
+  of an exam) share one forward pass (:func:`class_activation_maps_for`). An explanation then
+  costs about one forward pass, which also gives the scores.
 """
 
 from __future__ import annotations
@@ -63,38 +64,82 @@ def class_activation_maps(
     targets: Sequence[Callable[[Tensor], Tensor]],
     method: str = "Grad-CAM",
     fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    per_layer: bool = False,
 ) -> tuple[np.ndarray, Tensor]:
     """(N, H, W) float32 heatmaps in [0, 1], one per image ``layers`` saw (N = B, or B x views),
     and the model's output for ``x`` (detached: the scores come from the same forward pass).
 
     ``fn(model, x)`` gives the logits (default ``model(x)``); ``targets[i]`` picks sample i's
     target from its output row. With several layers (one network per energy) the maps are
-    averaged, as the library aggregates layers. BatchNorm and dropout stay in eval mode."""
+    averaged, as the library aggregates layers, or with ``per_layer`` returned as (L, N, H, W).
+    BatchNorm and dropout stay in eval mode."""
+    maps, out = class_activation_maps_for([targets], model, layers, x, method, fn, per_layer)
+    return maps[0], out
+
+
+def class_activation_maps_for(
+    passes: Sequence[Sequence[Callable[[Tensor], Tensor]]],
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    x: Tensor,
+    method: str = "Grad-CAM",
+    fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    per_layer: bool = False,
+) -> tuple[list[np.ndarray], Tensor]:
+    """:func:`class_activation_maps` for several target sets over ONE forward pass: ``passes[k]``
+    is a list of per-sample targets, and map set k is theirs (the multi-view network explains
+    each breast's logit over the same exam). The gradients come from ``torch.autograd.grad`` at
+    the target layers; the CAM itself (channel weights, ReLU, scaling, layer aggregation) is the
+    library's, as its own ``__call__`` computes it."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
     if method not in _SIZED:
         raise ValueError(f"explain method {method!r}: one of {', '.join(_SIZED)}")
     module = Forward(model, fn or (lambda m, t: m(t)))
     was_training = model.training
     needs_grad = [p.requires_grad for p in model.parameters()]
     cam = _SIZED[method](model=module, target_layers=list(layers))
-    # prepend: runs before the library's own hook, which then records the leaf and its gradient
-    cuts = [layer.register_forward_hook(_leaf, prepend=True) for layer in layers]
+    cam.activations_and_grads.release()  # its hooks: the leaves below stand in for them
+    leaves: list[list[Tensor]] = [[] for _ in layers]
+
+    def cut(k: int) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+        def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+            leaf = output.detach().requires_grad_(True)
+            leaves[k].append(leaf)
+            return leaf
+
+        return hook
+
+    cuts = [layer.register_forward_hook(cut(k)) for k, layer in enumerate(layers)]
+    size = (x.size(-1), x.size(-2))
+    results: list[np.ndarray] = []
     try:
+        model.eval()
         model.requires_grad_(False)
         with torch.enable_grad():
-            maps = cam(input_tensor=x, targets=list(targets))
-        outputs = cam.outputs.detach()
+            out = module(x)
+            for k, layer_leaves in enumerate(leaves):
+                if len(layer_leaves) != 1:
+                    raise ValueError(f"target layer {k} ran {len(layer_leaves)} times in one forward pass; need once")
+            acts = [lv[0] for lv in leaves]
+            for n, targets in enumerate(passes):
+                loss = sum(t(o) for t, o in zip(targets, out))
+                grads = torch.autograd.grad(loss, acts, retain_graph=n < len(passes) - 1)  # type: ignore[arg-type]
+                per = []
+                for layer, a, g in zip(layers, acts, grads):
+                    c = cam.get_cam_image(x, layer, list(targets), a.detach().cpu().numpy(), g.cpu().numpy())
+                    per.append(scale_cam_image(np.maximum(c, 0), size)[:, None, :])
+                if per_layer:
+                    results.append(np.concatenate(per, axis=1).transpose(1, 0, 2, 3).astype(np.float32))
+                else:
+                    results.append(np.asarray(cam.aggregate_multi_layers(per), dtype=np.float32))
+        return results, out.detach()
     finally:
-        for cut in cuts:
-            cut.remove()
-        cam.activations_and_grads.release()
+        for c in cuts:
+            c.remove()
         for p, flag in zip(model.parameters(), needs_grad):
             p.requires_grad_(flag)
         model.train(was_training)
-    return np.asarray(maps, dtype=np.float32), outputs
-
-
-def _leaf(module: nn.Module, args: Any, output: Tensor) -> Tensor:
-    return output.detach().requires_grad_(True)
 
 
 def cam_layer(extractor: nn.Module) -> nn.Module:
@@ -103,4 +148,4 @@ def cam_layer(extractor: nn.Module) -> nn.Module:
     return body if isinstance(body, nn.Module) else extractor
 
 
-__all__ = ["METHODS", "Forward", "cam_layer", "class_activation_maps", "logit"]
+__all__ = ["METHODS", "Forward", "cam_layer", "class_activation_maps", "class_activation_maps_for", "logit"]

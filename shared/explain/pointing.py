@@ -1,6 +1,7 @@
 """Do the heatmaps point at the lesion? Two standard checks on images with outlined lesions.
 
-* pointing game (Zhang et al., 2016): a hit when the heatmap's maximum lies inside the lesion;
+* pointing game (Zhang et al., 2016): a hit when the heatmap's maximum lies inside the lesion
+  (its peak: the centre of the maximal pixels, one pixel for a smooth map);
 * energy inside: the fraction of the heatmap's total mass that falls inside the lesion.
 
 The random-heatmap baseline is exact, not sampled: a heatmap of i.i.d. random values puts its
@@ -18,10 +19,17 @@ import numpy as np
 from .heatmap import ViewHeatmap
 
 
+def peak(heat: np.ndarray) -> tuple[int, int]:
+    """(row, col) of the heatmap's maximum: the centre of the pixels at the maximum, so a map
+    with a plateau (a patch score map's top window) points at its middle, not at a corner,
+    and a plateau cannot "hit" by touching the lesion at one edge."""
+    rows, cols = np.nonzero(heat >= heat.max())
+    return int(round(float(rows.mean()))), int(round(float(cols.mean())))
+
+
 def pointing_hit(heat: np.ndarray, lesion: np.ndarray) -> bool:
-    """The heatmap's maximum inside the lesion (ties: any maximal pixel inside counts, as in the game)."""
-    top = heat.max()
-    return bool(np.any(lesion & (heat >= top)))
+    """The heatmap's peak (:func:`peak`) inside the lesion."""
+    return bool(lesion[peak(heat)])
 
 
 def energy_inside(heat: np.ndarray, lesion: np.ndarray) -> float:
@@ -67,4 +75,4 @@ def pointing_score(heatmaps: Iterable[ViewHeatmap]) -> PointingScore:
     return score
 
 
-__all__ = ["PointingScore", "energy_inside", "pointing_hit", "pointing_score"]
+__all__ = ["PointingScore", "energy_inside", "peak", "pointing_hit", "pointing_score"]

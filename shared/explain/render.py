@@ -60,7 +60,8 @@ def write_png(hm: ViewHeatmap, path: Path, rgb: np.ndarray | None = None) -> Pat
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(overlay_rgb(hm) if rgb is None else rgb, mode="RGB").save(buf, format="PNG")
+    # zlib level 1: a tenth of the default level's encoding time for files about a fifth larger
+    Image.fromarray(overlay_rgb(hm) if rgb is None else rgb, mode="RGB").save(buf, format="PNG", compress_level=1)
     _write_private(path, buf.getvalue())
     return path
 

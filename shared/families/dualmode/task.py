@@ -135,8 +135,8 @@ class DualModeTask(Task):
         return _rows(records, ds, index, p)
 
     def explain(self, model, site_dir, cfg, device) -> Iterator[ViewHeatmap]:
-        """Grad-CAM of the lesion logit on the LE network (its CC and MLO boxes) and, in a second
-        pass, on the DES network: four heatmaps per scored breast ("CC-LE", "CC-DES", "MLO-LE",
+        """Grad-CAM of the lesion logit on the LE network (its CC and MLO boxes) and on the DES
+        network, from one forward pass: four heatmaps per scored breast ("CC-LE", "CC-DES", "MLO-LE",
         "MLO-DES"), in :meth:`score`'s order, each on the box the network saw, with the breast's
         score (the scoring pass) and its outline cut by the same window."""
         from fedbreast.shared.explain.cam import cam_layer, class_activation_maps, logit
@@ -158,11 +158,9 @@ class DualModeTask(Task):
             idx = order[start : start + step]
             x = ds.__getitems__(idx)["x"].to(device)  # (B, 2 views, 2 energies, S, S)
             b = x.shape[0]
-            # each network sees the B samples' CC and MLO boxes (B x 2 maps, sample-major)
-            maps = [
-                class_activation_maps(model, [layer], x, [logit()] * b, "Grad-CAM")[0].reshape(b, 2, *x.shape[-2:])
-                for layer in layers
-            ]
+            # one forward pass; each network sees the B samples' CC and MLO boxes (B x 2 maps, sample-major)
+            per_net, _ = class_activation_maps(model, layers, x, [logit()] * b, "Grad-CAM", per_layer=True)
+            maps = per_net.reshape(len(layers), b, 2, *x.shape[-2:])
             for j, i in enumerate(idx):
                 key = ds.breasts[i]
                 corners = ds.boxes(i)

@@ -86,9 +86,9 @@ class MultiviewTask(Task):
         """Grad-CAM++ (seed 001's method) on the shared backbone's last spatial map, one map per
         view image, for each breast's malignancy logit: a breast's heatmaps are its own CC and
         MLO (the network also reads the other breast, whose maps for this target are not shown).
-        Each exam runs twice in one batch, once per breast target. A blank (missing) view has
+        One forward pass per batch serves both breasts' targets and the scores. A blank view has
         no heatmap. The overlay shows the first channel (LE, or the FFDM image)."""
-        from fedbreast.shared.explain.cam import cam_layer, class_activation_maps, logit
+        from fedbreast.shared.explain.cam import cam_layer, class_activation_maps_for, logit
 
         site_dir = Path(site_dir)
         records, cache, ds = self._scoring_set(site_dir, cfg)
@@ -97,15 +97,15 @@ class MultiviewTask(Task):
         in_channels = _in_channels(model)
         layer = cam_layer(model.backbone)
         first = "LE" if ds.channels in ("cem", "le_only") else None
-        for start in range(0, len(ds), max(1, cfg.batch_size // 2)):
-            idx = list(range(start, min(len(ds), start + max(1, cfg.batch_size // 2))))
+        for start in range(0, len(ds), cfg.batch_size):
+            idx = list(range(start, min(len(ds), start + cfg.batch_size)))
             x = match_channels(ds.__getitems__(idx)["x"].to(device), in_channels)
             b = x.shape[0]
-            maps, out = class_activation_maps(
-                model, [layer], torch.cat([x, x]), [logit(0)] * b + [logit(1)] * b, "Grad-CAM++"
+            (left, right), out = class_activation_maps_for(
+                [[logit(0)] * b, [logit(1)] * b], model, [layer], x, "Grad-CAM++"
             )
-            maps = maps.reshape(2, b, len(VIEW_ORDER), *maps.shape[-2:])
-            p = torch.sigmoid(out[:b].float()).cpu().numpy()
+            maps = np.stack([left, right]).reshape(2, b, len(VIEW_ORDER), *left.shape[-2:])
+            p = torch.sigmoid(out.float()).cpu().numpy()
             for i, ds_index in enumerate(idx):
                 key = ds.exams[ds_index]
                 ex = exams[key]
