@@ -228,8 +228,8 @@ def _site_model(ckpt: Any, cfg: Any, site_dir: Path, personal: bool) -> tuple[An
     # throw away (a tenth of a second for a ResNet-18, a fixed cost on every predict).
     with torch.device("meta"):
         model = build_model(cfg)
-    state = {k: torch.from_numpy(np.array(v)) for k, v in ckpt.arrays.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    weights = {k: torch.from_numpy(np.array(v)) for k, v in ckpt.arrays.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
     if not (personal or cfg.fedbn):
         return model, f"global model, round {ckpt.round}"
     found = find_personal_state(site_dir, state_digest(model.state_dict()))
