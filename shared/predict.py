@@ -29,7 +29,6 @@ from typing import Any
 
 from fedbreast.shared.errors import FedbreastError
 
-PREDICT_FAMILIES = ("multiview", "birads", "dualmode", "mgus", "latefusion")
 HEATMAP_COLUMNS = (
     "patient",
     "exam",
@@ -140,8 +139,6 @@ def predict_site(
 
     t0 = time.perf_counter()
     cfg = RunConfig.from_flower(dict(ckpt.meta.get("config", {})))
-    if cfg.model not in PREDICT_FAMILIES:
-        raise PredictError(f"predict supports {', '.join(PREDICT_FAMILIES)}; this checkpoint's family is {cfg.model!r}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise PredictError(f"--threshold must be in [0, 1], got {threshold}")
     if dicom and not explain:
@@ -166,7 +163,10 @@ def predict_site(
         torch.set_num_threads(os.cpu_count() or 1)
     model, model_source = _site_model(ckpt, cfg, site_dir, personal)
     task = task_for(cfg)
-    rows = task.score(model, site_dir, cfg, device)
+    try:
+        rows = task.score(model, site_dir, cfg, device)
+    except NotImplementedError as exc:  # a family that has not written its score() yet
+        raise PredictError(str(exc)) from exc
 
     name = str(read_meta(site_dir).get("site") or site_dir.name)
     source = "--threshold"
@@ -205,11 +205,14 @@ def predict_site(
         # A heatmap carries its unit's score as predictions.csv has it (the CAM's own forward pass
         # runs in float32, the scoring pass in the run's precision, which may be bf16).
         by_unit = {(r.patient, r.exam, r.laterality): r.score for r in rows}
-        heatmaps = (
-            dataclasses.replace(hm, score=by_unit.get((hm.patient, hm.exam, hm.laterality), hm.score))
-            for hm in task.explain(model, site_dir, cfg, device)
-        )
-        result.heatmaps, result.pointing = write_heatmaps(heatmaps, out, dicom)
+        try:
+            heatmaps = (
+                dataclasses.replace(hm, score=by_unit.get((hm.patient, hm.exam, hm.laterality), hm.score))
+                for hm in task.explain(model, site_dir, cfg, device)
+            )
+            result.heatmaps, result.pointing = write_heatmaps(heatmaps, out, dicom)
+        except NotImplementedError as exc:  # a family that has not written its explain() yet
+            raise PredictError(str(exc)) from exc
         result.explain_seconds = time.perf_counter() - t1
     result.seconds = time.perf_counter() - t0
     return result

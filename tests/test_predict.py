@@ -217,3 +217,17 @@ def test_personal_scores_with_the_sites_personalised_model_of_that_checkpoint(pr
     assert rc == 2
     assert "--personal needs this site's personal state" in capsys.readouterr().err
     assert not (tmp_path / "x" / "predictions.csv").exists()
+
+
+def test_a_family_without_score_or_explain_is_refused_naming_it(predicted, tmp_path, capsys, monkeypatch) -> None:
+    from fedbreast.shared.families.multiview.task import MultiviewTask
+    from fedbreast.shared.training.tasks import Task
+
+    site1 = predicted["root"] / "data" / "sites" / "site-1"
+    argv = ["site", "predict", str(site1), "--checkpoint", str(predicted["run"])]
+    monkeypatch.setattr(MultiviewTask, "explain", Task.explain)
+    assert main([*argv, "--out", str(tmp_path / "a"), "--explain"]) == 2
+    assert "--explain does not cover the 'multiview' family" in capsys.readouterr().err
+    monkeypatch.setattr(MultiviewTask, "score", Task.score)
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 2
+    assert "predict does not cover the 'multiview' family" in capsys.readouterr().err
