@@ -153,9 +153,9 @@ def write_report(
             else f"strategy {cfg.strategy}, {last} of {cfg.rounds} rounds."
         ),
         "",
-        heading,
-        "",
     ]
+    lines += [f"**Flag:** {note}." for note in cfg.notes] + ([""] if cfg.notes else [])
+    lines += [heading, ""]
     lines += ["## Global model on each site's test split (95% bootstrap CI)", ""]
     lines += site_table([r for r in sites if r["site"] not in holdout])
     if holdout:

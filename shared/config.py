@@ -168,6 +168,11 @@ class RunConfig(FamilySettings):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
+    def notes(self) -> list[str]:
+        """What the run's report and model card flag about its settings (the family's notes)."""
+        return FAMILIES[self.model].notes(self)
+
+    @property
     def decay_rounds(self) -> tuple[int, ...]:
         return tuple(int(x) for x in self.lr_decay_rounds.split(",") if x.strip())
 

@@ -456,6 +456,7 @@ def limitations(cfg: RunConfig) -> list[str]:
     ]
     if cfg.dp != "off":
         out.append("Trained with differential privacy: the added noise lowers accuracy against a non-private model.")
+    out += [f"The run {note}." for note in cfg.notes]
     return out
 
 

@@ -46,7 +46,7 @@ def test_rawnet_has_about_240k_parameters_and_scores_patches() -> None:
 @pytest.mark.parametrize(
     "model, inputs",
     [
-        ("birads", lambda: (torch.randn(2, 1, 48, 48), torch.zeros(2, 37))),
+        ("birads", lambda: (torch.randn(2, 1, 48, 48), torch.zeros(2, 21))),  # seed 000 groups + unknown slots
         ("dualmode", lambda: (torch.randn(2, 2, 2, 48, 48),)),
         ("latefusion", lambda: (torch.randn(2, 4, 1, 48, 48), torch.ones(2, 4, dtype=torch.bool))),
     ],
@@ -346,3 +346,28 @@ def test_birads_trains_federated_on_the_mixed_federation_and_beats_chance(tmp_pa
 
 
 BEATS_CHANCE = 0.7
+
+
+def test_birads_defaults_to_seed_000s_four_groups_and_flags_the_readers_assessment(tmp_path) -> None:
+    from fedbreast.server.report import write_report
+    from fedbreast.shared.export import limitations
+    from fedbreast.shared.models.birads import BiradsEncoder
+
+    seed = RunConfig(model="birads")
+    assert seed.birads_group_list == ("mass_shape", "mass_margin", "internal_enhancement", "bpe")
+    assert BiradsEncoder(seed.birads_group_list).dim == 3 + 1 + 7 + 1 + 3 + 1 + 4 + 1  # one unknown slot per group
+    assert seed.notes == [] and not any("assessment" in x for x in limitations(seed))
+    leaky = RunConfig(
+        model="birads", birads_groups="mass_shape,mass_margin,internal_enhancement,bpe,density,assessment"
+    )
+    assert len(leaky.notes) == 2 and "uses the reader's assessment" in leaky.notes[0]
+    assert any("uses the reader's assessment" in x for x in limitations(leaky))
+    assert RunConfig(model="multiview", birads_groups="assessment").notes == []  # another family's run: no flag
+    store = MetricStore(tmp_path)
+    store.append(1, "evaluate", "site-a", {"test_auc": 0.9, "test_n": 10, "test_exams": 5, "val_auc": 0.8})
+    store.append(1, "aggregate", "ALL", {"test_auc": 0.9, "val_auc": 0.8})
+    write_report(tmp_path, leaky.replace(rounds=1))
+    text = (tmp_path / "summary.md").read_text()
+    assert "**Flag:** birads-groups uses the reader's assessment" in text
+    write_report(tmp_path, seed.replace(rounds=1))
+    assert "Flag" not in (tmp_path / "summary.md").read_text()

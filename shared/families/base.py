@@ -39,6 +39,10 @@ def no_evaluate_update(arrays: Arrays, metrics: list[Mapping[str, Any]]) -> tupl
     return arrays, {}
 
 
+def no_notes(cfg: RunConfig) -> list[str]:
+    return []
+
+
 def load(path: str) -> Any:
     """``"package.module:attribute"`` -> the attribute (imported on first use)."""
     module, _, attr = path.partition(":")
@@ -61,6 +65,9 @@ class Family:
     after_train: AfterTrain = keep_aggregate  # numpy only: runs at the coordinator
     after_evaluate: AfterEvaluate = no_evaluate_update  # numpy only: runs at the coordinator
     settings: type[Settings] | None = None  # its own run-config fields (one base of FamilySettings)
+    # What a report and a model card must flag about a run's settings (an input close to the
+    # label, a named departure from the seed): one sentence each, empty for the seed's setting.
+    notes: Callable[[RunConfig], list[str]] = no_notes
 
     def task(self) -> Task:
         """The family's site Task (loads the site's data and training stack)."""

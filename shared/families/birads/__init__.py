@@ -1,7 +1,7 @@
 """Seed 000: lesion patches fused with the BI-RADS lexicon, and patient-specific fine-tuning."""
 
 from fedbreast.shared.families.base import Family
-from fedbreast.shared.families.birads.settings import BiradsSettings
+from fedbreast.shared.families.birads.settings import BiradsSettings, notes
 
 FAMILY = Family(
     name="birads",
@@ -12,6 +12,7 @@ FAMILY = Family(
     task_path="fedbreast.shared.families.birads.task:BiradsTask",
     model_path="fedbreast.shared.families.birads.model:build",
     settings=BiradsSettings,
+    notes=notes,
     signature_keys=("patch_size", "patch_energies", "birads_fusion", "decision_fusion", "birads_groups"),
     # DES patches at CEM sites and FFDM patches at FFDM sites, so every site takes part.
     # `augment` is on only where it was measured to help (docs/model-families.md).

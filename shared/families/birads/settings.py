@@ -9,6 +9,16 @@ from fedbreast.shared.families.base import Bad, Settings
 BIRADS_FUSIONS = ("none", "feature", "decision")  # none: patches only; feature: concat at FC1
 DECISION_FUSIONS = ("max", "linear", "stacked")  # decision fusion of p(BI-RADS) and p(CNN)
 PATCH_ENERGIES = ("LE", "DES", "FFDM")
+# Seed 000's four lexicon groups: 3 + 3 + 3 + 4 = 13 one-hot elements in the paper. Our lexicon
+# keeps the ACR atlas' seven margin values (the seed groups them into three) and an unknown
+# slot per group, so the default vector has 21 slots.
+SEED_GROUPS = ("mass_shape", "mass_margin", "internal_enhancement", "bpe")
+# Groups beyond the seed's, each flagged in the report and the model card when used.
+EXTRA_GROUPS = {
+    "assessment": "uses the reader's assessment: the BI-RADS category (2, 3, 4, 5, ...) is the radiologist's "
+    "malignancy call, close to the label, so the model's score leans on it (not a seed 000 input)",
+    "density": "uses breast density (not one of seed 000's four BI-RADS groups)",
+}
 
 
 @dataclass(frozen=True)
@@ -19,7 +29,7 @@ class BiradsSettings(Settings):
     birads_fusion: str = "feature"  # none | feature (concat at FC1) | decision
     decision_fusion: str = "max"  # max | linear | stacked (decision fusion only)
     fusion_alpha: float = 0.5  # linear decision fusion: alpha * p(BI-RADS) + (1 - alpha) * p(CNN)
-    birads_groups: str = "mass_shape,mass_margin,internal_enhancement,bpe,density,assessment"
+    birads_groups: str = ",".join(SEED_GROUPS)  # seed 000; add density / assessment explicitly (flagged)
 
     @property
     def patch_energy_list(self) -> tuple[str, ...]:
@@ -48,3 +58,9 @@ class BiradsSettings(Settings):
             raise bad(
                 "birads_groups", f"must be a comma-separated list of distinct groups among {', '.join(BIRADS_LEXICON)}"
             )
+
+
+def notes(cfg: BiradsSettings) -> list[str]:
+    """The birads family's flags for a run: each group beyond seed 000's four."""
+    groups = cfg.birads_group_list
+    return [f"birads-groups {text}" for g, text in EXTRA_GROUPS.items() if g in groups]
