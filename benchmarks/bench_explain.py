@@ -85,20 +85,36 @@ def run(family: str, train_dirs: list[Path], new_dirs: list[Path], rounds: int, 
     return row
 
 
+def beats_random(score: dict[str, Any]) -> float:
+    """One-sided binomial p-value of at least this many hits if each image were a random heatmap
+    (hit probability: the mean lesion area fraction; a slight simplification of the exact
+    Poisson-binomial, whose per-image fractions the score does not keep)."""
+    from scipy.stats import binomtest
+
+    n, rate, p0 = score["images"], score["hit_rate"], score["random_hit_rate"]
+    if not n or rate is None or p0 is None:
+        return float("nan")
+    return float(binomtest(round(rate * n), n, p0, alternative="greater").pvalue)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     def f(v: Any) -> str:
         return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.2f}"
 
+    def pval(v: float) -> str:
+        return "n/a" if np.isnan(v) else ("< 0.001" if v < 0.001 else f"{v:.2f}")
+
     out = [
-        "| family (method) | images | hit rate | random | untrained | energy inside | random | untrained | external AUC |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| family (method) | images | hit rate | random | p (hits > random) | untrained | energy inside | random "
+        "| untrained | external AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     method = {"multiview": "Grad-CAM++", "birads": "patch score map"}
     for r in rows:
         t, u = r["trained"], r["untrained"]
         out.append(
             f"| {r['family']} ({method.get(r['family'], 'Grad-CAM')}) | {t['images']} | {f(t['hit_rate'])} | "
-            f"{f(t['random_hit_rate'])} | {f(u['hit_rate'])} | {f(t['energy_inside'])} | "
+            f"{f(t['random_hit_rate'])} | {pval(beats_random(t))} | {f(u['hit_rate'])} | {f(t['energy_inside'])} | "
             f"{f(t['random_energy_inside'])} | {f(u['energy_inside'])} | {f(r['external_auc'])} |"
         )
     return "\n".join(out)
