@@ -2,8 +2,9 @@
 
 Only model tensors and aggregate metrics leave: the train reply carries the updated
 weights and training statistics; the evaluate reply carries per-split metrics with
-bootstrap CIs, and per-class score histograms from which the server computes a pooled
-ROC without any per-patient score leaving the site.
+bootstrap CIs, and per-class score histograms (test and validation) from which the server
+computes a pooled ROC and a federated operating point without any per-patient score leaving
+the site.
 
 A site that cannot take part (no manifest, no complete exam) answers with status
 "unable" and its reason instead of failing, so the round goes on with the others.
@@ -244,40 +245,51 @@ def histogram_noise_epsilon(context: Context, cfg: RunConfig) -> float:
     return min(asked) if asked else 0.0
 
 
-def test_histograms(context: Context, cfg: RunConfig, y: np.ndarray, p: np.ndarray) -> dict[str, list[int]]:
-    """The test split's per-class score histograms, as this site's policy lets them leave.
+def score_histograms(
+    context: Context, cfg: RunConfig, y: np.ndarray, p: np.ndarray, split: str = "test"
+) -> dict[str, list[int]]:
+    """One split's per-class score histograms (``{split}_hist_pos`` / ``{split}_hist_neg``), as this
+    site's policy lets them leave: the test split's for the pooled ROC, the validation split's for
+    the federated operating point (server/phases.py), each under the same rules.
 
     Bins: the run's ``hist-bins``, or fewer (a divisor, so the coordinator can pool it) when the
-    policy caps them (client/policy.py). Noise: the stricter of the run's and the site's
-    ``hist-noise-epsilon``; each noised release is charged to the site's lifetime budget. A site
-    with a privacy ceiling (``dp-max-epsilon``) releases no histogram it cannot account for:
-    none without noise, none beyond the ceiling (the reply then has no histogram keys, and the
-    coordinator pools the others')."""
+    policy caps them (client/policy.py), for this split's own size. Noise: the stricter of the
+    run's and the site's ``hist-noise-epsilon``; each noised release is charged to the site's
+    lifetime budget. A site with a privacy ceiling (``dp-max-epsilon``) releases no histogram it
+    cannot account for: none without noise, none beyond the ceiling (the reply then has no
+    histogram keys for the split, and the coordinator pools the others')."""
     policy = policy_of(context)
     n_bins = policy.hist_bins(cfg.hist_bins, len(y)) if policy is not None else cfg.hist_bins
     hist = score_histogram(y, p, bins=n_bins) if len(y) else None
+    keys = f"{split}_hist_pos", f"{split}_hist_neg"
     if hist is None:
-        return {"test_hist_pos": [0] * n_bins, "test_hist_neg": [0] * n_bins}
+        return {keys[0]: [0] * n_bins, keys[1]: [0] * n_bins}
     epsilon = histogram_noise_epsilon(context, cfg)  # per patient
     ceiling = site_ceiling(context.node_config)
     per_patient = task_for(cfg).units_per_patient  # one patient changes up to this many counts
     site_dir = site_dir_of(context)
+    what = f"{'validation' if split == 'val' else split} histogram"
     if ceiling is not None:
         if epsilon <= 0 or per_patient is None:
-            log.warning("histogram withheld: %s is set and this histogram cannot be accounted per patient", CEILING_KEY)
+            log.warning("%s withheld: %s is set and it cannot be accounted per patient", what, CEILING_KEY)
             return {}
         with privacy_lock(site_dir):  # checked and charged as one step (see train)
             if lifetime_epsilon(site_dir) + epsilon > ceiling:
-                log.warning("histogram withheld: its epsilon %g would pass %s = %g", epsilon, CEILING_KEY, ceiling)
+                log.warning("%s withheld: its epsilon %g would pass %s = %g", what, epsilon, CEILING_KEY, ceiling)
                 return {}
-            record_release(site_dir, run_key(context.run_config, context.run_id), "test histogram", epsilon)
+            record_release(site_dir, run_key(context.run_config, context.run_id), what, epsilon)
     elif epsilon > 0:  # no ceiling: still on the ledger, so the record of what was spent is whole
-        record_release(site_dir, run_key(context.run_config, context.run_id), "test histogram", epsilon)
+        record_release(site_dir, run_key(context.run_config, context.run_id), what, epsilon)
     if epsilon > 0:
         # Laplace noise for epsilon per patient: a patient's units move up to that many counts.
         scale = per_patient if per_patient is not None else 1
         hist = add_laplace_noise(hist, epsilon / scale, np.random.default_rng(), n_groups=min(16, n_bins))
-    return {"test_hist_pos": hist["hist_pos"], "test_hist_neg": hist["hist_neg"]}
+    return {keys[0]: hist["hist_pos"], keys[1]: hist["hist_neg"]}
+
+
+def test_histograms(context: Context, cfg: RunConfig, y: np.ndarray, p: np.ndarray) -> dict[str, list[int]]:
+    """The test split's per-class score histograms (:func:`score_histograms`)."""
+    return score_histograms(context, cfg, y, p, "test")
 
 
 @app.evaluate()
@@ -301,6 +313,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     # (shared/metrics operating_threshold): never finer than what those already show.
     policy = policy_of(context)
     grid = policy.hist_bins(cfg.hist_bins, 1 << 30) if policy is not None else cfg.hist_bins
+    val_scores: tuple[np.ndarray, np.ndarray] | None = None
     for split in ("val", "test"):
         y, p, loss = task.predict(model.to(device), data, split, cfg, device, server_round=server_round)
         if not np.isfinite(p).all():  # a diverged or poisoned global model: say so, do not crash
@@ -310,11 +323,16 @@ def evaluate(msg: Message, context: Context) -> Message:
         if split == "val" and len(y):
             # The site's operating point (Youden's J) comes from its validation split and applies to test.
             threshold = operating_threshold(y, p, grid=grid)
+            val_scores = (y, p)
         metrics.update(
             split_metrics(split, y, p, loss, data.exams(split), cfg, with_ci=split == "test", threshold=threshold)
         )
         if split == "test":
             metrics.update(test_histograms(context, cfg, y, p))
+    if val_scores is not None:
+        # After the test histogram, so a site near its privacy ceiling still sends the pooled ROC's:
+        # the validation histogram only feeds the federated cut-off (server/phases.py), under the same rules.
+        metrics.update(score_histograms(context, cfg, *val_scores, split="val"))
     metrics.update(task.extra_metrics(model, data, cfg, device, server_round=server_round))
     if personaliser is not None:  # the personalised model side by side (*_personal keys)
         metrics.update(

@@ -192,6 +192,8 @@ class FederatedRun:
                 self.state.train_samples[reply.node_id] = samples
             if counts.get("test_exams") is not None:
                 self.state.test_exams[reply.node_id] = int(counts["test_exams"] or 0)
+            if counts.get("val_exams") is not None:  # bounds its validation histograms (the federated cut-off)
+                self.state.val_exams[reply.node_id] = int(counts["val_exams"] or 0)
             listed = ", ".join(f"{k.split('_')[0]} {v}" for k, v in counts.items())
             self.echo(f"site {reply.site} ready: {listed} exams")
         self.cap_roll_call()

@@ -10,7 +10,8 @@ model ``state.arrays``, and records what it saw in ``outcome`` and the run's met
   after-train hook).
 - ``SecureTrainWave`` (server/secure_aggregation.py): the same wave under SecAgg+.
 - ``EvaluationWave``: every site evaluates the global model; pooled ROC from histograms
-  (of mixed resolution: pooled at their common one).
+  (of mixed resolution: pooled at their common one), and the federated operating point
+  (Youden's J on the pooled validation histograms; each site's test metrics at it).
 - ``CrossSite`` (server/cross_site.py): after the last round, every model on every site.
 """
 
@@ -29,9 +30,11 @@ from fedbreast.server.central_dp import CentralLedger
 from fedbreast.server.exchange import Exchange, RoundOutcome, SiteReply, to_record
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.server.reply_checks import (
+    VAL_HIST_KEYS,
     MalformedReply,
     check_hist_total,
     printable,
+    roll_call_caps,
     shown,
     train_examples_bound,
     unknown_site_cap,
@@ -40,7 +43,14 @@ from fedbreast.server.validation import check_update, clip_to_median_norm, clip_
 from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.families import family_of
-from fedbreast.shared.metrics import auc_binning_bound, pool_histograms, pooled_auc_from_histograms, weighted_mean
+from fedbreast.shared.metrics import (
+    CONFUSION_METRIC_KEYS,
+    auc_binning_bound,
+    federated_operating_point,
+    pool_histograms,
+    pooled_auc_from_histograms,
+    weighted_mean,
+)
 from fedbreast.shared.training.accounting import CENTRAL_WEIGHT_KEY
 
 log = logging.getLogger("fedbreast.server")
@@ -57,6 +67,7 @@ class RunState:
     central_dp: CentralLedger | None = None  # the coordinator's epsilon when dp = central
     train_samples: dict[int, int] = field(default_factory=dict)  # node id -> training samples (roll call)
     test_exams: dict[int, int] = field(default_factory=dict)  # node id -> test exams (roll call)
+    val_exams: dict[int, int] = field(default_factory=dict)  # node id -> validation exams (roll call)
     # node id -> the most its roll-call count weighs (reply_checks.roll_call_caps), for capped sites only
     train_samples_cap: dict[int, int] = field(default_factory=dict)
     test_exams_cap: dict[int, int] = field(default_factory=dict)
@@ -390,14 +401,96 @@ def held_to_test_exams(
     kept = []
     for r in replies:
         exams = state.test_exams.get(r.node_id, max(known) if known else None)
+        val = val_exams_bound(state, r.node_id)
         try:
             if exams is not None:
                 check_hist_total(r.metrics, exams)
+            if val is not None:
+                check_hist_total(r.metrics, val, VAL_HIST_KEYS)
         except MalformedReply as exc:
             state.exchange.record_failure(outcome, server_round, "evaluate", r.node_id, f"malformed reply: {exc}")
             continue
         kept.append(r)
     return kept
+
+
+def val_exams_bound(state: RunState, node: int) -> int | None:
+    """The validation exams a site's validation histograms may count: its roll-call ``val_exams``,
+    capped like the test counts (reply_checks.roll_call_caps) so one site claiming a huge split
+    cannot outweigh the others in the pooled cut-off; an uncounted site is held to the largest
+    counted one's, and to none when the roll call counted no site."""
+    caps = {n: cap for n, (cap, _) in roll_call_caps(state.val_exams).items()}
+    known = [min(c, caps.get(n, c)) for n, c in state.val_exams.items()]
+    if node in state.val_exams:
+        return min(state.val_exams[node], caps.get(node, state.val_exams[node]))
+    return max(known) if known else None
+
+
+THRESHOLD_UNAVAILABLE = "fed_threshold_unavailable"  # the round's aggregate: why there is no federated cut-off
+
+
+def local_threshold_allowed(metrics: dict[str, Any], min_units: int) -> tuple[bool, str]:
+    """Whether a site's own Youden cut-off may stand for it: its validation split holds at least
+    ``min_units`` units (``min-val-for-local-threshold``) and at least a quarter of that of each
+    class (RunConfig's comment says why); the reason in words either way."""
+    per_class = -(-min_units // 4)
+    try:
+        n, n_pos, n_neg = (int(metrics.get(f"val_{k}") or 0) for k in ("n", "n_pos", "n_neg"))
+    except (TypeError, ValueError, OverflowError):
+        n = n_pos = n_neg = 0
+    said = f"validation {n} units ({n_pos} malignant, {n_neg} benign)"
+    if n >= min_units and min(n_pos, n_neg) >= per_class:
+        return True, f"{said}: at least {min_units}, {per_class} a class"
+    return False, f"{said}: below {min_units}, {per_class} a class (min-val-for-local-threshold)"
+
+
+def operating_points(
+    state: RunState, server_round: int, replies: list[SiteReply]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The federated cut-off (Youden's J on the sum of the sites' validation histograms, a bin
+    edge: shared/metrics/operating_point.py) and, per site, its test metrics at that cut-off from
+    its own test histogram (exact at a bin edge: no second message to the sites), and which
+    cut-off the report uses for it: its own when its validation split is large enough
+    (:func:`local_threshold_allowed`), else the federated one. Returns the aggregate's keys and
+    each site's (all ``fed_*``); the histograms were checked on arrival (reply_checks)."""
+    val = {
+        r.site: {"hist_pos": r.metrics[VAL_HIST_KEYS[0]], "hist_neg": r.metrics[VAL_HIST_KEYS[1]]}
+        for r in replies
+        if VAL_HIST_KEYS[0] in r.metrics
+    }
+    test = {
+        r.site: {"hist_pos": r.metrics["test_hist_pos"], "hist_neg": r.metrics["test_hist_neg"]}
+        for r in replies
+        if "test_hist_pos" in r.metrics
+    }
+    agg: dict[str, Any] = {}
+    at_fed: dict[str, dict[str, float]] = {}
+    try:
+        pooled, at_fed = federated_operating_point(val, test)
+        agg = {f"fed_{k}" if k == "threshold" else f"fed_threshold_{k}": v for k, v in pooled.items()}
+    except Exception as exc:  # noqa: BLE001 - the cut-off is one number of the round, never the round
+        if not isinstance(exc, ValueError):
+            log.exception("round %d: the federated operating point failed", server_round)
+        reason = printable(f"{type(exc).__name__}: {exc}")
+        state.echo(f"  round {server_round} evaluate: no federated cut-off: {reason}")
+        agg[THRESHOLD_UNAVAILABLE] = reason
+    per_site: dict[str, dict[str, Any]] = {}
+    for r in replies:
+        local_ok, why = local_threshold_allowed(r.metrics, state.cfg.min_val_for_local_threshold)
+        row: dict[str, Any] = {}
+        fed = at_fed.get(r.site)
+        if fed is not None:
+            row["fed_threshold"] = fed["threshold"]
+            row.update({f"fed_test_{k}": fed[k] for k in CONFUSION_METRIC_KEYS})
+        if not local_ok and fed is not None:
+            row.update(fed_threshold_source="federated", fed_threshold_used=fed["threshold"])
+        else:  # large enough for its own; or too small, but there is no federated one for it: said so
+            row.update(fed_threshold_source="local", fed_threshold_used=r.metrics.get("test_threshold"))
+            if not local_ok:
+                why += "; no federated cut-off for this site"
+        row["fed_threshold_reason"] = why
+        per_site[r.site] = row
+    return agg, per_site
 
 
 class EvaluationWave:
@@ -429,9 +522,11 @@ class EvaluationWave:
         )
         replies = held_to_test_exams(state, server_round, outcome, replies)
         outcome.sites_evaluated = [r.site for r in replies]
+        fed_agg, fed_sites = operating_points(state, server_round, replies) if replies else ({}, {})
         for r in replies:
             # Histograms are aggregate counts (no per-patient score); kept for per-site ROC curves.
-            state.store.append(server_round, "evaluate", r.site, r.metrics)
+            # The coordinator's operating-point values (fed_*) join the site's row.
+            state.store.append(server_round, "evaluate", r.site, {**r.metrics, **fed_sites.get(r.site, {})})
             outcome.site_seconds[r.site] = outcome.site_seconds.get(r.site, 0.0) + float(
                 r.metrics.get("eval_seconds", 0.0)
             )
@@ -458,6 +553,7 @@ class EvaluationWave:
                 reason = printable(f"{type(exc).__name__}: {exc}")
                 state.echo(f"  round {server_round} evaluate: no pooled test AUC: {reason}")
                 agg[POOLED_AUC_UNAVAILABLE] = reason  # type: ignore[assignment]  # a reason among the numbers
+        agg.update(fed_agg)
         agg["sites"] = len(replies)
         # A family may update the global model from aggregate evaluation counts (late fusion: MCC weights).
         try:

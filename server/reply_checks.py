@@ -36,14 +36,20 @@ METRIC_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # MetricStore's own columns: a metric of that name would overwrite the row's round or site.
 RESERVED_KEYS = frozenset({"round", "phase", "site", "time"})
 HIST_KEYS = ("test_hist_pos", "test_hist_neg")
+VAL_HIST_KEYS = ("val_hist_pos", "val_hist_neg")  # the federated operating point's (server/phases.py)
+HIST_PAIRS = (HIST_KEYS, VAL_HIST_KEYS)
+# Metric keys the coordinator writes into a site's evaluate row (the federated operating point):
+# a site sending one would pass its own numbers off as the coordinator's.
+COORDINATOR_PREFIX = "fed_"
 # Privacy budgets may be +inf (no guarantee at all); aggregated by maximum, it must stay visible.
 UNBOUNDED_KEYS = frozenset(DEFAULT_MAX_KEYS)
 
 # Size limits (item 5 of the server-side robustness issue): model arrays up to the global
 # model's size plus 1% and 64 KiB (Flower's .npy header per tensor, rounding), and metric
-# values up to two full histograms twice over plus room for the scalar keys.
+# values up to four full histograms (test and validation, two classes each) twice over plus
+# room for the scalar keys.
 ARRAY_SLACK, ARRAY_EXTRA_BYTES, NPY_HEADER_BYTES = 1.01, 64 * 1024, 128
-VALUES_PER_BIN, EXTRA_VALUES = 4, 256
+VALUES_PER_BIN, EXTRA_VALUES = 8, 256
 MAX_TEXT_CHARS = 64 * 1024  # strings in a reply's config records (the site record's reason, notes)
 # num-examples slack over the roll call's count: rounding, and DP-SGD's Poisson batches, whose
 # sizes vary around batch-size (about 5 standard deviations above the mean for small sites).
@@ -152,6 +158,10 @@ def check_metrics(metrics: Mapping[str, Any], hist_bins: int) -> None:
             raise MalformedReply(f"metric key {shown(key)!r} is not a plain name")
         if key in RESERVED_KEYS:
             raise MalformedReply(f"metric key {key!r} is reserved for the metrics file's own columns")
+        if key.startswith(COORDINATOR_PREFIX):
+            raise MalformedReply(
+                f"metric key {key!r} is reserved for the coordinator's own values ({COORDINATOR_PREFIX}*)"
+            )
         if isinstance(value, list):
             if not all(_real(x) and math.isfinite(x) for x in value):
                 raise MalformedReply(f"metric {key!r} is a list holding something other than finite numbers")
@@ -168,16 +178,21 @@ def check_metrics(metrics: Mapping[str, Any], hist_bins: int) -> None:
 
 
 def check_histograms(metrics: Mapping[str, Any], hist_bins: int) -> None:
-    """Both score histograms or neither; each a list of non-negative integer counts whose length
-    k divides the run's ``hist-bins`` (a site may send fewer bins: server/phases.py pools them
-    at the common resolution), both of one length."""
-    present = [k for k in HIST_KEYS if k in metrics]
+    """Per split (test, validation): both score histograms or neither; each a list of non-negative
+    integer counts whose length k divides the run's ``hist-bins`` (a site may send fewer bins:
+    server/phases.py pools them at the common resolution), both of one length."""
+    for pair in HIST_PAIRS:
+        _check_histogram_pair(metrics, hist_bins, pair)
+
+
+def _check_histogram_pair(metrics: Mapping[str, Any], hist_bins: int, pair: tuple[str, str]) -> None:
+    present = [k for k in pair if k in metrics]
     if not present:
         return
     if len(present) == 1:
-        raise MalformedReply(f"{present[0]!r} without {next(k for k in HIST_KEYS if k not in present)!r}")
+        raise MalformedReply(f"{present[0]!r} without {next(k for k in pair if k not in present)!r}")
     lengths = []
-    for key in HIST_KEYS:
+    for key in pair:
         value = metrics[key]
         if not isinstance(value, list):
             raise MalformedReply(f"histogram {key!r} is not a list of counts")
@@ -191,26 +206,27 @@ def check_histograms(metrics: Mapping[str, Any], hist_bins: int) -> None:
             )
         lengths.append(len(value))
     if lengths[0] != lengths[1]:
-        raise MalformedReply(
-            f"histograms {HIST_KEYS[0]!r} and {HIST_KEYS[1]!r} have {lengths[0]} and {lengths[1]} bins"
-        )
+        raise MalformedReply(f"histograms {pair[0]!r} and {pair[1]!r} have {lengths[0]} and {lengths[1]} bins")
 
 
 def hist_total_bound(test_exams: int) -> int:
-    """The most test units a site with ``test_exams`` (the roll call's) can count in its score
-    histograms: HIST_UNITS_PER_EXAM an exam, plus HIST_EXTRA for noise."""
+    """The most units a site with ``test_exams`` (the roll call's; or its ``val_exams`` for the
+    validation histograms) can count in its score histograms: HIST_UNITS_PER_EXAM an exam, plus
+    HIST_EXTRA for noise."""
     return HIST_UNITS_PER_EXAM * test_exams + HIST_EXTRA
 
 
-def check_hist_total(metrics: Mapping[str, Any], test_exams: int) -> None:
+def check_hist_total(metrics: Mapping[str, Any], test_exams: int, pair: tuple[str, str] = HIST_KEYS) -> None:
     """Raise MalformedReply when a reply's score histograms (checked by check_histograms) count
-    more than a site with ``test_exams`` test exams at the roll call can."""
-    if not all(k in metrics for k in HIST_KEYS):
+    more than a site with ``test_exams`` exams of that split at the roll call can (``pair``: the
+    test histograms, or VAL_HIST_KEYS against the roll call's ``val_exams``)."""
+    if not all(k in metrics for k in pair):
         return
-    total = int(sum(metrics[HIST_KEYS[0]]) + sum(metrics[HIST_KEYS[1]]))
+    total = int(sum(metrics[pair[0]]) + sum(metrics[pair[1]]))
+    split = pair[0].split("_")[0]
     if total > hist_total_bound(test_exams):
         raise MalformedReply(
-            f"{HIST_KEYS[0]} + {HIST_KEYS[1]} total {total} exceeds the roll call's test exams {test_exams} "
+            f"{pair[0]} + {pair[1]} total {total} exceeds the roll call's {split} exams {test_exams} "
             f"(at most {HIST_UNITS_PER_EXAM} x {test_exams} + {HIST_EXTRA})"
         )
 

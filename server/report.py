@@ -130,6 +130,9 @@ def write_report(
         header += ["local_only_test_auc", "pooled_test_auc"]
     extra = [k for k in SIDE_BY_SIDE_CSV if any(k in r for r in sites)]  # personalised / PSFT columns when run
     header += extra + ["model", "external"]
+    with_op = any("fed_threshold_source" in r for r in sites)  # runs before the federated cut-off have none
+    if with_op:  # last, so the columns before keep their places
+        header += OPERATING_POINT_CSV
     table: list[list[Any]] = [header]
     scored = [(r, "chosen") for r in sites] + ([(r, "last") for r in last_sites] if last != chosen else [])
     for r, which in scored:
@@ -140,6 +143,8 @@ def write_report(
             row += [b.get("local"), b.get("pooled")]
         row += [r.get(k) for k in extra]
         row += [which, "yes" if r["site"] in holdout else ""]
+        if with_op:
+            row += operating_point_cells(r)
         table.append(row)
     write_csv(paths["csv"], table)
 
@@ -175,6 +180,7 @@ def write_report(
         f"({thresholds}).",
         "",
     ]
+    lines += operating_point_section(sites, aggregate, cfg)
     if last != chosen and last_sites:
         last_agg: dict[str, Any] = next((r for r in reversed(store.rows("aggregate")) if r["round"] == last), {})
         lines += [f"## Last round ({last}), for comparison", ""]
@@ -266,6 +272,90 @@ def _plots(run_dir: Path, store: MetricStore, sites: list[dict], cfg: RunConfig)
     fig.savefig(out["learning_curves"], dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+# ---- operating points: each site's own cut-off or the federated one (issue 17 item 6) ----------
+
+OP_METRICS = (
+    ("sensitivity", "SEN"),
+    ("specificity", "SPE"),
+    ("ppv", "PPV"),
+    ("npv", "NPV"),
+    ("accuracy", "ACC"),
+    ("f1", "F1"),
+    ("mcc", "MCC"),
+    ("gmean", "G-mean"),
+)
+OPERATING_POINT_CSV = [
+    "threshold_source",
+    "threshold_used",
+    *(f"used_test_{k}" for k, _ in OP_METRICS),
+    "local_threshold",
+    "federated_threshold",
+    "threshold_reason",
+]
+
+
+def used_metrics(r: dict) -> dict[str, Any]:
+    """A site's thresholded test metrics at the cut-off the report uses for it: its own (the
+    site's ``test_*``) or the federated one (the coordinator's ``fed_test_*``, server/phases.py)."""
+    federated = r.get("fed_threshold_source") == "federated"
+    return {k: r.get(f"fed_test_{k}" if federated else f"test_{k}") for k, _ in OP_METRICS}
+
+
+def operating_point_cells(r: dict) -> list[Any]:
+    used = used_metrics(r)
+    return [
+        r.get("fed_threshold_source"),
+        r.get("fed_threshold_used"),
+        *(used[k] for k, _ in OP_METRICS),
+        r.get("test_threshold"),
+        r.get("fed_threshold"),
+        r.get("fed_threshold_reason"),
+    ]
+
+
+def operating_point_section(sites: list[dict], aggregate: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Per site: which cut-off was used (its own, or the federated one), its value and the test
+    metrics at it; then the federated cut-off and how it was chosen. Nothing for an older run."""
+    rows = [r for r in sites if "fed_threshold_source" in r]
+    if not rows:
+        return []
+    head = " | ".join(label for _, label in OP_METRICS)
+    lines = [
+        "## Operating point per site (test split)",
+        "",
+        f"| site | cut-off used | value | {head} | own cut-off | federated cut-off | why |",
+        "|---|---|---|" + "---|" * len(OP_METRICS) + "---|---|---|",
+    ]
+    for r in rows:
+        used = used_metrics(r)
+        cells = " | ".join(_f(used[k]) for k, _ in OP_METRICS)
+        why = str(r.get("fed_threshold_reason") or "").replace("|", chr(92) + "|")
+        lines.append(
+            f"| {r['site']} | {r.get('fed_threshold_source')} | {_f(r.get('fed_threshold_used'), 4)} | {cells} | "
+            f"{_f(r.get('test_threshold'), 4)} | {_f(r.get('fed_threshold'), 4)} | {why} |"
+        )
+    lines.append("")
+    if aggregate.get("fed_threshold") is not None:
+        lines.append(
+            f"Federated cut-off {_f(aggregate.get('fed_threshold'), 4)}: the bin edge that maximises Youden's J "
+            f"({_f(aggregate.get('fed_threshold_youden_j'))}) on the validation histograms of "
+            f"{aggregate.get('fed_threshold_val_sites')} site(s) summed by the coordinator "
+            f"({aggregate.get('fed_threshold_val_n_pos')} malignant, {aggregate.get('fed_threshold_val_n_neg')} benign "
+            f"units, {aggregate.get('fed_threshold_bins')} bins); each site's metrics at it come from its own test "
+            "histogram, exact at a bin edge. No per-patient score left any site."
+        )
+    else:
+        why = aggregate.get("fed_threshold_unavailable") or "no validation histograms"
+        lines.append(f"No federated cut-off this round: {str(why).replace('|', chr(92) + '|')}.")
+    n = cfg.min_val_for_local_threshold
+    lines += [
+        f"A site's own cut-off (Youden's J on its validation split) is used when that split holds at least {n} "
+        f"units and {-(-n // 4)} of each class (min-val-for-local-threshold); else the federated one.",
+        "",
+    ]
+    return lines
 
 
 # ---- personalisation, patient-specific fine-tuning, cross-site (issue 4) ----------------------

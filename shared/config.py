@@ -107,6 +107,12 @@ class RunConfig(FamilySettings):
     bootstrap: int = 1000
     hist_bins: int = 512
     hist_noise_epsilon: float = 0.0  # > 0: Laplace noise on histogram counts (site policy may force it)
+    # A site's own Youden cut-off counts in the report only when its validation split holds at least
+    # this many units and at least a quarter of it (5 of 20) of each class; below that the federated
+    # cut-off (pooled validation histograms, server/phases.py) is used for it. Youden's J from fewer
+    # than ~5 of a class moves in steps of 20% sensitivity or specificity: one exam decides the
+    # cut-off (site-2's 6 validation exams gave specificity 0.05 on test). 0: always the local one.
+    min_val_for_local_threshold: int = 20
     seed: int = 0
     # differential privacy (shared/training/dp.py); a site's own epsilon ceiling is its node
     # config dp-max-epsilon, never a run setting
@@ -224,6 +230,7 @@ class RunConfig(FamilySettings):
             "krum_byzantine",
             "bootstrap",
             "hist_noise_epsilon",
+            "min_val_for_local_threshold",
             "workers",
         ):
             if getattr(self, name) < 0:

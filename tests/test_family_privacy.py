@@ -37,7 +37,10 @@ FAMILY = {
     "latefusion": ("site-1", dict(image_h=32, image_w=32, batch_size=4)),
 }
 # Lists a reply may carry: key -> its fixed length (from the config, never from the site's data).
-FIXED_LISTS = {"test_hist_pos": BASE["hist_bins"], "test_hist_neg": BASE["hist_bins"], "val_confusion": 24}
+FIXED_LISTS = {
+    **{f"{split}_hist_{c}": BASE["hist_bins"] for split in ("test", "val") for c in ("pos", "neg")},
+    "val_confusion": 24,
+}
 
 
 @pytest.fixture(autouse=True)

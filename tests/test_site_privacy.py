@@ -25,7 +25,7 @@ from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.manifest import load_manifest
 
 TINY = dict(backbone="smallcnn", image_h=64, image_w=32, bootstrap=50, hist_bins=64, rounds=1, batch_size=4, workers=0)
-HIST_KEYS = {"test_hist_pos", "test_hist_neg"}
+HIST_KEYS = {"test_hist_pos", "test_hist_neg", "val_hist_pos", "val_hist_neg"}  # test, and the federated cut-off's
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,7 @@ from .histogram import (
     score_histogram,
     sum_histograms,
 )
+from .operating_point import common_bins, federated_operating_point, metrics_at_edge, youden_edge
 
 __all__ = [
     "BINARY_METRIC_KEYS",
@@ -40,12 +41,15 @@ __all__ = [
     "binary_metrics",
     "bootstrap_ci",
     "coarsen",
+    "common_bins",
     "confusion_counts",
     "default_bin_edges",
     "operating_threshold",
     "delong_test",
     "delong_variance",
+    "federated_operating_point",
     "max_aggregate",
+    "metrics_at_edge",
     "metrics_from_confusion",
     "pool_histograms",
     "pooled_auc_from_histograms",
@@ -53,4 +57,5 @@ __all__ = [
     "score_histogram",
     "sum_histograms",
     "weighted_mean",
+    "youden_edge",
 ]
