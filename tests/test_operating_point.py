@@ -284,3 +284,31 @@ def test_the_report_of_an_older_run_has_no_operating_point_section(tmp_path):
     from fedbreast.server.report import operating_point_section
 
     assert operating_point_section([{"site": "a", "test_threshold": 0.5}], {}, RunConfig()) == []
+
+
+# ---- the site releases its validation histogram under the rules of its test histogram ------------
+
+
+def test_the_validation_histogram_is_coarse_noised_and_charged_like_the_test_one(tmp_path):
+    from clientapp_messages import site_context
+
+    from fedbreast.client.app import score_histograms
+    from fedbreast.shared.training.dp import RELEASES, lifetime_epsilon
+
+    cfg = RunConfig(backbone="smallcnn", hist_bins=64)
+    y, p = scores(7, n=20)
+    node = {"policy": json.dumps({"max-hist-bins": 16, "min-scores-per-bin": 2})}
+    # Policy only: coarse (at most max-hist-bins and n / min-scores-per-bin, a divisor of hist-bins), no noise.
+    plain = score_histograms(site_context(tmp_path, cfg.to_flower(), policy=node), cfg, y, p, "val")
+    assert set(plain) == {"val_hist_pos", "val_hist_neg"} and len(plain["val_hist_pos"]) == 8
+    assert sum(plain["val_hist_pos"]) == y.sum() and sum(plain["val_hist_neg"]) == (1 - y).sum()
+    assert lifetime_epsilon(tmp_path) == 0
+    # Noise and a ceiling: charged to the site's ledger as a validation histogram, withheld once spent.
+    strict = {**node, "hist-noise-epsilon": 0.5, "dp-max-epsilon": 0.75}
+    ctx = site_context(tmp_path, cfg.to_flower(), policy=strict)
+    noised = score_histograms(ctx, cfg, y, p, "val")
+    assert len(noised["val_hist_pos"]) == 8 and lifetime_epsilon(tmp_path) == pytest.approx(0.5)
+    ledger = [json.loads(line) for line in next(tmp_path.rglob(RELEASES)).read_text().splitlines()]
+    assert [entry["what"] for entry in ledger] == ["validation histogram"]
+    assert score_histograms(ctx, cfg, y, p, "val") == {}  # 0.5 more would pass 0.75
+    assert lifetime_epsilon(tmp_path) == pytest.approx(0.5)
