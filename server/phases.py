@@ -395,7 +395,8 @@ def held_to_test_exams(
     state: RunState, server_round: int, outcome: RoundOutcome, replies: list[SiteReply]
 ) -> list[SiteReply]:
     """Drop an evaluate reply whose score histograms count more than its roll-call ``test_exams``
-    allow (reply_checks.hist_total_bound); a site the roll call did not count is held to the
+    allow (reply_checks.hist_total_bound), or whose validation histograms more than its
+    ``val_exams`` (:func:`val_exams_bound`); a site the roll call did not count is held to the
     largest counted site's (capped) count, and to none when the roll call counted no site."""
     known = [e for n in state.test_exams if (e := state.weighed_exams(n)) is not None]
     kept = []
@@ -415,14 +416,14 @@ def held_to_test_exams(
 
 
 def val_exams_bound(state: RunState, node: int) -> int | None:
-    """The validation exams a site's validation histograms may count: its roll-call ``val_exams``,
-    capped like the test counts (reply_checks.roll_call_caps) so one site claiming a huge split
-    cannot outweigh the others in the pooled cut-off; an uncounted site is held to the largest
-    counted one's, and to none when the roll call counted no site."""
+    """The validation exams a site's validation histograms may count, as for the test ones
+    (held_to_test_exams): its own roll-call ``val_exams``; a site the roll call did not count is
+    held to the largest counted site's, capped like the test counts (reply_checks.roll_call_caps),
+    and to none when the roll call counted no site."""
+    if node in state.val_exams:
+        return state.val_exams[node]
     caps = {n: cap for n, (cap, _) in roll_call_caps(state.val_exams).items()}
     known = [min(c, caps.get(n, c)) for n, c in state.val_exams.items()]
-    if node in state.val_exams:
-        return min(state.val_exams[node], caps.get(node, state.val_exams[node]))
     return max(known) if known else None
 
 
