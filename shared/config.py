@@ -29,6 +29,11 @@ KEY_METRICS = ("val_auc", "val_loss", "val_mcc", "val_accuracy")
 DP_MODES = ("off", "local", "central")  # shared/training/dp.py
 DP_GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")  # Opacus per-sample gradient engines
 PSFT_SCOPES = ("all", "head")
+OPTIMIZERS = ("sgd", "adam")  # local training (shared/training/local.py): seed 001's SGD, seed 000's Adam
+# What local training keeps fixed (shared/training/freeze.py): none = full-tune; backbone = the
+# registry CNNs, the layers on top train (seed 003's semi-tune, seed 000's FT-AlexNet: its last
+# two layers); all-but-head = only the logit layers train.
+FREEZE_SCOPES = ("none", "backbone", "all-but-head")
 # update-norm-bound = -1 is "auto" (the default): 3 x the round's median change norm in a plain
 # run; nothing under secure aggregation (no single update is seen) or central DP (every change
 # is clipped to dp-max-grad-norm, at the site and again at the coordinator). 0: off.
@@ -99,6 +104,8 @@ class RunConfig(FamilySettings):
     weight_decay: float = 5e-4
     lr_decay_rounds: str = "10,30,40"
     lr_decay_factor: float = 0.5
+    optimizer: str = "sgd"  # sgd | adam (seed 000: Adam, lr 1e-4); adam ignores momentum
+    freeze: str = "none"  # none | backbone | all-but-head (FREEZE_SCOPES above)
     augment: bool = True
     amp: str = "auto"
     workers: int = 2
@@ -199,6 +206,8 @@ class RunConfig(FamilySettings):
             ("amp", AMP_MODES),
             ("window", WINDOWS),
             ("key_metric", KEY_METRICS),
+            ("optimizer", OPTIMIZERS),
+            ("freeze", FREEZE_SCOPES),
         ):
             if getattr(self, name) not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)}")
@@ -206,6 +215,12 @@ class RunConfig(FamilySettings):
 
         if self.backbone not in available_backbones():
             raise bad("backbone", f"must be one of {', '.join(available_backbones())}")
+        from fedbreast.shared.models.backbones import MIN_INPUT_PX
+
+        least = MIN_INPUT_PX.get(self.backbone, 0)
+        for name in FAMILIES[self.model].input_size_keys:  # the family's image / patch / box / crop side
+            if getattr(self, name) < least:
+                raise bad(name, f"backbone {self.backbone!r} needs images of at least {least} x {least} px")
         if self.in_channels not in (1, 2):
             raise bad("in_channels", "must be 1 (LE / FFDM) or 2 (LE + DES)")
         for name in ("image_h", "image_w"):

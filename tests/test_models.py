@@ -22,6 +22,7 @@ from fedbreast.shared.models import (
     nonfloat_state_keys,
     replace_inplace_relu,
 )
+from fedbreast.shared.models.backbones import MIN_INPUT_PX
 
 H, W = 64, 32
 SWAP_BREASTS = [VIEW_ORDER.index(v) for v in ("RCC", "RMLO", "LCC", "LMLO")]
@@ -54,9 +55,10 @@ def test_registry_lists_required_backbones_and_rejects_unknown() -> None:
 @pytest.mark.parametrize("name", available_backbones())
 def test_every_backbone_maps_to_pooled_features(name: str) -> None:
     # Meta device: checks shapes and the stem adaptation without allocating or computing.
+    side = max(64, MIN_INPUT_PX.get(name, 0))  # inception_v3 needs 75 px
     with torch.device("meta"):
         extractor, feat_dim = build_backbone(name, 2)
-        out = extractor.eval()(torch.empty(3, 2, 64, 64))
+        out = extractor.eval()(torch.empty(3, 2, side, side))
     assert out.shape == (3, feat_dim)
     stem = next(m for m in extractor.modules() if isinstance(m, nn.Conv2d))
     assert stem.in_channels == 2

@@ -14,6 +14,7 @@ from fedbreast.shared.families.base import Family
 from fedbreast.shared.families.birads.settings import BiradsSettings
 from fedbreast.shared.families.dualmode.settings import DualModeSettings
 from fedbreast.shared.families.mgus.settings import MgusSettings
+from fedbreast.shared.families.multiview.settings import MultiviewSettings
 
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (multiview.FAMILY, birads.FAMILY, dualmode.FAMILY, mgus.FAMILY, latefusion.FAMILY)
@@ -21,7 +22,7 @@ FAMILIES: dict[str, Family] = {
 
 
 @dataclass(frozen=True)
-class FamilySettings(BiradsSettings, DualModeSettings, MgusSettings):
+class FamilySettings(BiradsSettings, DualModeSettings, MgusSettings, MultiviewSettings):
     """Every family's own run settings: ``RunConfig`` (shared/config.py) is built on it, so
     they stay flat keys of the run config, as Flower carries them, and typed attributes."""
 

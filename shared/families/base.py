@@ -59,6 +59,9 @@ class Family:
     task_path: str  # "module:Class" of its site Task (data, training, scoring)
     model_path: str  # "module:function" building its network from the run config
     signature_keys: tuple[str, ...] = ()  # run-config keys that fix its tensors, beyond the common ones
+    # Run-config keys that set the side (px) of the images its backbone sees: the run config
+    # refuses a backbone that cannot run on them (inception_v3 needs 75 px: MIN_INPUT_PX).
+    input_size_keys: tuple[str, ...] = ("image_h", "image_w")
     preset: Mapping[str, Any] = field(
         default_factory=dict
     )  # `fedbreast simulate --model NAME`, on top of the CPU preset

@@ -49,8 +49,11 @@ class FeatureExtractor(nn.Module):
         self.body = body
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
+        self.min_px = MIN_INPUT_PX.get(name, 0)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.min_px and not torch.jit.is_tracing():  # export traces a checked size
+            check_input_size(self.name, x.shape[-2], x.shape[-1])
         return self.flatten(self.pool(self.body(x)))
 
 
@@ -147,6 +150,17 @@ def _resnet_body(m: nn.Module) -> tuple[nn.Module, int]:
     return nn.Sequential(OrderedDict(keep)), _in_features(m, "fc")
 
 
+def _children_body(*drop: str) -> Callable[[nn.Module], tuple[nn.Module, int]]:
+    """The full model's children in order, less ``drop`` (pooling, dropout, classifier, aux
+    heads): for inception_v3 and googlenet, whose registration order is their forward order."""
+
+    def body(m: nn.Module) -> tuple[nn.Module, int]:
+        keep = [(n, c) for n, c in m.named_children() if n not in (*drop, "avgpool", "dropout", "fc")]
+        return nn.Sequential(OrderedDict(keep)), _in_features(m, "fc")
+
+    return body
+
+
 def _densenet_body(m: nn.Module) -> tuple[nn.Module, int]:
     # torchvision applies a functional ReLU after norm5; make it a module (no inplace).
     body = nn.Sequential(OrderedDict(features=m.get_submodule("features"), relu=nn.ReLU()))
@@ -158,6 +172,9 @@ class _Spec:
     build: Callable[[], nn.Module]  # full 3-channel model, randomly initialised
     body: Callable[[nn.Module], tuple[nn.Module, int]]  # full model -> (spatial body, feat_dim)
     fast_body: Callable[[], tuple[nn.Module, int]] | None = None  # used when no weights file
+    # Keys of a weights file that are dropped before loading: the auxiliary classifiers of
+    # inception_v3 / googlenet (torchvision saves them; the backbone is built without them).
+    ignore_prefixes: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, _Spec] = {
@@ -177,9 +194,37 @@ _REGISTRY: dict[str, _Spec] = {
         lambda: _tvm().mobilenet_v3_small(weights=None),
         lambda m: (m.get_submodule("features"), _in_features(m, "classifier.0")),
     ),
+    # Seed 003's InceptionV3 and seed 002's GoogLeNet, their auxiliary heads disabled (the
+    # backbone is a feature extractor; no auxiliary loss). torchvision's input transform
+    # (transform_input) is not part of the body: images arrive in this project's own scaling.
+    "inception_v3": _Spec(
+        lambda: _tvm().inception_v3(weights=None, aux_logits=False, init_weights=True),
+        _children_body("AuxLogits"),
+        ignore_prefixes=("AuxLogits.",),
+    ),
+    "googlenet": _Spec(
+        lambda: _tvm().googlenet(weights=None, aux_logits=False, init_weights=True),
+        _children_body("aux1", "aux2"),
+        ignore_prefixes=("aux1.", "aux2."),
+    ),
     "smallcnn": _Spec(lambda: SmallCNN(3), lambda m: (m.get_submodule("features"), SmallCNN.widths[-1])),
     "rawnet": _Spec(lambda: RawNetBody(3), lambda m: (m.get_submodule("features"), RawNetBody.widths[-1])),
 }
+
+
+# The smallest input side (px) each backbone can run on: below it a pooling or a valid
+# convolution has no pixel left. The others run on any size the run config accepts (>= 16).
+MIN_INPUT_PX = {"alexnet": 63, "inception_v3": 75, "googlenet": 15}
+
+
+def check_input_size(name: str, h: int, w: int) -> None:
+    """ValueError naming the size when ``h`` x ``w`` images are too small for backbone ``name``."""
+    least = MIN_INPUT_PX.get(name, 0)
+    if h < least or w < least:
+        raise ValueError(
+            f"backbone {name!r} needs images of at least {least} x {least} px; got {int(h)} x {int(w)} "
+            "(raise the family's image / patch / box / crop size)"
+        )
 
 
 def available_backbones() -> list[str]:
@@ -192,7 +237,8 @@ def build_backbone(
 ) -> tuple[FeatureExtractor, int]:
     """Build ``name`` as a (B, in_channels, H, W) -> (B, feat_dim) extractor; return (it, feat_dim).
 
-    alexnet needs images of at least 63 px per side (its stride-4 stem and three pools).
+    alexnet needs images of at least 63 px per side (its stride-4 stem and three pools),
+    inception_v3 75 px, googlenet 15 px (:data:`MIN_INPUT_PX`; the extractor refuses smaller).
 
     ``weights_path``: a local torchvision ``state_dict`` of the ordinary 3-channel model
     (classifier keys included, as torchvision saves it). Its stem filters are averaged
@@ -223,6 +269,7 @@ def _load_pretrained(name: str, spec: _Spec, path: Path) -> nn.Module:
         raise WeightsFileError(f"{path}: cannot be read as a torch state_dict ({exc})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise WeightsFileError(f"{path}: expected a flat state_dict (str -> tensor), got {type(obj).__name__}")
+    obj = {k: v for k, v in obj.items() if not k.startswith(spec.ignore_prefixes)} if spec.ignore_prefixes else obj
     # Build on the meta device and assign the file's tensors: no random init, no second copy.
     with torch.device("meta"):
         model = spec.build()

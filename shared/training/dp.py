@@ -349,8 +349,11 @@ class LocalDP:
         proximal_mu: float,
         augment: Callable[[torch.Tensor], torch.Tensor] | None,
         loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, int]] | None = None,
+        optimizer: str = "sgd",
     ):
         """DP-SGD for ``plan.steps`` Poisson batches; commits the spent budget to the ledger.
+        ``optimizer = "adam"``: DP-Adam (Opacus clips and noises the gradients, Adam steps on
+        them: post-processing, so the accounting is the same).
 
         ``loss_fn`` (other model families) must return the MEAN over the batch axis of
         per-sample losses, each depending on its own sample only; it gets the plain model,
@@ -360,7 +363,7 @@ class LocalDP:
         from opacus.optimizers import get_optimizer_class
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-        from fedbreast.shared.training.local import run_steps
+        from fedbreast.shared.training.local import make_optimizer, run_steps
 
         device = device or next(model.parameters()).device
         model.to(device).train()
@@ -406,7 +409,7 @@ class LocalDP:
             else None
         )
         opt = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)(
-            optimizer=torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay),
+            optimizer=make_optimizer(optimizer, params, lr=lr, momentum=momentum, weight_decay=weight_decay),
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm,
             expected_batch_size=plan.expected_batch_size,

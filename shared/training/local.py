@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedbreast.shared.config import OPTIMIZERS
+
 if TYPE_CHECKING:
     from fedbreast.shared.training.dp import LocalDP
 
@@ -122,28 +124,38 @@ def train_local(
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     loss_fn: LossFn | None = None,
     dp: LocalDP | None = None,
+    optimizer: str = "sgd",
+    freeze: str = "none",
 ) -> TrainStats:
-    """SGD with momentum and weight decay (seed 001) for ``epochs`` or ``steps`` batches.
+    """SGD with momentum and weight decay (seed 001) for ``epochs`` or ``steps`` batches;
+    ``optimizer = "adam"``: Adam with the same lr and (L2) weight decay instead (seed 000;
+    ``momentum`` unused, fresh moments every round).
 
     ``proximal_mu`` > 0 adds FedProx's (mu/2)·||w - w_global||² with w_global the weights
     the round started from. ``loss_fn(model, batch) -> (loss, examples)`` replaces the
     multi-view x / y / y_mask step for the other model families (run under autocast; 0
     examples skips the batch). ``dp`` (from :func:`fedbreast.shared.training.dp.local_dp_for`):
-    DP-SGD instead, on Poisson batches for the steps its plan fixes (``epochs``/``steps`` unused).
+    DP-SGD instead, on Poisson batches for the steps its plan fixes (``epochs``/``steps`` unused;
+    with Adam: DP-Adam, the same clipped and noised gradients). ``freeze``: the scope of
+    parameters kept fixed (shared/training/freeze.py), plain and DP training alike.
     """
+    from fedbreast.shared.training.freeze import frozen_scope
+
     if dp is not None:
-        return dp.train(
-            model,
-            loader,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            device=device,
-            amp=amp,
-            proximal_mu=proximal_mu,
-            augment=augment,
-            loss_fn=loss_fn,
-        )
+        with frozen_scope(model, freeze):
+            return dp.train(
+                model,
+                loader,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                device=device,
+                amp=amp,
+                proximal_mu=proximal_mu,
+                augment=augment,
+                loss_fn=loss_fn,
+                optimizer=optimizer,
+            )
     device = device or next(model.parameters()).device
     model.to(device).train()
     # Convolutions run in channels-last layout while training: oneDNN's CPU kernels (and cuDNN's
@@ -154,18 +166,26 @@ def train_local(
     layout = _training_layout(model)
     model.to(memory_format=layout)
     try:
-        rule = SGDSteps(model, lr=lr, momentum=momentum, weight_decay=weight_decay, proximal_mu=proximal_mu)
-        return run_steps(
-            rule,
-            loader,
-            epochs=epochs,
-            steps=steps,
-            device=device,
-            amp=amp,
-            augment=augment,
-            loss_fn=loss_fn,
-            in_channels=_in_channels(model),
-        )
+        with frozen_scope(model, freeze):  # after train(): the frozen norm layers run in eval mode
+            rule = SGDSteps(
+                model,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                proximal_mu=proximal_mu,
+                optimizer=optimizer,
+            )
+            return run_steps(
+                rule,
+                loader,
+                epochs=epochs,
+                steps=steps,
+                device=device,
+                amp=amp,
+                augment=augment,
+                loss_fn=loss_fn,
+                in_channels=_in_channels(model),
+            )
     finally:
         model.to(memory_format=torch.contiguous_format)
 
@@ -203,18 +223,40 @@ class StepRule(Protocol):
     def step(self, loss: torch.Tensor, batch_size: int) -> None: ...
 
 
+def make_optimizer(
+    name: str, params: list[nn.Parameter], *, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """The run config's ``optimizer``: "sgd" (momentum, weight decay: seed 001) or "adam" (seed
+    000; torch's L2 weight decay, default betas, ``momentum`` unused)."""
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen (see the run config's freeze)")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
 class SGDSteps:
-    """SGD with momentum and weight decay (seed 001); FedProx's proximal term in the loss."""
+    """The plain (non-DP) step: SGD with momentum and weight decay (seed 001), or Adam
+    (``optimizer = "adam"``, seed 000); FedProx's proximal term in the loss."""
 
     def __init__(
-        self, model: nn.Module, *, lr: float, momentum: float, weight_decay: float, proximal_mu: float
+        self,
+        model: nn.Module,
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        proximal_mu: float,
+        optimizer: str = "sgd",
     ) -> None:
         self.model = self.plain_model = model
         self.skips_unlabelled = True
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.anchor = [p.detach().clone() for p in self.params] if proximal_mu > 0 else None
         self.mu = proximal_mu
-        self.opt = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.opt = make_optimizer(optimizer, self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     def batches(self, loader: Iterable[Batch], epochs: int, steps: int) -> Iterable[Batch]:
         return _batches(loader, epochs, steps)

@@ -263,6 +263,8 @@ def train_settings(cfg: RunConfig, server_round: int, device: torch.device) -> d
         device=device,
         amp=cfg.amp,
         proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+        optimizer=cfg.optimizer,
+        freeze=cfg.freeze,
     )
 
 

@@ -14,6 +14,7 @@ FAMILY = Family(
     settings=BiradsSettings,
     notes=notes,
     signature_keys=("patch_size", "patch_energies", "birads_fusion", "decision_fusion", "birads_groups"),
+    input_size_keys=("patch_size",),
     # DES patches at CEM sites and FFDM patches at FFDM sites, so every site takes part.
     # `augment` is on only where it was measured to help (docs/model-families.md).
     preset=dict(

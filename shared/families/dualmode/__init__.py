@@ -13,5 +13,6 @@ FAMILY = Family(
     model_path="fedbreast.shared.families.dualmode.model:build",
     settings=DualModeSettings,
     signature_keys=("box_size",),
+    input_size_keys=("box_size",),
     preset=dict(model="dualmode", backbone="resnet18", box_size=96, batch_size=8, lr=0.01),
 )

@@ -14,6 +14,7 @@ FAMILY = Family(
     model_path="fedbreast.shared.families.mgus.model:build",
     settings=MgusSettings,
     signature_keys=("crop_size", "descriptor_dim", "mgus_loss"),
+    input_size_keys=("crop_size",),
     preset=dict(
         model="mgus",
         backbone="resnet18",

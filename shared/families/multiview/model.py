@@ -16,6 +16,7 @@ def build(cfg: RunConfig) -> nn.Module:
             view_fusion=cfg.view_fusion,
             head=cfg.head,
             weights_path=cfg.weights_path or None,
+            dropout=cfg.head_dropout,
             image_hw=(cfg.image_h, cfg.image_w),
         )
     )
