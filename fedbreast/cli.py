@@ -168,6 +168,37 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """Repeated federated runs (data seeds x folds) of arms differing in one run setting."""
+    from fedbreast.shared.data.rules import ConfigError
+    from fedbreast.simulation.experiment import run_experiment
+
+    key, sep, values = args.compare.partition("=")
+    if not sep or "," not in values:
+        raise ConfigError(f"--compare {args.compare!r}: expected KEY=V1,V2[,...], e.g. birads-fusion=feature,none")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    report = run_experiment(
+        Path(args.out),
+        key.strip(),
+        [v.strip() for v in values.split(",") if v.strip()],
+        _parse_overrides(args),
+        seeds=seeds,
+        folds=args.folds,
+        sites=args.sites,
+        patients=args.patients,
+        data_dir=Path(args.data) if args.data else None,
+        engine=args.engine,
+        command="fedbreast " + " ".join(sys.argv[1:]),
+    )
+    for name, c in report["summary"]["comparisons"].items():
+        print(f"{name}: {c['verdict']} (mean difference {c.get('mean_difference')}, 95% CI {c.get('ci')})")
+    print(f"report: {Path(args.out).resolve() / 'experiment.md'}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import time
 
@@ -389,6 +420,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="this site takes no part in training; it is evaluated every round and reported as external validation",
     )
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "experiment",
+        help="repeated runs (data seeds x k-fold) of arms that differ in one setting: means, SDs, paired tests",
+    )
+    p.add_argument("--compare", required=True, metavar="KEY=V1,V2", help="the arms, e.g. birads-fusion=feature,none")
+    p.add_argument("--out", required=True, help="experiment folder: experiment.md, experiment.json, runs/")
+    p.add_argument("--seeds", default="0,1,2", help="data seeds, one generated federation each (default 0,1,2)")
+    p.add_argument(
+        "--folds", type=int, default=0, help="k-fold cross-validation per seed (default 0: the ingest split)"
+    )
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--patients", type=int, default=40)
+    p.add_argument("--data", help="where the generated federations live (default OUT/data)")
+    p.add_argument("--engine", choices=("ray", "inprocess"), default="inprocess")
+    _add_run_config_flags(p)  # for every arm
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(
         "evaluate",
