@@ -320,10 +320,11 @@ def evaluate(msg: Message, context: Context) -> Message:
             return _unable(
                 msg, context, f"the global model gives non-finite scores on the {split} split; nothing to evaluate"
             )
-        if split == "val" and len(y):
+        if split == "val":
             # The site's operating point (Youden's J) comes from its validation split and applies to test.
-            threshold = operating_threshold(y, p, grid=grid)
-            val_scores = (y, p)
+            if len(y):
+                threshold = operating_threshold(y, p, grid=grid)
+            val_scores = (y, p)  # an empty split too: its all-zero histogram keeps every reply's keys the same
         metrics.update(
             split_metrics(split, y, p, loss, data.exams(split), cfg, with_ci=split == "test", threshold=threshold)
         )

@@ -350,7 +350,12 @@ def test_patient_finetune_in_the_birads_evaluate_reply(tmp_path, federation):
         assert {"test_auc", "test_auc_psft", "test_spec_at_sens100_psft", "val_auc_psft"} <= set(m)
         assert m["test_psft_patients"] >= 1 and m["test_psft_normal_patches"] > 0 and m["test_n_psft"] == m["test_n"]
         # Only aggregates: the histograms are the reply's only lists, as without fine-tuning.
-        assert {k for k, v in m.items() if isinstance(v, list)} == {"test_hist_pos", "test_hist_neg"}
+        assert {k for k, v in m.items() if isinstance(v, list)} == {
+            "test_hist_pos",
+            "test_hist_neg",
+            "val_hist_pos",
+            "val_hist_neg",
+        }
 
 
 def test_simulation_with_cross_site_matrix(tmp_path, federation):
