@@ -68,7 +68,8 @@ def test_a_run_resumes_at_the_next_round_and_a_site_that_cannot_train_does_not_f
     # Only aggregate metrics came back: no per-exam lists other than the fixed-size histograms.
     for row in evaluations:
         lists = {k: v for k, v in row.items() if isinstance(v, list)}
-        assert set(lists) == {"test_hist_pos", "test_hist_neg"} and all(len(v) == 64 for v in lists.values())
+        want = {"test_hist_pos", "test_hist_neg", "val_hist_pos", "val_hist_neg"}  # val: the federated cut-off
+        assert set(lists) == want and all(len(v) == 64 for v in lists.values())
     # Resuming with another model is refused (the ServerApp's own check, run here without a Flower start-up).
     other = RunConfig.from_flower(json.loads((run / "config.json").read_text())).replace(rounds=3, image_h=96)
     with pytest.raises(CheckpointError, match="different model"):
