@@ -345,7 +345,13 @@ def per_site_rows(results: dict[str, ArmResult]) -> list[str]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], results: dict[str, ArmResult], meta: dict[str, Any]) -> str:
+def markdown(
+    rows: list[dict[str, Any]],
+    results: dict[str, ArmResult],
+    meta: dict[str, Any],
+    over: list[dict[str, Any]] | None = None,
+    seeds: list[int] | None = None,
+) -> str:
     head = [
         "# The seeds' claims on the generated federation",
         "",
@@ -354,7 +360,8 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, ArmResult], meta: di
         f"    {meta['command']}",
         "",
         f"Wall time {meta['wall_s'] / 60:.1f} min on {meta['threads']} CPU thread ({meta['cpu']}), torch {meta['torch']}. "
-        f"One generated federation for every claim: {meta['sites']} sites of `default_profiles` (cycling CEM, FFDM, "
+        f"{'One generated federation' if not over else 'One generated federation per data seed'} for every claim: "
+        f"{meta['sites']} sites of `default_profiles` (cycling CEM, FFDM, "
         f"FFDM + ultrasound) of about {meta['patients']} patients each, data and training seed {meta['seed']}.",
         "",
         "Every arm is the family's `fedbreast simulate` preset (`simulation/simulate.py` `PRESET` + `PRESETS`): "
@@ -369,11 +376,17 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, ArmResult], meta: di
         f"**inconclusive (within noise)**. 5b is a non-inferiority claim with a margin of {NON_INFERIORITY_MARGIN} AUC, "
         f"fixed before the run: holds above -{NON_INFERIORITY_MARGIN}, does not hold below it.",
         "",
+    ]
+    if over:
+        head += repeated_markdown(over, seeds or [])
+        head += ["## Each seed", ""]
+    head += [
         "| # | claim | arm A (claimed better) | arm B | test units (malignant) | AUC A [95% CI] | AUC B [95% CI] | ΔAUC A-B [95% CI] | DeLong p | spec. at 100 % sens. A / B | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         scope = "" if r["sites"] == "all" else f" ({r['sites']} only)"
+        scope += f" (seed {r['seed']})" if over else ""
         head.append(
             f"| {r['number']} | {r['statement']}{scope} | {r['a']} | {r['b']} | {r['n']} {r['unit']}s ({r['n_pos']}) | "
             f"{_ci(r['auc_a'])} | {_ci(r['auc_b'])} | {_diff(r['diff'])} | {r['delong_p']:.3f} | "
@@ -382,7 +395,8 @@ def markdown(rows: list[dict[str, Any]], results: dict[str, ArmResult], meta: di
     head += [
         "",
         "Test AUC per site (test units), and each arm's seconds (training and scoring; the PSFT arm: its "
-        "evaluation only, the model is the feature-fusion arm's):",
+        "evaluation only, the model is the feature-fusion arm's)"
+        + (f", for the last seed ({seeds[-1]}):" if over and seeds else ":"),
         "",
     ]
     head += per_site_rows(results)
@@ -422,6 +436,89 @@ def _notes(results: dict[str, ArmResult]) -> list[str]:
         "what test sets of the size above can resolve: read the CIs before the point estimates.",
     ]
     return out
+
+
+# ---- repeats ------------------------------------------------------------------------------------------
+
+
+def repeated(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each comparison across the data seeds (``fedbreast experiment``'s statistics): mean and SD of
+    each arm's AUC, the mean paired difference with a 95 % bootstrap CI over seeds, DeLong per seed,
+    the difference the seeds could detect (80 % power), and the verdict over repeats."""
+    from fedbreast.simulation.experiment import Repeat, summarise
+
+    keyed: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
+    for seed, rows in per_seed.items():
+        for r in rows:
+            keyed.setdefault((r["number"], r["sites"]), []).append((seed, r))
+    out = []
+    for (number, sites), items in keyed.items():
+        reps = []
+        for seed, r in items:
+            rep = Repeat(seed, None, auc={"A": float(r["auc_a"][0]), "B": float(r["auc_b"][0])}, units=r["n"])
+            if np.isfinite(r["delong_p"]):
+                rep.delong["B"] = (float(r["diff"][0]), float(r["delong_p"]))
+            reps.append(rep)
+        s = summarise(["A", "B"], reps)
+        c = s["comparisons"]["A vs B"]
+        first = items[0][1]
+        if first["non_inferior"] and c.get("ci"):  # non-inferiority: the margin, not 0, is the bar
+            lo, hi = c["ci"]
+            c["verdict"] = (
+                "holds"
+                if lo > -NON_INFERIORITY_MARGIN
+                else "does not hold"
+                if hi < -NON_INFERIORITY_MARGIN
+                else "inconclusive"
+            )
+        out.append(
+            {
+                "number": number,
+                "statement": first["statement"],
+                "sites": sites,
+                "a": first["a"],
+                "b": first["b"],
+                "seeds": [seed for seed, _ in items],
+                "units": [r["n"] for _, r in items],
+                "arm_a": s["arms"]["A"],
+                "arm_b": s["arms"]["B"],
+                **c,
+            }
+        )
+    return out
+
+
+def repeated_markdown(rows: list[dict[str, Any]], seeds: list[int]) -> list[str]:
+    def m(a: dict[str, Any]) -> str:
+        return "n/a" if a["mean"] is None else f"{a['mean']:.3f} ± {a['sd'] or 0:.3f}"
+
+    def sg(v: Any) -> str:
+        return "n/a" if v is None else f"{v:+.3f}"
+
+    out = [
+        f"## Over {len(seeds)} data seeds ({', '.join(map(str, seeds))})",
+        "",
+        "Each seed is its own generated federation (same profiles, another draw of patients), every arm retrained "
+        "on it. Mean ± SD over seeds; the paired ΔAUC's 95 % CI is a bootstrap over seeds (the seed is the unit); "
+        "DeLong counts the seeds whose own paired test is significant at 5 %; *detectable* is the difference these "
+        "seeds had 80 % power to find (two-sided 5 %): an inconclusive claim with a true effect below it was not "
+        "testable here. Verdict from the CI over seeds (5b: against the non-inferiority margin).",
+        "",
+        "| # | claim | AUC A (mean ± SD) | AUC B | ΔAUC A-B [95% CI over seeds] | paired t p | DeLong p < 0.05 better / worse | detectable | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        scope = "" if r["sites"] == "all" else f" ({r['sites']} only)"
+        ci = r.get("ci") or [None, None]
+        d = r["delong_significant"]
+        tp = "n/a" if r.get("t_test_p") is None else f"{r['t_test_p']:.3f}"
+        det = "n/a" if r.get("detectable") is None else f"{r['detectable']:.3f}"
+        out.append(
+            f"| {r['number']} | {r['statement']}{scope} | {m(r['arm_a'])} | {m(r['arm_b'])} | "
+            f"{sg(r.get('mean_difference'))} [{sg(ci[0])}, {sg(ci[1])}] | {tp} | {d['better']} / {d['worse']} of {d['of']} | "
+            f"{det} | **{r['verdict']}** |"
+        )
+    return out + [""]
 
 
 # ---- command line -----------------------------------------------------------------------------------
@@ -475,7 +572,11 @@ def main() -> None:
     ap.add_argument(
         "--patients", type=int, default=60, help="patients per site; 60 keeps the run near 30 min on one core"
     )
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="one data seed (the federation in --data)")
+    ap.add_argument(
+        "--seeds",
+        help="several data seeds, e.g. 0,1,2: a federation each under DATA/seed-N, every claim repeated on each",
+    )
     ap.add_argument(
         "--only",
         nargs="+",
@@ -487,7 +588,14 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     echo = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    rows, results = run_claims(Path(args.data), args.sites, args.patients, args.seed, args.only, echo)
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    per_seed: dict[int, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        data = Path(args.data) if len(seeds) == 1 else Path(args.data) / f"seed-{seed}"
+        rows, results = run_claims(data, args.sites, args.patients, seed, args.only, echo)
+        per_seed[seed] = [{**r, "seed": seed} for r in rows]
+    rows = [r for seed in seeds for r in per_seed[seed]]
+    over = repeated(per_seed) if len(seeds) > 1 else []
     keys = ("backbone", "image_h", "image_w", "rounds", "local_epochs", "batch_size", "lr", "augment")
     meta = {
         "command": ".venv/bin/python benchmarks/claims.py " + shlex.join(sys.argv[1:]),
@@ -497,7 +605,7 @@ def main() -> None:
         "torch": torch.__version__,
         "sites": args.sites,
         "patients": args.patients,
-        "seed": args.seed,
+        "seed": seeds[0] if len(seeds) == 1 else seeds,
         "multiview": ", ".join(f"{k}={getattr(_config('multiview', {}, args.seed), k)}" for k in keys),
         "birads": ", ".join(
             f"{k}={getattr(_config('birads', {}, args.seed), k)}"
@@ -505,9 +613,10 @@ def main() -> None:
         ),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(markdown(rows, results, meta))
+    Path(args.out).write_text(markdown(rows, results, meta, over, seeds))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(_jsonable(results, rows, meta), indent=2, default=float))
+    payload = {**_jsonable(results, rows, meta), "repeated": over}  # "arms": the last seed's
+    Path(args.json).write_text(json.dumps(payload, indent=2, default=float))
     echo(Path(args.out).read_text())
 
 
