@@ -555,7 +555,10 @@ class LesionBoxDataset(_EpochMixin, _CachedDataset):
     Returns x of shape (2 views [CC, MLO], len(energies), box, box). The box centre is the
     centre of the view's largest lesion outline; each call shifts it by up to ``jitter`` of
     the box per axis, the same shift for LE and DES of a view (they stay aligned),
-    reproducibly from (seed, epoch, index). Use a native-resolution cache (preset "roi_box").
+    reproducibly from (seed, epoch, index). ``shift`` (px) moves each view's centre by that
+    distance in a direction drawn once per lesion breast from (seed, the breast's key), the
+    same for LE and DES of the view and for every epoch (seed 003's robustness test: 10, 20,
+    40 px in a randomly picked direction). Use a native-resolution cache (preset "roi_box").
     """
 
     VIEWS = ("CC", "MLO")
@@ -570,11 +573,15 @@ class LesionBoxDataset(_EpochMixin, _CachedDataset):
         seed: int = 0,
         energies: Sequence[str] = ("LE", "DES"),
         dtype: torch.dtype = torch.float32,
+        shift: float = 0.0,
     ) -> None:
         super().__init__()
         if box < 1 or not 0 <= jitter < 0.5:
             raise ValueError(f"LesionBoxDataset: box must be >= 1 and jitter in [0, 0.5), got {box}, {jitter}")
+        if not (math.isfinite(shift) and shift >= 0):
+            raise ValueError(f"LesionBoxDataset: shift must be a finite distance >= 0 px, got {shift}")
         self.cache, self.box, self.jitter, self.seed = cache, int(box), float(jitter), int(seed)
+        self.shift = float(shift)
         self.dtype = _check_dtype("LesionBoxDataset", dtype)
         self.energies = tuple(Energy(e).value for e in energies)
         recs = _filter_split(records, split)
@@ -623,6 +630,8 @@ class LesionBoxDataset(_EpochMixin, _CachedDataset):
         E = len(self.energies)
         self._shas = np.asarray(shas, dtype=object).reshape(-1, 2, E)
         self._centre = np.asarray(centres, dtype=np.float64).reshape(-1, 2, E, 2)
+        offsets = [box_shift(self.seed, key, self.shift) for key in self.breasts]  # (2 views, [dy, dx]) each
+        self._offset = np.asarray(offsets, dtype=np.float64).reshape(-1, 2, 1, 2)  # shared by LE and DES
         self._y = np.asarray(ys, dtype=np.float32)
         self._yv, self._ym = _label_arrays(ys)
 
@@ -630,7 +639,7 @@ class LesionBoxDataset(_EpochMixin, _CachedDataset):
         """(2 views, E, 2) top-left corners the sample at ``index`` uses in this epoch."""
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         shift = rng.uniform(-self.jitter, self.jitter, size=(2, 1, 2)) * self.box  # shared by LE and DES
-        return np.rint(self._centre[index] - self.box / 2 + shift).astype(np.int64)
+        return np.rint(self._centre[index] - self.box / 2 + shift + self._offset[index]).astype(np.int64)
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         idx = _check_indices(indices, len(self))
@@ -652,6 +661,17 @@ class LesionBoxDataset(_EpochMixin, _CachedDataset):
             y_mask=torch.from_numpy(self._ym[idx]),
             index=torch.from_numpy(idx),
         )
+
+
+def box_shift(seed: int, key: Sequence[str], distance: float) -> np.ndarray:
+    """(2 views [CC, MLO], 2 [dy, dx]): a shift of ``distance`` px in a direction drawn per view
+    from (seed, the lesion breast's key), the same at every call (zeros when ``distance`` is 0)."""
+    if distance == 0:
+        return np.zeros((2, 2))
+    digest = hashlib.sha256("/".join(key).encode()).digest()
+    rng = np.random.default_rng([int(seed), int.from_bytes(digest[:8], "little")])
+    angle = rng.uniform(0.0, 2 * math.pi, size=2)
+    return distance * np.stack([np.sin(angle), np.cos(angle)], axis=1)
 
 
 # --- seed 004: modality x view slots ----------------------------------------------------------

@@ -145,6 +145,17 @@ PRESETS: dict[str, PreprocessConfig] = {
     ),
 }
 
+# The raw-value clip of ``window="fixed"`` for the presets whose seed gives none (run config
+# ``window = fixed``, shared/training/tasks.py preprocess_config). Seed 003 windows by the
+# DICOM header and seed 004 stretches contrast: neither states raw clip values, so both take
+# seed 001's 1500-3300, the project's fixed window for CEM-like 14-bit data (as multiview).
+# Kept out of PRESETS so the percentile / dicom caches of these presets keep their hashes.
+# Ultrasound ("us") always keeps its own percentile window: it has no fixed clip.
+FIXED_CLIPS: dict[str, tuple[float, float]] = {
+    "roi_box": (1500.0, 3300.0),  # dualmode (seed 003): seed 001's clip
+    "modality_view": (1500.0, 3300.0),  # latefusion (seed 004): seed 001's clip
+}
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -451,6 +462,7 @@ def mapped_bbox(lesion: Lesion, geometry: Geometry) -> tuple[float, float, float
 
 __all__ = [
     "Geometry",
+    "FIXED_CLIPS",
     "PRESETS",
     "PREPROCESS_VERSION",
     "PreprocessConfig",

@@ -13,6 +13,7 @@ from fedbreast.shared.families import birads, dualmode, latefusion, mgus, multiv
 from fedbreast.shared.families.base import Family
 from fedbreast.shared.families.birads.settings import BiradsSettings
 from fedbreast.shared.families.dualmode.settings import DualModeSettings
+from fedbreast.shared.families.latefusion.settings import LateFusionSettings
 from fedbreast.shared.families.mgus.settings import MgusSettings
 from fedbreast.shared.families.multiview.settings import MultiviewSettings
 
@@ -22,7 +23,7 @@ FAMILIES: dict[str, Family] = {
 
 
 @dataclass(frozen=True)
-class FamilySettings(BiradsSettings, DualModeSettings, MgusSettings, MultiviewSettings):
+class FamilySettings(BiradsSettings, DualModeSettings, LateFusionSettings, MgusSettings, MultiviewSettings):
     """Every family's own run settings: ``RunConfig`` (shared/config.py) is built on it, so
     they stay flat keys of the run config, as Flower carries them, and typed attributes."""
 

@@ -48,7 +48,8 @@ from fedbreast.shared.data.datasets import (
     make_loader,
 )
 from fedbreast.shared.data.manifest import read_site_meta
-from fedbreast.shared.data.preprocess import PRESETS, PreprocessConfig
+from fedbreast.shared.data.preprocess import FIXED_CLIPS, PRESETS, PreprocessConfig
+from fedbreast.shared.data.rules import ConfigError
 from fedbreast.shared.data.schema import ImageRecord
 from fedbreast.shared.data.site_data import site_records
 from fedbreast.shared.families import family_of
@@ -100,9 +101,19 @@ def read_meta(site_dir: Path) -> dict[str, Any]:
 
 
 def preprocess_config(preset: str, cfg: RunConfig, **changes: Any) -> PreprocessConfig:
+    """The ``preset``'s preprocessing with the run's window (ultrasound keeps its own percentile
+    window). ``window = fixed`` clips at the preset's own raw values where its seed gives them
+    (seed 001's, seed 000's), else at :data:`FIXED_CLIPS` (seed 001's 1500-3300)."""
     base = PRESETS[preset].to_dict()
     if preset != "us":  # the run's window choice; ultrasound keeps its own percentile window
         base["window"] = cfg.window
+        if cfg.window == "fixed" and base.get("clip") is None:
+            if preset not in FIXED_CLIPS:
+                raise ConfigError(
+                    f"run config: window = 'fixed': the {cfg.model} family's {preset!r} preprocessing has no "
+                    "fixed clip; use window = percentile or dicom"
+                )
+            base["clip"] = FIXED_CLIPS[preset]
     return PreprocessConfig(**{**base, **changes})
 
 

@@ -53,10 +53,19 @@ class DualModeTask(Task):
         cache = cached_images(site_dir, cem, preprocess_config("roi_box", cfg), cfg)
         site = FamilySite(site_dir, name, self.family, {}, {})
         for split in SPLITS:
-            # Jitter is training augmentation; validation and test boxes sit on the lesion centre.
+            # Jitter is training augmentation; validation and test boxes sit on the lesion centre,
+            # or test-box-shift px off it (seed 003's robustness test; fixed per lesion).
             jitter = cfg.box_jitter if split == "train" else 0.0
+            shift = cfg.test_box_shift if split != "train" else 0.0
             ds = LesionBoxDataset(
-                cem, cache, split=split, box=cfg.box_size, jitter=jitter, seed=cfg.seed, energies=("LE", "DES")
+                cem,
+                cache,
+                split=split,
+                box=cfg.box_size,
+                jitter=jitter,
+                seed=cfg.seed,
+                energies=("LE", "DES"),
+                shift=shift,
             )
             site.datasets[split], site.units[split] = ds, len(ds)
         if len(site.datasets["train"]) == 0:

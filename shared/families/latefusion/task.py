@@ -53,7 +53,7 @@ class LateFusionTask(Task):
         if not mammo:
             raise SiteUnavailable(f"{name} has no mammography images")
         cache = cached_images(
-            site_dir, mammo, preprocess_config("modality_view", cfg, size=(cfg.image_h, cfg.image_w)), cfg
+            site_dir, mammo, preprocess_config("modality_view", cfg, size=cfg.slot_size(cfg.image_h, cfg.image_w)), cfg
         )
         site = FamilySite(site_dir, name, self.family, {}, {})
         for split in SPLITS:
@@ -119,7 +119,7 @@ class LateFusionTask(Task):
         if not mammo:
             return records, None, None
         cache = cached_images(
-            site_dir, mammo, preprocess_config("modality_view", cfg, size=(cfg.image_h, cfg.image_w)), cfg
+            site_dir, mammo, preprocess_config("modality_view", cfg, size=cfg.slot_size(cfg.image_h, cfg.image_w)), cfg
         )
         return records, cache, ModalityViewDataset(mammo, cache, split=None)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.families.mgus.settings import fusion_hidden
 from fedbreast.shared.models.mgus import MammoUSNet
 
 
@@ -15,5 +16,6 @@ def build(cfg: RunConfig) -> nn.Module:
         loss=cfg.mgus_loss,
         cosface_scale=cfg.cosface_scale,
         cosface_margin=cfg.cosface_margin,
+        fusion_hidden=fusion_hidden(cfg.mgus_fusion_layers, cfg.descriptor_dim),
         weights_path=cfg.weights_path or None,
     )

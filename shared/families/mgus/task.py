@@ -7,9 +7,11 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.datasets import MammoUSPairDataset, _largest_lesion, _square_crop, make_loader
@@ -18,6 +20,7 @@ from fedbreast.shared.data.preprocess import lesion_mask, mapped_bbox
 from fedbreast.shared.data.schema import ImageRecord, Modality, Split
 from fedbreast.shared.data.site_data import SiteUnavailable
 from fedbreast.shared.explain import ViewHeatmap
+from fedbreast.shared.metrics.classification import auc_mann_whitney
 from fedbreast.shared.training.local import autocast
 from fedbreast.shared.training.tasks import (
     SPLITS,
@@ -159,6 +162,30 @@ class MgusTask(Task):
         ids, y, p = unit_predictions(units, probs, labels, masks, site.units[split])
         return y, p.astype(np.float64), bce(p, y)
 
+    @torch.no_grad()
+    def extra_metrics(
+        self, model: nn.Module, site: FamilySite, cfg: RunConfig, device: torch.device, server_round: int | None = None
+    ) -> dict[str, Any]:
+        """Seed 002's three scores on the test split, per lesion (the mean over its samples, as
+        :meth:`predict`): ``test_auc_mg`` the mammography branch on every lesion,
+        ``test_auc_us`` the ultrasound branch and ``test_auc_fused`` the fusion network, each on
+        the lesions with an ultrasound image (in two-step step 1 the fusion network is still
+        untrained). NaN where undefined (one class, or a site without ultrasound): every site's
+        reply has the same keys, and the server's weighted mean skips the NaNs. Aggregates only."""
+        model.to(device).eval()
+        unit_of_sample = site.info["unit_of_sample"]["test"]
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("unit", "mg", "us", "fused", "has_us", "y", "mask")}
+        for batch in site.loader("test", cfg.batch_size, shuffle=False, workers=cfg.workers):
+            with autocast(device, cfg.amp):
+                out = model(batch["mg"].to(device), batch["us"].to(device))
+            for k in ("mg", "us", "fused"):
+                cols[k].append(torch.sigmoid(out[k].float()).cpu().numpy())
+            cols["unit"].append(unit_of_sample[batch["index"].numpy()])
+            cols["has_us"].append(batch["has_us"].numpy().astype(bool))
+            cols["y"].append(batch["y"].numpy())
+            cols["mask"].append(batch["y_mask"].numpy().astype(bool))
+        return branch_aucs(cols, site.units["test"])
+
     # ---- site predict: every breast of every exam, any split, labelled or not -------------------
 
     def _scoring_set(self, site_dir: Path, cfg: RunConfig) -> tuple[list[ImageRecord], list[MammoUSPairDataset]]:
@@ -295,6 +322,29 @@ class MgusTask(Task):
                         key[0], key[1], key[2], f"US-{view}", us[k, 0].float().numpy(), us_maps[us_row[k]],
                         "Grad-CAM", score=score, unit=unit, lesion=umask, record=u,
                     )  # fmt: skip
+
+
+BRANCH_AUC_KEYS = ("test_auc_mg", "test_auc_us", "test_auc_fused")
+
+
+def branch_aucs(cols: dict[str, list[np.ndarray]], n_units: int) -> dict[str, float]:
+    """:meth:`MgusTask.extra_metrics`' AUCs from per-sample columns (unit, mg, us, fused
+    probabilities, has_us, y, mask): the mammography branch over every sample, the others over
+    the samples with ultrasound, each averaged per unit; NaN where a score has one class or none."""
+    out = dict.fromkeys(BRANCH_AUC_KEYS, float("nan"))
+    if not cols["unit"]:
+        return out
+    unit, has_us, y, mask = (np.concatenate(cols[k]) for k in ("unit", "has_us", "y", "mask"))
+    for key, branch, sel in (
+        ("test_auc_mg", "mg", np.ones_like(has_us)),
+        ("test_auc_us", "us", has_us),
+        ("test_auc_fused", "fused", has_us),
+    ):
+        p = np.concatenate(cols[branch])
+        _, yu, pu = unit_predictions([unit[sel]], [p[sel]], [y[sel]], [mask[sel]], n_units)
+        if len(yu):
+            out[key] = float(auc_mann_whitney(yu.astype(np.int8), pu.astype(np.float64)))
+    return out
 
 
 def _mg(records: list[ImageRecord], energies: tuple[str, ...]) -> list[ImageRecord]:
