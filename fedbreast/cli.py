@@ -238,6 +238,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Train the family's network centrally (no DP) on public sites; write its backbone for weights-path."""
+    from fedbreast.shared.data.rules import ConfigError
+    from fedbreast.simulation.pretrain import pretrain
+
+    overrides = _parse_overrides(args)
+    if args.epochs is not None:
+        if "rounds" in overrides:
+            raise ConfigError("--epochs and --rounds: give one (both set the passes over the public data)")
+        if args.epochs < 1:
+            raise ConfigError(f"--epochs {args.epochs}: must be at least 1")
+        overrides.update(rounds=args.epochs, local_epochs=1)
+    pretrain(args.sites_dir, args.out, overrides, seed=args.seed, norm=args.norm, part=args.part)
+    return 0
+
+
 def cmd_server_start(args: argparse.Namespace) -> int:
     from fedbreast.server.superlink import SuperLinkSettings, run_superlink
 
@@ -451,6 +467,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", help="deployed: Flower app folder to submit (default: generated)")
     p.add_argument("--flwr-home", help="deployed: Flower config folder (default $FLWR_HOME or ~/.flwr)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="train a backbone centrally, without DP, on public sites (never the private ones); write it for "
+        "weights-path",
+    )
+    p.add_argument(
+        "--sites-dir",
+        required=True,
+        help="ingested public site folders (one per site: an imported CDD-CESM, a generated federation of its own seed)",
+    )
+    p.add_argument("--out", required=True, help="the backbone file to write (load it with --set weights-path=FILE)")
+    p.add_argument("--epochs", type=int, help="passes over the pooled public data (rounds=N, local-epochs=1)")
+    p.add_argument(
+        "--norm",
+        choices=("batch", "group"),
+        default="batch",
+        help="batch: the model as built (for runs without DP); group: the DP model's GroupNorm (for dp runs)",
+    )
+    p.add_argument("--part", help="which backbone of a family with several (e.g. mg.net, des); default the first")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
+    _add_run_config_flags(p)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("demo", help="generate simulated hospitals, ingest and check each, print a per-site report")
     p.add_argument("--out", default="runs/demo")

@@ -28,6 +28,11 @@ WINDOWS = ("percentile", "dicom", "fixed")
 KEY_METRICS = ("val_auc", "val_loss", "val_mcc", "val_accuracy")
 DP_MODES = ("off", "local", "central")  # shared/training/dp.py
 DP_GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")  # Opacus per-sample gradient engines
+# What local DP-SGD trains (shared/training/dp.py), e.g. over a `fedbreast pretrain` backbone:
+# head = every layer outside the registry backbone (the backbone stays as loaded: freeze's
+# "backbone" scope); last-blocks = all but the first dp-freeze-blocks backbone blocks (the default,
+# today's behaviour); all = every parameter (dp-freeze-blocks unused).
+DP_TRAIN_SCOPES = ("head", "last-blocks", "all")
 PSFT_SCOPES = ("all", "head")
 OPTIMIZERS = ("sgd", "adam")  # local training (shared/training/local.py): seed 001's SGD, seed 000's Adam
 # What local training keeps fixed (shared/training/freeze.py): none = full-tune; backbone = the
@@ -130,6 +135,7 @@ class RunConfig(FamilySettings):
     dp_max_grad_norm: float = 1.0  # local: per-exam gradient clip; central: per-site update clip
     dp_grad_sample_mode: str = "hooks"  # Opacus engine: hooks | ew | functorch | ghost
     dp_freeze_blocks: int = 4  # local DP: leading backbone blocks not trained (resnet: conv1, bn1, layer1, layer2)
+    dp_train_scope: str = "last-blocks"  # local DP: head | last-blocks (dp-freeze-blocks) | all (DP_TRAIN_SCOPES)
     # patient-specific fine-tuning at evaluation (seed 000; patch family "birads" only)
     patient_finetune: bool = False
     psft_lr: float = 1e-4  # seed 000: Adam 1e-4, batch 200, one epoch on the patient's normal patches
@@ -368,6 +374,8 @@ class RunConfig(FamilySettings):
             raise bad("dp", f"must be one of {', '.join(DP_MODES)}")
         if self.dp_grad_sample_mode not in DP_GRAD_SAMPLE_MODES:
             raise bad("dp_grad_sample_mode", f"must be one of {', '.join(DP_GRAD_SAMPLE_MODES)}")
+        if self.dp_train_scope not in DP_TRAIN_SCOPES:
+            raise bad("dp_train_scope", f"must be one of {', '.join(DP_TRAIN_SCOPES)}")
         if not 0 < self.dp_delta < 1:
             raise bad("dp_delta", "must be in (0, 1), e.g. 1e-5")
         for name in ("dp_epsilon", "dp_noise_multiplier", "dp_freeze_blocks"):

@@ -18,9 +18,9 @@ from fedbreast.shared.training.local import predict, train_local
 from fedbreast.shared.training.pooled import InterleavedLoader
 
 
-def _train(loader, cfg: RunConfig) -> torch.nn.Module:
+def _train(loader, cfg: RunConfig, model: torch.nn.Module | None = None) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
+    model = build_model(cfg) if model is None else model
     gen = torch.Generator().manual_seed(cfg.seed)
     aug = AUGMENT_PRESETS["multiview"]
     for epoch in range(1, cfg.rounds * cfg.local_epochs + 1):
@@ -47,10 +47,11 @@ def train_local_only(data: SiteData, cfg: RunConfig) -> torch.nn.Module:
     return _train(data.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=cfg.seed), cfg)
 
 
-def train_pooled(sites: list[SiteData], cfg: RunConfig) -> torch.nn.Module:
-    """A model trained on all sites' train splits as if they could be pooled, same budget."""
+def train_pooled(sites: list[SiteData], cfg: RunConfig, model: torch.nn.Module | None = None) -> torch.nn.Module:
+    """A model trained on all sites' train splits as if they could be pooled, same budget;
+    ``model``: train this one (e.g. ``fedbreast pretrain``'s GroupNorm form) instead of a fresh build."""
     loaders = [s.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=cfg.seed) for s in sites]
-    return _train(InterleavedLoader(loaders, seed=cfg.seed), cfg)
+    return _train(InterleavedLoader(loaders, seed=cfg.seed), cfg, model)
 
 
 def run_baselines(sites: list[SiteData], cfg: RunConfig, echo=print) -> dict[str, dict[str, float]]:

@@ -243,7 +243,10 @@ def build_backbone(
     ``weights_path``: a local torchvision ``state_dict`` of the ordinary 3-channel model
     (classifier keys included, as torchvision saves it). Its stem filters are averaged
     over RGB and repeated over ``in_channels``, scaled by 3 / in_channels so a grey
-    image replicated over the channels gives the same activations as before.
+    image replicated over the channels gives the same activations as before. Or a file
+    written by ``fedbreast pretrain`` (:func:`backbone_file_state`): the trained body, its
+    stem kept as trained when ``in_channels`` is the count it was trained with (else averaged
+    and repeated as above), its norm layers GroupNorm when it was pretrained for DP.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(available_backbones())}")
@@ -251,7 +254,11 @@ def build_backbone(
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     spec = _REGISTRY[name]
     if weights_path is not None:
-        body, feat_dim = spec.body(_load_pretrained(name, spec, Path(weights_path)))
+        obj = _read_weights(Path(weights_path))
+        if FEDBREAST_MARKER in obj:  # written by `fedbreast pretrain`: our body, trained channels
+            body, feat_dim = _load_fedbreast(name, spec, Path(weights_path), obj)
+        else:
+            body, feat_dim = spec.body(_load_pretrained(name, spec, Path(weights_path), obj))
     elif spec.fast_body is not None:
         body, feat_dim = spec.fast_body()
     else:
@@ -260,7 +267,7 @@ def build_backbone(
     return FeatureExtractor(name, body, feat_dim), feat_dim
 
 
-def _load_pretrained(name: str, spec: _Spec, path: Path) -> nn.Module:
+def _read_weights(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
     try:
@@ -269,6 +276,11 @@ def _load_pretrained(name: str, spec: _Spec, path: Path) -> nn.Module:
         raise WeightsFileError(f"{path}: cannot be read as a torch state_dict ({exc})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise WeightsFileError(f"{path}: expected a flat state_dict (str -> tensor), got {type(obj).__name__}")
+    return obj
+
+
+def _load_pretrained(name: str, spec: _Spec, path: Path, obj: dict[str, Tensor] | None = None) -> nn.Module:
+    obj = _read_weights(path) if obj is None else obj
     obj = {k: v for k, v in obj.items() if not k.startswith(spec.ignore_prefixes)} if spec.ignore_prefixes else obj
     # Build on the meta device and assign the file's tensors: no random init, no second copy.
     with torch.device("meta"):
@@ -290,6 +302,99 @@ def _load_pretrained(name: str, spec: _Spec, path: Path) -> nn.Module:
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in obj.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+# ---- backbone files written by `fedbreast pretrain` (simulation/pretrain.py) ------------------
+#
+# A torchvision file has a 3-channel stem, which _adapt_first_conv folds by averaging over RGB:
+# a stem trained on LE + DES (2 channels) would lose the difference between its channels on
+# the way back. So pretrain writes its own flat state_dict instead: the backbone body's keys
+# (``spec.body``'s, e.g. resnet18 ``conv1.weight``, ``layer4.1.conv2.weight``), the stem at the
+# channel count it was trained with, and three marker entries (uint8 / int64 tensors, so the
+# file stays a plain ``weights_only`` state_dict). It loads through the same ``weights-path``.
+FEDBREAST_MARKER = "fedbreast:format"  # int64 [1]: this layout's version
+FEDBREAST_BACKBONE = "fedbreast:backbone"  # uint8: the backbone's registry name
+FEDBREAST_NORM = "fedbreast:norm"  # uint8: "batch" (BatchNorm, as built) or "group" (the DP model's GroupNorm)
+NORMS = ("batch", "group")
+
+
+def _text(t: Tensor) -> str:
+    return bytes(t.to(torch.uint8).tolist()).decode("utf-8", "replace")
+
+
+def _tensor_of(text: str) -> Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def backbone_file_state(extractor_body: nn.Module, name: str, norm: str) -> dict[str, Tensor]:
+    """The state_dict ``fedbreast pretrain`` writes for a trained backbone ``body`` of registry
+    backbone ``name`` (``FeatureExtractor.body``); ``norm``: its normalisation layers' kind."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(available_backbones())}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in extractor_body.state_dict().items()}
+    state[FEDBREAST_MARKER] = torch.tensor([1], dtype=torch.int64)
+    state[FEDBREAST_BACKBONE] = _tensor_of(name)
+    state[FEDBREAST_NORM] = _tensor_of(norm)
+    return state
+
+
+def weights_file_norm(path: str | os.PathLike[str]) -> str:
+    """ "group" for a ``fedbreast pretrain`` file of a DP (GroupNorm) backbone; "batch" otherwise."""
+    obj = _read_weights(Path(path))
+    return _text(obj[FEDBREAST_NORM]) if FEDBREAST_MARKER in obj and FEDBREAST_NORM in obj else "batch"
+
+
+def batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d of ``module`` replaced, in place, by GroupNorm(min(32, C), C): the layer
+    Opacus' ``ModuleValidator.fix`` puts there for a DP model (shared/training/dp.py)."""
+    for qualname, m in list(module.named_modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            parent_name, _, attr = qualname.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, nn.GroupNorm(min(32, c), c, device=m.weight.device))
+    return module
+
+
+def _load_fedbreast(name: str, spec: _Spec, path: Path, obj: dict[str, Tensor]) -> tuple[nn.Module, int]:
+    """A ``fedbreast pretrain`` file: (body, feat_dim) with its stem at the trained channel count
+    (``_adapt_first_conv`` then keeps it when the run has as many channels, and averages it when not)."""
+    version = int(obj[FEDBREAST_MARKER].reshape(-1)[0]) if obj[FEDBREAST_MARKER].numel() else 0
+    if version != 1:
+        raise WeightsFileError(f"{path}: fedbreast backbone file of format {version}; this version reads format 1")
+    written = _text(obj[FEDBREAST_BACKBONE]) if FEDBREAST_BACKBONE in obj else "?"
+    if written != name:
+        raise WeightsFileError(f"{path} holds a pretrained {written!r} backbone; the run's backbone is {name!r}")
+    norm = _text(obj[FEDBREAST_NORM]) if FEDBREAST_NORM in obj else "batch"
+    if norm not in NORMS:
+        raise WeightsFileError(f"{path}: unknown norm {norm!r} (expected one of {', '.join(NORMS)})")
+    state = {k: v for k, v in obj.items() if not k.startswith("fedbreast:")}
+    with torch.device("meta"):
+        body, feat_dim = spec.body(spec.build())
+        if norm == "group":
+            batchnorm_to_groupnorm(body)
+    stem = next((n for n, m in body.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if stem is not None and f"{stem}.weight" in state and state[f"{stem}.weight"].dim() == 4:
+        _adapt_first_conv(body, int(state[f"{stem}.weight"].shape[1]), pretrained=False)
+    expected = {k: tuple(v.shape) for k, v in body.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(expected.keys() - got.keys())
+    unexpected = sorted(got.keys() - expected.keys())
+    wrong = [f"{k}: file {got[k]} vs model {shape}" for k, shape in expected.items() if k in got and got[k] != shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
+        raise WeightsFileError(f"{path} does not fit a {norm}-norm {name} backbone: " + "; ".join(parts))
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    body.load_state_dict(state, strict=True, assign=True)
+    return body, feat_dim
 
 
 def _adapt_first_conv(body: nn.Module, in_channels: int, pretrained: bool) -> None:

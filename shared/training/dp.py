@@ -300,6 +300,9 @@ class LocalDP:
     empty_steps: int = 0
     ran: bool = False
     optimized: bool = True  # False: Opacus as documented (per-view calls, stock samplers, NCHW); benchmark reference
+    # dp-train-scope: head (the registry backbone stays as loaded, e.g. from `fedbreast pretrain`),
+    # last-blocks (the first freeze_blocks backbone blocks stay), all (every parameter trains)
+    train_scope: str = "last-blocks"
 
     def __post_init__(self) -> None:
         self.history = list(self.ledger.history)
@@ -336,7 +339,30 @@ class LocalDP:
             pin_memory=bool(getattr(loader, "pin_memory", False)),
         )
 
-    def train(
+    def train(self, model: nn.Module, loader: Any, **kwargs: Any):
+        """DP-SGD over the parameters ``train_scope`` leaves trainable (see :meth:`_train`).
+        ``head`` freezes the registry backbone through ``freeze = backbone``'s mechanism
+        (shared/training/freeze.py: ``requires_grad`` off for the block, restored after), so
+        neither DP-SGD's clipping nor its noise touches it and it stays bit-identical."""
+        from fedbreast.shared.config import DP_TRAIN_SCOPES
+        from fedbreast.shared.training.freeze import frozen_modules, frozen_scope
+
+        if self.train_scope not in DP_TRAIN_SCOPES:
+            raise ValueError(f"dp-train-scope must be one of {', '.join(DP_TRAIN_SCOPES)}, got {self.train_scope!r}")
+        if self.train_scope != "head":
+            return self._train(model, loader, **kwargs)
+        try:
+            frozen_modules(model, "backbone")
+        except ValueError:
+            raise ValueError(
+                f"dp-train-scope = 'head': {type(model).__name__} has no registry backbone to keep fixed"
+            ) from None
+        with frozen_scope(model, "backbone") as names:
+            stats = self._train(model, loader, **kwargs)
+            self.frozen = names
+            return stats
+
+    def _train(
         self,
         model: nn.Module,
         loader: Any,
@@ -367,7 +393,7 @@ class LocalDP:
 
         device = device or next(model.parameters()).device
         model.to(device).train()
-        self.frozen = freeze_leading_blocks(model, self.freeze_blocks)
+        self.frozen = freeze_leading_blocks(model, self.freeze_blocks if self.train_scope == "last-blocks" else 0)
         # The privacy unit is the exam, and the multi-view model folds its views into the backbone's
         # batch. hooks/functorch keep that single, fast backbone call and sum each exam's views
         # (hooks: inside the grad samplers, _ViewFolding; functorch: after backward, _fold_views).
@@ -383,7 +409,10 @@ class LocalDP:
             model.split_views = True  # type: ignore[assignment]  # torch stubs: Module attrs are Tensor | Module
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
-            raise ValueError(f"dp-freeze-blocks = {self.freeze_blocks} leaves no trainable parameter")
+            raise ValueError(
+                f"dp-train-scope = {self.train_scope!r} (dp-freeze-blocks = {self.freeze_blocks}) leaves no "
+                "trainable parameter"
+            )
         anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
         plan = self.plan
         # Noise and sampling from OS entropy, never from the run's seed: anyone who knows the
@@ -719,7 +748,9 @@ def local_dp_for(context: Context, cfg: RunConfig, site_dir: Path, n_train: int,
                 f"{ledger.epsilon(plan.delta):.3f} of it spent so far; earlier runs and releases "
                 f"{elsewhere:.3f}), above this site's {CEILING_KEY} = {ceiling:g}"
             )
-    return LocalDP(plan, ledger, cfg.dp_grad_sample_mode, cfg.dp_freeze_blocks, server_round)
+    return LocalDP(
+        plan, ledger, cfg.dp_grad_sample_mode, cfg.dp_freeze_blocks, server_round, train_scope=cfg.dp_train_scope
+    )
 
 
 @contextmanager
