@@ -60,6 +60,10 @@ TINY = dict(
     lr=0.02,
     round_timeout=60,
     wait_for_sites=1,
+    # A robustness test needs honest sites that learn fast and far above chance: the reader's
+    # assessment and density are in on purpose (a near-label input, flagged in a real run's
+    # report); the seed-000 default (four groups) learns slower in 4 tiny rounds.
+    birads_groups="mass_shape,mass_margin,internal_enhancement,bpe,density,assessment",
 )
 ATTACK = {"site-4": "nan", "site-5": "scale"}  # the others stay honest
 SCALE = 100.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -42,6 +43,21 @@ def start_server(sock: Path, *args: str, cwd: Path | None = None) -> subprocess.
     )
     assert "ready" in server.stdout.readline()
     return server
+
+
+def wait_for_output(server: subprocess.Popen, text: str, timeout: float = 30.0) -> str:
+    """The server's next output line containing ``text`` (what it says, not a sleep: a loaded
+    machine may take longer than any fixed pause)."""
+    deadline = time.monotonic() + timeout
+    assert server.stdout is not None
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([server.stdout], [], [], left)
+        if not ready:
+            break
+        line = server.stdout.readline()
+        if text in line:
+            return line
+    raise AssertionError(f"the warm server did not say {text!r} within {timeout} s")
 
 
 def stop_server(server: subprocess.Popen) -> str:
@@ -165,10 +181,10 @@ def test_a_request_whose_shim_died_while_it_waited_starts_no_clientapp(tmp_path)
     server = start_server(sock, "--max-children", "1")
     shim = install_shim(tmp_path / "bin", sock, "/bin/false")
     log = tmp_path / "ran.log"
-    first = subprocess.Popen([shim, "hold", "1.5", str(log), "1"], stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen([shim, "hold", "3", str(log), "1"], stdout=subprocess.PIPE, text=True)
     assert "argv=['hold'" in first.stdout.readline()  # it runs, and holds the only slot
     dead = subprocess.Popen([shim, "hold", "0", str(log), "2"], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # connected and queued
+    wait_for_output(server, "further requests wait for one to exit")  # connected and queued
     dead.kill()  # as the SuperNode would stop a task it gave up on
     dead.wait(timeout=10)
     third = subprocess.run([shim, "hold", "0", str(log), "3"], capture_output=True, text=True, timeout=30)
