@@ -233,6 +233,8 @@ class WarmServer:
         try:
             conn.settimeout(5.0)
             msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 3)
+            if not msg and not fds:  # closed before its request was sent: killed while it waited
+                raise ValueError("its flwr-clientapp exited while the request waited for a slot")
             request = json.loads(msg)
             argv = request["argv"]
             if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)) or len(fds) != 3:

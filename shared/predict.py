@@ -94,8 +94,10 @@ def _pointing_line(p: dict[str, Any]) -> str:
 
 
 def site_threshold(run_dir: Path | None, site: str, server_round: int) -> float | None:
-    """The site's validation threshold at the latest evaluate round up to ``server_round`` in
-    the run's metrics.jsonl; None when the run did not record one for this site."""
+    """The site's operating point at the latest evaluate round up to ``server_round`` in the
+    run's metrics.jsonl, the one the run's report used for it: the federated cut-off where the
+    site's validation split was too small for its own (``fed_threshold_used``, docs/evaluate.md
+    "Operating points"), else its own validation threshold; None when the run recorded neither."""
     path = None if run_dir is None else run_dir / "metrics.jsonl"
     if path is None or not path.exists():
         return None
@@ -107,7 +109,7 @@ def site_threshold(run_dir: Path | None, site: str, server_round: int) -> float 
             continue
         if not isinstance(row, dict) or row.get("phase") != "evaluate" or row.get("site") != site:
             continue
-        rnd, t = row.get("round"), row.get("val_threshold")
+        rnd, t = row.get("round"), row.get("fed_threshold_used", row.get("val_threshold"))
         if not isinstance(rnd, int) or rnd > server_round or not isinstance(t, int | float) or not math.isfinite(t):
             continue
         if best is None or rnd >= best[0]:
@@ -172,7 +174,7 @@ def predict_site(
     source = "--threshold"
     if threshold is None:
         threshold = site_threshold(run_dir, name, ckpt.round)
-        source = f"site {name}'s validation threshold at round {ckpt.round}"
+        source = f"site {name}'s operating point at round {ckpt.round}, as the run's report used it"
         if threshold is None:
             threshold, source = 0.5, f"default 0.5: the run recorded no validation threshold for site {name!r}"
     table: list[list[object]] = [list(COLUMNS)]

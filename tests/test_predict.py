@@ -137,7 +137,7 @@ def test_an_ingested_site_uses_its_validation_threshold_and_threshold_overrides(
         == 0
     )
     text = capsys.readouterr().out
-    assert "site site-1's validation threshold" in text and "positive at the threshold" in text
+    assert "site site-1's operating point at round 1" in text and "positive at the threshold" in text
     rows = read_rows(out / "predictions.csv")
     assert len(rows) == 2 * len(group_exams(load_manifest(site1)))  # every split, every exam
     assert {float(r["threshold"]) for r in rows} == {recorded}
