@@ -5,8 +5,8 @@ a descriptor vector, late fusion an availability mask) and a target layer may se
 images than there are samples (a shared backbone over four views sees 4B). So:
 
 * :class:`Forward` wraps ``fn(x) -> logits`` as the ``nn.Module`` the library calls;
-* the heatmap is sized to the last two axes of the input, whatever its rank (the library
-  would read a 5-D input as a volume);
+* the heatmap is sized to the last two axes of the input, whatever its rank (the library's
+  own ``__call__`` would read a 5-D input as a volume);
 * the target of sample i is a callable on its output row (``logit(j)``: output column j),
   and the result has one map per image the target layer saw, in its order;
 * a CAM needs the gradient at the target layer only: no parameter records a gradient, and the
@@ -45,18 +45,6 @@ def logit(column: int | None = None) -> Callable[[Tensor], Tensor]:
     return lambda out: out if column is None else out[..., column]
 
 
-def _sized_to_last_two_axes(base: type) -> type:
-    class Sized(base):  # type: ignore[misc, valid-type]
-        def get_target_width_height(self, input_tensor: Tensor) -> tuple[int, int]:
-            return input_tensor.size(-1), input_tensor.size(-2)
-
-    Sized.__name__ = base.__name__
-    return Sized
-
-
-_SIZED = {name: _sized_to_last_two_axes(cls) for name, cls in METHODS.items()}
-
-
 def class_activation_maps(
     model: nn.Module,
     layers: Sequence[nn.Module],
@@ -93,12 +81,12 @@ def class_activation_maps_for(
     library's, as its own ``__call__`` computes it."""
     from pytorch_grad_cam.utils.image import scale_cam_image
 
-    if method not in _SIZED:
-        raise ValueError(f"explain method {method!r}: one of {', '.join(_SIZED)}")
+    if method not in METHODS:
+        raise ValueError(f"explain method {method!r}: one of {', '.join(METHODS)}")
     module = Forward(model, fn or (lambda m, t: m(t)))
     was_training = model.training
     needs_grad = [p.requires_grad for p in model.parameters()]
-    cam = _SIZED[method](model=module, target_layers=list(layers))
+    cam = METHODS[method](model=module, target_layers=list(layers))
     cam.activations_and_grads.release()  # its hooks: the leaves below stand in for them
     leaves: list[list[Tensor]] = [[] for _ in layers]
 
