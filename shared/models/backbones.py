@@ -279,26 +279,31 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     return obj
 
 
+def _mismatch(model: nn.Module, state: dict[str, Tensor]) -> str:
+    """How a weights file's tensors fail to fit ``model`` (keys missing, unexpected, shapes); "" when they fit."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(expected.keys() - got.keys())
+    unexpected = sorted(got.keys() - expected.keys())
+    wrong = [f"{k}: file {got[k]} vs model {shape}" for k, shape in expected.items() if k in got and got[k] != shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
+    return "; ".join(parts)
+
+
 def _load_pretrained(name: str, spec: _Spec, path: Path, obj: dict[str, Tensor] | None = None) -> nn.Module:
     obj = _read_weights(path) if obj is None else obj
     obj = {k: v for k, v in obj.items() if not k.startswith(spec.ignore_prefixes)} if spec.ignore_prefixes else obj
     # Build on the meta device and assign the file's tensors: no random init, no second copy.
     with torch.device("meta"):
         model = spec.build()
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in obj.items()}
-    missing = sorted(expected.keys() - got.keys())
-    unexpected = sorted(got.keys() - expected.keys())
-    wrong = [f"{k}: file {got[k]} vs model {shape}" for k, shape in expected.items() if k in got and got[k] != shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
-        raise WeightsFileError(f"{path} is not a 3-channel torchvision {name} state_dict: " + "; ".join(parts))
+    if mismatch := _mismatch(model, obj):
+        raise WeightsFileError(f"{path} is not a 3-channel torchvision {name} state_dict: {mismatch}")
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in obj.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model
@@ -378,20 +383,8 @@ def _load_fedbreast(name: str, spec: _Spec, path: Path, obj: dict[str, Tensor]) 
     stem = next((n for n, m in body.named_modules() if isinstance(m, nn.Conv2d)), None)
     if stem is not None and f"{stem}.weight" in state and state[f"{stem}.weight"].dim() == 4:
         _adapt_first_conv(body, int(state[f"{stem}.weight"].shape[1]), pretrained=False)
-    expected = {k: tuple(v.shape) for k, v in body.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(expected.keys() - got.keys())
-    unexpected = sorted(got.keys() - expected.keys())
-    wrong = [f"{k}: file {got[k]} vs model {shape}" for k, shape in expected.items() if k in got and got[k] != shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
-        raise WeightsFileError(f"{path} does not fit a {norm}-norm {name} backbone: " + "; ".join(parts))
+    if mismatch := _mismatch(body, state):
+        raise WeightsFileError(f"{path} does not fit a {norm}-norm {name} backbone: {mismatch}")
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     body.load_state_dict(state, strict=True, assign=True)
     return body, feat_dim
