@@ -37,12 +37,11 @@ def normal_patch_dataset(records: Sequence[ImageRecord], cache: Any, cfg: RunCon
     """The normal-tissue patches of ``records`` (``split`` None: every split, labelled or not),
     with the run's patch size, count, seed and patch energies."""
     from fedbreast.shared.data.datasets import NormalPatchDataset
-    from fedbreast.shared.data.schema import Modality
+    from fedbreast.shared.families.birads.task import patch_images
 
     energies = cfg.patch_energy_list
-    mammo = [r for r in records if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in energies]
     return NormalPatchDataset(
-        mammo,
+        patch_images(list(records), energies),
         cache,
         split=split,
         patch=cfg.patch_size,

@@ -43,6 +43,11 @@ NO_LESION = "no outlined lesion: the birads family scores outlined lesions"
 MAP_METHOD = "patch score map"
 
 
+def patch_images(records: list[ImageRecord], energies: tuple[str, ...]) -> list[ImageRecord]:
+    """The mammograms patches are drawn from: the run's ``patch-energies`` images, CC and MLO."""
+    return [r for r in records if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in energies]
+
+
 class BiradsTask(Task):
     """Unit: the lesion (one lesion breast: the mean over the patches of its images)."""
 
@@ -60,7 +65,7 @@ class BiradsTask(Task):
 
         records, name = read_records(site_dir)
         energies = cfg.patch_energy_list
-        mammo = [r for r in records if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in energies]
+        mammo = patch_images(records, energies)
         if not mammo:
             present = sorted({r.energy.value for r in records if r.modality is Modality.MG})
             raise SiteUnavailable(
@@ -179,7 +184,7 @@ class BiradsTask(Task):
 
         records, _ = read_records(site_dir)
         energies = cfg.patch_energy_list
-        mammo = [r for r in records if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in energies]
+        mammo = patch_images(records, energies)
         cache = cached_images(site_dir, mammo, preprocess_config("patches", cfg), cfg) if mammo else None
         ds = (
             LesionPatchDataset(
