@@ -96,9 +96,21 @@ def test_test_split_scores_equal_predict(site) -> None:
     assert checked >= 3
 
 
+def psft_cfg(site: dict):
+    return site["cfg"].replace(patient_finetune=True, psft_lr=1e-2, psft_batch_size=32)
+
+
+def psft_rows(site: dict) -> list:
+    """The rows with patient-specific fine-tuning: the fine-tuning test's, or made here when this
+    test runs without it (another worker, or alone)."""
+    if "psft_rows" not in site:
+        site["psft_rows"] = site["task"].score(site["model"], site["site_dir"], psft_cfg(site), CPU)
+    return site["psft_rows"]
+
+
 def test_patient_finetuning_changes_scores_not_the_model(site) -> None:
     task, model = site["task"], site["model"]
-    cfg = site["cfg"].replace(patient_finetune=True, psft_lr=1e-2, psft_batch_size=32)
+    cfg = psft_cfg(site)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
     rows = task.score(model, site["site_dir"], cfg, CPU)
@@ -123,7 +135,7 @@ def test_patient_finetuning_changes_scores_not_the_model(site) -> None:
     # deterministic per patient: a second pass gives the same scores
     again = task.score(model, site["site_dir"], cfg, CPU)
     assert [r.score for r in again] == [r.score for r in rows]
-    site["psft_rows"], site["psft_cfg"] = rows, cfg
+    site["psft_rows"] = rows
 
 
 def test_heatmaps_one_per_lesion_image_on_the_cached_grid(site) -> None:
@@ -151,11 +163,9 @@ def test_heatmaps_one_per_lesion_image_on_the_cached_grid(site) -> None:
 
 
 def test_heatmaps_with_patient_finetuning_use_the_patients_weights(site) -> None:
-    if "psft_rows" not in site:
-        pytest.skip("needs the patient fine-tuning test's rows")
-    task, model, cfg = site["task"], site["model"], site["psft_cfg"]
+    task, model, cfg = site["task"], site["model"], psft_cfg(site)
     maps = list(task.explain(model, site["site_dir"], cfg, CPU))
-    score = {(r.patient, r.exam, r.laterality): r.score for r in site["psft_rows"] if r.score is not None}
+    score = {(r.patient, r.exam, r.laterality): r.score for r in psft_rows(site) if r.score is not None}
     assert maps and all(h.score == score[(h.patient, h.exam, h.laterality)] for h in maps)
 
 
@@ -171,15 +181,15 @@ def test_unlabelled_lesions_are_scored_with_and_without_finetuning(site, monkeyp
         records, name = real(site_dir)
         return [dataclasses.replace(r, label=None) for r in records], name
 
+    with_psft = psft_rows(site)  # with the labels: made before the labels go
     monkeypatch.setattr(task_mod, "read_records", unlabelled)
     task, model = site["task"], site["model"]
     rows = task.score(model, site["site_dir"], site["cfg"], CPU)
     assert [(r.patient, r.exam, r.laterality, r.score) for r in rows] == [
         (r.patient, r.exam, r.laterality, r.score) for r in site["rows"]
     ]
-    if "psft_rows" in site:
-        rows = task.score(model, site["site_dir"], site["psft_cfg"], CPU)
-        assert [r.score for r in rows] == [r.score for r in site["psft_rows"]]
+    rows = task.score(model, site["site_dir"], psft_cfg(site), CPU)
+    assert [r.score for r in rows] == [r.score for r in with_psft]
 
 
 def test_a_patient_without_normal_tissue_is_scored_without_finetuning(site, monkeypatch) -> None:
