@@ -22,8 +22,11 @@ Writes a Markdown table and the raw numbers:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import platform
+import re
 import shlex
 import sys
 import time
@@ -142,6 +145,20 @@ class ArmResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _save_arm(r: ArmResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    meta = json.dumps({"unit": r.unit, "seconds": r.seconds, "extra": r.extra}, default=float)
+    np.savez(tmp, y=r.y, p=r.p, site=r.site.astype(str), meta=np.array(meta))
+    tmp.replace(path)  # a killed run leaves no half-written arm behind
+
+
+def _load_arm(name: str, path: Path) -> ArmResult:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        return ArmResult(name, z["y"], z["p"], z["site"], meta["unit"], meta["seconds"], meta["extra"])
+
+
 def _config(family: str, overrides: dict[str, Any], seed: int) -> RunConfig:
     return RunConfig(**{**PRESET, **PRESETS[family], "workers": 0, "bootstrap": 0, "seed": seed, **overrides})
 
@@ -156,8 +173,10 @@ def _concat(name: str, per_site: list[tuple[str, np.ndarray, np.ndarray]], unit:
 class Experiment:
     """Trains each arm once on one federation, on demand, and keeps its test predictions."""
 
-    def __init__(self, site_dirs: list[Path], seed: int, echo: Callable[[str], None]) -> None:
-        self.site_dirs, self.seed, self.echo = site_dirs, seed, echo
+    def __init__(
+        self, site_dirs: list[Path], seed: int, echo: Callable[[str], None], cache: Path | None = None
+    ) -> None:
+        self.site_dirs, self.seed, self.echo, self.cache = site_dirs, seed, echo, cache
         self.results: dict[str, ArmResult] = {}
         self.federated: dict[
             str, tuple[torch.nn.Module, list, RunConfig, float]
@@ -167,14 +186,33 @@ class Experiment:
     def arm(self, name: str) -> ArmResult:
         if name not in self.results:
             family, overrides, how = ARMS[name]
-            t = time.perf_counter()
-            result = getattr(self, f"_{how}")(name, family, overrides)
-            self.echo(
-                f"{name}: pooled test AUC {_auc(result.y, result.p):.3f} on {len(result.y)} {result.unit}s "
-                f"({time.perf_counter() - t:.0f} s)"
-            )
+            cached = self._cache_path(name)
+            if cached is not None and cached.exists():
+                result = _load_arm(name, cached)
+                self.echo(f"{name}: pooled test AUC {_auc(result.y, result.p):.3f} (cached {cached.name})")
+            else:
+                t = time.perf_counter()
+                result = getattr(self, f"_{how}")(name, family, overrides)
+                self.echo(
+                    f"{name}: pooled test AUC {_auc(result.y, result.p):.3f} on {len(result.y)} {result.unit}s "
+                    f"({time.perf_counter() - t:.0f} s)"
+                )
+                if cached is not None:
+                    _save_arm(result, cached)
             self.results[name] = result
         return self.results[name]
+
+    def _cache_path(self, name: str) -> Path | None:
+        """Where this arm's test predictions are kept between runs: named by a hash of everything
+        that decides them (the arm's full run config and how it trains), so a changed preset or
+        override retrains it. Code changes are not in the key: ``--fresh`` retrains every arm."""
+        if self.cache is None:
+            return None
+        family, overrides, how = ARMS[name]
+        cfg = _config(family, overrides, self.seed)
+        key = json.dumps([how, dataclasses.asdict(cfg), [str(d) for d in self.site_dirs]], sort_keys=True, default=str)
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        return self.cache / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
 
     def _open(self, family: str, overrides: dict[str, Any]) -> tuple[Any, list, RunConfig]:
         cfg = _config(family, overrides, self.seed)
@@ -359,7 +397,9 @@ def markdown(
         "",
         f"    {meta['command']}",
         "",
-        f"Wall time {meta['wall_s'] / 60:.1f} min on {meta['threads']} CPU thread ({meta['cpu']}), torch {meta['torch']}. "
+        f"Wall time of the invocation that wrote this {meta['wall_s'] / 60:.1f} min on {meta['threads']} CPU thread "
+        f"({meta['cpu']}), torch {meta['torch']}; arms kept from an earlier invocation with the same settings "
+        "(`DATA/arms`) were reused, each arm's own seconds are in the per-site table. "
         f"{'One generated federation' if not over else 'One generated federation per data seed'} for every claim: "
         f"{meta['sites']} sites of `default_profiles` (cycling CEM, FFDM, "
         f"FFDM + ultrasound) of about {meta['patients']} patients each, data and training seed {meta['seed']}.",
@@ -525,12 +565,19 @@ def repeated_markdown(rows: list[dict[str, Any]], seeds: list[int]) -> list[str]
 
 
 def run_claims(
-    data: Path, sites: int, patients: int, seed: int, only: list[str], echo: Callable[[str], None] = print
+    data: Path,
+    sites: int,
+    patients: int,
+    seed: int,
+    only: list[str],
+    echo: Callable[[str], None] = print,
+    fresh: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, ArmResult]]:
-    """Train the arms the chosen claims need and compare them; returns (table rows, arm results)."""
+    """Train the arms the chosen claims need (or load them from DATA/arms, unless ``fresh``) and
+    compare them; returns (table rows, arm results)."""
     torch.set_num_threads(1)
     site_dirs = prepare_federation(data, sites, patients, seed, echo=echo)
-    exp = Experiment(site_dirs, seed, echo)
+    exp = Experiment(site_dirs, seed, echo, None if fresh else data / "arms")
     needed = {name for key in only for c in CLAIMS[key] for name in (c.a, c.b)}
     for name in ARMS:  # ARMS order keeps arms with the same inputs together (sites are memoised per config)
         if name in needed:
@@ -585,6 +632,12 @@ def main() -> None:
         metavar="CLAIM",
         help=f"claims to check (default all): {' '.join(CLAIMS)}",
     )
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="retrain every arm (default: reuse an arm's predictions kept under DATA/arms by an earlier run "
+        "with the same settings, so claims can be added or the table rewritten without retraining)",
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
     echo = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -592,7 +645,7 @@ def main() -> None:
     per_seed: dict[int, list[dict[str, Any]]] = {}
     for seed in seeds:
         data = Path(args.data) if len(seeds) == 1 else Path(args.data) / f"seed-{seed}"
-        rows, results = run_claims(data, args.sites, args.patients, seed, args.only, echo)
+        rows, results = run_claims(data, args.sites, args.patients, seed, args.only, echo, args.fresh)
         per_seed[seed] = [{**r, "seed": seed} for r in rows]
     rows = [r for seed in seeds for r in per_seed[seed]]
     over = repeated(per_seed) if len(seeds) > 1 else []
