@@ -210,7 +210,15 @@ class Experiment:
             return None
         family, overrides, how = ARMS[name]
         cfg = _config(family, overrides, self.seed)
-        key = json.dumps([how, dataclasses.asdict(cfg), [str(d) for d in self.site_dirs]], sort_keys=True, default=str)
+        # Only the settings that differ from RunConfig's defaults: a setting added later (at its
+        # default) leaves the key, and the arms already kept, as they were.
+        default = RunConfig()
+        changed = {
+            f.name: getattr(cfg, f.name)
+            for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(default, f.name)
+        }
+        key = json.dumps([how, changed, [str(d) for d in self.site_dirs]], sort_keys=True, default=str)
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         return self.cache / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
 
