@@ -25,6 +25,7 @@ VIEW_FUSIONS = ("average", "concat", "single")  # single: seed 001's no-fusion b
 HEADS = ("pooled", "vgg_fc")
 AMP_MODES = ("auto", "bf16", "off")
 WINDOWS = ("percentile", "dicom", "fixed")
+NORMS = ("auto", "batch", "group")  # auto: GroupNorm under DP (Opacus needs it), else BatchNorm
 KEY_METRICS = ("val_auc", "val_loss", "val_mcc", "val_accuracy")
 DP_MODES = ("off", "local", "central")  # shared/training/dp.py
 DP_GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")  # Opacus per-sample gradient engines
@@ -75,6 +76,10 @@ class RunConfig(FamilySettings):
     image_w: int = 128
     window: str = "percentile"  # percentile (vendor-robust) | dicom | fixed (seed 001's 1500-3300)
     weights_path: str = ""  # local ImageNet state_dict file; never downloaded
+    # The backbone's norm layers. "group" without DP builds the DP model's form, so a run without
+    # DP can start from a `fedbreast pretrain --norm group` file: the no-DP arm of a DP comparison
+    # then has the same pretrained start as the DP arms.
+    norm: str = "auto"
     # A family's own settings (patch-size, box-size, crop-size, ...) are in its package:
     # shared/families/<name>/settings.py, inherited through FamilySettings.
     # federation
@@ -181,10 +186,15 @@ class RunConfig(FamilySettings):
         keys: tuple[str, ...] = ("model", "backbone", "view_fusion", "head", "in_channels", "image_h", "image_w")
         keys += FAMILIES[self.model].signature_keys  # none for multiview: its older checkpoints stay valid
         values = {k: getattr(self, k) for k in keys}
-        if self.dp != "off":  # DP models use GroupNorm: other tensors than the BatchNorm model
+        if self.group_norm:  # GroupNorm models have other tensors than the BatchNorm model
             values["norm"] = "group"
         blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def group_norm(self) -> bool:
+        """The model's norm layers are GroupNorm (the DP form): always under DP, or by ``norm``."""
+        return self.norm == "group" or (self.norm == "auto" and self.dp != "off")
 
     @property
     def notes(self) -> list[str]:
@@ -211,6 +221,7 @@ class RunConfig(FamilySettings):
             ("head", HEADS),
             ("amp", AMP_MODES),
             ("window", WINDOWS),
+            ("norm", NORMS),
             ("key_metric", KEY_METRICS),
             ("optimizer", OPTIMIZERS),
             ("freeze", FREEZE_SCOPES),
@@ -307,6 +318,8 @@ class RunConfig(FamilySettings):
                 f"cannot run with {' and '.join(self.fine_tunes_without_dp)}: they fine-tune on the site's data "
                 "without DP-SGD",
             )
+        if self.norm == "batch" and self.dp != "off":
+            raise bad("norm", "DP-SGD cannot clip per-exam gradients through BatchNorm; use auto or group")
         if self.cross_site and self.dp != "off":
             raise bad(
                 "cross_site",

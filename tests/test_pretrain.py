@@ -75,6 +75,15 @@ def test_a_groupnorm_pretraining_is_what_a_dp_run_starts_from_and_only_a_dp_run(
     assert not torch.equal(loaded["block3.1.weight"], torch.ones_like(trained["block3.1.weight"]))
     with pytest.raises(ConfigError, match=r"weights-gn\.pt.*pretrained for DP"):
         build_model(RunConfig(**TINY, weights_path=str(out)))
+    # norm = group: a run without DP builds the DP form and starts from the same file (the no-DP
+    # arm of a DP comparison), under another model signature than the BatchNorm model.
+    plain = RunConfig(**TINY, norm="group", weights_path=str(out))
+    no_dp = _body(build_model(plain)).state_dict()
+    assert list(no_dp) == list(trained) and all(torch.equal(no_dp[k], v) for k, v in trained.items())
+    assert plain.model_signature() == RunConfig(**TINY, dp="local").model_signature()
+    assert plain.model_signature() != RunConfig(**TINY).model_signature()
+    with pytest.raises(ConfigError, match="norm = 'batch': DP-SGD cannot clip per-exam gradients through BatchNorm"):
+        RunConfig(**TINY, dp="local", norm="batch")
 
 
 class Exams(torch.utils.data.Dataset):
