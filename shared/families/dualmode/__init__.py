@@ -12,7 +12,7 @@ FAMILY = Family(
     task_path="fedbreast.shared.families.dualmode.task:DualModeTask",
     model_path="fedbreast.shared.families.dualmode.model:build",
     settings=DualModeSettings,
-    signature_keys=("box_size",),
+    signature_keys=("box_size", "dualmode_modes"),
     input_size_keys=("box_size",),
     preset=dict(model="dualmode", backbone="resnet18", box_size=96, batch_size=8, lr=0.01),
 )

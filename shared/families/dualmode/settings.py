@@ -6,6 +6,13 @@ from dataclasses import dataclass
 
 from fedbreast.shared.families.base import Bad, Settings
 
+DUALMODE_MODES = ("le,des", "le", "des")  # the modes the network reads: both (seed 003), or one
+
+
+def mode_energies(modes: str) -> tuple[str, ...]:
+    """``dualmode_modes`` -> the energies the network reads, in the boxes' order: ("LE", "DES"), ("LE",), ("DES",)."""
+    return tuple(m.strip().upper() for m in modes.split(","))
+
 
 @dataclass(frozen=True)
 class DualModeSettings(Settings):
@@ -16,6 +23,10 @@ class DualModeSettings(Settings):
     # run's seed (LE and DES of a view alike): seed 003's robustness test (10, 20, 40 px on its
     # 256-px boxes). 0 (the default): centred boxes. Training keeps its jitter; no tensor depends on it.
     test_box_shift: float = 0.0
+    # le,des (the default): seed 003's dual-mode network, one backbone per mode. le or des: one
+    # mode's backbone, abstraction layer and head alone (a single-mode ablation; the boxes, and
+    # so the lesions, are the dual-mode network's). In the model signature.
+    dualmode_modes: str = "le,des"
 
     def check(self, bad: Bad) -> None:
         if self.box_size < 1:
@@ -24,3 +35,5 @@ class DualModeSettings(Settings):
             raise bad("box_jitter", "must be in [0, 0.5)")
         if not 0 <= self.test_box_shift <= 4096:
             raise bad("test_box_shift", "must be a distance in px, from 0 to 4096")
+        if self.dualmode_modes not in DUALMODE_MODES:
+            raise bad("dualmode_modes", f"must be one of {' | '.join(DUALMODE_MODES)}")

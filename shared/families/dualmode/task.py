@@ -146,7 +146,7 @@ class DualModeTask(Task):
     def explain(self, model, site_dir, cfg, device) -> Iterator[ViewHeatmap]:
         """Grad-CAM of the lesion logit on the LE network (its CC and MLO boxes) and on the DES
         network, from one forward pass: four heatmaps per scored breast ("CC-LE", "CC-DES", "MLO-LE",
-        "MLO-DES"), in :meth:`score`'s order, each on the box the network saw, with the breast's
+        "MLO-DES"; two, of its mode, for a single-mode network), in :meth:`score`'s order, each on the box the network saw, with the breast's
         score (the scoring pass) and its outline cut by the same window."""
         from fedbreast.shared.explain.cam import cam_layer, class_activation_maps, logit
 
@@ -161,7 +161,8 @@ class DualModeTask(Task):
         for r in _mammo(records):  # the dataset's choice: the first of a (view, energy)
             by_image.setdefault((r.breast_key, r.view.value, r.energy.value), r)
         model = model.to(device).eval()
-        layers = [cam_layer(model.le), cam_layer(model.des)]  # one network per energy (ENERGIES order)
+        modes = getattr(model, "modes", ENERGIES)  # a single-mode network (dualmode_modes) reads one
+        layers = [cam_layer(model.get_submodule(e.lower())) for e in modes]  # one network per energy
         step = max(1, cfg.batch_size)
         for start in range(0, len(order), step):
             idx = order[start : start + step]
@@ -174,10 +175,11 @@ class DualModeTask(Task):
                 key = ds.breasts[i]
                 corners = ds.boxes(i)
                 for v, view in enumerate(ds.VIEWS):
-                    for e, energy in enumerate(ENERGIES):
+                    for e, energy in enumerate(modes):
                         rec = by_image[(key, view, energy)]
-                        image = x[j, v, e].detach().float().cpu().numpy()
-                        mask = _box_mask(rec, by_image, cache, corners[v, e], ds.box)
+                        k = ENERGIES.index(energy)  # the box's mode axis
+                        image = x[j, v, k].detach().float().cpu().numpy()
+                        mask = _box_mask(rec, by_image, cache, corners[v, k], ds.box)
                         yield ViewHeatmap(
                             key[0], key[1], key[2], f"{view}-{energy}", image, maps[e][j, v], "Grad-CAM",
                             score=float(p[i]), unit="lesion", lesion=mask, record=rec,

@@ -108,8 +108,32 @@ class LateFusionTask(Task):
         return y_np, p_np, bce(p_np, y_np)
 
     def extra_metrics(self, model, site, cfg, device, server_round=None):
+        if cfg.latefusion_weights == "mean":  # no counts, no MCC: the fusion weights stay equal
+            return {}
         p_slots, avail, y, m = self._slot_probs(model, site, "val", cfg, device)
         return {"val_confusion": confusion_table(model.cpu(), p_slots, avail, y, m)}  # fusion maths on the CPU copy
+
+    def branch_predictions(self, model, site, split, cfg, device) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Four scores of one model on the labelled breasts with both modalities (the same
+        breasts, in the same order, for each): {"fused": :meth:`predict`'s MCC-weighted fusion,
+        "mean": the plain mean of the two modalities' plain view means, "ffdm" | "cesm": one
+        modality's MCC-weighted view fusion alone}: (labels, scores) each."""
+        p_slots, avail, y, m = self._slot_probs(model, site, split, cfg, device)
+        model = model.cpu()
+        pm, am = model.modality_probs(p_slots, avail)
+        keep = (m & am.all(dim=1)).numpy()
+        a = avail.float()
+        view_mean = torch.stack(
+            [(p_slots * a)[:, k : k + 2].sum(1) / a[:, k : k + 2].sum(1).clamp_min(1) for k in (0, 2)], 1
+        )
+        scores = {
+            "fused": model.fuse(p_slots, avail),
+            "mean": view_mean.mean(dim=1),
+            "ffdm": pm[:, 0],
+            "cesm": pm[:, 1],
+        }
+        yk = y.numpy()[keep].astype(np.int64)
+        return {k: (yk, v.numpy()[keep].astype(np.float64)) for k, v in scores.items()}
 
     # ---- site predict: every breast of every exam, any split, labelled or not -------------------
 

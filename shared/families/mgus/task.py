@@ -172,19 +172,41 @@ class MgusTask(Task):
         the lesions with an ultrasound image (in two-step step 1 the fusion network is still
         untrained). NaN where undefined (one class, or a site without ultrasound): every site's
         reply has the same keys, and the server's weighted mean skips the NaNs. Aggregates only."""
+        return branch_aucs(self._branch_columns(model, site, "test", cfg, device), site.units["test"])
+
+    @torch.no_grad()
+    def branch_predictions(
+        self, model: nn.Module, site: FamilySite, split: str, cfg: RunConfig, device: torch.device
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Seed 002's three scores of one model, per lesion, on the lesions with both modalities
+        (the same lesions, in the same order, for each): {"mg" | "us" | "fused": (labels, scores)},
+        each lesion's score the mean over its samples (as :meth:`predict`). The fused score is
+        the fusion network's whatever the training step (:meth:`predict`'s after training)."""
+        cols = self._branch_columns(model, site, split, cfg, device)
+        out = {}
+        for branch in BRANCHES:
+            _, y, p = branch_units(cols, site.units[split], branch, only_us=True)
+            out[branch] = (y.astype(np.int64), p.astype(np.float64))
+        return out
+
+    @torch.no_grad()
+    def _branch_columns(
+        self, model: nn.Module, site: FamilySite, split: str, cfg: RunConfig, device: torch.device
+    ) -> dict[str, list[np.ndarray]]:
+        """Per-sample columns of ``split``: unit, the three branches' probabilities, has_us, y, mask."""
         model.to(device).eval()
-        unit_of_sample = site.info["unit_of_sample"]["test"]
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("unit", "mg", "us", "fused", "has_us", "y", "mask")}
-        for batch in site.loader("test", cfg.batch_size, shuffle=False, workers=cfg.workers):
+        unit_of_sample = site.info["unit_of_sample"][split]
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("unit", *BRANCHES, "has_us", "y", "mask")}
+        for batch in site.loader(split, cfg.batch_size, shuffle=False, workers=cfg.workers):
             with autocast(device, cfg.amp):
                 out = model(batch["mg"].to(device), batch["us"].to(device))
-            for k in ("mg", "us", "fused"):
+            for k in BRANCHES:
                 cols[k].append(torch.sigmoid(out[k].float()).cpu().numpy())
             cols["unit"].append(unit_of_sample[batch["index"].numpy()])
             cols["has_us"].append(batch["has_us"].numpy().astype(bool))
             cols["y"].append(batch["y"].numpy())
             cols["mask"].append(batch["y_mask"].numpy().astype(bool))
-        return branch_aucs(cols, site.units["test"])
+        return cols
 
     # ---- site predict: every breast of every exam, any split, labelled or not -------------------
 
@@ -324,7 +346,21 @@ class MgusTask(Task):
                     )  # fmt: skip
 
 
+BRANCHES = ("mg", "us", "fused")
 BRANCH_AUC_KEYS = ("test_auc_mg", "test_auc_us", "test_auc_fused")
+
+
+def branch_units(
+    cols: dict[str, list[np.ndarray]], n_units: int, branch: str, only_us: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unit ids, labels, mean probabilities) of one branch from per-sample columns, over the
+    samples with ultrasound (``only_us``) or all of them."""
+    if not cols["unit"]:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    unit, has_us, y, mask = (np.concatenate(cols[k]) for k in ("unit", "has_us", "y", "mask"))
+    sel = has_us if only_us else np.ones_like(has_us)
+    p = np.concatenate(cols[branch])
+    return unit_predictions([unit[sel]], [p[sel]], [y[sel]], [mask[sel]], n_units)
 
 
 def branch_aucs(cols: dict[str, list[np.ndarray]], n_units: int) -> dict[str, float]:
@@ -332,16 +368,8 @@ def branch_aucs(cols: dict[str, list[np.ndarray]], n_units: int) -> dict[str, fl
     probabilities, has_us, y, mask): the mammography branch over every sample, the others over
     the samples with ultrasound, each averaged per unit; NaN where a score has one class or none."""
     out = dict.fromkeys(BRANCH_AUC_KEYS, float("nan"))
-    if not cols["unit"]:
-        return out
-    unit, has_us, y, mask = (np.concatenate(cols[k]) for k in ("unit", "has_us", "y", "mask"))
-    for key, branch, sel in (
-        ("test_auc_mg", "mg", np.ones_like(has_us)),
-        ("test_auc_us", "us", has_us),
-        ("test_auc_fused", "fused", has_us),
-    ):
-        p = np.concatenate(cols[branch])
-        _, yu, pu = unit_predictions([unit[sel]], [p[sel]], [y[sel]], [mask[sel]], n_units)
+    for key, branch in zip(BRANCH_AUC_KEYS, BRANCHES):
+        _, yu, pu = branch_units(cols, n_units, branch, only_us=branch != "mg")
         if len(yu):
             out[key] = float(auc_mann_whitney(yu.astype(np.int8), pu.astype(np.float64)))
     return out
