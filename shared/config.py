@@ -21,7 +21,8 @@ from fedbreast.shared.data.rules import ConfigError
 from fedbreast.shared.families import FAMILIES, FamilySettings
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
-VIEW_FUSIONS = ("average", "concat", "single")  # single: seed 001's no-fusion baseline
+# single: seed 001's no-fusion baseline; left-right: its left-right-only fusion (no CC-MLO fusion)
+VIEW_FUSIONS = ("average", "concat", "single", "left-right")
 HEADS = ("pooled", "vgg_fc")
 AMP_MODES = ("auto", "bf16", "off")
 WINDOWS = ("percentile", "dicom", "fixed")

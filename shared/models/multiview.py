@@ -7,7 +7,16 @@ predicted probabilities ("average", the paper's decision fusion, Fig. 2b) or by
 concatenating the features into one classifier ("concat", Fig. 2c). "single" is the
 paper's no-fusion baseline: the same CNN and one linear head score every view image on
 its own, and a breast's probability is the mean of its CC and MLO probabilities (no
-left-right and no CC-MLO feature fusion).
+left-right and no CC-MLO feature fusion). "left-right" is the paper's left-right fusion
+model: one linear head scores every view image from [its features, the contralateral
+breast's features of the same view] (no CC-MLO fusion), and a breast's probability is
+again the mean of its CC and MLO probabilities.
+
+Seed 001 trains in two stages: first the CNN alone on every LE/DES image pair, then the
+whole fusion network from that CNN. ``cnn_head=True`` adds the first stage's per-image
+classifier (``cnn_head``, one linear layer on a view image's own features; under "single"
+its ``view_head`` is that classifier already) and :meth:`~MultiViewFusionNet.view_logits`
+scores each view image with it; the forward pass never uses it, so it only adds tensors.
 
 The paper's 2-way softmax over (benign, malignant) is re-parametrised as a single
 logit per breast: softmax([a, b])[1] == sigmoid(b - a), so a 1-output FC is exactly as
@@ -64,6 +73,7 @@ class MultiViewFusionNet(nn.Module):
         weights_path: str | os.PathLike[str] | None = None,
         dropout: float = 0.0,
         image_hw: tuple[int, int] = (512, 256),
+        cnn_head: bool = False,
     ) -> None:
         super().__init__()
         if view_fusion not in VIEW_FUSIONS:
@@ -103,14 +113,51 @@ class MultiViewFusionNet(nn.Module):
         if view_fusion == "single":
             # One FC for every view image: a view never sees another view's features.
             self.view_head = nn.Linear(self.embed_dim, 1)
+        elif view_fusion == "left-right":
+            # One FC for every view image on [own, contralateral] of its view: no CC-MLO fusion.
+            self.pair_head = nn.Linear(pair_dim, 1)
         elif view_fusion == "average":
             # One FC per view, shared by both breasts so that the model is left/right symmetric.
             self.cc_head = nn.Linear(pair_dim, 1)
             self.mlo_head = nn.Linear(pair_dim, 1)
         else:
             self.head = nn.Linear(2 * pair_dim, 1)
+        if cnn_head and view_fusion != "single":
+            self.cnn_head = nn.Linear(self.embed_dim, 1)  # two-stage training's per-image classifier
 
-    def forward(self, x: Tensor) -> Tensor:
+    def image_head(self) -> nn.Module | None:
+        """The per-image classifier of two-stage training's first stage (:meth:`view_logits`)."""
+        if self.view_fusion == "single":
+            return self.view_head
+        head = getattr(self, "cnn_head", None)
+        return head if isinstance(head, nn.Module) else None
+
+    def fusion_modules(self) -> list[nn.Module]:
+        """The layers over the per-view embeddings that only the fusion network uses (none under
+        "single"): two-stage training holds them as initialised while the CNN trains alone."""
+        names = {"single": (), "left-right": ("pair_head",), "average": ("cc_head", "mlo_head"), "concat": ("head",)}
+        return [getattr(self, n) for n in names[self.view_fusion]]
+
+    def two_stage_held(self, cnn_stage: bool) -> list[nn.Module]:
+        """What a round of two-stage training holds as it is: the fusion layers while the CNN
+        trains alone (``cnn_stage``), then the per-image head, which the fusion network does not
+        use (none under "single", whose ``view_head`` is both; none without ``cnn_head``)."""
+        if cnn_stage:
+            return self.fusion_modules()
+        head = self.image_head()
+        return [head] if head is not None and self.view_fusion != "single" else []
+
+    def view_logits(self, x: Tensor) -> Tensor:
+        """(B, 4, C, H, W) -> (B, 4) logits of each view image on its own (:data:`VIEW_ORDER`),
+        by the per-image classifier (:meth:`image_head`): two-stage training's first stage."""
+        head = self.image_head()
+        if head is None:
+            raise ValueError(f"view_logits needs cnn_head=True (view_fusion={self.view_fusion!r})")
+        z: Tensor = head(self.embeddings(x)).squeeze(-1)
+        return z
+
+    def embeddings(self, x: Tensor) -> Tensor:
+        """(B, 4, C, H, W) -> (B, 4, E): the shared CNN's features of each view image."""
         if x.dim() != 5 or x.shape[1] != len(VIEW_ORDER) or x.shape[2] != self.in_channels:
             raise ValueError(
                 f"expected (B, 4, {self.in_channels}, H, W) in view order {VIEW_ORDER}, got {tuple(x.shape)}"
@@ -130,6 +177,10 @@ class MultiViewFusionNet(nn.Module):
             if self.channels_last:
                 views = views.contiguous(memory_format=torch.channels_last)
             emb = self.embed(self.backbone(views)).view(b, len(VIEW_ORDER), -1)
+        return emb
+
+    def forward(self, x: Tensor) -> Tensor:
+        emb = self.embeddings(x)
         if self.view_fusion == "single":
             z = self.view_head(emb).squeeze(-1)  # (B, 4) per-view logits in VIEW_ORDER
             return torch.stack((mean_probability_logit(z[:, 0], z[:, 1]), mean_probability_logit(z[:, 2], z[:, 3])), 1)
@@ -139,6 +190,8 @@ class MultiViewFusionNet(nn.Module):
         mlo = torch.stack((torch.cat((lmlo, rmlo), 1), torch.cat((rmlo, lmlo), 1)), 1)
         if self.view_fusion == "concat":
             return self.head(torch.cat((cc, mlo), -1)).squeeze(-1)
+        if self.view_fusion == "left-right":
+            return mean_probability_logit(self.pair_head(cc).squeeze(-1), self.pair_head(mlo).squeeze(-1))
         return mean_probability_logit(self.cc_head(cc).squeeze(-1), self.mlo_head(mlo).squeeze(-1))
 
 
@@ -190,6 +243,8 @@ def _head_params(embed_dim: int, view_fusion: str) -> int:
     pair = 2 * embed_dim
     if view_fusion == "single":
         return embed_dim + 1
+    if view_fusion == "left-right":
+        return pair + 1
     return 2 * (pair + 1) if view_fusion == "average" else 2 * pair + 1
 
 
