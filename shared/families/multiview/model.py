@@ -18,5 +18,6 @@ def build(cfg: RunConfig) -> nn.Module:
             weights_path=cfg.weights_path or None,
             dropout=cfg.head_dropout,
             image_hw=(cfg.image_h, cfg.image_w),
+            cnn_head=cfg.multiview_cnn_rounds > 0,  # two-stage training's per-image head
         )
     )

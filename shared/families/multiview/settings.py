@@ -13,7 +13,19 @@ class MultiviewSettings(Settings):
     # of the faithful vgg_fc head (seed 001's released code: 0.5), on the per-view embeddings of
     # the pooled head. 0 (the default) keeps the earlier runs' model; no tensor depends on it.
     head_dropout: float = 0.0
+    # Seed 001's two-stage training: for the first K rounds the shared CNN trains alone, each view
+    # image classified on its breast's label by a per-image head (the network's cnn_head), the
+    # fusion layers held as initialised; from round K + 1 the fusion network trains end to end
+    # from that CNN. 0 (the default): end to end from round 1, the earlier runs' model (K > 0
+    # adds the per-image head's tensors, the same in every round).
+    multiview_cnn_rounds: int = 0
 
     def check(self, bad: Bad) -> None:
         if not 0 <= self.head_dropout < 1:
             raise bad("head_dropout", "must be in [0, 1)")
+        if self.multiview_cnn_rounds < 0:
+            raise bad("multiview_cnn_rounds", "must not be negative")
+        # Mixed into the run config: a multiview run whose fusion network would never train.
+        rounds = getattr(self, "rounds", None)
+        if getattr(self, "model", None) == "multiview" and rounds is not None and self.multiview_cnn_rounds >= rounds:
+            raise bad("multiview_cnn_rounds", f"must be below rounds ({rounds}): the fusion network trains after it")

@@ -3,12 +3,14 @@ the site Task of the ``multiview`` family (its data, training and scoring)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.datasets import ExamDataset, make_loader
@@ -17,7 +19,8 @@ from fedbreast.shared.data.preprocess import lesion_mask
 from fedbreast.shared.data.site_data import channels_for, preprocess_for, site_for, site_records
 from fedbreast.shared.explain import ViewHeatmap
 from fedbreast.shared.models.multiview import VIEW_ORDER
-from fedbreast.shared.training.local import _in_channels, autocast, match_channels, train_local
+from fedbreast.shared.training.dp import per_exam_bce
+from fedbreast.shared.training.local import _in_channels, autocast, masked_bce, match_channels, train_local
 from fedbreast.shared.training.local import predict as predict_multiview
 from fedbreast.shared.training.tasks import (
     ScoreRow,
@@ -35,13 +38,23 @@ class MultiviewTask(Task):
     def open(self, site_dir: str | Path, cfg: RunConfig) -> Any:
         return site_for(site_dir, cfg)
 
+    @staticmethod
+    def cnn_stage(cfg: RunConfig, server_round: int | None) -> bool:
+        """Two-stage training (``multiview-cnn-rounds``): the rounds in which the CNN trains alone."""
+        return server_round is not None and server_round <= cfg.multiview_cnn_rounds
+
     def train(self, model, site, cfg, server_round, device, **local):
-        kwargs = dict(
-            train_settings(cfg, server_round, device),
-            augment=self.augmenter(cfg, server_round) if cfg.augment else None,
-        )
+        augment = self.augmenter(cfg, server_round) if cfg.augment else None
+        kwargs = dict(train_settings(cfg, server_round, device), augment=augment)
+        cnn_stage = self.cnn_stage(cfg, server_round)
+        if cnn_stage:  # each view image on its own, on its breast's label (the loss applies the warp)
+            loss_fn = per_image_loss(augment, _in_channels(model), device, dp=local.get("dp") is not None)
+            kwargs.update(augment=None, loss_fn=loss_fn)
         loader = site.loader("train", cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed + server_round)
-        return train_local(model.to(device), loader, **{**kwargs, **local})
+        # Two-stage training holds what the stage does not use as it is: it leaves the round
+        # bit-identical at every site, so FedAvg keeps it. Nothing is held end to end.
+        with held_as_is(model.two_stage_held(cnn_stage)):
+            return train_local(model.to(device), loader, **{**kwargs, **local})
 
     def predict(self, model, site, split, cfg, device, server_round=None):
         loader = site.loader(split, cfg.batch_size, shuffle=False, workers=cfg.workers)
@@ -122,6 +135,40 @@ class MultiviewTask(Task):
                             ex.patient, key, side, v[1:], image, maps[j, i, k], "Grad-CAM++",
                             score=float(p[i, j]), lesion=mask, record=rec,
                         )  # fmt: skip
+
+
+def per_image_loss(
+    augment: Callable[[torch.Tensor], torch.Tensor] | None, in_channels: int, device: torch.device, dp: bool
+) -> Callable[[Any, Mapping[str, torch.Tensor]], tuple[torch.Tensor, int]]:
+    """Two-stage training's first stage: BCE of every view image's own logit (the network's
+    per-image head) on its breast's label. Under DP-SGD the mean over exams of each exam's loss
+    (each sample's loss its own), else over the batch's labelled images, as the fused loss."""
+
+    def loss_fn(m: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        if not bool(batch["y_mask"].any()):
+            return torch.zeros((), device=device), 0
+        x = match_channels(batch["x"].to(device, non_blocking=True), in_channels)
+        if augment is not None:
+            x = augment(x)
+        # (B, 2) breasts -> (B, 4) view images in VIEW_ORDER (LCC, LMLO: left; RCC, RMLO: right)
+        y, mask = (batch[k].to(device, non_blocking=True).repeat_interleave(2, 1) for k in ("y", "y_mask"))
+        z = m.view_logits(x)
+        return (per_exam_bce(z, y, mask).mean() if dp else masked_bce(z, y, mask)), x.shape[0]
+
+    return loss_fn
+
+
+@contextlib.contextmanager
+def held_as_is(modules: list[nn.Module]) -> Iterator[None]:
+    """``requires_grad`` off for the modules' parameters for the block, their flags restored after."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _view_record(ex: Any, side: str, view: str, energy: str | None) -> Any:
