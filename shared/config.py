@@ -189,6 +189,8 @@ class RunConfig(FamilySettings):
         values = {k: getattr(self, k) for k in keys}
         if self.group_norm:  # GroupNorm models have other tensors than the BatchNorm model
             values["norm"] = "group"
+        if self.model == "multiview" and self.multiview_cnn_rounds > 0:  # two-stage: a per-image head too
+            values["cnn_head"] = True
         blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -131,6 +131,8 @@ def test_default_multiview_model_has_no_per_image_head() -> None:
     assert not any(k.startswith("cnn_head") for k in default.state_dict())
     two_stage = build(RunConfig(**TINY, multiview_cnn_rounds=1))
     assert set(two_stage.state_dict()) == set(default.state_dict()) | {"cnn_head.weight", "cnn_head.bias"}
+    # Other tensors, another signature: a checkpoint of one cannot resume the other.
+    assert RunConfig(**TINY, multiview_cnn_rounds=1).model_signature() != RunConfig(**TINY).model_signature()
 
 
 @pytest.mark.parametrize("view_fusion, fusion", [("average", {"cc_head", "mlo_head"}), ("left-right", {"pair_head"})])
