@@ -5,6 +5,7 @@ sites' test splits, pooled (the predictions themselves, which a real federation 
 sees: a measurement tool, not a product path):
 
 1. multiview  seed 001: multi-view fusion (``view_fusion=average``) beats single view (``single``)
+              and left-right fusion (``left-right``), which beats single view
 2. cem        seed 001: CEM (LE + DES, ``in_channels=2``) beats LE only (``in_channels=1``)
 3. birads     seed 000: BI-RADS feature fusion beats pixels only (``birads_fusion=none``)
 4. psft       seed 000: patient-specific fine-tuning beats the same model without it
@@ -71,6 +72,7 @@ ARMS: dict[str, tuple[str, dict[str, Any], str]] = {
     "multiview CEM, local-only": ("multiview", {}, "local"),
     "multiview CEM, pooled": ("multiview", {}, "pooled"),
     "single view CEM, federated": ("multiview", {"view_fusion": "single"}, "federated"),
+    "left-right fusion CEM, federated": ("multiview", {"view_fusion": "left-right"}, "federated"),
     "multiview LE only, federated": ("multiview", {"in_channels": 1}, "federated"),
     "birads feature fusion": ("birads", {"birads_fusion": "feature"}, "federated"),
     "birads feature fusion + PSFT": ("birads", {"birads_fusion": "feature", "patient_finetune": True}, "psft"),
@@ -116,7 +118,21 @@ CLAIMS: dict[str, list[Comparison]] = {
             "multi-view fusion beats single view (seed 001)",
             "multiview CEM, federated",
             "single view CEM, federated",
-        )
+        ),
+        Comparison(
+            "multiview",
+            "1b",
+            "multi-view fusion beats left-right fusion (seed 001)",
+            "multiview CEM, federated",
+            "left-right fusion CEM, federated",
+        ),
+        Comparison(
+            "multiview",
+            "1c",
+            "left-right fusion beats single view (seed 001: AUC 0.93 -> 0.95 on CEM)",
+            "left-right fusion CEM, federated",
+            "single view CEM, federated",
+        ),
     ],
     "cem": [
         Comparison(
@@ -592,6 +608,9 @@ def _notes(results: dict[str, ArmResult]) -> list[str]:
         "view image alone; a breast is the mean of its CC and MLO probabilities. Unlike the seed it is trained "
         "end to end on the breast label through that mean (the seed trained per image), so it is scored at the "
         "same unit as the fusion model.",
+        "- Left-right fusion (`view_fusion=left-right`, seed 001's left-right fusion model): one linear layer, "
+        "shared by every view image, classifies an image from its features and its contralateral breast's in the "
+        "same view; a breast is the mean of its CC and MLO probabilities (no CC-MLO fusion).",
         "- LE only (`in_channels=1`): CEM sites feed their LE images, FFDM sites their FFDM images; the CEM arm "
         "feeds LE + DES at CEM sites and FFDM with a zero DES channel elsewhere. Only CEM sites' units can differ "
         "in input, so claim 2 is also given on them alone.",
