@@ -164,6 +164,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         engine=args.engine,
         site_policy=Path(args.site_policy) if args.site_policy else None,
         holdout_site=args.holdout_site,
+        init_checkpoint=args.init_checkpoint,
     )
     return 0
 
@@ -250,7 +251,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if args.epochs < 1:
             raise ConfigError(f"--epochs {args.epochs}: must be at least 1")
         overrides.update(rounds=args.epochs, local_epochs=1)
-    pretrain(args.sites_dir, args.out, overrides, seed=args.seed, norm=args.norm, part=args.part)
+    pretrain(
+        args.sites_dir, args.out, overrides, seed=args.seed, norm=args.norm, part=args.part, model_out=args.model_out
+    )
     return 0
 
 
@@ -435,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="this site takes no part in training; it is evaluated every round and reported as external validation",
     )
+    p.add_argument(
+        "--init-checkpoint",
+        metavar="CKPT",
+        help="the run's initial model: a run checkpoint of the same model settings (e.g. pretrain --model-out's)",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser(
@@ -487,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch: the model as built (for runs without DP); group: the DP model's GroupNorm (for dp runs)",
     )
     p.add_argument("--part", help="which backbone of a family with several (e.g. mg.net, des); default the first")
+    p.add_argument(
+        "--model-out",
+        help="also write the whole network, heads included, as MODEL_OUT/checkpoints/final.pt: "
+        "start a run from it with simulate --init-checkpoint",
+    )
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
     _add_run_config_flags(p)
     p.set_defaults(func=cmd_pretrain)

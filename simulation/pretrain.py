@@ -90,6 +90,7 @@ def pretrain(
     seed: int = 0,
     norm: str = "batch",
     part: str | None = None,
+    model_out: str | os.PathLike[str] | None = None,
     echo=print,
 ) -> dict[str, Any]:
     """Train the family's network on the public sites under ``sites_dir`` and write its backbone
@@ -143,6 +144,7 @@ def pretrain(
     torch.save(state, tmp)
     os.replace(tmp, out)  # a reader never sees half a file
     stem = next(m for m in body.modules() if isinstance(m, nn.Conv2d))
+    checkpoint = _write_model(model_out, model, cfg, norm, dirs) if model_out is not None else None
     info = {
         "out": str(out),
         "model": cfg.model,
@@ -153,6 +155,7 @@ def pretrain(
         "sites": [str(d) for d in dirs],
         "parameters": sum(p.numel() for p in body.parameters()),
         "seconds": round(time.perf_counter() - t0, 1),
+        "checkpoint": checkpoint,
     }
     echo(
         f"pretrained {cfg.backbone} ({chosen} of model {cfg.model}, {norm} norm, {info['stem_channels']}-channel "
@@ -160,3 +163,24 @@ def pretrain(
     )
     echo(f"use it with --set weights-path={out}" + (" --set dp=local" if norm == "group" else ""))
     return {**info, "network": model}
+
+
+def _write_model(
+    model_out: str | os.PathLike[str], model: nn.Module, cfg: RunConfig, norm: str, dirs: list[Path]
+) -> str:
+    """The whole pretrained network (heads included) as MODEL_OUT/checkpoints/final.pt, a run
+    checkpoint that ``init-checkpoint`` (``fedbreast simulate --init-checkpoint``) starts a run
+    from: public pretraining of the full model, then private fine-tuning. Its model signature is
+    the run's with ``norm = group`` for a ``--norm group`` network (a DP run's, or ``norm = group``)."""
+    from fedbreast.server.checkpoints import save_checkpoint
+
+    run_cfg = cfg.replace(norm="group") if norm == "group" else cfg
+    arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    meta = {
+        "round": 0,
+        "model_signature": run_cfg.model_signature(),
+        "config": run_cfg.to_flower(),
+        "pretrained_on": [str(d) for d in dirs],
+        "pretrain_passes": cfg.rounds * cfg.local_epochs,
+    }
+    return str(save_checkpoint(Path(model_out), "final", arrays, meta))

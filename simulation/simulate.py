@@ -119,6 +119,7 @@ def simulate(
     engine: str = "ray",
     site_policy: Path | None = None,
     holdout_site: str | None = None,
+    init_checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Run the federation; with ``sites_dir``, on already-ingested site directories
     (one sub-folder per site, e.g. CDD-CESM imported per machine) instead of generated ones.
@@ -126,7 +127,8 @@ def simulate(
     (the same apps in this process, sites in turn: simulation/inprocess.py). ``site_policy``:
     a TOML file whose ``[policy]`` every simulated site enforces (client/policy.py).
     ``holdout_site``: that site takes no part in training and is evaluated every round, reported
-    as external validation."""
+    as external validation. ``init_checkpoint``: the run's initial model (a run checkpoint, e.g.
+    ``fedbreast pretrain --model-out``'s; its model signature must be the run's)."""
     t0 = time.perf_counter()
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
@@ -181,6 +183,12 @@ def simulate(
     if holdout_site is not None:
         run_config["holdout-site"] = holdout_site
         echo(f"{holdout_site} is held out of training: evaluated every round as external validation")
+    if init_checkpoint is not None:
+        from fedbreast.server.checkpoints import initial_checkpoint
+
+        initial_checkpoint(Path(init_checkpoint), cfg.model_signature())  # refused here, naming it, not per round
+        run_config["init-checkpoint"] = str(Path(init_checkpoint).resolve())
+        echo(f"the initial model is {init_checkpoint}")
     if site_policy is not None:
         from fedbreast.client.policy import SitePolicy  # the sites' own code reads it again per message
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -161,3 +162,29 @@ def test_a_folder_without_ingested_sites_is_refused_naming_it(tmp_path, capsys) 
     assert "nowhere: not a folder" in capsys.readouterr().err
     assert main(["pretrain", "--sites-dir", str(empty), "--out", str(out), "--set", "dp=local"]) == 2
     assert "pretraining is on public data, without DP" in capsys.readouterr().err
+
+
+def test_the_whole_pretrained_network_is_a_checkpoint_a_run_starts_from(public, tmp_path) -> None:
+    from fedbreast.server.checkpoints import CheckpointError, initial_checkpoint
+    from fedbreast.simulation.simulate import simulate
+
+    info = pretrain(public["sites"], tmp_path / "w.pt", dict(TINY), norm="group", model_out=tmp_path / "pre")
+    ckpt_path = Path(info["checkpoint"])
+    assert ckpt_path == tmp_path / "pre" / "checkpoints" / "final.pt"
+    # Heads included: every tensor of the network, for the DP run and for the no-DP run with norm = group.
+    for cfg in (RunConfig(**TINY, dp="local"), RunConfig(**TINY, norm="group")):
+        ckpt = initial_checkpoint(ckpt_path, cfg.model_signature())
+        model = build_model(cfg)
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in ckpt.arrays.items()}, strict=True)
+        trained = info["network"].state_dict()
+        assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
+    # A BatchNorm run cannot start from it: refused before any round, naming the file.
+    with pytest.raises(CheckpointError, match=r"final\.pt: was written by a different model"):
+        simulate(
+            tmp_path / "run",
+            sites_dir=public["sites"],
+            overrides=dict(TINY),
+            init_checkpoint=ckpt_path,
+            engine="inprocess",
+            echo=lambda *_: None,
+        )
