@@ -7,6 +7,17 @@ clipping) with almost no noise: it separates the cost of the architecture from t
 the noise.
 
     .venv/bin/python benchmarks/dp_accuracy.py --out runs/dp-acc --json benchmarks/results/dp_accuracy.json
+
+With ``--pretrained CKPT`` (issue 17 item 4) it runs the public-pretraining table instead: every
+arm starts from the same network pretrained on public data (``fedbreast pretrain --norm group
+--model-out DIR``: backbone and heads, given to each run as its ``init-checkpoint``; the no-DP
+arms build the same GroupNorm network through ``norm = group``). DP-SGD trains the head only
+(``dp-train-scope = head``; the no-DP head arm: ``freeze = backbone``); an evaluation-only run
+scores the start itself. On each of ``--seeds`` (a generated federation each); the table gives
+mean ± SD over seeds and the paired difference to no DP:
+
+    .venv/bin/python benchmarks/dp_accuracy.py --pretrained DIR/checkpoints/final.pt --seeds 0,1,2 \\
+        --out runs/dp-pre --json benchmarks/results/dp_pretrained.json
 """
 
 from __future__ import annotations
@@ -46,6 +57,22 @@ VARIANTS |= {
 }
 
 
+def pretrained_variants(lr: float, optimizer: str = "sgd") -> dict[str, dict]:
+    """The arms of the public-pretraining table: one pretrained start (the run's init-checkpoint,
+    heads included), one optimizer and learning rate. ``None``: the start itself, not fine-tuned."""
+    start = {"norm": "group", "lr": lr, "optimizer": optimizer}
+    out: dict[str, dict] = {
+        "pretrained, not fine-tuned": {},
+        "no DP, head": {**start, "freeze": "backbone"},
+        "no DP, all layers": {**start, "freeze": "none"},
+    }
+    out |= {
+        f"eps={e:g}, head": {**start, "dp": "local", "dp_epsilon": float(e), "dp_train_scope": "head"}
+        for e in (8, 3, 1)
+    }
+    return out
+
+
 def final_row(run_dir: Path) -> dict:
     store = MetricStore(run_dir)
     last = max(r["round"] for r in store.rows("aggregate"))
@@ -55,6 +82,7 @@ def final_row(run_dir: Path) -> dict:
     return {
         "rounds": last,
         "pooled_test_auc": agg.get("test_pooled_auc"),
+        "val_auc_mean": agg.get("val_auc"),
         "site_test_auc": sites,
         "epsilon_max": train[0].get("dp_epsilon") if train else None,
     }
@@ -102,9 +130,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--pretrained",
+        help="the whole network of fedbreast pretrain --norm group --model-out DIR (DIR/checkpoints/final.pt): "
+        "run the public-pretraining table from it",
+    )
+    ap.add_argument("--seeds", default="0", help="data seeds for --pretrained, e.g. 0,1,2")
+    ap.add_argument("--lr", type=float, default=0.01, help="learning rate of every --pretrained arm")
+    ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer of every --pretrained arm")
     args = ap.parse_args()
     if args.noise_table:
         return noise_table(args.train_exams, args.rounds)
+    if args.pretrained:
+        return pretrained_table(args)
     results = {}
     for name, changes in VARIANTS.items():
         if args.only and name not in args.only:
@@ -135,6 +173,77 @@ def main() -> None:
         delta = "" if base is None or r["pooled_test_auc"] is None else f"{r['pooled_test_auc'] - base:+.3f}"
         cells = " | ".join(f"{r['site_test_auc'].get(s, float('nan')):.3f}" for s in sites)
         print(f"| {name} | {eps} | {r['pooled_test_auc']:.3f} | {delta} | {cells} |")
+
+
+def _run(run_dir: Path, args: argparse.Namespace, seed: int, data_dir: Path, changes: dict) -> dict:
+    t = time.perf_counter()
+    ckpt = Path(args.pretrained).resolve()
+    if not changes:  # the pretrained network as it is: an evaluation-only run of it
+        from fedbreast.simulation.evaluate import evaluate_checkpoint
+        from fedbreast.simulation.simulate import prepare_federation
+
+        prepare_federation(data_dir, args.sites, args.patients, seed, echo=lambda *_: None)
+        evaluate_checkpoint(ckpt, run_dir, sites_dir=data_dir / "sites", echo=lambda _line: None)
+    else:
+        simulate(
+            run_dir,
+            sites=args.sites,
+            patients=args.patients,
+            seed=seed,
+            data_dir=data_dir,
+            overrides={"rounds": args.rounds, "dp_delta": 1e-5, **changes},
+            init_checkpoint=ckpt,
+            echo=lambda _line: None,
+        )
+    return final_row(run_dir) | {"seconds": round(time.perf_counter() - t, 1)}
+
+
+def pretrained_table(args: argparse.Namespace) -> None:
+    """Every arm on every seed (results merged into --json as they come, so a long run can be resumed
+    with --only), then the table: pooled test AUC mean ± SD over seeds, and the mean paired
+    difference to "no DP, head" with its range over seeds."""
+    import numpy as np
+
+    seeds = [int(x) for x in str(args.seeds).split(",")]
+    results: dict = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    variants = pretrained_variants(args.lr, args.optimizer)
+    for seed in seeds:
+        for name, changes in variants.items():
+            key = f"{name} | seed {seed}"
+            if (args.only and name not in args.only) or key in results:
+                continue
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            results[key] = _run(args.out / f"seed-{seed}" / slug, args, seed, args.out / f"data-{seed}", changes)
+            results[key] |= {
+                "variant": name,
+                "seed": seed,
+                "lr": args.lr,
+                "optimizer": args.optimizer,
+                "changes": changes,
+            }
+            print(key, json.dumps(results[key]), flush=True)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(results, indent=2) + "\n")
+    base = {r["seed"]: r["pooled_test_auc"] for r in results.values() if r["variant"] == "no DP, head"}
+    print(
+        f"\n{args.optimizer} lr {args.lr:g}, {args.rounds} rounds, {args.sites} sites x {args.patients} patients, seeds {seeds}"
+    )
+    print(
+        "| arm | ε spent (max over sites, mean) | pooled test AUC, mean ± SD | Δ vs no DP (head), mean [min, max] | per seed |"
+    )
+    print("|---|---|---|---|---|")
+    for name in variants:
+        rows = [r for r in results.values() if r["variant"] == name and r["seed"] in seeds]
+        if not rows:
+            continue
+        auc = np.array([r["pooled_test_auc"] for r in rows], dtype=float)
+        eps = [r["epsilon_max"] for r in rows if r["epsilon_max"] is not None]
+        d = np.array([r["pooled_test_auc"] - base[r["seed"]] for r in rows if r["seed"] in base], dtype=float)
+        delta = f"{d.mean():+.3f} [{d.min():+.3f}, {d.max():+.3f}]" if len(d) else "-"
+        per = ", ".join(f"{r['pooled_test_auc']:.3f}" for r in sorted(rows, key=lambda r: r["seed"]))
+        sd = auc.std(ddof=1) if len(auc) > 1 else 0.0
+        print(f"| {name} | {np.mean(eps) if eps else '-'} | {auc.mean():.3f} ± {sd:.3f} | {delta} | {per} |")
 
 
 if __name__ == "__main__":
