@@ -856,7 +856,7 @@ def main() -> None:
         "multiview": ", ".join(f"{k}={getattr(_config('multiview', {}, args.seed), k)}" for k in keys),
         "birads": ", ".join(
             f"{k}={getattr(_config('birads', {}, args.seed), k)}"
-            for k in (*keys, "patch_size", "n_patches", "patch_energies")
+            for k in (*keys, "patch_size", "n_patches", "patch_energies", "birads_groups")
         ),
         **{
             fam: ", ".join(f"{k}={getattr(_config(fam, {}, args.seed), k)}" for k in (*keys, *extra))
