@@ -321,8 +321,14 @@ class RunConfig(FamilySettings):
                 f"cannot run with {' and '.join(self.fine_tunes_without_dp)}: they fine-tune on the site's data "
                 "without DP-SGD",
             )
-        if self.norm == "batch" and self.dp != "off":
-            raise bad("norm", "DP-SGD cannot clip per-exam gradients through BatchNorm; use auto or group")
+        if self.norm == "batch" and self.dp != "off" and (self.dp != "local" or self.dp_train_scope != "head"):
+            # With dp-train-scope = head the backbone, BatchNorm included, is fixed in eval mode: a
+            # public-pretrained affine map that no private statistic or gradient reaches.
+            raise bad(
+                "norm",
+                "DP-SGD cannot clip per-exam gradients through BatchNorm: under DP it needs dp = local with "
+                "dp-train-scope = head (the backbone stays fixed, in eval mode), or use norm = auto or group",
+            )
         if self.cross_site and self.dp != "off":
             raise bad(
                 "cross_site",

@@ -84,7 +84,7 @@ def test_a_groupnorm_pretraining_is_what_a_dp_run_starts_from_and_only_a_dp_run(
     assert plain.model_signature() == RunConfig(**TINY, dp="local").model_signature()
     assert plain.model_signature() != RunConfig(**TINY).model_signature()
     with pytest.raises(ConfigError, match="norm = 'batch': DP-SGD cannot clip per-exam gradients through BatchNorm"):
-        RunConfig(**TINY, dp="local", norm="batch")
+        RunConfig(**TINY, dp="local", norm="batch")  # dp-train-scope = last-blocks trains BatchNorm layers
 
 
 class Exams(torch.utils.data.Dataset):
@@ -188,3 +188,29 @@ def test_the_whole_pretrained_network_is_a_checkpoint_a_run_starts_from(public, 
             engine="inprocess",
             echo=lambda *_: None,
         )
+
+
+def test_a_batchnorm_backbone_under_dp_stays_fixed_in_eval_mode_and_only_the_head_trains(public, tmp_path) -> None:
+    """norm = batch with dp-train-scope = head: the public BatchNorm backbone (a --norm batch file)
+    is a fixed map; no private batch statistic enters its running stats, and DP-SGD trains the head."""
+    cfg = RunConfig(
+        **{**TINY, "batch_size": 2},
+        dp="local",
+        dp_noise_multiplier=1.0,
+        dp_train_scope="head",
+        norm="batch",
+        weights_path=str(public["out"]),
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    context = SimpleNamespace(node_config={}, run_config={"run-dir": str(tmp_path / "run")}, run_id=7)
+    session = local_dp_for(context, cfg, tmp_path / "site", 6, 1)  # type: ignore[arg-type]
+    assert session is not None
+    train_local(model, torch.utils.data.DataLoader(Exams(6), batch_size=2), lr=0.05, amp="off", dp=session)
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith(("cc_head.", "mlo_head.")) for k in changed), sorted(changed)
+    with pytest.raises(ConfigError, match="dp-train-scope = head"):
+        RunConfig(**TINY, dp="central", norm="batch", dp_train_scope="head")

@@ -393,6 +393,12 @@ class LocalDP:
 
         device = device or next(model.parameters()).device
         model.to(device).train()
+        # A BatchNorm layer with nothing to train (a BatchNorm backbone under dp-train-scope = head)
+        # stays in eval mode: in train mode it would normalise with, and keep, private batch
+        # statistics that DP-SGD does not account for.
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
         self.frozen = freeze_leading_blocks(model, self.freeze_blocks if self.train_scope == "last-blocks" else 0)
         # The privacy unit is the exam, and the multi-view model folds its views into the backbone's
         # batch. hooks/functorch keep that single, fast backbone call and sum each exam's views
