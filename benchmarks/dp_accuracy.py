@@ -9,9 +9,10 @@ the noise.
     .venv/bin/python benchmarks/dp_accuracy.py --out runs/dp-acc --json benchmarks/results/dp_accuracy.json
 
 With ``--pretrained CKPT`` (issue 17 item 4) it runs the public-pretraining table instead: every
-arm starts from the same network pretrained on public data (``fedbreast pretrain --norm group
---model-out DIR``: backbone and heads, given to each run as its ``init-checkpoint``; the no-DP
-arms build the same GroupNorm network through ``norm = group``). DP-SGD trains the head only
+arm starts from the same network pretrained on public data (``fedbreast pretrain
+--model-out DIR``: backbone and heads, given to each run as its ``init-checkpoint``; every arm
+builds the checkpoint's norm layers, ``norm = batch`` or ``group``: a BatchNorm backbone under DP
+stays fixed in eval mode). DP-SGD trains the head only
 (``dp-train-scope = head``; the no-DP head arm: ``freeze = backbone``); an evaluation-only run
 scores the start itself. On each of ``--seeds`` (a generated federation each); the table gives
 mean ± SD over seeds and the paired difference to no DP:
@@ -57,10 +58,10 @@ VARIANTS |= {
 }
 
 
-def pretrained_variants(lr: float, optimizer: str = "sgd") -> dict[str, dict]:
+def pretrained_variants(lr: float, optimizer: str = "sgd", norm: str = "batch") -> dict[str, dict]:
     """The arms of the public-pretraining table: one pretrained start (the run's init-checkpoint,
     heads included), one optimizer and learning rate. ``None``: the start itself, not fine-tuned."""
-    start = {"norm": "group", "lr": lr, "optimizer": optimizer}
+    start = {"norm": norm, "lr": lr, "optimizer": optimizer}
     out: dict[str, dict] = {
         "pretrained, not fine-tuned": {},
         "no DP, head": {**start, "freeze": "backbone"},
@@ -132,7 +133,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument(
         "--pretrained",
-        help="the whole network of fedbreast pretrain --norm group --model-out DIR (DIR/checkpoints/final.pt): "
+        help="the whole network of fedbreast pretrain --model-out DIR (DIR/checkpoints/final.pt): "
         "run the public-pretraining table from it",
     )
     ap.add_argument("--seeds", default="0", help="data seeds for --pretrained, e.g. 0,1,2")
@@ -206,7 +207,10 @@ def pretrained_table(args: argparse.Namespace) -> None:
 
     seeds = [int(x) for x in str(args.seeds).split(",")]
     results: dict = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
-    variants = pretrained_variants(args.lr, args.optimizer)
+    from fedbreast.server.checkpoints import read_checkpoint
+
+    norm = "group" if read_checkpoint(Path(args.pretrained)).meta["config"].get("norm") == "group" else "batch"
+    variants = pretrained_variants(args.lr, args.optimizer, norm)
     for seed in seeds:
         for name, changes in variants.items():
             key = f"{name} | seed {seed}"
