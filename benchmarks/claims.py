@@ -675,7 +675,7 @@ def _notes(results: dict[str, ArmResult]) -> list[str]:
 
 def repeated(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Each comparison across the data seeds (``fedbreast experiment``'s statistics): mean and SD of
-    each arm's AUC, the mean paired difference with a 95 % bootstrap CI over seeds, DeLong per seed,
+    each arm's AUC, the mean paired difference with a 95 % Student-t CI over seeds, DeLong per seed,
     the difference the seeds could detect (80 % power), and the verdict over repeats."""
     from fedbreast.simulation.experiment import Repeat, summarise
 
@@ -733,7 +733,8 @@ def repeated_markdown(rows: list[dict[str, Any]], seeds: list[int]) -> list[str]
         f"## Over {len(seeds)} data seeds ({', '.join(map(str, seeds))})",
         "",
         "Each seed is its own generated federation (same profiles, another draw of patients), every arm retrained "
-        "on it. Mean ± SD over seeds; the paired ΔAUC's 95 % CI is a bootstrap over seeds (the seed is the unit); "
+        "on it. Mean ± SD over seeds; the paired ΔAUC's 95 % CI is a Student-t interval over seeds (the seed is the "
+        "unit, n - 1 degrees of freedom; a bootstrap over three seeds would be about as wide as their range); "
         "DeLong counts the seeds whose own paired test is significant at 5 %; *detectable* is the difference these "
         "seeds had 80 % power to find (two-sided 5 %): an inconclusive claim with a true effect below it was not "
         "testable here. Verdict from the CI over seeds (5b: against the non-inferiority margin).",

@@ -77,9 +77,12 @@ def test_summary_gives_means_paired_ci_verdict_and_delong_counts() -> None:
     assert s["arms"]["a"]["mean"] == pytest.approx(0.855) and s["arms"]["b"]["sd"] == 0.0
     c = s["comparisons"]["a vs b"]
     assert c["verdict"] == "holds" and c["mean_difference"] == pytest.approx(0.055)
-    assert 0.04 <= c["ci"][0] < 0.055 < c["ci"][1] <= 0.07
+    sd = np.std([0.05, 0.07, 0.06, 0.04], ddof=1)
+    # A Student-t interval with 3 degrees of freedom (t = 3.182), wider than the four values' range.
+    assert c["ci"] == pytest.approx([0.055 - 3.1824 * sd / 2, 0.055 + 3.1824 * sd / 2], abs=1e-4)
+    assert c["ci"][0] < 0.04 and c["ci"][1] > 0.07
     assert c["delong_significant"] == {"better": 2, "worse": 0, "of": 4}
-    assert c["detectable"] == pytest.approx(2.8016 * np.std([0.05, 0.07, 0.06, 0.04], ddof=1) / 2, abs=1e-3)
+    assert c["detectable"] == pytest.approx((3.1824 + 0.9785) * sd / 2, abs=1e-3)  # t(0.975, 3) + t(0.80, 3)
     noisy = [Repeat(seed=i, fold=None, auc={"a": 0.8 + d, "b": 0.8}) for i, d in enumerate([0.1, -0.1, 0.05, -0.04])]
     assert summarise(["a", "b"], noisy)["comparisons"]["a vs b"]["verdict"] == "inconclusive"
 
