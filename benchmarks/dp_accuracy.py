@@ -17,8 +17,11 @@ stays fixed in eval mode). DP-SGD trains the head only
 scores the start itself. On each of ``--seeds`` (a generated federation each); the table gives
 mean ± SD over seeds and the paired difference to no DP:
 
-    .venv/bin/python benchmarks/dp_accuracy.py --pretrained DIR/checkpoints/final.pt --seeds 0,1,2 \\
+    .venv/bin/python benchmarks/dp_accuracy.py --public-seed 101 --seeds 0,1,2 \\
         --out runs/dp-pre --json benchmarks/results/dp_pretrained.json
+
+(``--public-seed`` makes the start first: a generated federation of that seed, pretrained on;
+``--pretrained CKPT`` takes one made by hand.)
 """
 
 from __future__ import annotations
@@ -136,12 +139,21 @@ def main() -> None:
         help="the whole network of fedbreast pretrain --model-out DIR (DIR/checkpoints/final.pt): "
         "run the public-pretraining table from it",
     )
+    ap.add_argument(
+        "--public-seed",
+        type=int,
+        help="make the start first: a generated public federation of this seed (--sites x --patients, under "
+        "OUT/public) and `fedbreast pretrain --epochs 4 --norm batch --model-out OUT/pretrained` on it "
+        "(kept and reused when there)",
+    )
     ap.add_argument("--seeds", default="0", help="data seeds for --pretrained, e.g. 0,1,2")
     ap.add_argument("--lr", type=float, default=0.01, help="learning rate of every --pretrained arm")
     ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer of every --pretrained arm")
     args = ap.parse_args()
     if args.noise_table:
         return noise_table(args.train_exams, args.rounds)
+    if args.public_seed is not None:
+        args.pretrained = str(public_pretraining(args))
     if args.pretrained:
         return pretrained_table(args)
     results = {}
@@ -197,6 +209,28 @@ def _run(run_dir: Path, args: argparse.Namespace, seed: int, data_dir: Path, cha
             echo=lambda _line: None,
         )
     return final_row(run_dir) | {"seconds": round(time.perf_counter() - t, 1)}
+
+
+def public_pretraining(args: argparse.Namespace) -> Path:
+    """The pretrained start of the table, made from a generated federation public to the
+    consortium: its own seed, never one of the private ``--seeds``."""
+    from fedbreast.simulation.pretrain import pretrain
+    from fedbreast.simulation.simulate import prepare_federation
+
+    if args.public_seed in [int(x) for x in str(args.seeds).split(",")]:
+        raise SystemExit(f"--public-seed {args.public_seed} is one of the private --seeds: it would not be public data")
+    ckpt = args.out / "pretrained" / "checkpoints" / "final.pt"
+    if not ckpt.exists():
+        sites = prepare_federation(args.out / "public", args.sites, args.patients, args.public_seed, echo=print)
+        pretrain(
+            sites[0].parent,
+            args.out / "pretrained" / "backbone.pt",
+            {"rounds": 4, "local_epochs": 1},
+            seed=args.public_seed,
+            norm="batch",
+            model_out=args.out / "pretrained",
+        )
+    return ckpt
 
 
 def pretrained_table(args: argparse.Namespace) -> None:
