@@ -573,6 +573,7 @@ def markdown(
     ]
     if over:
         head += repeated_markdown(over, seeds or [])
+        head += chance_notes(rows)
         head += ["## Each seed", ""]
     head += [
         "| # | claim | arm A (claimed better) | arm B | test units (malignant) | AUC A [95% CI] | AUC B [95% CI] | ΔAUC A-B [95% CI] | DeLong p | spec. at 100 % sens. A / B | verdict |",
@@ -754,6 +755,30 @@ def repeated_markdown(rows: list[dict[str, Any]], seeds: list[int]) -> list[str]
             f"{det} | **{r['verdict']}** |"
         )
     return out + [""]
+
+
+def chance_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The arms whose own 95 % AUC CI contains 0.5 in every seed (``rows``: the per-seed
+    comparisons): a claim that compares such an arm tests whether the arm learned at this
+    scale, not the seed's idea."""
+    cis: dict[str, dict[int, tuple[float, float, float]]] = {}
+    for r in rows:
+        for side in ("a", "b"):
+            cis.setdefault(r[side], {})[r.get("seed", 0)] = r[f"auc_{side}"]
+    at_chance = {
+        arm: ", ".join(f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]" for _, v in sorted(by_seed.items()))
+        for arm, by_seed in cis.items()
+        if all(np.isfinite(v[1]) and v[1] <= 0.5 <= v[2] for v in by_seed.values())
+    }
+    if not at_chance:
+        return []
+    names = "; ".join(f"{name} ({v})" for name, v in at_chance.items())
+    return [
+        "**Arms not distinguishable from chance in any seed** (0.5 inside the arm's own 95 % AUC CI in every "
+        f"seed; AUC [CI] per seed): {names}. A claim that compares one of them says whether the arm learned "
+        "at this scale (the family's preset, about 40 patients per site) more than whether the seed's idea holds.",
+        "",
+    ]
 
 
 # ---- command line -----------------------------------------------------------------------------------
