@@ -2,11 +2,15 @@
 
 Both get the federated run's budget: ``rounds x local_epochs`` passes over their data with
 the same optimiser, schedule and augmentation, and both are scored on each site's test
-split exactly as the federated model is.
+split exactly as the federated model is. With a run's initial model (``init-checkpoint``, e.g. a
+public pretraining), both start from it too, so the comparison stays like for like.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import torch
 
 from fedbreast.shared.config import RunConfig
@@ -42,9 +46,20 @@ def test_auc(model: torch.nn.Module, data: SiteData, cfg: RunConfig) -> float:
     return binary_metrics(y, p)["auc"] if len(y) else float("nan")
 
 
-def train_local_only(data: SiteData, cfg: RunConfig) -> torch.nn.Module:
-    """A model trained on one site's train split alone, with the federated run's budget."""
-    return _train(data.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=cfg.seed), cfg)
+def _started(cfg: RunConfig, start: Mapping[str, np.ndarray] | None) -> torch.nn.Module | None:
+    """The configured model with the run's initial weights; None (a fresh build) without them."""
+    if start is None:
+        return None
+    model = build_model(cfg)
+    model.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in start.items()}, strict=True)
+    return model
+
+
+def train_local_only(data: SiteData, cfg: RunConfig, start: Mapping[str, np.ndarray] | None = None) -> torch.nn.Module:
+    """A model trained on one site's train split alone, with the federated run's budget (from
+    ``start``, the run's initial model, when it has one)."""
+    loader = data.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=cfg.seed)
+    return _train(loader, cfg, _started(cfg, start))
 
 
 def train_pooled(sites: list[SiteData], cfg: RunConfig, model: torch.nn.Module | None = None) -> torch.nn.Module:
@@ -54,13 +69,16 @@ def train_pooled(sites: list[SiteData], cfg: RunConfig, model: torch.nn.Module |
     return _train(InterleavedLoader(loaders, seed=cfg.seed), cfg, model)
 
 
-def run_baselines(sites: list[SiteData], cfg: RunConfig, echo=print) -> dict[str, dict[str, float]]:
-    """{site: {"local": test AUC of its local-only model, "pooled": test AUC of the pooled model}}."""
+def run_baselines(
+    sites: list[SiteData], cfg: RunConfig, echo=print, start: Mapping[str, np.ndarray] | None = None
+) -> dict[str, dict[str, float]]:
+    """{site: {"local": test AUC of its local-only model, "pooled": test AUC of the pooled model}};
+    ``start``: the federated run's initial model, which both baselines then start from as well."""
     out: dict[str, dict[str, float]] = {s.name: {} for s in sites}
     for data in sites:
-        out[data.name]["local"] = test_auc(train_local_only(data, cfg), data, cfg)
+        out[data.name]["local"] = test_auc(train_local_only(data, cfg, start), data, cfg)
         echo(f"baseline local-only {data.name}: test AUC {out[data.name]['local']:.3f}")
-    model = train_pooled(sites, cfg)
+    model = train_pooled(sites, cfg, _started(cfg, start))
     for data in sites:
         out[data.name]["pooled"] = test_auc(model, data, cfg)
     echo("baseline pooled: " + ", ".join(f"{n} {v['pooled']:.3f}" for n, v in out.items()))

@@ -179,6 +179,7 @@ def simulate(
             for s in site_data
         )
     )
+    start = None  # the initial model the run, and its baselines, start from: a fresh build without one
     run_config = {**cfg.to_flower(), "sim-sites-dir": str(sites_root), "run-dir": str(run_dir)}
     if holdout_site is not None:
         run_config["holdout-site"] = holdout_site
@@ -186,7 +187,7 @@ def simulate(
     if init_checkpoint is not None:
         from fedbreast.server.checkpoints import initial_checkpoint
 
-        initial_checkpoint(Path(init_checkpoint), cfg.model_signature())  # refused here, naming it, not per round
+        start = initial_checkpoint(Path(init_checkpoint), cfg.model_signature()).arrays  # refused here, not per round
         run_config["init-checkpoint"] = str(Path(init_checkpoint).resolve())
         echo(f"the initial model is {init_checkpoint}")
     if site_policy is not None:
@@ -203,7 +204,7 @@ def simulate(
         from fedbreast.simulation.baselines import run_baselines
 
         t = time.perf_counter()
-        results["baselines"] = run_baselines(site_data, cfg, echo)
+        results["baselines"] = run_baselines(site_data, cfg, echo, start=start)
         results["baseline_seconds"] = time.perf_counter() - t
         write_report(run_dir, cfg, results["baselines"])
     results["seconds"] = time.perf_counter() - t0

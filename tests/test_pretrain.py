@@ -178,6 +178,12 @@ def test_the_whole_pretrained_network_is_a_checkpoint_a_run_starts_from(public, 
         model.load_state_dict({k: torch.as_tensor(v) for k, v in ckpt.arrays.items()}, strict=True)
         trained = info["network"].state_dict()
         assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
+    # simulate --baselines: the local-only and pooled models start from it too (like for like).
+    from fedbreast.simulation.baselines import _started
+
+    cfg = RunConfig(**TINY, norm="group")
+    started = _started(cfg, initial_checkpoint(ckpt_path, cfg.model_signature()).arrays)
+    assert started is not None and all(torch.equal(started.state_dict()[k], v) for k, v in trained.items())
     # A BatchNorm run cannot start from it: refused before any round, naming the file.
     with pytest.raises(CheckpointError, match=r"final\.pt: was written by a different model"):
         simulate(
