@@ -67,7 +67,16 @@ def frozen_modules(model: nn.Module, scope: str) -> list[nn.Module]:
 def frozen_scope(model: nn.Module, scope: str) -> Iterator[list[str]]:
     """Freeze ``scope`` of ``model`` (after ``model.train()``) for the block; yields the names of
     the frozen parameters. Their ``requires_grad`` flags and the norm layers' modes come back after."""
-    modules = frozen_modules(model, scope)
+    with held(model, frozen_modules(model, scope)) as names:
+        yield names
+
+
+@contextlib.contextmanager
+def held(model: nn.Module, modules: list[nn.Module]) -> Iterator[list[str]]:
+    """Hold ``modules`` of ``model`` as they are for the block: each one's own parameters
+    (not its children's: list those too) ``requires_grad`` off, the BatchNorm layers among them
+    in eval mode; yields the held parameters' names, and restores the flags and modes after. The
+    mechanism of every freeze scope, and of two-stage training's held part (multiview/task.py)."""
     ids = {id(m) for m in modules}
     params = {id(p) for m in modules for p in m.parameters(recurse=False)}
     names = [n for n, p in model.named_parameters() if id(p) in params]

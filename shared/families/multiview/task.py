@@ -3,14 +3,12 @@ the site Task of the ``multiview`` family (its data, training and scoring)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.datasets import ExamDataset, make_loader
@@ -20,6 +18,7 @@ from fedbreast.shared.data.site_data import channels_for, preprocess_for, site_f
 from fedbreast.shared.explain import ViewHeatmap
 from fedbreast.shared.models.multiview import VIEW_ORDER
 from fedbreast.shared.training.dp import per_exam_bce
+from fedbreast.shared.training.freeze import held
 from fedbreast.shared.training.local import _in_channels, autocast, masked_bce, match_channels, train_local
 from fedbreast.shared.training.local import predict as predict_multiview
 from fedbreast.shared.training.tasks import (
@@ -53,7 +52,7 @@ class MultiviewTask(Task):
         loader = site.loader("train", cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed + server_round)
         # Two-stage training holds what the stage does not use as it is: it leaves the round
         # bit-identical at every site, so FedAvg keeps it. Nothing is held end to end.
-        with held_as_is(model.two_stage_held(cnn_stage)):
+        with held(model, [sub for m in model.two_stage_held(cnn_stage) for sub in m.modules()]):
             return train_local(model.to(device), loader, **{**kwargs, **local})
 
     def predict(self, model, site, split, cfg, device, server_round=None):
@@ -156,19 +155,6 @@ def per_image_loss(
         return (per_exam_bce(z, y, mask).mean() if dp else masked_bce(z, y, mask)), x.shape[0]
 
     return loss_fn
-
-
-@contextlib.contextmanager
-def held_as_is(modules: list[nn.Module]) -> Iterator[None]:
-    """``requires_grad`` off for the modules' parameters for the block, their flags restored after."""
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _view_record(ex: Any, side: str, view: str, energy: str | None) -> Any:
