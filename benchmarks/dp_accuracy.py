@@ -63,7 +63,7 @@ VARIANTS |= {
 
 def pretrained_variants(lr: float, optimizer: str = "sgd", norm: str = "batch") -> dict[str, dict]:
     """The arms of the public-pretraining table: one pretrained start (the run's init-checkpoint,
-    heads included), one optimizer and learning rate. ``None``: the start itself, not fine-tuned."""
+    heads included), one optimizer and learning rate. An empty dict: the start itself, scored by an evaluation-only run."""
     start = {"norm": norm, "lr": lr, "optimizer": optimizer}
     out: dict[str, dict] = {
         "pretrained, not fine-tuned": {},
