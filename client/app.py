@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedbreast.client.audit import egress_mod
@@ -61,6 +62,7 @@ from fedbreast.shared.training.dp import (
 )
 from fedbreast.shared.training.local import pick_device
 from fedbreast.shared.training.tasks import FamilySite, task_for
+from fedbreast.shared.update_encoding import FP32, EncodingError, encode_update
 
 log = logging.getLogger("fedbreast.client")
 # egress_mod outermost: every reply is audited on the site's disk as it leaves (masked or not),
@@ -144,7 +146,32 @@ def hello(msg: Message, context: Context) -> Message:
     return protocol.reply(msg, _ok(context, data), {protocol.NUM_EXAMPLES: counts["train_exams"], **counts})
 
 
-@app.train(mods=[central_dp_mod])  # clips the update only when the coordinator runs central DP
+def update_encoding_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """The train reply's weights as the run's ``update-encoding`` sends them (shared/update_encoding.py):
+    the change to the received global model in fp16 or int8, after everything else (central DP's
+    clip included: encoding is post-processing). A change that cannot be encoded (not finite: a
+    diverged model, or a non-finite global model from the coordinator) is not sent: the site
+    answers "unable" with the reason."""
+    encoding = str(context.run_config.get("update-encoding", FP32))
+    received = msg.content.array_records.get(protocol.ARRAYS)  # held now: inner code may replace it
+    reply = call_next(msg, context)
+    if encoding == FP32 or received is None or reply.has_error() or protocol.ARRAYS not in reply.content.array_records:
+        return reply  # an "unable" reply carries no arrays
+    trained = protocol.array_record(reply.content)
+    try:
+        encoded = encode_update(
+            {k: v.numpy() for k, v in trained.items()}, {k: v.numpy() for k, v in received.items()}, encoding
+        )
+    except EncodingError as exc:
+        return _unable(msg, context, f"update-encoding {encoding}: {exc}")
+    reply.content[protocol.ARRAYS] = ArrayRecord(
+        {k: Array(np.require(v, requirements="C")) for k, v in encoded.items()}
+    )
+    return reply
+
+
+# update_encoding_mod outermost: it encodes what central DP's clip leaves.
+@app.train(mods=[update_encoding_mod, central_dp_mod])  # central_dp_mod clips only when the coordinator runs central DP
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     try:

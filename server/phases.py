@@ -52,6 +52,7 @@ from fedbreast.shared.metrics import (
     weighted_mean,
 )
 from fedbreast.shared.training.accounting import CENTRAL_WEIGHT_KEY
+from fedbreast.shared.update_encoding import FP32, EncodingError, decode_update, payload_bytes
 
 log = logging.getLogger("fedbreast.server")
 
@@ -258,6 +259,28 @@ def too_few_trained(state: RunState, server_round: int, trained: int, what: str)
     return True
 
 
+UPDATE_BYTES = "update_bytes"  # a train row's: the bytes of its update's values as received (the coordinator's count)
+
+
+def decode_reply(state: RunState, r: SiteReply) -> str | None:
+    """Decode a train reply's update (run config ``update-encoding``, shared/update_encoding.py)
+    against the global model sent, so every check and the aggregation after it see the model's own
+    dtypes; record the update's bytes as received (UPDATE_BYTES, overriding any the site claims).
+    Returns why a malformed encoding is dropped (naming the tensor), or None."""
+    if r.arrays is None:
+        return None  # _problem names it
+    r.metrics[UPDATE_BYTES] = payload_bytes(r.arrays)
+    encoding = state.cfg.update_encoding
+    if encoding == FP32:
+        return None  # the weights as sent: nothing to decode
+    try:
+        r.arrays = decode_update(r.arrays, state.arrays, encoding)
+    except EncodingError as exc:
+        return f"malformed reply: update-encoding {encoding}: {exc}"
+    r.plain_message.content[protocol.ARRAYS] = to_record(r.arrays)  # what Flower's strategy aggregates
+    return None
+
+
 class PlainTrainWave:
     """Every sampled site trains on the global model; updates are checked before they are averaged."""
 
@@ -267,7 +290,7 @@ class PlainTrainWave:
         messages = train_messages(state, server_round, to_record(state.arrays), config)
         checked: list[SiteReply] = []
         for r in exchange.wave(messages, "train", server_round, outcome, carries_model=True):
-            reason = self._problem(state, r)
+            reason = decode_reply(state, r) or self._problem(state, r)
             if reason is None:
                 checked.append(r)
             else:

@@ -19,6 +19,7 @@ from typing import Any
 
 from fedbreast.shared.data.rules import ConfigError
 from fedbreast.shared.families import FAMILIES, FamilySettings
+from fedbreast.shared.update_encoding import FP32, UPDATE_ENCODINGS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 # single: seed 001's no-fusion baseline; left-right: its left-right-only fusion (no CC-MLO fusion)
@@ -106,6 +107,11 @@ class RunConfig(FamilySettings):
     secagg_shares: float = 1.0  # fraction of the sampled sites each site shares its key with
     secagg_threshold: float = 0.67  # fraction of those shares needed to unmask a dropped site
     secagg_clip_range: float = 4.0  # a site's per-value change must lie in [-clip, clip] (it is quantised there)
+    # How a site's train reply carries its update (shared/update_encoding.py, docs/performance.md):
+    # fp32 = the weights as today; fp16 = the change to the global model in float16 (0.5x the
+    # bytes); int8 = the change per tensor in int8 with one scale (0.25x). The coordinator decodes
+    # before it checks and aggregates. Why: the update is the most a site sends a round (45 MB, default model).
+    update_encoding: str = FP32
     # local training (seed 001: SGD, momentum 0.9, weight decay 5e-4, lr 1e-3 halved at 10/30/40)
     local_epochs: int = 1
     local_steps: int = 0  # > 0: this many batches per round instead of epochs
@@ -228,6 +234,7 @@ class RunConfig(FamilySettings):
             ("key_metric", KEY_METRICS),
             ("optimizer", OPTIMIZERS),
             ("freeze", FREEZE_SCOPES),
+            ("update_encoding", UPDATE_ENCODINGS),
         ):
             if getattr(self, name) not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)}")
@@ -383,6 +390,12 @@ class RunConfig(FamilySettings):
             raise bad(
                 "secure_aggregation",
                 "cannot run with dp = 'central' (it clips single updates at the server); use dp = 'local'",
+            )
+        if self.update_encoding != FP32:
+            raise bad(
+                "update_encoding",
+                "cannot run with secure-aggregation = true: SecAgg+ quantises and masks the change itself "
+                "(secagg-clip-range); use update-encoding = 'fp32' with secure aggregation",
             )
         if self.model in ("mgus", "latefusion"):
             raise bad(
