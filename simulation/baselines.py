@@ -41,9 +41,22 @@ def _train(loader, cfg: RunConfig, model: torch.nn.Module | None = None) -> torc
     return model
 
 
-def test_auc(model: torch.nn.Module, data: SiteData, cfg: RunConfig) -> float:
+# The key of run_baselines' row for all sites' test units pooled (the federated report's
+# "pooled test AUC"); no site can take this name (site names are folder names, no spaces).
+ALL_SITES = "all sites pooled"
+
+
+def _test_scores(model: torch.nn.Module, data: SiteData, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     y, p, _ = predict(model, data.loader("test", cfg.batch_size, shuffle=False, workers=0), amp=cfg.amp)
+    return np.asarray(y), np.asarray(p)
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return binary_metrics(y, p)["auc"] if len(y) else float("nan")
+
+
+def test_auc(model: torch.nn.Module, data: SiteData, cfg: RunConfig) -> float:
+    return _auc(*_test_scores(model, data, cfg))
 
 
 def _started(cfg: RunConfig, start: Mapping[str, np.ndarray] | None) -> torch.nn.Module | None:
@@ -72,14 +85,28 @@ def train_pooled(sites: list[SiteData], cfg: RunConfig, model: torch.nn.Module |
 def run_baselines(
     sites: list[SiteData], cfg: RunConfig, echo=print, start: Mapping[str, np.ndarray] | None = None
 ) -> dict[str, dict[str, float]]:
-    """{site: {"local": test AUC of its local-only model, "pooled": test AUC of the pooled model}};
-    ``start``: the federated run's initial model, which both baselines then start from as well."""
+    """{site: {"local": test AUC of its local-only model, "pooled": test AUC of the pooled model}},
+    and under :data:`ALL_SITES` the same two over every site's test units together (each site's
+    units scored by its own local-only model; all by the one pooled model): the figure the
+    federated run's pooled test AUC is compared with. ``start``: the federated run's initial
+    model, which both baselines then start from as well."""
     out: dict[str, dict[str, float]] = {s.name: {} for s in sites}
+    scored: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"local": [], "pooled": []}
     for data in sites:
-        out[data.name]["local"] = test_auc(train_local_only(data, cfg, start), data, cfg)
+        scored["local"].append(_test_scores(train_local_only(data, cfg, start), data, cfg))
+        out[data.name]["local"] = _auc(*scored["local"][-1])
         echo(f"baseline local-only {data.name}: test AUC {out[data.name]['local']:.3f}")
     model = train_pooled(sites, cfg, _started(cfg, start))
     for data in sites:
-        out[data.name]["pooled"] = test_auc(model, data, cfg)
+        scored["pooled"].append(_test_scores(model, data, cfg))
+        out[data.name]["pooled"] = _auc(*scored["pooled"][-1])
     echo("baseline pooled: " + ", ".join(f"{n} {v['pooled']:.3f}" for n, v in out.items()))
+    out[ALL_SITES] = {
+        arm: _auc(np.concatenate([y for y, _ in parts]), np.concatenate([p for _, p in parts]))
+        for arm, parts in scored.items()
+        if parts
+    }
+    echo(
+        f"baseline over all test units: local-only {out[ALL_SITES]['local']:.3f}, pooled {out[ALL_SITES]['pooled']:.3f}"
+    )
     return out

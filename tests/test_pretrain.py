@@ -220,3 +220,29 @@ def test_a_batchnorm_backbone_under_dp_stays_fixed_in_eval_mode_and_only_the_hea
     assert changed and all(k.startswith(("cc_head.", "mlo_head.")) for k in changed), sorted(changed)
     with pytest.raises(ConfigError, match="dp-train-scope = head"):
         RunConfig(**TINY, dp="central", norm="batch", dp_train_scope="head")
+
+
+def test_baselines_give_the_pooled_test_auc_over_every_sites_test_units(tmp_path) -> None:
+    """simulate --baselines (issue 17 item 5): besides each site's AUC, the AUC of all sites' test
+    units together, the figure the federated run's pooled test AUC is compared with."""
+    import numpy as np
+
+    from fedbreast.shared.metrics import binary_metrics
+    from fedbreast.shared.training.local import predict
+    from fedbreast.shared.training.tasks import task_for
+    from fedbreast.simulation.baselines import ALL_SITES, run_baselines, train_pooled
+
+    cfg = RunConfig(**TINY)
+    # Enough patients that the pooled test split holds both classes (the `public` sites' do not).
+    dirs = prepare_federation(tmp_path / "data", sites=2, patients=16, seed=7, echo=lambda *_: None)
+    sites = [task_for(cfg).open(d, cfg) for d in dirs]
+    out = run_baselines(sites, cfg, echo=lambda *_: None)
+    assert set(out) == {s.name for s in sites} | {ALL_SITES}
+    # The pooled arm's figure is the AUC of the concatenated scores, not a mean of per-site AUCs.
+    model = train_pooled(sites, cfg)  # seeded: the same model again
+    scored = [predict(model, s.loader("test", cfg.batch_size, shuffle=False, workers=0), amp="off") for s in sites]
+    y = np.concatenate([np.asarray(t[0]) for t in scored])
+    p = np.concatenate([np.asarray(t[1]) for t in scored])
+    assert 0 < y.sum() < len(y), "the test needs both classes in the pooled test split"
+    assert out[ALL_SITES]["pooled"] == pytest.approx(binary_metrics(y, p)["auc"])
+    assert 0.0 <= out[ALL_SITES]["local"] <= 1.0

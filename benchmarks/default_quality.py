@@ -1,0 +1,189 @@
+"""Quality of the default run against its baselines, over data seeds (issue 17 item 5).
+
+For each data seed: ``fedbreast simulate`` with its defaults and ``--baselines`` (local-only
+models and a pooled model, same budget, same start), plus each site's personalised model
+(``personal-epochs``: the global model fine-tuned on the site's train split, kept at the site).
+Then the issue's three criteria, each on the mean over seeds:
+
+1. federated pooled test AUC >= 0.98 x the pooled-centralised model's (all test units together);
+2. federated beats local-only at the smallest site (fewest training exams);
+3. at no site does federated fall more than 0.05 below that site's local-only model
+   (checked for the global model and for the site's personalised one).
+
+    .venv/bin/python benchmarks/default_quality.py --seeds 0,1,2 --out runs/quality \\
+        --json benchmarks/results/default_quality.json --md docs/default-quality.md
+
+``--set KEY=VALUE`` changes a setting of every run (and its baselines), e.g. to measure what
+moves the result; ``--init-checkpoint CKPT`` starts every run and baseline from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from fedbreast.server.metric_store import MetricStore
+from fedbreast.server.report import final_site_rows
+from fedbreast.shared.config import RunConfig
+from fedbreast.simulation.baselines import ALL_SITES
+from fedbreast.simulation.simulate import simulate
+
+
+def one_seed(
+    out: Path, seed: int, overrides: dict[str, Any], engine: str, init: Path | None, patients: int
+) -> dict[str, Any]:
+    run_dir = out / f"seed-{seed}"
+    t = time.perf_counter()
+    res = simulate(
+        run_dir,
+        patients=patients,
+        seed=seed,
+        baselines=True,
+        overrides=overrides,
+        data_dir=out / f"data-{seed}",
+        engine=engine,
+        init_checkpoint=init,
+    )
+    store = MetricStore(run_dir)
+    last, _ = final_site_rows(store)
+    best = run_dir / "checkpoints" / "best.json"  # the round the report scores (server/report.py chosen_round)
+    chosen = int(json.loads(best.read_text())["round"]) if best.exists() else last
+    rows = {r["site"]: r for r in store.rows("evaluate") if r["round"] == chosen}
+    agg = next((r for r in reversed(store.rows("aggregate")) if r["round"] == chosen), {})
+    base = res["baselines"]
+    train = {r["site"]: r.get("num-examples") for r in store.rows("train")}  # what each site trained on
+    return {
+        "seed": seed,
+        "round": chosen,
+        "seconds": time.perf_counter() - t,
+        "pooled": {
+            "federated": agg.get("test_pooled_auc"),
+            "local": base[ALL_SITES]["local"],
+            "pooled": base[ALL_SITES]["pooled"],
+        },
+        "sites": {
+            s: {
+                "train_exams": train.get(s),
+                "federated": r.get("test_auc"),
+                "personalised": r.get("test_auc_personal"),
+                "local": base[s]["local"],
+                "pooled": base[s]["pooled"],
+            }
+            for s, r in sorted(rows.items())
+        },
+    }
+
+
+def _ms(values: list[float | None]) -> tuple[float, float]:
+    v = [float(x) for x in values if x is not None]
+    return (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else (float("nan"), 0.0)
+
+
+def verdicts(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's three criteria on the means over seeds."""
+    fed, _ = _ms([r["pooled"]["federated"] for r in runs])
+    pooled, _ = _ms([r["pooled"]["pooled"] for r in runs])
+    sites = sorted(runs[0]["sites"])
+    smallest = min(sites, key=lambda s: statistics.fmean(r["sites"][s]["train_exams"] or 0 for r in runs))
+    mean = {
+        (s, arm): _ms([r["sites"][s][arm] for r in runs])[0]
+        for s in sites
+        for arm in ("federated", "personalised", "local")
+    }
+    out: dict[str, Any] = {
+        "pooled_ratio": fed / pooled,
+        "1_pooled_ge_0.98": fed >= 0.98 * pooled,
+        "smallest_site": smallest,
+        "2_beats_local_at_smallest": mean[(smallest, "federated")] > mean[(smallest, "local")],
+        "3_no_site_below_local_by_0.05": all(mean[(s, "federated")] >= mean[(s, "local")] - 0.05 for s in sites),
+    }
+    if all(r["sites"][s]["personalised"] is not None for r in runs for s in sites):
+        out["2_personalised_beats_local_at_smallest"] = mean[(smallest, "personalised")] > mean[(smallest, "local")]
+        out["3_personalised_no_site_below_local_by_0.05"] = all(
+            mean[(s, "personalised")] >= mean[(s, "local")] - 0.05 for s in sites
+        )
+    return out
+
+
+def markdown(runs: list[dict[str, Any]], v: dict[str, Any], command: str) -> str:
+    def cell(values: list[float | None]) -> str:
+        m, sd = _ms(values)
+        return f"{m:.3f} ± {sd:.3f}"
+
+    sites = sorted(runs[0]["sites"])
+    lines = [
+        f"Test AUC, mean ± SD over data seeds {', '.join(str(r['seed']) for r in runs)} (`{command}`).",
+        "",
+        "| | federated (global) | federated (personalised) | local-only | pooled-centralised |",
+        "|---|---|---|---|---|",
+        "| all test units pooled | "
+        + " | ".join(
+            [cell([r["pooled"]["federated"] for r in runs]), "-"]
+            + [cell([r["pooled"][a] for r in runs]) for a in ("local", "pooled")]
+        )
+        + " |",
+    ]
+    for s in sites:
+        exams = statistics.fmean(r["sites"][s]["train_exams"] or 0 for r in runs)
+        lines.append(
+            f"| {s} ({exams:.0f} train exams) | "
+            + " | ".join(
+                cell([r["sites"][s][a] for r in runs]) for a in ("federated", "personalised", "local", "pooled")
+            )
+            + " |"
+        )
+    lines += ["", "| criterion (on the means) | met |", "|---|---|"]
+    lines += [f"| {k} | {val if isinstance(val, (bool, str)) else f'{val:.3f}'} |" for k, val in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", type=Path, default=Path("runs/quality"))
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--md", type=Path)
+    ap.add_argument("--engine", default="inprocess", help="inprocess (the same apps, sites in turn) or ray")
+    ap.add_argument("--personal-epochs", type=int, default=1)
+    ap.add_argument("--patients", type=int, default=80, help="per site (simulate's default: 80)")
+    ap.add_argument("--init-checkpoint", type=Path)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    raw = dict(item.split("=", 1) for item in args.set)
+    parsed = RunConfig.from_flower(raw)  # validates keys and values, as `fedbreast simulate --set` does
+    overrides = {"personal_epochs": args.personal_epochs} | {
+        k.replace("-", "_"): getattr(parsed, k.replace("-", "_")) for k in raw
+    }
+    runs = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        runs.append(one_seed(args.out, seed, overrides, args.engine, args.init_checkpoint, args.patients))
+        print(json.dumps(runs[-1], indent=1))
+        if args.json:  # after every seed: a long measurement keeps what it has
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"overrides": overrides, "runs": runs}, indent=1))
+    v = verdicts(runs)
+    command = "benchmarks/default_quality.py " + " ".join(
+        [
+            f"--seeds {args.seeds}",
+            f"--patients {args.patients}",
+            f"--engine {args.engine}",
+            f"--personal-epochs {args.personal_epochs}",
+        ]
+        + [f"--set {s}" for s in args.set]
+        + ([f"--init-checkpoint {args.init_checkpoint}"] if args.init_checkpoint else [])
+    )
+    text = markdown(runs, v, command)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"overrides": overrides, "runs": runs, "verdicts": v}, indent=1))
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
