@@ -143,7 +143,13 @@ def _parse_overrides(args: argparse.Namespace) -> dict:
         except ValueError:
             raise ConfigError(f"--image-size {args.image_size!r}: expected HxW, e.g. 256x128") from None
         raw["image-h"], raw["image-w"] = h, w
-    parsed = RunConfig.from_flower(raw)  # validates keys and values; only the given keys are kept
+    # Validated on top of the chosen family's preset (a family may check its settings against
+    # each other: cyclegan's square images); only the given keys are kept.
+    from fedbreast.shared.families import FAMILIES
+
+    family = FAMILIES.get(str(raw.get("model", "")))
+    base = {RunConfig.flower_key(k): v for k, v in family.preset.items()} if family is not None else {}
+    parsed = RunConfig.from_flower({**base, **raw})
     return {name: getattr(parsed, name) for name in (k.replace("-", "_") for k in raw)}
 
 
@@ -374,6 +380,18 @@ def cmd_site_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_synthesize(args: argparse.Namespace) -> int:
+    """Virtual DES for every view of a site that has none, with a trained cyclegan; written to
+    SITE_DIR/virtual/ (marked synthetic), used by a run only with --set virtual-des=true."""
+    from fedbreast.shared.families.cyclegan.synthesize import synthesize_site
+
+    run_dir, kind, ckpt = _checkpoint_arg(args.checkpoint)
+    result = synthesize_site(Path(args.site_dir), ckpt, workers=args.workers)
+    print(f"checkpoint: {run_dir / 'checkpoints' / (kind + '.pt')} (round {ckpt.round})")
+    print(result.summary())
+    return 0 if not result.failed else 1
+
+
 def cmd_site_start(args: argparse.Namespace) -> int:
     from fedbreast.client.daemon import run_site
 
@@ -601,6 +619,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dicom", action="store_true", help="with --explain: also a DICOM Secondary Capture per heatmap")
     p.set_defaults(func=cmd_site_predict)
+
+    p = site.add_parser(
+        "synthesize",
+        help="virtual DES (seed 004's CycleGAN) for every view without one, kept at the site under SITE_DIR/virtual/",
+    )
+    p.add_argument("site_dir")
+    p.add_argument("--checkpoint", required=True, help="a cyclegan run directory or RUN_DIR/checkpoints/KIND.pt")
+    p.add_argument("--workers", type=int, default=0, help="processes that preprocess the source images")
+    p.set_defaults(func=cmd_site_synthesize)
 
     p = site.add_parser(
         "check", help="report incomplete exams, label balance, duplicates, leaks; exit 1 if the site cannot train"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbreast.server.metric_store import MetricStore
+from fedbreast.server.synthesis_report import SYNTHESIS_CSV, is_synthesis, synthesis_section
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.csv_cells import write_csv
 from fedbreast.shared.metrics import default_bin_edges, pooled_roc_from_histograms
@@ -129,6 +130,7 @@ def write_report(
     if baselines:
         header += ["local_only_test_auc", "pooled_test_auc"]
     extra = [k for k in SIDE_BY_SIDE_CSV if any(k in r for r in sites)]  # personalised / PSFT columns when run
+    extra += [k for k in SYNTHESIS_CSV if any(k in r for r in sites)]  # a translator's image quality
     header += extra + ["model", "external"]
     with_op = any("fed_threshold_source" in r for r in sites)  # runs before the federated cut-off have none
     if with_op:  # last, so the columns before keep their places
@@ -161,6 +163,9 @@ def write_report(
     ]
     lines += [f"**Flag:** {note}." for note in cfg.notes] + ([""] if cfg.notes else [])
     lines += [heading, ""]
+    if is_synthesis(sites):  # a translator (cyclegan): image quality, no class scores
+        lines += synthesis_section(sites, aggregate)
+        return _finish(lines, run_dir, store, sites, cfg, failures, paths)
     lines += ["## Global model on each site's test split (95% bootstrap CI)", ""]
     lines += site_table([r for r in sites if r["site"] not in holdout])
     if holdout:
@@ -201,8 +206,27 @@ def write_report(
         for r in sites:
             b = baselines.get(r["site"], {})
             lines.append(f"| {r['site']} | {_f(r.get('test_auc'))} | {_f(b.get('local'))} | {_f(b.get('pooled'))} |")
+        everyone = next((v for k, v in baselines.items() if k not in {r["site"] for r in sites}), None)
+        if everyone:  # simulation/baselines.py ALL_SITES: every site's test units together
+            lines.append(
+                f"| all test units pooled | {_f(aggregate.get('test_pooled_auc'))} | {_f(everyone.get('local'))} "
+                f"| {_f(everyone.get('pooled'))} |"
+            )
         lines.append("")
     lines += personal_sections(run_dir, sites)
+    return _finish(lines, run_dir, store, sites, cfg, failures, paths)
+
+
+def _finish(
+    lines: list[str],
+    run_dir: Path,
+    store: MetricStore,
+    sites: list[dict],
+    cfg: RunConfig,
+    failures: list[dict],
+    paths: dict[str, Path],
+) -> dict[str, Path]:
+    """The report's end, whatever the family: sites left out, the file list, the plots."""
     if failures:
         lines += ["## Sites left out of a round", "", "| round | site | stage | reason |", "|---|---|---|---|"]
         # A reason may quote a site's own words (its "unable" reason): a '|' would split the row.

@@ -126,6 +126,10 @@ class RunConfig(FamilySettings):
     augment: bool = True
     amp: str = "auto"
     workers: int = 2
+    # Use the virtual DES images a site made with a trained cyclegan (`fedbreast site synthesize`,
+    # shared/data/virtual.py) where it has no real DES: an FFDM site then trains and scores as a
+    # CEM site instead of a zero DES channel. Off: they are never read. No tensor depends on it.
+    virtual_des: bool = False
     # evaluation and reporting
     key_metric: str = "val_auc"
     bootstrap: int = 1000

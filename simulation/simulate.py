@@ -157,6 +157,8 @@ def simulate(
         cfg = cfg.replace(min_available_sites=len(site_dirs))
     else:
         data_dir = Path(data_dir or run_dir.parent / "data").resolve()
+        if modalities is None:  # a family may need one kind of hospital (cyclegan: CEM sites train it)
+            modalities = FAMILIES[family].simulate_modalities
         site_dirs = prepare_federation(data_dir, sites, patients, seed, echo, modalities)
         sites_root = data_dir / "sites"
     if holdout_site is not None:

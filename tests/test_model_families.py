@@ -205,7 +205,7 @@ def test_config_validates_family_fields_and_keeps_multiview_signature() -> None:
         RunConfig(model="birads").model_signature()
         != RunConfig(model="birads", birads_fusion="decision").model_signature()
     )
-    assert set(PRESETS) == set(FAMILIES) == {"multiview", "birads", "dualmode", "mgus", "latefusion"}
+    assert set(PRESETS) == set(FAMILIES) == {"multiview", "birads", "dualmode", "mgus", "latefusion", "cyclegan"}
 
 
 def test_simulate_cli_selects_the_family_and_its_preset() -> None:

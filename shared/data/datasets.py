@@ -299,6 +299,8 @@ class ExamDataset(_CachedDataset):
 
     def _energies(self, present: set[str]) -> tuple[str, ...] | None:
         if self.channels == "cem":
+            if "FFDM" in present and "DES" in present and "LE" not in present:
+                return ("FFDM", "DES")  # an FFDM exam with virtual DES (shared/data/virtual.py)
             return ("LE", "DES") if present & {"LE", "DES"} else None
         if self.channels == "le_only":
             return ("LE",) if "LE" in present else None

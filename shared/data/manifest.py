@@ -148,7 +148,11 @@ class Exam:
 
     def expected_keys(self) -> list[tuple[str, str, str]]:
         """The mammography images a complete exam of this kind has."""
-        energies = ("LE", "DES") if self.energies & {"LE", "DES"} else ("FFDM",)
+        present = self.energies
+        if "FFDM" in present and "DES" in present and "LE" not in present:
+            energies: tuple[str, ...] = ("FFDM", "DES")  # an FFDM exam with virtual DES (shared/data/virtual.py)
+        else:
+            energies = ("LE", "DES") if present & {"LE", "DES"} else ("FFDM",)
         return [(lat, view, e) for lat in ("L", "R") for view in ("CC", "MLO") for e in energies]
 
     def missing(self) -> list[str]:

@@ -188,6 +188,11 @@ class ImageRecord:
     birads: BiRads = field(default_factory=BiRads)
     split: Split | None = None
     schema_version: int = SCHEMA_VERSION
+    # A virtual image made at the site (``fedbreast site synthesize``: a DES from this breast's
+    # FFDM / LE view), never an acquisition; ``source_sha256`` names the image it was made from.
+    # Kept in the site's virtual manifest (shared/data/virtual.py), used only when a run asks.
+    synthetic: bool = False
+    source_sha256: str = ""
 
     @property
     def breast_key(self) -> tuple[str, str, str]:
@@ -216,7 +221,7 @@ class ImageRecord:
             "lesions": [les.to_dict() for les in self.lesions],
             "birads": self.birads.to_dict(),
             "split": self.split.value if self.split else None,
-        }
+        } | ({"synthetic": True, "source_sha256": self.source_sha256} if self.synthetic else {})
 
 
 def record_from_dict(d: dict[str, Any]) -> ImageRecord:
@@ -247,6 +252,8 @@ def record_from_dict(d: dict[str, Any]) -> ImageRecord:
             birads=BiRads.from_dict(d.get("birads")),
             split=Split(d["split"]) if d.get("split") else None,
             schema_version=version,
+            synthetic=bool(d.get("synthetic", False)),
+            source_sha256=str(d.get("source_sha256", "")),
         )
     except KeyError as exc:
         raise ValueError(f"manifest row is missing field {exc.args[0]!r}") from None

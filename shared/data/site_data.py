@@ -17,6 +17,7 @@ from fedbreast.shared.data.datasets import ExamDataset, make_loader
 from fedbreast.shared.data.manifest import ManifestError, load_manifest, read_site_meta
 from fedbreast.shared.data.preprocess import PRESETS, PreprocessConfig
 from fedbreast.shared.data.schema import ImageRecord
+from fedbreast.shared.data.virtual import virtual_records
 from fedbreast.shared.errors import FedbreastError
 
 
@@ -49,31 +50,47 @@ class SiteData:
 
 
 def channels_for(records: list[ImageRecord], in_channels: int) -> str:
-    """Dataset channel mode for this site: CEM sites give LE+DES, FFDM-only sites give FFDM."""
+    """Dataset channel mode for this site: CEM sites give LE+DES, FFDM-only sites give FFDM
+    (and FFDM+DES with virtual DES)."""
     energies = {r.energy.value for r in records}
-    if in_channels == 2 and {"LE", "DES"} <= energies:
+    # An FFDM site with virtual DES (virtual-des = true) trains as a CEM site: (FFDM, DES) pairs.
+    if in_channels == 2 and "DES" in energies and energies & {"LE", "FFDM"}:
         return "cem"
     return "ffdm"
 
 
-def site_records(path: Path) -> list[ImageRecord]:
-    """The site's manifest rows; SiteUnavailable (saying why) when it is missing, bad or empty."""
+def site_records(path: Path, virtual_des: bool = False) -> list[ImageRecord]:
+    """The site's manifest rows; SiteUnavailable (saying why) when it is missing, bad or empty.
+    ``virtual_des`` (run config ``virtual-des``): with the virtual DES images the site made
+    (``fedbreast site synthesize``, shared/data/virtual.py) for views that have no real one."""
     try:
         records = load_manifest(path)
     except ManifestError as exc:
         raise SiteUnavailable(str(exc)) from None
     if not records:
         raise SiteUnavailable(f"{path}: the manifest is empty")
+    if virtual_des:
+        try:
+            records = records + virtual_records(path, records)
+        except ValueError as exc:
+            raise SiteUnavailable(f"virtual-des: {exc}") from None
     return records
 
 
 @lru_cache(maxsize=4)
 def open_site(
-    site_dir: str, cfg_key: str, in_channels: int, window: str, image_h: int, image_w: int, workers: int
+    site_dir: str,
+    cfg_key: str,
+    in_channels: int,
+    window: str,
+    image_h: int,
+    image_w: int,
+    workers: int,
+    virtual_des: bool = False,
 ) -> SiteData:
     """Load the manifest, warm the cache, and build the per-split datasets (memoised)."""
     path = Path(site_dir)
-    records = site_records(path)
+    records = site_records(path, virtual_des)
     cfg = RunConfig(in_channels=in_channels, window=window, image_h=image_h, image_w=image_w)
     pre = preprocess_for(cfg)
     mammo = [r for r in records if r.view.is_mammo]
@@ -99,4 +116,5 @@ def site_for(site_dir: str | Path, cfg: RunConfig) -> SiteData:
         cfg.image_h,
         cfg.image_w,
         cfg.workers,
+        cfg.virtual_des,
     )

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedbreast.shared.families import birads, dualmode, latefusion, mgus, multiview
+from fedbreast.shared.families import birads, cyclegan, dualmode, latefusion, mgus, multiview
 from fedbreast.shared.families.base import Family
 from fedbreast.shared.families.birads.settings import BiradsSettings
+from fedbreast.shared.families.cyclegan.settings import CycleGANSettings
 from fedbreast.shared.families.dualmode.settings import DualModeSettings
 from fedbreast.shared.families.latefusion.settings import LateFusionSettings
 from fedbreast.shared.families.mgus.settings import MgusSettings
 from fedbreast.shared.families.multiview.settings import MultiviewSettings
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (multiview.FAMILY, birads.FAMILY, dualmode.FAMILY, mgus.FAMILY, latefusion.FAMILY)
+    f.name: f
+    for f in (multiview.FAMILY, birads.FAMILY, dualmode.FAMILY, mgus.FAMILY, latefusion.FAMILY, cyclegan.FAMILY)
 }
 
 
 @dataclass(frozen=True)
-class FamilySettings(BiradsSettings, DualModeSettings, LateFusionSettings, MgusSettings, MultiviewSettings):
+class FamilySettings(
+    BiradsSettings, CycleGANSettings, DualModeSettings, LateFusionSettings, MgusSettings, MultiviewSettings
+):
     """Every family's own run settings: ``RunConfig`` (shared/config.py) is built on it, so
     they stay flat keys of the run config, as Flower carries them, and typed attributes."""
 

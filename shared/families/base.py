@@ -65,6 +65,9 @@ class Family:
     preset: Mapping[str, Any] = field(
         default_factory=dict
     )  # `fedbreast simulate --model NAME`, on top of the CPU preset
+    # The kind of hospital (cem | ffdm | ffdm+us) `fedbreast simulate --model NAME` generates
+    # when --modalities is not given; None: the mixed default federation.
+    simulate_modalities: str | None = None
     after_train: AfterTrain = keep_aggregate  # numpy only: runs at the coordinator
     after_evaluate: AfterEvaluate = no_evaluate_update  # numpy only: runs at the coordinator
     settings: type[Settings] | None = None  # its own run-config fields (one base of FamilySettings)

@@ -88,8 +88,9 @@ class FamilySite:
         return int(self.units.get(split, 0))
 
 
-def read_records(site_dir: Path) -> tuple[list[ImageRecord], str]:
-    records = site_records(site_dir)
+def read_records(site_dir: Path, virtual_des: bool = False) -> tuple[list[ImageRecord], str]:
+    """The site's records (with its virtual DES images when ``virtual_des``) and its name."""
+    records = site_records(site_dir, virtual_des)
     return records, str(read_meta(site_dir).get("site") or site_dir.name)
 
 
