@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedbreast.server.federation import FederatedRun, FederationStopped
 from fedbreast.server.report import write_report
 from fedbreast.shared.config import HARNESS_KEYS, RunConfig
+from fedbreast.shared.families import family_of
 from fedbreast.shared.models.factory import build_model
 
 log = logging.getLogger("fedbreast.server")
@@ -83,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_flower(), indent=2, sort_keys=True) + "\n")
     echo(
-        f"fedbreast: {cfg.rounds} rounds of {cfg.strategy} on {cfg.model}/{cfg.backbone} "
+        f"fedbreast: {cfg.rounds} rounds of {cfg.strategy} on {family_of(cfg.model).describe(cfg)} "
         f"({cfg.image_h}x{cfg.image_w}), run directory {run_dir}"
     )
     given, mode = run_mode(context, cfg, run_dir)

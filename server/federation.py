@@ -316,10 +316,18 @@ class FederatedRun:
             f"{r['site']} {_fmt(r.get('val_auc'))}" for r in self.store.rows("evaluate") if r["round"] == o.round
         )
         agg = o.aggregate
+        head = f"round {o.round}/{self.cfg.rounds}  {o.seconds:5.1f} s  trained {len(o.sites_trained)}  "
+        tail = f"  failures: {', '.join(o.failures)}" if o.failures else ""
+        if "test_pooled_synth_psnr" in agg:  # a translator (cyclegan): image quality, no AUC
+            return (
+                head
+                + f"val L1 {_fmt(agg.get('val_loss'))}  test pooled PSNR {_fmt(agg.get('test_pooled_synth_psnr'))} dB"
+                f"  SSIM {_fmt(agg.get('test_pooled_synth_ssim'))}" + tail
+            )
         return (
-            f"round {o.round}/{self.cfg.rounds}  {o.seconds:5.1f} s  trained {len(o.sites_trained)}  "
-            f"val AUC mean {_fmt(agg.get('val_auc'))} [{per_site}]  test pooled AUC {_fmt(agg.get('test_pooled_auc'))}"
-            + (f"  failures: {', '.join(o.failures)}" if o.failures else "")
+            head
+            + f"val AUC mean {_fmt(agg.get('val_auc'))} [{per_site}]  test pooled AUC {_fmt(agg.get('test_pooled_auc'))}"
+            + tail
         )
 
 

@@ -16,6 +16,7 @@ from fedbreast.server.metric_store import MetricStore
 from fedbreast.server.synthesis_report import SYNTHESIS_CSV, is_synthesis, synthesis_section
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.csv_cells import write_csv
+from fedbreast.shared.families import family_of
 from fedbreast.shared.metrics import default_bin_edges, pooled_roc_from_histograms
 
 log = logging.getLogger("fedbreast.server")
@@ -153,7 +154,8 @@ def write_report(
     lines = [
         "# fedbreast run report",
         "",
-        f"Model {cfg.model}/{cfg.backbone}, {cfg.view_fusion} view fusion, "
+        f"Model {family_of(cfg.model).describe(cfg)}"
+        + (f", {cfg.view_fusion} view fusion, " if cfg.model == "multiview" else ", ")
         + (
             "evaluation only (no training)."
             if mode.get("evaluate_only")

@@ -43,6 +43,11 @@ def no_notes(cfg: RunConfig) -> list[str]:
     return []
 
 
+def backbone_name(cfg: RunConfig) -> str:
+    """How reports name a run's network: family / backbone (one line per run)."""
+    return f"{cfg.model}/{cfg.backbone}"
+
+
 def load(path: str) -> Any:
     """``"package.module:attribute"`` -> the attribute (imported on first use)."""
     module, _, attr = path.partition(":")
@@ -74,6 +79,8 @@ class Family:
     # What a report and a model card must flag about a run's settings (an input close to the
     # label, a named departure from the seed): one sentence each, empty for the seed's setting.
     notes: Callable[[RunConfig], list[str]] = no_notes
+    # How reports and progress lines name its network (default: "family/backbone").
+    describe: Callable[[RunConfig], str] = backbone_name
 
     def task(self) -> Task:
         """The family's site Task (loads the site's data and training stack)."""

@@ -1,8 +1,23 @@
 """Seed 004's generative half: a CycleGAN per view that synthesises CESM (DES) from FFDM."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from fedbreast.shared.families.base import Family
 from fedbreast.shared.families.cyclegan.pooling import after_evaluate
 from fedbreast.shared.families.cyclegan.settings import CycleGANSettings
+
+if TYPE_CHECKING:  # the registry stays light: no config import at run time
+    from fedbreast.shared.config import RunConfig
+
+
+def describe(cfg: RunConfig) -> str:
+    return (
+        f"cyclegan (per view, {cfg.cyclegan_filters} filters, {cfg.cyclegan_blocks} residual blocks, "
+        f"aggregate {cfg.cyclegan_aggregate})"
+    )
+
 
 FAMILY = Family(
     name="cyclegan",
@@ -35,4 +50,5 @@ FAMILY = Family(
     # CEM answers "unable", tests/test_cyclegan.py).
     simulate_modalities="cem",
     after_evaluate=after_evaluate,  # pooled PSNR / SSIM from the sites' sums
+    describe=describe,
 )
