@@ -386,7 +386,7 @@ def cmd_site_synthesize(args: argparse.Namespace) -> int:
     from fedbreast.shared.families.cyclegan.synthesize import synthesize_site
 
     run_dir, kind, ckpt = _checkpoint_arg(args.checkpoint)
-    result = synthesize_site(Path(args.site_dir), ckpt, workers=args.workers)
+    result = synthesize_site(Path(args.site_dir), ckpt, workers=args.workers, all_views=args.all_views)
     print(f"checkpoint: {run_dir / 'checkpoints' / (kind + '.pt')} (round {ckpt.round})")
     print(result.summary())
     return 0 if not result.failed else 1
@@ -627,6 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site_dir")
     p.add_argument("--checkpoint", required=True, help="a cyclegan run directory or RUN_DIR/checkpoints/KIND.pt")
     p.add_argument("--workers", type=int, default=0, help="processes that preprocess the source images")
+    p.add_argument(
+        "--all-views",
+        action="store_true",
+        help="also views with an acquired DES (for --set virtual-des-replace=FRACTION experiments)",
+    )
     p.set_defaults(func=cmd_site_synthesize)
 
     p = site.add_parser(

@@ -130,6 +130,10 @@ class RunConfig(FamilySettings):
     # shared/data/virtual.py) where it has no real DES: an FFDM site then trains and scores as a
     # CEM site instead of a zero DES channel. Off: they are never read. No tensor depends on it.
     virtual_des: bool = False
+    # With virtual-des: the fraction of a CEM site's patients whose real DES are replaced by
+    # virtual ones (seed 004's 10-100 % experiment; needs `site synthesize --all-views`), chosen
+    # by the run's seed. 0: real DES wherever there is one.
+    virtual_des_replace: float = 0.0
     # evaluation and reporting
     key_metric: str = "val_auc"
     bootstrap: int = 1000
@@ -246,6 +250,10 @@ class RunConfig(FamilySettings):
 
         if self.backbone not in available_backbones():
             raise bad("backbone", f"must be one of {', '.join(available_backbones())}")
+        if not 0.0 <= self.virtual_des_replace <= 1.0:
+            raise bad("virtual_des_replace", "must be in [0, 1]")
+        if self.virtual_des_replace > 0 and not self.virtual_des:
+            raise bad("virtual_des_replace", "replaces real DES by virtual ones: it needs virtual-des = true")
         from fedbreast.shared.models.backbones import MIN_INPUT_PX
 
         least = MIN_INPUT_PX.get(self.backbone, 0)

@@ -276,3 +276,36 @@ def test_synthesis_at_an_ffdm_site_feeds_a_multiview_run(federation, gan_run, tm
     assert mv is not None
     with pytest.raises(SynthesisError, match="'multiview' model"):
         synthesize_site(ffdm, mv)
+
+
+def test_replacing_real_des_by_virtual_for_a_fraction_of_patients(federation, gan_run) -> None:
+    """Seed 004's experiment: real DES replaced by virtual DES for 0-100 % of the patients,
+    nested (the 25 % patients are among the 50 %'s), from `site synthesize --all-views`."""
+    from fedbreast.server.checkpoints import load_checkpoint
+    from fedbreast.shared.data.site_data import site_records
+    from fedbreast.shared.families.cyclegan.synthesize import synthesize_site
+
+    cem = federation["dirs"][0]
+    acquired = site_records(cem)
+    des = [r for r in acquired if r.energy.value == "DES"]
+    ckpt = load_checkpoint(gan_run["run_dir"], "best")
+    assert ckpt is not None
+    made = synthesize_site(cem, ckpt, all_views=True)
+    assert made.written == len(des) and made.has_des == len(des) and not made.failed
+    assert site_records(cem, virtual_des=True) == acquired  # every view has a real DES: it wins
+
+    def swapped(fraction: float) -> set[str]:
+        recs = site_records(cem, True, fraction, seed=0)
+        assert len(recs) == len(acquired)  # one DES per view, real or virtual
+        assert {r.sha256 for r in recs if r.energy.value != "DES"} == {
+            r.sha256 for r in acquired if r.energy.value != "DES"
+        }
+        return {r.patient for r in recs if r.synthetic}
+
+    patients = {r.patient for r in des}
+    assert swapped(0.0) == set() and swapped(1.0) == patients
+    quarter, half = swapped(0.25), swapped(0.5)
+    assert quarter <= half and len(half) == round(0.5 * len(patients)) and len(quarter) == round(0.25 * len(patients))
+    assert swapped(0.5) == half and {r.patient for r in site_records(cem, True, 0.5, seed=1) if r.synthetic} != half
+    with pytest.raises(ConfigError, match="virtual-des-replace"):
+        RunConfig(virtual_des_replace=0.5)

@@ -59,10 +59,12 @@ def channels_for(records: list[ImageRecord], in_channels: int) -> str:
     return "ffdm"
 
 
-def site_records(path: Path, virtual_des: bool = False) -> list[ImageRecord]:
+def site_records(path: Path, virtual_des: bool = False, replace: float = 0.0, seed: int = 0) -> list[ImageRecord]:
     """The site's manifest rows; SiteUnavailable (saying why) when it is missing, bad or empty.
     ``virtual_des`` (run config ``virtual-des``): with the virtual DES images the site made
-    (``fedbreast site synthesize``, shared/data/virtual.py) for views that have no real one."""
+    (``fedbreast site synthesize``, shared/data/virtual.py) for views that have no real one,
+    and for the fraction ``replace`` of its CEM patients (``virtual-des-replace``, chosen by
+    ``seed``) instead of their real DES."""
     try:
         records = load_manifest(path)
     except ManifestError as exc:
@@ -71,7 +73,8 @@ def site_records(path: Path, virtual_des: bool = False) -> list[ImageRecord]:
         raise SiteUnavailable(f"{path}: the manifest is empty")
     if virtual_des:
         try:
-            records = records + virtual_records(path, records)
+            virtual, replaced = virtual_records(path, records, replace, seed)
+            records = [r for r in records if r.sha256 not in replaced] + virtual
         except ValueError as exc:
             raise SiteUnavailable(f"virtual-des: {exc}") from None
     return records
@@ -87,10 +90,12 @@ def open_site(
     image_w: int,
     workers: int,
     virtual_des: bool = False,
+    replace: float = 0.0,
+    seed: int = 0,
 ) -> SiteData:
     """Load the manifest, warm the cache, and build the per-split datasets (memoised)."""
     path = Path(site_dir)
-    records = site_records(path, virtual_des)
+    records = site_records(path, virtual_des, replace, seed)
     cfg = RunConfig(in_channels=in_channels, window=window, image_h=image_h, image_w=image_w)
     pre = preprocess_for(cfg)
     mammo = [r for r in records if r.view.is_mammo]
@@ -117,4 +122,6 @@ def site_for(site_dir: str | Path, cfg: RunConfig) -> SiteData:
         cfg.image_w,
         cfg.workers,
         cfg.virtual_des,
+        cfg.virtual_des_replace,
+        cfg.seed,
     )

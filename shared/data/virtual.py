@@ -12,6 +12,7 @@ source, so a re-split or a corrected label carries over.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -52,33 +53,42 @@ def write_virtual(site_dir: str | Path, records: Iterable[ImageRecord]) -> Path:
     return path
 
 
-def virtual_records(site_dir: str | Path, acquired: list[ImageRecord]) -> list[ImageRecord]:
-    """The virtual records whose source is among ``acquired``, with the source's identity,
-    split, label and annotations (the virtual image keeps its own file, hash and energy); none
-    for a view whose real image of that energy the site holds."""
+def virtual_records(
+    site_dir: str | Path, acquired: list[ImageRecord], replace: float = 0.0, seed: int = 0
+) -> tuple[list[ImageRecord], set[str]]:
+    """The virtual records to use beside ``acquired``, and the acquired records they replace
+    (by sha256). Each carries its source's identity, split, label and annotations (the virtual
+    image keeps its own file, hash and energy); one whose source is gone is left out.
+
+    A view whose real image of that energy the site holds keeps the real one, except for the
+    patients ``replace`` picks: that fraction (rounded) of the patients who have virtual images
+    for such views, chosen by ``seed`` (a fixed order of keyed hashes, so 25 % holds the 10 %'s
+    patients), whose real images are replaced by the virtual ones (seed 004's experiment)."""
     sources = {r.sha256: r for r in acquired}
-    real = {(*r.breast_key, r.view.value, r.energy.value) for r in acquired}
-    out = []
+    real = {(*r.breast_key, r.view.value, r.energy.value): r for r in acquired}
+    fill: list[ImageRecord] = []
+    swap: list[ImageRecord] = []
     for v in read_virtual(site_dir):
         src = sources.get(v.source_sha256)
         if src is None:
             continue  # the image it was made from is no longer at the site
-        if (*src.breast_key, src.view.value, v.energy.value) in real:
-            continue  # the site has acquired the real one since: it wins
-        out.append(
-            dataclasses.replace(
-                src,
-                energy=v.energy,
-                path=v.path,
-                sha256=v.sha256,
-                rows=v.rows,
-                cols=v.cols,
-                manufacturer=v.manufacturer,
-                bits_stored=v.bits_stored,
-                window=v.window,
-                photometric=v.photometric,
-                synthetic=True,
-                source_sha256=v.source_sha256,
-            )
+        rec = dataclasses.replace(
+            src,
+            energy=v.energy,
+            path=v.path,
+            sha256=v.sha256,
+            rows=v.rows,
+            cols=v.cols,
+            manufacturer=v.manufacturer,
+            bits_stored=v.bits_stored,
+            window=v.window,
+            photometric=v.photometric,
+            synthetic=True,
+            source_sha256=v.source_sha256,
         )
-    return out
+        (swap if (*src.breast_key, src.view.value, v.energy.value) in real else fill).append(rec)
+    patients = sorted({r.patient for r in swap}, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    chosen = set(patients[: round(replace * len(patients))])
+    swapped = [r for r in swap if r.patient in chosen]
+    replaced = {real[(*r.breast_key, r.view.value, r.energy.value)].sha256 for r in swapped}
+    return fill + swapped, replaced

@@ -88,9 +88,13 @@ class FamilySite:
         return int(self.units.get(split, 0))
 
 
-def read_records(site_dir: Path, virtual_des: bool = False) -> tuple[list[ImageRecord], str]:
-    """The site's records (with its virtual DES images when ``virtual_des``) and its name."""
-    records = site_records(site_dir, virtual_des)
+def read_records(site_dir: Path, cfg: RunConfig | None = None) -> tuple[list[ImageRecord], str]:
+    """The site's records (with its virtual DES images as ``cfg``'s ``virtual-des`` and
+    ``virtual-des-replace`` say; none without ``cfg``) and its name."""
+    if cfg is None or not cfg.virtual_des:
+        records = site_records(site_dir)
+    else:
+        records = site_records(site_dir, True, cfg.virtual_des_replace, cfg.seed)
     return records, str(read_meta(site_dir).get("site") or site_dir.name)
 
 

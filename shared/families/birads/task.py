@@ -63,7 +63,7 @@ class BiradsTask(Task):
     def build(self, site_dir: Path, cfg: RunConfig) -> FamilySite:
         from fedbreast.shared.models.birads import BiradsEncoder
 
-        records, name = read_records(site_dir, cfg.virtual_des)
+        records, name = read_records(site_dir, cfg)
         energies = cfg.patch_energy_list
         mammo = patch_images(records, energies)
         if not mammo:
@@ -182,7 +182,7 @@ class BiradsTask(Task):
         from fedbreast.shared.families.birads.psft import normal_patch_dataset
         from fedbreast.shared.models.birads import BiradsEncoder
 
-        records, _ = read_records(site_dir, cfg.virtual_des)
+        records, _ = read_records(site_dir, cfg)
         energies = cfg.patch_energy_list
         mammo = patch_images(records, energies)
         cache = cached_images(site_dir, mammo, preprocess_config("patches", cfg), cfg) if mammo else None

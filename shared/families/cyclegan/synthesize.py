@@ -61,9 +61,10 @@ class SynthesisResult:
         return "\n".join(lines)
 
 
-def sources_without_des(records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
-    """The FFDM (else LE) view images whose breast and view have no acquired DES, and how many
-    views do have one."""
+def sources_without_des(records: list[ImageRecord], all_views: bool = False) -> tuple[list[ImageRecord], int]:
+    """The FFDM (else LE) view images whose breast and view have no acquired DES (with
+    ``all_views`` every view's, for seed 004's replacement experiment), and how many views
+    have an acquired DES."""
     by_view: dict[tuple[str, str, str, str], dict[Energy, ImageRecord]] = defaultdict(dict)
     for r in records:
         if r.modality is Modality.MG and r.view.is_mammo and not r.synthetic:
@@ -73,7 +74,8 @@ def sources_without_des(records: list[ImageRecord]) -> tuple[list[ImageRecord], 
         imgs = by_view[key]
         if Energy.DES in imgs:
             has += 1
-            continue
+            if not all_views:
+                continue
         src = imgs.get(Energy.FFDM) or imgs.get(Energy.LE)
         if src is not None:
             todo.append(src)
@@ -94,8 +96,11 @@ def to_stored_grid(synthetic: np.ndarray, geometry: Geometry) -> np.ndarray:
     return out
 
 
-def synthesize_site(site_dir: Path, ckpt: Any, workers: int = 0, batch_size: int = 8) -> SynthesisResult:
-    """Write virtual DES for every view of ``site_dir`` without one (see the module docstring)."""
+def synthesize_site(
+    site_dir: Path, ckpt: Any, workers: int = 0, batch_size: int = 8, all_views: bool = False
+) -> SynthesisResult:
+    """Write virtual DES for every view of ``site_dir`` without one (see the module docstring);
+    ``all_views``: also for views with an acquired DES (used only under ``virtual-des-replace``)."""
     t0 = time.perf_counter()
     cfg = RunConfig.from_flower(dict(ckpt.meta.get("config", {})))
     if cfg.model != "cyclegan":
@@ -109,7 +114,7 @@ def synthesize_site(site_dir: Path, ckpt: Any, workers: int = 0, batch_size: int
     model.eval()
     records = site_records(site_dir)
     result = SynthesisResult(site=str(read_meta(site_dir).get("site") or site_dir.name))
-    todo, result.has_des = sources_without_des(records)
+    todo, result.has_des = sources_without_des(records, all_views)
     tag = str(ckpt.meta.get("sha256", ""))[:16]
     previous = {v.source_sha256: v for v in read_virtual(site_dir)}
     keep = {

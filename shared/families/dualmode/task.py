@@ -41,7 +41,7 @@ class DualModeTask(Task):
         return self._site(site_dir, cfg)
 
     def build(self, site_dir: Path, cfg: RunConfig) -> FamilySite:
-        records, name = read_records(site_dir, cfg.virtual_des)
+        records, name = read_records(site_dir, cfg)
         mammo = [r for r in records if r.modality is Modality.MG and r.view.is_mammo]
         if not {"LE", "DES"} <= {r.energy.value for r in mammo}:
             raise SiteUnavailable(f"{name} has no CEM images (LE and DES); the dualmode family needs both modes")
@@ -111,7 +111,7 @@ class DualModeTask(Task):
     def _scoring_set(self, site_dir: Path, cfg: RunConfig) -> tuple[list[ImageRecord], Any, LesionBoxDataset | None]:
         """The site's records and every CEM lesion breast's centred boxes (test-time: no jitter),
         all splits, unlabelled breasts included (``y_mask`` false)."""
-        records, _ = read_records(site_dir, cfg.virtual_des)
+        records, _ = read_records(site_dir, cfg)
         cem = [r for r in _mammo(records) if r.energy.value in ENERGIES]
         lesion_breasts = {r.breast_key for r in cem if r.lesions}
         cem = [r for r in cem if r.breast_key in lesion_breasts]

@@ -48,7 +48,7 @@ class LateFusionTask(Task):
         return self._site(site_dir, cfg)
 
     def build(self, site_dir: Path, cfg: RunConfig) -> FamilySite:
-        records, name = read_records(site_dir, cfg.virtual_des)
+        records, name = read_records(site_dir, cfg)
         mammo = [r for r in records if r.modality is Modality.MG and r.view.is_mammo]
         if not mammo:
             raise SiteUnavailable(f"{name} has no mammography images")
@@ -138,7 +138,7 @@ class LateFusionTask(Task):
     # ---- site predict: every breast of every exam, any split, labelled or not -------------------
 
     def _scoring_set(self, site_dir: Path, cfg: RunConfig) -> tuple[list[ImageRecord], Any, ModalityViewDataset | None]:
-        records, _ = read_records(site_dir, cfg.virtual_des)
+        records, _ = read_records(site_dir, cfg)
         mammo = [r for r in records if r.modality is Modality.MG and r.view.is_mammo]
         if not mammo:
             return records, None, None

@@ -52,7 +52,7 @@ class MgusTask(Task):
         return self._site(site_dir, cfg)
 
     def build(self, site_dir: Path, cfg: RunConfig) -> FamilySite:
-        records, name = read_records(site_dir, cfg.virtual_des)
+        records, name = read_records(site_dir, cfg)
         mg = [
             r for r in records if r.modality is Modality.MG and r.view.is_mammo and r.energy.value in self.MG_ENERGIES
         ]
@@ -214,7 +214,7 @@ class MgusTask(Task):
         """The site's records and one dataset per split (and one for records without a split),
         as :meth:`build` makes them: a sample's ultrasound partner is drawn among its split's
         images from (seed, epoch 0, index in the split), so the scores are :meth:`predict`'s."""
-        records, _ = read_records(site_dir, cfg.virtual_des)
+        records, _ = read_records(site_dir, cfg)
         mg = _mg(records, self.MG_ENERGIES)
         if not mg:
             return records, []
