@@ -34,15 +34,24 @@ from fedbreast.simulation.simulate import simulate
 
 
 def one_seed(
-    out: Path, seed: int, overrides: dict[str, Any], engine: str, init: Path | None, patients: int
+    out: Path,
+    seed: int,
+    overrides: dict[str, Any],
+    engine: str,
+    init: Path | None,
+    patients: int,
+    reuse: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One data seed; ``reuse``: that seed's entry of an earlier measurement whose baselines are
+    the same models (settings that only change the federated run, e.g. fedbn or personal-epochs:
+    the local-only and pooled models train one network each, without them), not trained again."""
     run_dir = out / f"seed-{seed}"
     t = time.perf_counter()
     res = simulate(
         run_dir,
         patients=patients,
         seed=seed,
-        baselines=True,
+        baselines=reuse is None,
         overrides=overrides,
         data_dir=out / f"data-{seed}",
         engine=engine,
@@ -54,7 +63,11 @@ def one_seed(
     chosen = int(json.loads(best.read_text())["round"]) if best.exists() else last
     rows = {r["site"]: r for r in store.rows("evaluate") if r["round"] == chosen}
     agg = next((r for r in reversed(store.rows("aggregate")) if r["round"] == chosen), {})
-    base = res["baselines"]
+    if reuse is None:
+        base = res["baselines"]
+    else:
+        base = {s: {"local": v["local"], "pooled": v["pooled"]} for s, v in reuse["sites"].items()}
+        base[ALL_SITES] = {"local": reuse["pooled"]["local"], "pooled": reuse["pooled"]["pooled"]}
     train = {r["site"]: r.get("num-examples") for r in store.rows("train")}  # what each site trained on
     return {
         "seed": seed,
@@ -152,15 +165,25 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=80, help="per site (simulate's default: 80)")
     ap.add_argument("--init-checkpoint", type=Path)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--baselines-from",
+        type=Path,
+        help="an earlier --json of the same seeds and data: its local-only and pooled figures, not retrained "
+        "(only valid when --set changes nothing those single-network baselines use, e.g. fedbn, personal-epochs)",
+    )
     args = ap.parse_args()
     raw = dict(item.split("=", 1) for item in args.set)
     parsed = RunConfig.from_flower(raw)  # validates keys and values, as `fedbreast simulate --set` does
     overrides = {"personal_epochs": args.personal_epochs} | {
         k.replace("-", "_"): getattr(parsed, k.replace("-", "_")) for k in raw
     }
+    earlier = {r["seed"]: r for r in json.loads(args.baselines_from.read_text())["runs"]} if args.baselines_from else {}
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        runs.append(one_seed(args.out, seed, overrides, args.engine, args.init_checkpoint, args.patients))
+        reuse = earlier.get(seed) if args.baselines_from else None
+        if args.baselines_from and reuse is None:
+            raise SystemExit(f"--baselines-from {args.baselines_from}: no seed {seed} in it")
+        runs.append(one_seed(args.out, seed, overrides, args.engine, args.init_checkpoint, args.patients, reuse))
         print(json.dumps(runs[-1], indent=1))
         if args.json:  # after every seed: a long measurement keeps what it has
             args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +198,7 @@ def main() -> None:
         ]
         + [f"--set {s}" for s in args.set]
         + ([f"--init-checkpoint {args.init_checkpoint}"] if args.init_checkpoint else [])
+        + ([f"--baselines-from {args.baselines_from}"] if args.baselines_from else [])
     )
     text = markdown(runs, v, command)
     print(text)

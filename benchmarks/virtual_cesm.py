@@ -45,7 +45,7 @@ CEM_SITES = ("site-1", "site-4")
 FFDM_SITE = "site-2"
 
 
-def _arms() -> dict[str, tuple[str, dict[str, Any], str]]:
+def _arms(replace: tuple[float, ...] = REPLACE) -> dict[str, tuple[str, dict[str, Any], str]]:
     arms: dict[str, tuple[str, dict[str, Any], str]] = {
         "FFDM + real CESM": ("latefusion", {}, "branch:fused"),
         "FFDM alone": ("latefusion", {}, "branch:ffdm"),
@@ -55,7 +55,7 @@ def _arms() -> dict[str, tuple[str, dict[str, Any], str]]:
         "multiview, FFDM site: zero DES": ("multiview", {}, "federated"),
         "multiview, FFDM site: virtual DES": ("multiview", {"virtual_des": True}, "federated"),
     }
-    for p in REPLACE:
+    for p in replace:
         arms[f"replaced {p:.0%}"] = ("latefusion", {"virtual_des": True, "virtual_des_replace": p}, "branch:fused")
     return arms
 
@@ -65,7 +65,9 @@ def _auc_at(result: Any, sites: tuple[str, ...]) -> float:
     return claims._auc(result.y[keep], result.p[keep])
 
 
-def one_seed(data: Path, seed: int, patients: int, gan_rounds: int, echo) -> dict[str, Any]:
+def one_seed(
+    data: Path, seed: int, patients: int, gan_rounds: int, echo, replace: tuple[float, ...] = REPLACE
+) -> dict[str, Any]:
     root = data / f"seed-{seed}"
     profiles = default_profiles(4, patients)
     site_dirs = prepare_sites(root / "data", profiles, seed, echo)
@@ -88,10 +90,11 @@ def one_seed(data: Path, seed: int, patients: int, gan_rounds: int, echo) -> dic
     for d in site_dirs:
         echo(synthesize_site(d, ckpt, all_views=True).summary())
     gan_seconds = time.perf_counter() - t
-    claims.ARMS.update(_arms())
+    arms = _arms(replace)
+    claims.ARMS.update(arms)
     ex = claims.Experiment(site_dirs, seed, echo, cache=root / "arms")
     out: dict[str, Any] = {"seed": seed, "gan_seconds": gan_seconds, "quality": quality, "auc": {}}
-    for name in _arms():
+    for name in arms:
         r = ex.arm(name)
         out["auc"][name] = _auc_at(r, (FFDM_SITE,) if name.startswith("multiview") else CEM_SITES)
     return out
@@ -113,7 +116,7 @@ def table(runs: list[dict[str, Any]], command: str) -> str:
         "| arm | test AUC |",
         "|---|---|",
     ]
-    lines += [f"| {name} | {_cell([r['auc'][name] for r in runs])} |" for name in _arms()]
+    lines += [f"| {name} | {_cell([r['auc'][name] for r in runs])} |" for name in runs[0]["auc"]]
     q = [r["quality"] for r in runs]
     lines += [
         "",
@@ -132,12 +135,14 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=40)
     ap.add_argument("--gan-rounds", type=int, default=8)
     ap.add_argument("--data", type=Path, default=Path("runs/virtual-cesm"))
+    ap.add_argument("--replace", default=",".join(f"{p:g}" for p in REPLACE), help="replacement fractions")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        runs.append(one_seed(args.data, seed, args.patients, args.gan_rounds, print))
+        fractions = tuple(float(p) for p in args.replace.split(","))
+        runs.append(one_seed(args.data, seed, args.patients, args.gan_rounds, print, fractions))
         if args.json:  # after every seed: a long measurement keeps what it has
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(runs, indent=1, default=float))
