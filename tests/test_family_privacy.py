@@ -35,6 +35,7 @@ FAMILY = {
     "dualmode": ("site-1", dict(box_size=32, batch_size=4)),
     "mgus": ("site-3", dict(crop_size=32, batch_size=4)),
     "latefusion": ("site-1", dict(image_h=32, image_w=32, batch_size=4)),
+    "cyclegan": ("site-1", dict(image_h=32, image_w=32, batch_size=4, cyclegan_filters=4, cyclegan_blocks=1)),
 }
 # Lists a reply may carry: key -> its fixed length (from the config, never from the site's data).
 FIXED_LISTS = {
@@ -104,7 +105,8 @@ def test_replies_of_every_family_hold_only_model_arrays_and_aggregates(family, s
                     assert isinstance(value, (int, float)), (family, kind, key, type(value))
         for rec in r.content.config_records.values():  # strings: the site's name, status, reason
             assert set(rec) <= {"name", "status", "reason"}, (family, kind, set(rec))
-    # Evaluate carried the score histograms (fixed size) and, for late fusion, the confusion counts.
+    # Evaluate carried the score histograms (fixed size; a translator's are empty) and, for late
+    # fusion, the confusion counts; the translator's quality is sums and counts (numbers, above).
     ev = evaluate.content["metrics"]
     assert len(ev["test_hist_pos"]) == BASE["hist_bins"]
     if family == "latefusion":

@@ -177,8 +177,8 @@ def test_unlabelled_lesions_are_scored_with_and_without_finetuning(site, monkeyp
 
     real = task_mod.read_records
 
-    def unlabelled(site_dir):
-        records, name = real(site_dir)
+    def unlabelled(site_dir, cfg=None):
+        records, name = real(site_dir, cfg)
         return [dataclasses.replace(r, label=None) for r in records], name
 
     with_psft = psft_rows(site)  # with the labels: made before the labels go
