@@ -189,9 +189,9 @@ class CycleGANTask(Task):
         opt_d = torch.optim.Adam(discs, lr=lr, betas=(0.5, 0.999))
         steps, seen, total = 0, 0, 0.0
         epochs = max(cfg.local_epochs, 1) if cfg.local_steps <= 0 else 1_000_000
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + server_round)
-        for _ in range(epochs):
-            for batch in site.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=int(gen.seed() % 2**31)):
+        for epoch in range(epochs):  # a reproducible shuffle per (seed, round, epoch)
+            order = (cfg.seed * 1000 + server_round) * 1000 + epoch
+            for batch in site.loader("train", cfg.batch_size, shuffle=True, workers=0, seed=order):
                 for v, name in enumerate(VIEWS):
                     sel = batch["view"] == v
                     if not sel.any():
