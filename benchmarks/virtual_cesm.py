@@ -34,10 +34,10 @@ from typing import Any
 import claims
 import numpy as np
 
+from fedbreast.client.synthesize import synthesize_site
 from fedbreast.server.checkpoints import load_checkpoint
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.shared.data.generate import default_profiles
-from fedbreast.shared.families.cyclegan.synthesize import synthesize_site
 from fedbreast.simulation.simulate import prepare_sites, simulate
 
 REPLACE = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)

@@ -23,6 +23,8 @@ Example (every key optional; deploy/site.example.toml)::
     max-patches = 400                         # birads: patches per image
     max-patch-size = 299
     max-descriptor-dim = 2048                 # mgus
+    max-cyclegan-filters = 64                 # cyclegan: generator width
+    max-cyclegan-blocks = 12                  # cyclegan: residual blocks
     max-bootstrap = 1000                      # clamped
     max-workers = 4                           # clamped
     max-cache-gb = 50                         # the preprocessing cache's disk
@@ -88,6 +90,8 @@ class SitePolicy:
     max_patches: int = 500
     max_patch_size: int = 512
     max_descriptor_dim: int = 4096
+    max_cyclegan_filters: int = 64  # cyclegan: its network's size is the run's to choose, memory the site's
+    max_cyclegan_blocks: int = 16
     max_crop_size: int = 1024  # dualmode box-size, mgus crop-size (pixels a side)
     max_batch_size: int = 256
     max_delta: float = 1e-5  # DP-SGD's delta at most this, and at most 1/(10 n)
@@ -203,6 +207,8 @@ class SitePolicy:
             ("n-patches", "n_patches", "max-patches", self.max_patches),
             ("patch-size", "patch_size", "max-patch-size", self.max_patch_size),
             ("descriptor-dim", "descriptor_dim", "max-descriptor-dim", self.max_descriptor_dim),
+            ("cyclegan-filters", "cyclegan_filters", "max-cyclegan-filters", self.max_cyclegan_filters),
+            ("cyclegan-blocks", "cyclegan_blocks", "max-cyclegan-blocks", self.max_cyclegan_blocks),
             ("box-size", "box_size", "max-crop-size", self.max_crop_size),
             ("crop-size", "crop_size", "max-crop-size", self.max_crop_size),
         ):

@@ -383,7 +383,7 @@ def cmd_site_predict(args: argparse.Namespace) -> int:
 def cmd_site_synthesize(args: argparse.Namespace) -> int:
     """Virtual DES for every view of a site that has none, with a trained cyclegan; written to
     SITE_DIR/virtual/ (marked synthetic), used by a run only with --set virtual-des=true."""
-    from fedbreast.shared.families.cyclegan.synthesize import synthesize_site
+    from fedbreast.client.synthesize import synthesize_site
 
     run_dir, kind, ckpt = _checkpoint_arg(args.checkpoint)
     result = synthesize_site(Path(args.site_dir), ckpt, workers=args.workers, all_views=args.all_views)

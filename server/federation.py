@@ -29,6 +29,7 @@ from fedbreast.server.strategies import build_strategy
 from fedbreast.shared import protocol
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.errors import FedbreastError
+from fedbreast.shared.families import family_of
 
 log = logging.getLogger("fedbreast.server")
 
@@ -318,7 +319,7 @@ class FederatedRun:
         agg = o.aggregate
         head = f"round {o.round}/{self.cfg.rounds}  {o.seconds:5.1f} s  trained {len(o.sites_trained)}  "
         tail = f"  failures: {', '.join(o.failures)}" if o.failures else ""
-        if "test_pooled_synth_psnr" in agg:  # a translator (cyclegan): image quality, no AUC
+        if family_of(self.cfg.model).synthesises:  # a translator (cyclegan): image quality, no AUC
             return (
                 head
                 + f"val L1 {_fmt(agg.get('val_loss'))}  test pooled PSNR {_fmt(agg.get('test_pooled_synth_psnr'))} dB"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbreast.server.metric_store import MetricStore
-from fedbreast.server.synthesis_report import SYNTHESIS_CSV, is_synthesis, synthesis_section
+from fedbreast.server.synthesis_report import SYNTHESIS_CSV, synthesis_section
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.csv_cells import write_csv
 from fedbreast.shared.families import family_of
@@ -165,7 +165,7 @@ def write_report(
     ]
     lines += [f"**Flag:** {note}." for note in cfg.notes] + ([""] if cfg.notes else [])
     lines += [heading, ""]
-    if is_synthesis(sites):  # a translator (cyclegan): image quality, no class scores
+    if family_of(cfg.model).synthesises:  # a translator (cyclegan): image quality, no class scores
         lines += synthesis_section(sites, aggregate)
         return _finish(lines, run_dir, store, sites, cfg, failures, paths)
     lines += ["## Global model on each site's test split (95% bootstrap CI)", ""]

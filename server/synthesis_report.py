@@ -20,10 +20,6 @@ SYNTHESIS_CSV = tuple(
 )
 
 
-def is_synthesis(rows: list[dict[str, Any]]) -> bool:
-    return any("test_synth_psnr" in r for r in rows)
-
-
 def _f(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
 

@@ -30,7 +30,7 @@ from fedbreast.simulation.simulate import prepare_sites, simulate
 
 TINY = dict(
     model="cyclegan", image_h=32, image_w=32, cyclegan_filters=4, cyclegan_blocks=1, batch_size=4, workers=0,
-    rounds=2, bootstrap=10, lr=1e-3, lr_decay_rounds="", augment=False, key_metric="val_loss",
+    rounds=2, bootstrap=10, lr=1e-3, lr_decay_rounds="", augment=False, key_metric="val_loss", local_steps=2,
 )  # fmt: skip
 
 
@@ -40,7 +40,7 @@ def federation(tmp_path_factory) -> dict:
     from fedbreast.shared.data.generate import default_profiles
 
     root = tmp_path_factory.mktemp("gan")
-    profiles = default_profiles(3, 8)
+    profiles = default_profiles(3, 12)  # enough test views per CEM site (>= 5) for its quality figures
     profiles[1] = type(profiles[1])(**{**profiles[1].to_dict(), "modalities": "cem"})  # site-2: CEM too
     dirs = prepare_sites(root / "data", profiles, seed=3, echo=lambda *_: None)
     return {"root": root, "dirs": dirs}
@@ -74,8 +74,8 @@ def test_the_three_losses_are_the_cyclegans() -> None:
 
 
 def test_quality_of_a_perfect_and_a_blank_synthesis() -> None:
-    real = torch.rand(3, 1, 32, 32) * 0.5 + 0.25
-    breast = torch.zeros(3, 1, 32, 32, dtype=torch.bool)
+    real = torch.rand(6, 1, 32, 32) * 0.5 + 0.25
+    breast = torch.zeros(6, 1, 32, 32, dtype=torch.bool)
     breast[:, :, 4:28, 4:20] = True
     lesion = torch.zeros_like(breast)
     lesion[:, :, 10:14, 10:14] = True
@@ -83,7 +83,7 @@ def test_quality_of_a_perfect_and_a_blank_synthesis() -> None:
     perfect = QualitySums()
     perfect.add(real.clone(), real, breast, lesion)
     m = perfect.metrics("t")
-    assert m["t_images"] == 3 and m["t_pixels"] == int(breast.sum()) and m["t_mse"] == 0 and math.isinf(m["t_psnr"])
+    assert m["t_images"] == 6 and m["t_pixels"] == int(breast.sum()) and m["t_mse"] == 0 and m["t_psnr"] == 100.0
     assert m["t_ssim"] == pytest.approx(1.0, abs=1e-4)
     assert m["t_enhancement_synthetic"] == pytest.approx(m["t_enhancement_real"]) and m["t_enhancement_real"] > 1.2
     flat = QualitySums()
@@ -100,7 +100,7 @@ def test_quality_of_a_perfect_and_a_blank_synthesis() -> None:
 def test_pooled_quality_is_the_quality_of_all_sites_images_together() -> None:
     torch.manual_seed(1)
     parts, whole = [], QualitySums()
-    for n in (2, 5):
+    for n in (5, 7):
         real, fake = torch.rand(n, 1, 32, 32), torch.rand(n, 1, 32, 32)
         breast = torch.rand(n, 1, 32, 32) > 0.3
         lesion = torch.rand(n, 1, 32, 32) > 0.9
@@ -114,7 +114,28 @@ def test_pooled_quality_is_the_quality_of_all_sites_images_together() -> None:
     # A malformed (hostile) site's sums are left out of the pool, never the round's end.
     bad = dict(parts[0]) | {"test_synth_sse": float("nan")}
     assert pooled_quality([bad, parts[1]])["test_pooled_synth_images"] == parts[1]["test_synth_images"]
-    assert pooled_quality([{"test_synth_images": "x"}]) == {}
+    # Impossible sums (more images than its test count, more error than pixels, SSIM above 1):
+    # a site that would outweigh the others is left out too.
+    for lie in ({"test_synth_images": 1e12}, {"test_synth_sse": 1e300}, {"test_synth_ssim": 5.0}):
+        hostile = dict(parts[0]) | {"num-examples": parts[0]["test_synth_images"]} | lie
+        assert pooled_quality([hostile, parts[1]])["test_pooled_synth_images"] == parts[1]["test_synth_images"]
+    # Nothing valid: every pooled key is NaN, so no site's own "test_pooled_*" value stands in.
+    empty = pooled_quality([{"test_synth_images": "x"}])
+    assert empty and all(math.isnan(v) for v in empty.values())
+    # Below 5 images only the count leaves a site: no figure of one or two images.
+    few = QualitySums()
+    few.add(
+        torch.rand(2, 1, 32, 32),
+        torch.rand(2, 1, 32, 32),
+        torch.ones(2, 1, 32, 32, dtype=torch.bool),
+        torch.zeros(2, 1, 32, 32, dtype=torch.bool),
+    )
+    sent = few.metrics("t")
+    assert (
+        sent["t_images"] == 2
+        and sent["t_pixels"] == 0
+        and all(math.isnan(sent[f"t_{k}"]) for k in ("sse", "mse", "psnr", "ssim"))
+    )
 
 
 def test_the_config_refuses_what_a_gan_run_cannot_do() -> None:
@@ -122,6 +143,8 @@ def test_the_config_refuses_what_a_gan_run_cannot_do() -> None:
         RunConfig(**{**TINY, "dp": "local"})
     with pytest.raises(ConfigError, match="square"):
         RunConfig(**{**TINY, "image_w": 16})
+    with pytest.raises(ConfigError, match="cyclegan-lambda-cycle"):
+        RunConfig(**{**TINY, "cyclegan_lambda_cycle": float("inf")})
     with pytest.raises(ConfigError, match="cyclegan_aggregate|cyclegan-aggregate"):
         RunConfig(**TINY, cyclegan_aggregate="discriminators")
     a, b = RunConfig(**TINY), RunConfig(**{**TINY, "cyclegan_filters": 8})
@@ -178,10 +201,15 @@ def test_a_federated_run_reports_quality_and_nothing_else_leaves(federation, gan
     assert failures and all("no CEM view" in r["reason"] for r in failures)
     evaluated = [r for r in rows if r["phase"] == "evaluate" and r["round"] == 2]
     assert {r["site"] for r in evaluated} == {"site-1", "site-2"}
+    reported = [r for r in evaluated if r["test_synth_images"] >= 5]  # fewer: only the count leaves
+    assert reported
     for r in evaluated:
-        assert r["test_synth_images"] > 0 and 0 < r["test_synth_ssim"] <= 1 and r["test_synth_psnr"] > 0
+        if r in reported:
+            assert 0 < r["test_synth_ssim"] <= 1 and r["test_synth_psnr"] > 0
+        else:
+            assert r["test_synth_images"] > 0 and r["test_synth_psnr"] is None and r["test_synth_sse"] is None
     agg = next(r for r in rows if r["phase"] == "aggregate" and r["round"] == 2)
-    total = sum(r["test_synth_sse"] for r in evaluated) / sum(r["test_synth_pixels"] for r in evaluated)
+    total = sum(r["test_synth_sse"] for r in reported) / sum(r["test_synth_pixels"] for r in reported)
     assert agg["test_pooled_synth_psnr"] == pytest.approx(10 * math.log10(1 / total), rel=1e-6)
     summary = (run_dir / "summary.md").read_text()
     assert "Virtual DES on each site's test split" in summary and "**pooled**" in summary
@@ -210,14 +238,14 @@ def test_synthesis_at_an_ffdm_site_feeds_a_multiview_run(federation, gan_run, tm
     """site synthesize: virtual DES for the FFDM site's views, at the site, marked synthetic;
     a multiview run with virtual-des = true then trains there on (FFDM, DES) pairs."""
     from fedbreast.cli import main
-    from fedbreast.server.checkpoints import load_checkpoint
-    from fedbreast.shared.data.site_data import site_records
-    from fedbreast.shared.families.cyclegan.synthesize import (
+    from fedbreast.client.synthesize import (
         SynthesisError,
         _write_one,
         synthesize_site,
         to_stored_grid,
     )
+    from fedbreast.server.checkpoints import load_checkpoint
+    from fedbreast.shared.data.site_data import site_records
     from fedbreast.shared.families.cyclegan.task import preprocessing
     from fedbreast.shared.training.tasks import cached_images, task_for
 
@@ -281,9 +309,9 @@ def test_synthesis_at_an_ffdm_site_feeds_a_multiview_run(federation, gan_run, tm
 def test_replacing_real_des_by_virtual_for_a_fraction_of_patients(federation, gan_run) -> None:
     """Seed 004's experiment: real DES replaced by virtual DES for 0-100 % of the patients,
     nested (the 25 % patients are among the 50 %'s), from `site synthesize --all-views`."""
+    from fedbreast.client.synthesize import synthesize_site
     from fedbreast.server.checkpoints import load_checkpoint
     from fedbreast.shared.data.site_data import site_records
-    from fedbreast.shared.families.cyclegan.synthesize import synthesize_site
 
     cem = federation["dirs"][0]
     acquired = site_records(cem)
@@ -309,3 +337,26 @@ def test_replacing_real_des_by_virtual_for_a_fraction_of_patients(federation, ga
     assert swapped(0.5) == half and {r.patient for r in site_records(cem, True, 0.5, seed=1) if r.synthetic} != half
     with pytest.raises(ConfigError, match="virtual-des-replace"):
         RunConfig(virtual_des_replace=0.5)
+
+
+def test_the_site_policy_caps_the_translators_size_and_the_report_mode_is_the_runs(tmp_path) -> None:
+    """A coordinator cannot make a site build a huge cyclegan (its policy refuses, naming the
+    key), and a site cannot turn a classifier run's report into a synthesis report."""
+    from clientapp_messages import request
+
+    from fedbreast.client.policy import PolicyRefused, SitePolicy
+    from fedbreast.server.metric_store import MetricStore
+    from fedbreast.server.report import write_report
+
+    policy = SitePolicy()
+    for key, value in (("cyclegan-filters", 100_000), ("cyclegan-blocks", 1_000_000)):
+        asked = RunConfig(**TINY).to_flower() | {key: value}
+        with pytest.raises(PolicyRefused, match=f"max-{key}"):
+            policy.check_message(request("train", 1), asked)
+    policy.check_message(request("train", 1), RunConfig(**TINY).to_flower())  # the preset's sizes pass
+    store = MetricStore(tmp_path)
+    store.append(1, "evaluate", "site-a", {"test_auc": 0.9, "test_n": 10, "test_exams": 5, "test_synth_psnr": 99.0})
+    store.append(1, "aggregate", "ALL", {"test_auc": 0.9, "val_auc": 0.8, "test_pooled_synth_psnr": 99.0})
+    write_report(tmp_path, RunConfig(rounds=1))
+    text = (tmp_path / "summary.md").read_text()
+    assert "Global model on each site's test split" in text and "Virtual DES" not in text

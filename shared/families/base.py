@@ -79,6 +79,9 @@ class Family:
     # What a report and a model card must flag about a run's settings (an input close to the
     # label, a named departure from the seed): one sentence each, empty for the seed's setting.
     notes: Callable[[RunConfig], list[str]] = no_notes
+    # A family that synthesises images (cyclegan) instead of scoring them: reports show its image
+    # quality, not AUC tables (decided by the run's family, never by which keys replies carry).
+    synthesises: bool = False
     # How reports and progress lines name its network (default: "family/backbone").
     describe: Callable[[RunConfig], str] = backbone_name
 

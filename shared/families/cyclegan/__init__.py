@@ -51,4 +51,5 @@ FAMILY = Family(
     simulate_modalities="cem",
     after_evaluate=after_evaluate,  # pooled PSNR / SSIM from the sites' sums
     describe=describe,
+    synthesises=True,
 )

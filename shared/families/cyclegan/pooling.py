@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 
 PREFIX = "test_synth"
+POOLED_KEYS = tuple(
+    f"test_pooled_synth_{k}" for k in ("images", "mse", "psnr", "ssim", "enhancement_real", "enhancement_synthetic")
+)
 
 
 def _num(m: Mapping[str, Any], key: str, low: float = 0.0) -> float | None:
@@ -34,22 +37,33 @@ def pooled_quality(metrics: list[Mapping[str, Any]]) -> dict[str, float]:
         vals = {k: _num(m, f"{PREFIX}_{k}", -1.0 if k == "ssim" else 0.0) for k in ("images", "sse", "pixels", "ssim")}
         if any(v is None for v in vals.values()) or not vals["images"] or not vals["pixels"]:
             continue
+        claimed = _num(m, "num-examples")  # the reply's test count, which the coordinator checks
+        if (
+            (claimed is not None and vals["images"] > claimed)  # type: ignore[operator]
+            or vals["sse"] > vals["pixels"]  # type: ignore[operator]  # images in [0, 1]: each error <= 1
+            or vals["ssim"] > 1  # type: ignore[operator]
+        ):
+            continue  # impossible sums: a site outweighing the others is left out
         images += vals["images"]  # type: ignore[operator]
         sse += vals["sse"]  # type: ignore[operator]
         pixels += vals["pixels"]  # type: ignore[operator]
         ssim += vals["ssim"] * vals["images"]  # type: ignore[operator]
         n_les, r, s = (_num(m, f"{PREFIX}_{k}") for k in ("lesion_images", "enhancement_real", "enhancement_synthetic"))
-        if n_les and r is not None and s is not None:
+        if n_les and n_les <= vals["images"] and r is not None and s is not None and r < 1000 and s < 1000:  # type: ignore[operator]
             les += n_les
             enh_r += r * n_les
             enh_s += s * n_les
+    nan = float("nan")
+    # Every key, NaN when nothing pooled: a site's own "test_pooled_*" values (averaged into the
+    # round's aggregate like any metric) never stand in for the coordinator's.
+    out = dict.fromkeys(POOLED_KEYS, nan)
     if not images:
-        return {}
+        return out
     mse = sse / pixels
-    out = {
+    out |= {
         "test_pooled_synth_images": images,
         "test_pooled_synth_mse": mse,
-        "test_pooled_synth_psnr": float("inf") if mse <= 0 else float(10 * np.log10(1.0 / mse)),
+        "test_pooled_synth_psnr": 100.0 if mse <= 1e-10 else float(10 * np.log10(1.0 / mse)),
         "test_pooled_synth_ssim": ssim / images,
     }
     if les:

@@ -16,6 +16,11 @@ import numpy as np
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+# Fewer images than this in a split (or lesion images, for the enhancement ratios): only the
+# count leaves the site, not a figure that would be one or two images' own.
+MIN_IMAGES = 5
+MAX_PSNR_DB = 100.0
+COUNTS = ("pixels", "lesion_images")
 # The per-split keys a cyclegan evaluate reply carries (fixed, so every site's reply has them).
 QUALITY_KEYS = (
     "images",
@@ -74,7 +79,14 @@ class QualitySums:
             self.enh_synth_sum += float(ratio(fake)[has].sum())
 
     def metrics(self, prefix: str) -> dict[str, float | int]:
-        """``{prefix}_{key}`` for :data:`QUALITY_KEYS` (NaN where undefined)."""
+        """``{prefix}_{key}`` for :data:`QUALITY_KEYS` (NaN where undefined). Below
+        :data:`MIN_IMAGES` images (or lesion images, for the enhancement ratios) only the count
+        leaves: a sum over one or two images would be those images' own figure."""
+        if self.images < MIN_IMAGES:
+            return {
+                f"{prefix}_{k}": (self.images if k == "images" else 0 if k in COUNTS else float("nan"))
+                for k in QUALITY_KEYS
+            }
         mse = self.sse / self.pixels if self.pixels else float("nan")
         return {
             f"{prefix}_images": self.images,
@@ -83,7 +95,7 @@ class QualitySums:
             f"{prefix}_mse": mse,
             f"{prefix}_psnr": psnr(mse),
             f"{prefix}_ssim": self.ssim_sum / self.images if self.images else float("nan"),
-            f"{prefix}_lesion_images": self.lesion_images,
+            f"{prefix}_lesion_images": self.lesion_images if self.lesion_images >= MIN_IMAGES else 0,
             f"{prefix}_enhancement_real": self.enh_real_sum / self.lesion_images
             if self.lesion_images
             else float("nan"),
@@ -94,7 +106,8 @@ class QualitySums:
 
 
 def psnr(mse: float) -> float:
-    """PSNR in dB of images in [0, 1] (peak 1) from their mean squared error."""
+    """PSNR in dB of images in [0, 1] (peak 1) from their mean squared error, at most
+    :data:`MAX_PSNR_DB` (a perfect copy would be infinite, which no reply may carry)."""
     if not np.isfinite(mse):
         return float("nan")
-    return float("inf") if mse <= 0 else float(10.0 * np.log10(1.0 / mse))
+    return MAX_PSNR_DB if mse <= 10 ** (-MAX_PSNR_DB / 10) else float(10.0 * np.log10(1.0 / mse))

@@ -34,8 +34,8 @@ class CycleGANSettings(Settings):
 
     def check(self, bad: Bad) -> None:
         for name in ("cyclegan_lambda_cycle", "cyclegan_lambda_identity", "cyclegan_lambda_paired"):
-            if not getattr(self, name) >= 0:
-                raise bad(name, "must be >= 0")
+            if not 0 <= getattr(self, name) <= 1000:  # NaN and inf fail too
+                raise bad(name, "must be in [0, 1000]")
         if self.cyclegan_filters < 1:
             raise bad("cyclegan_filters", "must be >= 1")
         if self.cyclegan_blocks < 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from fedbreast.shared.families.cyclegan.model import VIEWS, CycleGANNet
 from fedbreast.shared.families.cyclegan.quality import QualitySums
 from fedbreast.shared.training.local import TrainStats
 from fedbreast.shared.training.tasks import SPLITS, FamilySite, Task, cached_images, preprocess_config, read_records
+
+log = logging.getLogger("fedbreast.cyclegan")
 
 # A preprocessed LE pixel above this is breast (the percentile window puts air at 0).
 BREAST_LEVEL = 0.02
@@ -127,7 +130,10 @@ class LocalDiscriminators:
     """``cyclegan-aggregate = generators``: the discriminators a site trained stay on its disk
     (``state/cyclegan/<run key>.pt``), used again next round; the reply carries the received
     ones unchanged, so every averaging rule leaves the global discriminators as they were
-    (the FedBN scheme, shared/training/personalise.py). Round 1 starts from the received ones."""
+    (the FedBN scheme, shared/training/personalise.py). Round 1 starts from the received ones.
+    The key is the run config's hash (the Task sees no run id): two runs with the same settings
+    at one site share the file; a site first sampled after round 1 may start from another such
+    run's discriminators (they only shape its training, never what it sends)."""
 
     def __init__(self, site_dir: Path, cfg: RunConfig) -> None:
         key = hashlib.sha256(json.dumps(cfg.to_flower(), sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -140,8 +146,12 @@ class LocalDiscriminators:
     def load_into(self, model: CycleGANNet, server_round: int) -> bool:
         if server_round <= 1 or not self.path.exists():
             return False
-        own = torch.load(self.path, map_location="cpu", weights_only=True)
-        model.load_state_dict(own, strict=False)
+        try:
+            own = torch.load(self.path, map_location="cpu", weights_only=True)
+            model.load_state_dict({k: v for k, v in own.items() if CycleGANNet.is_discriminator(k)}, strict=False)
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: train from the received ones
+            log.warning("%s: not this run's discriminators (%s); starting from the received ones", self.path, exc)
+            return False
         return True
 
     def save(self, model: CycleGANNet) -> None:

@@ -1,6 +1,7 @@
-"""``fedbreast site synthesize``: virtual DES for every mammography view that has none, made at
-the site with a trained cyclegan generator, written into the site's own ``virtual/`` folder
-(DICOM files plus their manifest rows with ``synthetic: true``: shared/data/virtual.py).
+"""``fedbreast site synthesize``, the site's own command (so it lives with the site's code):
+virtual DES for every mammography view that has none, made at the site with a trained
+cyclegan generator, written into the site's own ``virtual/`` folder (DICOM files plus their
+manifest rows with ``synthetic: true``: shared/data/virtual.py).
 
 Nothing leaves the site. Each FFDM (or LE) view without a DES of its breast and view goes
 through the generator's preprocessing (seed 004's: pad square, contrast stretch, resize), the
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from scipy.ndimage import map_coordinates
 
+from fedbreast.client.policy import SitePolicy
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.dicom_writer import DicomMeta, new_study_uid, write_dicom
 from fedbreast.shared.data.preprocess import Geometry
@@ -102,15 +104,31 @@ def synthesize_site(
     """Write virtual DES for every view of ``site_dir`` without one (see the module docstring);
     ``all_views``: also for views with an acquired DES (used only under ``virtual-des-replace``)."""
     t0 = time.perf_counter()
-    cfg = RunConfig.from_flower(dict(ckpt.meta.get("config", {})))
+    try:
+        cfg = RunConfig.from_flower(dict(ckpt.meta.get("config", {})))
+    except (TypeError, ValueError) as exc:
+        raise SynthesisError(f"the checkpoint's run config is not readable: {exc}") from None
     if cfg.model != "cyclegan":
         raise SynthesisError(f"the checkpoint is a {cfg.model!r} model; synthesis needs a cyclegan checkpoint")
     site_dir = Path(site_dir)
     if not site_dir.is_dir():
         raise SynthesisError(f"{site_dir}: no such site directory")
     cfg = cfg.replace(workers=workers)
+    # The checkpoint's settings size the network and the images: held to the site's default
+    # policy limits (client/policy.py), as a run's would be, before anything is built.
+    limits = SitePolicy()
+    for key, asked, most in (
+        ("cyclegan-filters", cfg.cyclegan_filters, limits.max_cyclegan_filters),
+        ("cyclegan-blocks", cfg.cyclegan_blocks, limits.max_cyclegan_blocks),
+        ("image-h x image-w", cfg.image_h * cfg.image_w, limits.max_image_pixels),
+    ):
+        if asked > most:
+            raise SynthesisError(f"the checkpoint asks for {key} = {asked}, above the site policy's {most}")
     model = CycleGANNet(cfg.cyclegan_filters, cfg.cyclegan_blocks)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ckpt.arrays.items()}, strict=True)
+    try:
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ckpt.arrays.items()}, strict=True)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise SynthesisError(f"the checkpoint's arrays do not fit its own cyclegan settings: {exc}") from None
     model.eval()
     records = site_records(site_dir)
     result = SynthesisResult(site=str(read_meta(site_dir).get("site") or site_dir.name))
