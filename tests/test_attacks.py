@@ -759,3 +759,17 @@ def test_no_flower_task_but_the_pinned_clientapp_can_start_at_a_site(tmp_path):
     )
     assert restricted.stdout.strip() == "['flwr-clientapp']", restricted.stdout + restricted.stderr
     assert (tmp_path / "flower-superexec").read_text().endswith("superexec_main()\n")
+
+
+def test_a_huge_translator_is_refused_before_the_site_builds_it(hospital):
+    """A coordinator asking for a cyclegan too large for the site's memory: refused by its
+    policy (max-cyclegan-filters / max-cyclegan-blocks), naming the key, before any network is built."""
+    from fedbreast.client.app import app
+
+    base = RunConfig(**{**TINY, "model": "cyclegan", "image_h": 64, "image_w": 64}).to_flower()
+    for key, value in (("cyclegan-filters", 100_000), ("cyclegan-blocks", 1_000_000)):
+        ctx = site_context(hospital, base | {key: value}, policy={"policy": json.dumps(POLICY)})
+        reply = app(request("train", 1, None), ctx)
+        site = reply.content["site"]
+        assert site["status"] == "unable" and f"max-{key}" in site["reason"], site["reason"]
+        assert len(reply.content.array_records) == 0
