@@ -25,6 +25,7 @@ Example (every key optional; deploy/site.example.toml)::
     max-descriptor-dim = 2048                 # mgus
     max-cyclegan-filters = 64                 # cyclegan: generator width
     max-cyclegan-blocks = 12                  # cyclegan: residual blocks
+    keep-cyclegan-discriminators = true       # cyclegan: refuse cyclegan-aggregate = "all"
     max-bootstrap = 1000                      # clamped
     max-workers = 4                           # clamped
     max-cache-gb = 50                         # the preprocessing cache's disk
@@ -92,6 +93,8 @@ class SitePolicy:
     max_descriptor_dim: int = 4096
     max_cyclegan_filters: int = 64  # cyclegan: its network's size is the run's to choose, memory the site's
     max_cyclegan_blocks: int = 16
+    # The discriminators see the site's real DES most directly; a site may keep them home always.
+    keep_cyclegan_discriminators: bool = False
     max_crop_size: int = 1024  # dualmode box-size, mgus crop-size (pixels a side)
     max_batch_size: int = 256
     max_delta: float = 1e-5  # DP-SGD's delta at most this, and at most 1/(10 n)
@@ -213,6 +216,16 @@ class SitePolicy:
             ("crop-size", "crop_size", "max-crop-size", self.max_crop_size),
         ):
             limits.append((key, getattr(cfg, attr), limit, policy_key))
+        if (
+            self.keep_cyclegan_discriminators
+            and cfg.model == "cyclegan"
+            and name == "train"
+            and getattr(cfg, "cyclegan_aggregate", "generators") != "generators"
+        ):
+            raise PolicyRefused(
+                "policy keep-cyclegan-discriminators: the run asks for cyclegan-aggregate = "
+                f"{cfg.cyclegan_aggregate!r}, which sends this site's discriminators; it trains only with 'generators'"
+            )
         for key, asked, most, policy_key in limits:
             if asked > most:
                 raise PolicyRefused(f"policy {policy_key} = {most:g}: the run asks for {key} = {asked:g}")

@@ -342,10 +342,12 @@ def test_replacing_real_des_by_virtual_for_a_fraction_of_patients(federation, ga
 def test_the_site_policy_caps_the_translators_size_and_the_report_mode_is_the_runs(tmp_path) -> None:
     """A coordinator cannot make a site build a huge cyclegan (its policy refuses, naming the
     key), and a site cannot turn a classifier run's report into a synthesis report."""
-    from clientapp_messages import request
+    from clientapp_messages import as_task, request
 
     from fedbreast.client.policy import PolicyRefused, SitePolicy
     from fedbreast.server.metric_store import MetricStore
+
+    as_task()  # messages need a task identity; alone (-n0, -k) no earlier test has set one
     from fedbreast.server.report import write_report
 
     policy = SitePolicy()
@@ -354,6 +356,10 @@ def test_the_site_policy_caps_the_translators_size_and_the_report_mode_is_the_ru
         with pytest.raises(PolicyRefused, match=f"max-{key}"):
             policy.check_message(request("train", 1), asked)
     policy.check_message(request("train", 1), RunConfig(**TINY).to_flower())  # the preset's sizes pass
+    keeps = SitePolicy.from_mapping({"keep-cyclegan-discriminators": True}, "site.toml")
+    keeps.check_message(request("train", 1), RunConfig(**TINY).to_flower())  # generators only: joins
+    with pytest.raises(PolicyRefused, match="keep-cyclegan-discriminators.*'all'"):
+        keeps.check_message(request("train", 1), RunConfig(**TINY).to_flower() | {"cyclegan-aggregate": "all"})
     store = MetricStore(tmp_path)
     store.append(1, "evaluate", "site-a", {"test_auc": 0.9, "test_n": 10, "test_exams": 5, "test_synth_psnr": 99.0})
     store.append(1, "aggregate", "ALL", {"test_auc": 0.9, "val_auc": 0.8, "test_pooled_synth_psnr": 99.0})

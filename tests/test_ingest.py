@@ -265,3 +265,12 @@ def test_site_config_overrides_vendor_rules(tmp_path):
     cfg.write_text("[ingest.view_positions]\nSPOT = 'CC'\n")
     report = ingest(dicom, tmp_path / "site2", config=cfg)
     assert report.rejected == 0 and load_manifest(tmp_path / "site2")[0].view.value == "CC"
+
+
+def test_a_manifest_row_that_is_not_an_object_is_refused_naming_its_line(tmp_path):
+    from fedbreast.shared.data.manifest import ManifestError, read_jsonl
+
+    path = tmp_path / "manifest.jsonl"
+    path.write_text('{"patient": "p1"}\n\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"manifest.jsonl:3: a row must be a JSON object, not list"):
+        read_jsonl(path)

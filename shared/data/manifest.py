@@ -58,9 +58,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ManifestError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):  # a bare list or number is valid JSON but no record
+                raise ManifestError(f"{path}:{i}: a row must be a JSON object, not {type(row).__name__}")
+            rows.append(row)
     return rows
 
 
