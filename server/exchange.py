@@ -15,6 +15,7 @@ for the round as "malformed reply: <what, naming the key>"; so is one whose read
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -75,10 +76,42 @@ class RoundOutcome:
     bytes_sent: int = 0  # model array bytes to / from sites (the coordinator's /metrics)
     bytes_received: int = 0
     timed_out: set[int] = field(default_factory=set)  # nodes that missed a wave's timeout this round
+    # Each site's own time (its reply's train_seconds / eval_seconds), per wave.
+    train_site_seconds: dict[str, float] = field(default_factory=dict)
+    evaluate_site_seconds: dict[str, float] = field(default_factory=dict)
+
+    def add_site_seconds(self, site: str, wave: str, seconds: Any) -> None:
+        """A usable reply's own time for ``wave`` (train | evaluate): the site's local step as it
+        measured it (an absent or non-number value counts 0)."""
+        value = float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else 0.0
+        (self.train_site_seconds if wave == "train" else self.evaluate_site_seconds)[site] = value
+        self.site_seconds[site] = self.site_seconds.get(site, 0.0) + value
 
     @property
     def slowest_site_seconds(self) -> float:
         return max(self.site_seconds.values(), default=0.0)
+
+    @property
+    def critical_seconds(self) -> float:
+        """The slowest site's train plus the slowest site's evaluate: the least a round can take
+        when sites work at once and each wave waits for its last reply."""
+        return max(self.train_site_seconds.values(), default=0.0) + max(
+            self.evaluate_site_seconds.values(), default=0.0
+        )
+
+    def timing(self) -> dict[str, float]:
+        """The round's time split for metrics.jsonl: the wall time, the slowest site's train and
+        evaluate, and the overhead, the rest (messages, serialisation, aggregation, polling, the
+        checkpoint hand-off, and a site waiting for a free worker), in seconds and as a fraction."""
+        overhead = self.seconds - self.critical_seconds
+        return {
+            "seconds": self.seconds,
+            "slowest_site_seconds": self.slowest_site_seconds,
+            "slowest_train_seconds": max(self.train_site_seconds.values(), default=0.0),
+            "slowest_evaluate_seconds": max(self.evaluate_site_seconds.values(), default=0.0),
+            "overhead_seconds": overhead,
+            "overhead_fraction": overhead / self.seconds if self.seconds > 0 else 0.0,
+        }
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

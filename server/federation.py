@@ -243,8 +243,7 @@ class FederatedRun:
             "round",
             "ALL",
             {
-                "seconds": outcome.seconds,
-                "slowest_site_seconds": outcome.slowest_site_seconds,
+                **outcome.timing(),
                 "evaluate_phase_seconds": outcome.seconds,
                 "sites_trained": 0,
                 "failures": len(outcome.failures),
@@ -279,8 +278,7 @@ class FederatedRun:
                 "round",
                 "ALL",
                 {
-                    "seconds": outcome.seconds,
-                    "slowest_site_seconds": outcome.slowest_site_seconds,
+                    **outcome.timing(),  # wall, slowest site's train and evaluate, the overhead
                     "train_phase_seconds": t1 - t0,
                     "evaluate_phase_seconds": t2 - t1,
                     "checkpoint_seconds": outcome.seconds - (t2 - t0),
@@ -317,7 +315,8 @@ class FederatedRun:
             f"{r['site']} {_fmt(r.get('val_auc'))}" for r in self.store.rows("evaluate") if r["round"] == o.round
         )
         agg = o.aggregate
-        head = f"round {o.round}/{self.cfg.rounds}  {o.seconds:5.1f} s  trained {len(o.sites_trained)}  "
+        overhead = o.timing()["overhead_fraction"]
+        head = f"round {o.round}/{self.cfg.rounds}  {o.seconds:5.1f} s (overhead {100 * overhead:.0f}%)  trained {len(o.sites_trained)}  "
         tail = f"  failures: {', '.join(o.failures)}" if o.failures else ""
         if family_of(self.cfg.model).synthesises:  # a translator (cyclegan): image quality, no AUC
             return (

@@ -313,7 +313,7 @@ class PlainTrainWave:
             state.store.append(server_round, "train", r.site, r.metrics)
         outcome.sites_trained = [r.site for r in good]
         for r in good:
-            outcome.site_seconds[r.site] = float(r.metrics.get("train_seconds", 0.0))
+            outcome.add_site_seconds(r.site, "train", r.metrics.get("train_seconds"))
         if too_few_trained(state, server_round, len(good), "usable update(s)"):
             record_train_aggregate(state, server_round, good, released=False)
             return
@@ -551,9 +551,7 @@ class EvaluationWave:
             # Histograms are aggregate counts (no per-patient score); kept for per-site ROC curves.
             # The coordinator's operating-point values (fed_*) join the site's row.
             state.store.append(server_round, "evaluate", r.site, {**r.metrics, **fed_sites.get(r.site, {})})
-            outcome.site_seconds[r.site] = outcome.site_seconds.get(r.site, 0.0) + float(
-                r.metrics.get("eval_seconds", 0.0)
-            )
+            outcome.add_site_seconds(r.site, "evaluate", r.metrics.get("eval_seconds"))
         if not replies:
             return
         scalar = [{k: v for k, v in r.metrics.items() if isinstance(v, (int, float))} for r in replies]

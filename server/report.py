@@ -237,6 +237,7 @@ def _finish(
             for f in failures
         ]
         lines.append("")
+    lines += round_time_section(store)
     lines += [
         "Files: `metrics.jsonl` (round x site), `summary.csv`, `roc.png`, `learning_curves.png`, `checkpoints/`.",
         "",
@@ -244,6 +245,43 @@ def _finish(
     paths["markdown"].write_text("\n".join(lines))
     paths.update(_plots(run_dir, store, sites, cfg))
     return paths
+
+
+def round_time_section(store: MetricStore) -> list[str]:
+    """Per round: the wall time, the slowest site's train and evaluate (each site's own measure),
+    and the overhead, the rest of the wall time. Rows of runs before the overhead was recorded
+    are left out."""
+    rows = [r for r in store.rows("round") if isinstance(r.get("overhead_seconds"), (int, float))]
+    if not rows:
+        return []
+    lines = [
+        "## Round time",
+        "",
+        "| round | wall s | slowest train s | slowest evaluate s | overhead s | overhead |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['round']} | {_f(r.get('seconds'), 2)} | {_f(r.get('slowest_train_seconds'), 2)} "
+            f"| {_f(r.get('slowest_evaluate_seconds'), 2)} | {_f(r.get('overhead_seconds'), 2)} "
+            f"| {_pct(r.get('overhead_fraction'))} |"
+        )
+    wall = sum(float(r.get("seconds") or 0.0) for r in rows)
+    overhead = sum(float(r.get("overhead_seconds") or 0.0) for r in rows)
+    lines += [
+        "",
+        f"All rounds: {wall:.1f} s, overhead {overhead:.1f} s ({_pct(overhead / wall if wall > 0 else None)}). "
+        "The overhead is the round's wall time less the slowest site's train and the slowest site's "
+        "evaluate: messages, serialisation, aggregation, the checkpoint hand-off, and any site that waited "
+        "for a worker. Sites work at once on the Ray engine and in a deployment; with `--engine inprocess` "
+        "they take turns, so there the overhead also holds the other sites' time.",
+        "",
+    ]
+    return lines
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if not isinstance(v, (int, float)) or not math.isfinite(v) else f"{100 * v:.1f}%"
 
 
 def _plots(run_dir: Path, store: MetricStore, sites: list[dict], cfg: RunConfig) -> dict[str, Path]:

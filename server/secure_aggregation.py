@@ -400,7 +400,7 @@ def secure_train_round(state: RunState, server_round: int, outcome: RoundOutcome
     outcome.sites_trained = [r.site for r in good]
     for r in good:
         state.store.append(server_round, "train", r.site, r.metrics)
-        outcome.site_seconds[r.site] = float(r.metrics.get("train_seconds", 0.0))
+        outcome.add_site_seconds(r.site, "train", r.metrics.get("train_seconds"))
     released = (
         strategy.mean_delta is not None
         and not refused
