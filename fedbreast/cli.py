@@ -171,6 +171,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         site_policy=Path(args.site_policy) if args.site_policy else None,
         holdout_site=args.holdout_site,
         init_checkpoint=args.init_checkpoint,
+        ray_address=args.ray_address,
     )
     return 0
 
@@ -460,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-checkpoint",
         metavar="CKPT",
         help="the run's initial model: a run checkpoint of the same model settings (e.g. pretrain --model-out's)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="ray engine: join this running Ray cluster (auto: the last 'ray start --head' here; or HEAD:PORT) "
+        "instead of starting Ray on this machine; simulations larger than one box (docs/multi-node.md)",
     )
     p.set_defaults(func=cmd_simulate)
 

@@ -100,13 +100,34 @@ clientapp = "fedbreast.client.app:app"
     return path
 
 
+def ray_environment(ray_address: str | None) -> dict[str, str]:
+    """Where the simulation's ``ray.init()`` (in flwr-simulation, started by the SuperLink) goes:
+    ``RAY_ADDRESS``, which Ray reads when Flower passes no address (Flower's run config has no
+    key for one). ``None``: ``local``, a fresh Ray on this machine, even when a cluster started
+    with ``ray start`` is running here (a bare ``ray.init()`` would join that one). Otherwise
+    that cluster: ``auto`` (the last ``ray start --head`` on this machine) or the head's
+    ``HOST:PORT`` (docs/multi-node.md)."""
+    return {"RAY_ADDRESS": ray_address or "local"}
+
+
+def cpus_per_site_for(concurrent: int) -> int:
+    """Ray CPUs per site's actor on this machine: its cores shared among the sites that run at
+    once (at least 1). Ray sets an actor's torch threads (OMP_NUM_THREADS) to its CPUs when the
+    environment does not, so this is also the threads per actor: one each on a 2-core box with
+    three sites, five each on a 16-core one (Ray's 1 would leave 13 cores idle)."""
+    return max(1, (os.cpu_count() or 1) // max(1, concurrent))
+
+
 @contextmanager
-def simulation_superlink(home: Path, log_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """Start an in-memory simulation SuperLink; yield (connection name, env); stop it after."""
+def simulation_superlink(
+    home: Path, log_path: Path, ray_address: str | None = None
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """Start an in-memory simulation SuperLink; yield (connection name, env); stop it after.
+    ``ray_address``: the Ray cluster its simulation joins (:func:`ray_environment`)."""
     port = free_port()
     # The SuperLink starts flower-superexec / flwr-simulation by name: our venv's bin must be on PATH.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = dict(os.environ, **QUIET_ENV, FLWR_HOME=str(home), PATH=path)
+    env = dict(os.environ, **QUIET_ENV, **ray_environment(ray_address), FLWR_HOME=str(home), PATH=path)
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "fedbreast-sim"\n\n[superlink.fedbreast-sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -156,11 +177,17 @@ def run_simulation(
     run_dir: Path,
     run_config: Mapping[str, Any],
     num_sites: int,
-    cpus_per_site: int = 1,
+    cpus_per_site: int | None = None,
     stream: bool = True,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Run the federation on ``num_sites`` simulated SuperNodes; return Flower's run record."""
+    """Run the federation on ``num_sites`` simulated SuperNodes; return Flower's run record.
+    ``cpus_per_site``: Ray CPUs, and so torch threads, per actor (default :func:`cpus_per_site_for`
+    the sites; 1 on a cluster). ``ray_address``: join that running Ray cluster (``auto`` or the
+    head's HOST:PORT) instead of starting Ray here; its CPUs / ``cpus_per_site`` size the pool."""
     run_dir = Path(run_dir).resolve()
+    if cpus_per_site is None:
+        cpus_per_site = 1 if ray_address is not None else cpus_per_site_for(num_sites)
     # Every site trains at once, as on real hospital machines: Ray is told there are enough
     # CPUs for all of them. Otherwise, on a 2-core box, it queues the third site behind the
     # first two and the round takes two site-times instead of one.
@@ -168,7 +195,7 @@ def run_simulation(
     flower_dir = run_dir / "flower"
     app_dir = write_app_dir(flower_dir / "app")
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-    with simulation_superlink(flower_dir / "home", flower_dir / "superlink.log") as (conn, env):
+    with simulation_superlink(flower_dir / "home", flower_dir / "superlink.log", ray_address) as (conn, env):
         cmd = [
             bin_path("flwr"),
             "run",
@@ -177,7 +204,10 @@ def run_simulation(
             "--run-config",
             overrides,
             "--federation-config",
-            f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site} init-args-num-cpus={ray_cpus}",
+            f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site} init-args-num-cpus={ray_cpus}"
+            if ray_address is None
+            # Ray refuses num_cpus when joining a cluster: the cluster's own CPUs bound the pool.
+            else f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}",
         ]
         if stream:
             cmd.append("--stream")

@@ -91,7 +91,9 @@ def prepare_sites(data_dir: Path, profiles: list[SiteProfile], seed: int, echo=p
     return out
 
 
-def run_on_engine(engine: str, run_dir: Path, run_config: dict[str, Any], site_dirs: list[Path]) -> dict[str, Any]:
+def run_on_engine(
+    engine: str, run_dir: Path, run_config: dict[str, Any], site_dirs: list[Path], ray_address: str | None = None
+) -> dict[str, Any]:
     """The ServerApp and one ClientApp per site folder on ``engine``; Flower's run record."""
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
@@ -102,7 +104,7 @@ def run_on_engine(engine: str, run_dir: Path, run_config: dict[str, Any], site_d
         if record["status"] != "finished:completed":
             raise SimulationFailed(f"in-process run ended {record['status']}: {record['status-details']}")
         return record
-    return run_simulation(run_dir, run_config, num_sites=len(site_dirs))
+    return run_simulation(run_dir, run_config, num_sites=len(site_dirs), ray_address=ray_address)
 
 
 def simulate(
@@ -120,6 +122,7 @@ def simulate(
     site_policy: Path | None = None,
     holdout_site: str | None = None,
     init_checkpoint: Path | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the federation; with ``sites_dir``, on already-ingested site directories
     (one sub-folder per site, e.g. CDD-CESM imported per machine) instead of generated ones.
@@ -128,10 +131,14 @@ def simulate(
     a TOML file whose ``[policy]`` every simulated site enforces (client/policy.py).
     ``holdout_site``: that site takes no part in training and is evaluated every round, reported
     as external validation. ``init_checkpoint``: the run's initial model (a run checkpoint, e.g.
-    ``fedbreast pretrain --model-out``'s; its model signature must be the run's)."""
+    ``fedbreast pretrain --model-out``'s; its model signature must be the run's).
+    ``ray_address`` (Ray engine): join that running Ray cluster (``auto`` or the head's HOST:PORT)
+    instead of starting Ray on this machine (docs/multi-node.md)."""
     t0 = time.perf_counter()
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
+    if ray_address is not None and engine != "ray":
+        raise ConfigError(f"--ray-address {ray_address!r}: only the ray engine runs on a Ray cluster, not {engine!r}")
     run_dir = Path(run_dir).resolve()
     family = str((overrides or {}).get("model", "multiview"))
     if family not in FAMILIES:
@@ -199,7 +206,7 @@ def simulate(
         run_config["sim-site-policy"] = str(Path(site_policy).resolve())
         echo(f"every site enforces the policy in {site_policy}")
     t = time.perf_counter()
-    record = run_on_engine(engine, run_dir, run_config, site_dirs)
+    record = run_on_engine(engine, run_dir, run_config, site_dirs, ray_address)
     federated_s = time.perf_counter() - t
     results: dict[str, Any] = {"run": record, "federated_seconds": federated_s}
     if baselines:
