@@ -171,6 +171,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         site_policy=Path(args.site_policy) if args.site_policy else None,
         holdout_site=args.holdout_site,
         init_checkpoint=args.init_checkpoint,
+        workers=args.site_workers,
         ray_address=args.ray_address,
     )
     return 0
@@ -461,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-checkpoint",
         metavar="CKPT",
         help="the run's initial model: a run checkpoint of the same model settings (e.g. pretrain --model-out's)",
+    )
+    p.add_argument(
+        "--site-workers",
+        type=int,
+        metavar="N",
+        help="ray engine: at most N sites run at once, in a pool of N Ray actors that serve every site in turn "
+        "(default: all sites, up to max(4, CPUs)); memory grows with N, not with --sites",
     )
     p.add_argument(
         "--ray-address",

@@ -173,25 +173,51 @@ def simulation_superlink(
         log.close()
 
 
+def default_workers(num_sites: int) -> int:
+    """How many sites run at once when the caller does not say: every site of a small federation
+    (on a 2-core box, three sites at once finish a round in one site-time, not two), at most
+    max(4, CPUs). Each worker is a resident Ray actor with its own torch (0.3-0.5 GB before any
+    model), so one per site does not scale: 100 sites would be 100 processes."""
+    return max(1, min(num_sites, max(4, os.cpu_count() or 1)))
+
+
+def federation_config(num_sites: int, workers: int, cpus_per_site: int = 1) -> str:
+    """``flwr run --federation-config``: ``num_sites`` SuperNodes served by a pool of ``workers``
+    Ray actors. Flower's Ray backend makes (Ray's CPUs / client CPUs) actors and lends each
+    message to an idle one, so telling Ray it has ``workers * cpus_per_site`` CPUs bounds the
+    pool; an actor then serves many sites in turn, opening each site's data on demand (the
+    ClientApp's site caches are LRU-bounded: shared/data/site_data.py, shared/training/tasks.py)."""
+    if num_sites < 1:
+        raise ValueError(f"num_sites must be >= 1, got {num_sites}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return (
+        f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site} "
+        f"init-args-num-cpus={workers * cpus_per_site}"
+    )
+
+
 def run_simulation(
     run_dir: Path,
     run_config: Mapping[str, Any],
     num_sites: int,
     cpus_per_site: int | None = None,
     stream: bool = True,
+    workers: int | None = None,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the federation on ``num_sites`` simulated SuperNodes; return Flower's run record.
+    ``workers``: at most this many sites run at once, each in one of a pool of that many Ray
+    actors (default :func:`default_workers`); more than ``num_sites`` would only idle.
     ``cpus_per_site``: Ray CPUs, and so torch threads, per actor (default :func:`cpus_per_site_for`
-    the sites; 1 on a cluster). ``ray_address``: join that running Ray cluster (``auto`` or the
+    the pool; 1 on a cluster). ``ray_address``: join that running Ray cluster (``auto`` or the
     head's HOST:PORT) instead of starting Ray here; its CPUs / ``cpus_per_site`` size the pool."""
     run_dir = Path(run_dir).resolve()
+    if ray_address is not None and workers is not None:
+        raise ValueError("workers: on a Ray cluster (ray_address) the pool is the cluster's CPUs / cpus_per_site")
+    pool = min(num_sites, workers) if workers is not None else default_workers(num_sites)
     if cpus_per_site is None:
-        cpus_per_site = 1 if ray_address is not None else cpus_per_site_for(num_sites)
-    # Every site trains at once, as on real hospital machines: Ray is told there are enough
-    # CPUs for all of them. Otherwise, on a 2-core box, it queues the third site behind the
-    # first two and the round takes two site-times instead of one.
-    ray_cpus = max(os.cpu_count() or 1, num_sites * cpus_per_site)
+        cpus_per_site = 1 if ray_address is not None else cpus_per_site_for(pool)
     flower_dir = run_dir / "flower"
     app_dir = write_app_dir(flower_dir / "app")
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
@@ -204,7 +230,7 @@ def run_simulation(
             "--run-config",
             overrides,
             "--federation-config",
-            f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site} init-args-num-cpus={ray_cpus}"
+            federation_config(num_sites, pool, cpus_per_site)
             if ray_address is None
             # Ray refuses num_cpus when joining a cluster: the cluster's own CPUs bound the pool.
             else f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}",

@@ -3,7 +3,8 @@
 1. Generate the sites as DICOM (once per data seed and size; reused after) and ingest each
    through the same path a hospital uses.
 2. Warm each site's preprocessing cache, so rounds measure training, not decoding.
-3. Run the ServerApp and ClientApps on Flower's simulation engine (one SuperNode per site).
+3. Run the ServerApp and ClientApps on Flower's simulation engine (one SuperNode per site, served
+   by a bounded pool of Ray actors: ``workers``).
 4. Optionally train local-only and pooled baselines with the same budget.
 5. Write the report: summary.md / summary.csv, ROC and learning curves, checkpoints.
 """
@@ -92,9 +93,15 @@ def prepare_sites(data_dir: Path, profiles: list[SiteProfile], seed: int, echo=p
 
 
 def run_on_engine(
-    engine: str, run_dir: Path, run_config: dict[str, Any], site_dirs: list[Path], ray_address: str | None = None
+    engine: str,
+    run_dir: Path,
+    run_config: dict[str, Any],
+    site_dirs: list[Path],
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """The ServerApp and one ClientApp per site folder on ``engine``; Flower's run record."""
+    """The ServerApp and one ClientApp per site folder on ``engine``; Flower's run record.
+    ``workers``: Ray's actor pool (flower_runner.run_simulation); the in-process engine has one."""
     if engine not in ENGINES:
         raise ConfigError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
     if engine == "inprocess":
@@ -104,7 +111,7 @@ def run_on_engine(
         if record["status"] != "finished:completed":
             raise SimulationFailed(f"in-process run ended {record['status']}: {record['status-details']}")
         return record
-    return run_simulation(run_dir, run_config, num_sites=len(site_dirs), ray_address=ray_address)
+    return run_simulation(run_dir, run_config, num_sites=len(site_dirs), workers=workers, ray_address=ray_address)
 
 
 def simulate(
@@ -122,6 +129,7 @@ def simulate(
     site_policy: Path | None = None,
     holdout_site: str | None = None,
     init_checkpoint: Path | None = None,
+    workers: int | None = None,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the federation; with ``sites_dir``, on already-ingested site directories
@@ -131,7 +139,9 @@ def simulate(
     a TOML file whose ``[policy]`` every simulated site enforces (client/policy.py).
     ``holdout_site``: that site takes no part in training and is evaluated every round, reported
     as external validation. ``init_checkpoint``: the run's initial model (a run checkpoint, e.g.
-    ``fedbreast pretrain --model-out``'s; its model signature must be the run's).
+    ``fedbreast pretrain --model-out``'s; its model signature must be the run's). ``workers``
+    (Ray engine): at most this many sites train at once, in a pool of that many Ray actors that
+    serve every site in turn (default flower_runner.default_workers: up to max(4, CPUs)).
     ``ray_address`` (Ray engine): join that running Ray cluster (``auto`` or the head's HOST:PORT)
     instead of starting Ray on this machine (docs/multi-node.md)."""
     t0 = time.perf_counter()
@@ -139,6 +149,10 @@ def simulate(
         raise ConfigError(f"engine {engine!r}: must be one of {', '.join(ENGINES)}")
     if ray_address is not None and engine != "ray":
         raise ConfigError(f"--ray-address {ray_address!r}: only the ray engine runs on a Ray cluster, not {engine!r}")
+    if ray_address is not None and workers is not None:
+        raise ConfigError("--site-workers with --ray-address: the cluster's CPUs size the pool of Ray actors")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers {workers}: must be >= 1 (sites that train at once)")
     run_dir = Path(run_dir).resolve()
     family = str((overrides or {}).get("model", "multiview"))
     if family not in FAMILIES:
@@ -175,18 +189,20 @@ def simulate(
         if len(known) < 2:
             raise ConfigError(f"--holdout-site {holdout_site!r}: no other site would train")
     t = time.perf_counter()
-    site_data = []
+    site_data = []  # the opened sites, kept only for the baselines: 100 sites would stay resident otherwise
+    counts = []
     for d in site_dirs:
         try:
-            site_data.append(task_for(cfg).open(d, cfg))
+            s = task_for(cfg).open(d, cfg)
         except SiteUnavailable as exc:  # the federation runs on; that site reports itself unable
             echo(f"warning: {d.name} cannot train: {exc}")
+            continue
+        counts.append(f"{s.name} {s.exams('train')}/{s.exams('val')}/{s.exams('test')}")
+        if baselines:
+            site_data.append(s)
     echo(
         f"caches warm in {time.perf_counter() - t:.0f} s: "
-        + ", ".join(
-            f"{s.name} {s.exams('train')}/{s.exams('val')}/{s.exams('test')} train/val/test {task_for(cfg).count_unit}s"
-            for s in site_data
-        )
+        + ", ".join(f"{c} train/val/test {task_for(cfg).count_unit}s" for c in counts)
     )
     start = None  # the initial model the run, and its baselines, start from: a fresh build without one
     run_config = {**cfg.to_flower(), "sim-sites-dir": str(sites_root), "run-dir": str(run_dir)}
@@ -206,7 +222,7 @@ def simulate(
         run_config["sim-site-policy"] = str(Path(site_policy).resolve())
         echo(f"every site enforces the policy in {site_policy}")
     t = time.perf_counter()
-    record = run_on_engine(engine, run_dir, run_config, site_dirs, ray_address)
+    record = run_on_engine(engine, run_dir, run_config, site_dirs, workers, ray_address)
     federated_s = time.perf_counter() - t
     results: dict[str, Any] = {"run": record, "federated_seconds": federated_s}
     if baselines:
