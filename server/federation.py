@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -244,6 +245,7 @@ class FederatedRun:
             "ALL",
             {
                 **outcome.timing(),
+                **machine_load(),
                 "evaluate_phase_seconds": outcome.seconds,
                 "sites_trained": 0,
                 "failures": len(outcome.failures),
@@ -279,6 +281,7 @@ class FederatedRun:
                 "ALL",
                 {
                     **outcome.timing(),  # wall, slowest site's train and evaluate, the overhead
+                    **machine_load(),  # a round slower than the last on a busy machine says so here
                     "train_phase_seconds": t1 - t0,
                     "evaluate_phase_seconds": t2 - t1,
                     "checkpoint_seconds": outcome.seconds - (t2 - t0),
@@ -329,6 +332,16 @@ class FederatedRun:
             + f"val AUC mean {_fmt(agg.get('val_auc'))} [{per_site}]  test pooled AUC {_fmt(agg.get('test_pooled_auc'))}"
             + tail
         )
+
+
+def machine_load() -> dict[str, Any]:
+    """The coordinator machine's 1-minute load average and CPU count as the round ends (in a
+    simulation, the machine the sites train on too); the load is None where the OS has none."""
+    try:
+        load: float | None = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    return {"load_1m": load, "cpus": os.cpu_count()}
 
 
 def _fmt(v: Any) -> str:

@@ -257,14 +257,14 @@ def round_time_section(store: MetricStore) -> list[str]:
     lines = [
         "## Round time",
         "",
-        "| round | wall s | slowest train s | slowest evaluate s | overhead s | overhead |",
-        "|---|---|---|---|---|---|",
+        "| round | wall s | slowest train s | slowest evaluate s | overhead s | overhead | load (1 min) / CPUs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['round']} | {_f(r.get('seconds'), 2)} | {_f(r.get('slowest_train_seconds'), 2)} "
             f"| {_f(r.get('slowest_evaluate_seconds'), 2)} | {_f(r.get('overhead_seconds'), 2)} "
-            f"| {_pct(r.get('overhead_fraction'))} |"
+            f"| {_pct(r.get('overhead_fraction'))} | {_f(r.get('load_1m'), 1)} / {r.get('cpus', 'n/a')} |"
         )
     wall = sum(float(r.get("seconds") or 0.0) for r in rows)
     overhead = sum(float(r.get("overhead_seconds") or 0.0) for r in rows)
@@ -274,7 +274,8 @@ def round_time_section(store: MetricStore) -> list[str]:
         "The overhead is the round's wall time less the slowest site's train and the slowest site's "
         "evaluate: messages, serialisation, aggregation, the checkpoint hand-off, and any site that waited "
         "for a worker. Sites work at once on the Ray engine and in a deployment; with `--engine inprocess` "
-        "they take turns, so there the overhead also holds the other sites' time.",
+        "they take turns, so there the overhead also holds the other sites' time. The load is the coordinator "
+        "machine's (in a simulation, the sites' too): above its CPU count, the sites' own times grow with it.",
         "",
     ]
     return lines

@@ -57,6 +57,7 @@ def test_each_round_records_its_overhead_over_the_slowest_train_and_evaluate(tmp
         # The stub's waves take their slowest site's time; the rest is the loop's own: polling
         # (0.1 s a wave at most), aggregation, the checkpoint hand-off. Far below a site's time.
         assert 0 <= r["overhead_seconds"] < 0.4, r
+        assert r["cpus"] >= 1 and r["load_1m"] >= 0  # the machine's load as the round ended (Linux has one)
     progress = [line for line in lines if line.startswith("round ")]
     assert len(progress) == 2 and all("overhead " in line and "%" in line for line in progress)
 
@@ -65,7 +66,7 @@ def test_each_round_records_its_overhead_over_the_slowest_train_and_evaluate(tmp
     table = [line for line in section if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert len(table) == 2
     cells = [c.strip() for c in table[0].strip("|").split("|")]
-    assert cells[2:4] == ["0.30", "0.20"] and cells[5].endswith("%")
+    assert cells[2:4] == ["0.30", "0.20"] and cells[5].endswith("%") and cells[6].endswith(f" / {rows[0]['cpus']}")
     assert any(line.startswith("All rounds:") for line in section)
 
 
