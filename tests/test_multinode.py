@@ -83,3 +83,5 @@ def test_a_local_run_starts_its_own_ray_and_a_cluster_run_is_ray_only(tmp_path):
     assert cpus_per_site_for(10**6) == 1  # never below one CPU (and torch thread) per site
     with pytest.raises(ConfigError, match="ray-address"):
         simulate(tmp_path / "run", sites_dir=tmp_path, engine="inprocess", ray_address="auto")
+    with pytest.raises(ConfigError, match="site-workers"):
+        simulate(tmp_path / "run", sites_dir=tmp_path, ray_address="auto", workers=2)
