@@ -15,6 +15,8 @@ Then the issue's three criteria, each on the mean over seeds:
 
 ``--set KEY=VALUE`` changes a setting of every run (and its baselines), e.g. to measure what
 moves the result; ``--init-checkpoint CKPT`` starts every run and baseline from it.
+``--start`` is simulate's (default ``auto``, as the CLI: the run's network pretrained on a public
+generated federation, made once under OUT/public and shared by every seed's run and baselines).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def one_seed(
     init: Path | None,
     patients: int,
     reuse: dict[str, Any] | None = None,
+    start: str = "auto",
 ) -> dict[str, Any]:
     """One data seed; ``reuse``: that seed's entry of an earlier measurement whose baselines are
     the same models (settings that only change the federated run, e.g. fedbn or personal-epochs:
@@ -56,13 +59,15 @@ def one_seed(
         data_dir=out / f"data-{seed}",
         engine=engine,
         init_checkpoint=init,
+        start=start,
+        public_cache=out / "public",
     )
     store = MetricStore(run_dir)
     last, _ = final_site_rows(store)
     best = run_dir / "checkpoints" / "best.json"  # the round the report scores (server/report.py chosen_round)
     chosen = int(json.loads(best.read_text())["round"]) if best.exists() else last
     rows = {r["site"]: r for r in store.rows("evaluate") if r["round"] == chosen}
-    agg = next((r for r in reversed(store.rows("aggregate")) if r["round"] == chosen), {})
+    agg: dict[str, Any] = next((r for r in reversed(store.rows("aggregate")) if r["round"] == chosen), {})
     if reuse is None:
         base = res["baselines"]
     else:
@@ -164,6 +169,7 @@ def main() -> None:
     ap.add_argument("--personal-epochs", type=int, default=1)
     ap.add_argument("--patients", type=int, default=80, help="per site (simulate's default: 80)")
     ap.add_argument("--init-checkpoint", type=Path)
+    ap.add_argument("--start", default="auto", choices=("auto", "public", "scratch"), help="simulate --start")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument(
         "--baselines-from",
@@ -183,7 +189,9 @@ def main() -> None:
         reuse = earlier.get(seed) if args.baselines_from else None
         if args.baselines_from and reuse is None:
             raise SystemExit(f"--baselines-from {args.baselines_from}: no seed {seed} in it")
-        runs.append(one_seed(args.out, seed, overrides, args.engine, args.init_checkpoint, args.patients, reuse))
+        runs.append(
+            one_seed(args.out, seed, overrides, args.engine, args.init_checkpoint, args.patients, reuse, args.start)
+        )
         print(json.dumps(runs[-1], indent=1))
         if args.json:  # after every seed: a long measurement keeps what it has
             args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +203,7 @@ def main() -> None:
             f"--patients {args.patients}",
             f"--engine {args.engine}",
             f"--personal-epochs {args.personal_epochs}",
+            f"--start {args.start}",
         ]
         + [f"--set {s}" for s in args.set]
         + ([f"--init-checkpoint {args.init_checkpoint}"] if args.init_checkpoint else [])

@@ -171,6 +171,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         site_policy=Path(args.site_policy) if args.site_policy else None,
         holdout_site=args.holdout_site,
         init_checkpoint=args.init_checkpoint,
+        start=args.start,
         workers=args.site_workers,
         ray_address=args.ray_address,
     )
@@ -462,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-checkpoint",
         metavar="CKPT",
         help="the run's initial model: a run checkpoint of the same model settings (e.g. pretrain --model-out's)",
+    )
+    p.add_argument(
+        "--start",
+        choices=("auto", "public", "scratch"),
+        default="auto",
+        help="the initial model. public: the run's network pretrained centrally on a generated public federation "
+        "of its own data seed (never the run's data; cached under DATA/public); scratch: a fresh network (the "
+        "seeds' setting); auto (default): public for a generated multiview run without DP or --init-checkpoint "
+        "(docs/default-quality.md)",
     )
     p.add_argument(
         "--site-workers",

@@ -129,6 +129,8 @@ def simulate(
     site_policy: Path | None = None,
     holdout_site: str | None = None,
     init_checkpoint: Path | None = None,
+    start: str = "scratch",
+    public_cache: Path | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
@@ -139,7 +141,11 @@ def simulate(
     a TOML file whose ``[policy]`` every simulated site enforces (client/policy.py).
     ``holdout_site``: that site takes no part in training and is evaluated every round, reported
     as external validation. ``init_checkpoint``: the run's initial model (a run checkpoint, e.g.
-    ``fedbreast pretrain --model-out``'s; its model signature must be the run's). ``workers``
+    ``fedbreast pretrain --model-out``'s; its model signature must be the run's). ``start``:
+    ``public`` starts from the run's network pretrained on a public generated federation of its
+    own data seed (simulation/public_start.py; cached under ``public_cache``, default
+    DATA/public), ``scratch`` from a fresh network, ``auto`` (the CLI's default) ``public`` for a
+    generated multiview run without DP or ``init_checkpoint``. ``workers``
     (Ray engine): at most this many sites train at once, in a pool of that many Ray actors that
     serve every site in turn (default flower_runner.default_workers: up to max(4, CPUs)).
     ``ray_address`` (Ray engine): join that running Ray cluster (``auto`` or the head's HOST:PORT)
@@ -170,6 +176,9 @@ def simulate(
         raise ConfigError(
             f"--baselines: local-only and pooled baselines exist for the multiview family only, not {cfg.model!r}"
         )
+    from fedbreast.simulation.public_start import public_checkpoint, resolve_start
+
+    start = resolve_start(start, cfg, generated=sites_dir is None, init_checkpoint=init_checkpoint)
     if sites_dir is not None:
         sites_root = Path(sites_dir).resolve()
         site_dirs = sorted(p for p in sites_root.iterdir() if p.is_dir())
@@ -204,15 +213,18 @@ def simulate(
         f"caches warm in {time.perf_counter() - t:.0f} s: "
         + ", ".join(f"{c} train/val/test {task_for(cfg).count_unit}s" for c in counts)
     )
-    start = None  # the initial model the run, and its baselines, start from: a fresh build without one
+    initial = None  # the initial model the run, and its baselines, start from: a fresh build without one
     run_config = {**cfg.to_flower(), "sim-sites-dir": str(sites_root), "run-dir": str(run_dir)}
     if holdout_site is not None:
         run_config["holdout-site"] = holdout_site
         echo(f"{holdout_site} is held out of training: evaluated every round as external validation")
+    if start == "public":
+        cache = Path(public_cache) if public_cache is not None else (data_dir or run_dir.parent / "data") / "public"
+        init_checkpoint = public_checkpoint(cache, cfg, seed, echo, patients=patients)
     if init_checkpoint is not None:
         from fedbreast.server.checkpoints import initial_checkpoint
 
-        start = initial_checkpoint(Path(init_checkpoint), cfg.model_signature()).arrays  # refused here, not per round
+        initial = initial_checkpoint(Path(init_checkpoint), cfg.model_signature()).arrays  # refused here, not per round
         run_config["init-checkpoint"] = str(Path(init_checkpoint).resolve())
         echo(f"the initial model is {init_checkpoint}")
     if site_policy is not None:
@@ -229,7 +241,7 @@ def simulate(
         from fedbreast.simulation.baselines import run_baselines
 
         t = time.perf_counter()
-        results["baselines"] = run_baselines(site_data, cfg, echo, start=start)
+        results["baselines"] = run_baselines(site_data, cfg, echo, start=initial)
         results["baseline_seconds"] = time.perf_counter() - t
         write_report(run_dir, cfg, results["baselines"])
     results["seconds"] = time.perf_counter() - t0
