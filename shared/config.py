@@ -30,7 +30,8 @@ WINDOWS = ("percentile", "dicom", "fixed")
 NORMS = ("auto", "batch", "group")  # auto: GroupNorm under DP (Opacus needs it), else BatchNorm
 KEY_METRICS = ("val_auc", "val_loss", "val_mcc", "val_accuracy")
 DP_MODES = ("off", "local", "central")  # shared/training/dp.py
-DP_GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")  # Opacus per-sample gradient engines
+# Per-sample gradient engines: Opacus' four, and fused (shared/training/fused_dp.py: per-exam norms in one backward)
+DP_GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost", "fused")
 # What local DP-SGD trains (shared/training/dp.py), e.g. over a `fedbreast pretrain` backbone:
 # head = every layer outside the registry backbone (the backbone stays as loaded: freeze's
 # "backbone" scope); last-blocks = all but the first dp-freeze-blocks backbone blocks (the default,
@@ -153,7 +154,7 @@ class RunConfig(FamilySettings):
     dp_delta: float = 1e-5
     dp_noise_multiplier: float = 1.0
     dp_max_grad_norm: float = 1.0  # local: per-exam gradient clip; central: per-site update clip
-    dp_grad_sample_mode: str = "hooks"  # Opacus engine: hooks | ew | functorch | ghost
+    dp_grad_sample_mode: str = "fused"  # per-sample engine: hooks | ew | functorch | ghost | fused
     dp_freeze_blocks: int = 4  # local DP: leading backbone blocks not trained (resnet: conv1, bn1, layer1, layer2)
     dp_train_scope: str = "last-blocks"  # local DP: head | last-blocks (dp-freeze-blocks) | all (DP_TRAIN_SCOPES)
     # patient-specific fine-tuning at evaluation (seed 000; patch family "birads" only)

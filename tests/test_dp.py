@@ -95,7 +95,7 @@ def test_resnet_residual_blocks_are_hook_safe(tmp_path):
     assert stats.steps == 1 and not torch.equal(before, model.backbone.body.conv1.weight)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch", "ghost", "fused"])
 def test_every_grad_sample_mode_trains(tmp_path, mode):
     cfg = RunConfig(**TINY, dp="local", dp_grad_sample_mode=mode, dp_freeze_blocks=1)
     model, session, stats = dp_round(cfg, tmp_path)

@@ -49,6 +49,7 @@ from fedbreast.shared.errors import FedbreastError
 from fedbreast.shared.models.backbones import replace_inplace_relu
 from fedbreast.shared.models.multiview import VIEW_ORDER, MultiViewFusionNet
 from fedbreast.shared.training.accounting import ACCOUNTANT, CENTRAL_WEIGHT_KEY, epsilon_of, noise_for_budget, run_key
+from fedbreast.shared.training.fused_dp import FusedClipper
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
@@ -299,6 +300,7 @@ class LocalDP:
     frozen: list[str] = field(default_factory=list)
     empty_steps: int = 0
     ran: bool = False
+    engine: str = ""  # the engine the last round used (fused with a family's own loss: hooks)
     optimized: bool = True  # False: Opacus as documented (per-view calls, stock samplers, NCHW); benchmark reference
     # dp-train-scope: head (the registry backbone stays as loaded, e.g. from `fedbreast pretrain`),
     # last-blocks (the first freeze_blocks backbone blocks stay), all (every parameter trains)
@@ -385,14 +387,25 @@ class LocalDP:
         per-sample losses, each depending on its own sample only; it gets the plain model,
         which Opacus' hooks watch, so it works with the hooks and functorch modes only.
         """
-        from opacus.grad_sample import prepare_module
+        from opacus.grad_sample import AbstractGradSampleModule, prepare_module
         from opacus.optimizers import get_optimizer_class
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-        from fedbreast.shared.training.local import make_optimizer, run_steps
+        from fedbreast.shared.training.local import _training_layout, make_optimizer, run_steps
 
+        mode = self.grad_sample_mode
+        if mode == "fused" and loss_fn is not None:
+            # fused clips per exam of the multi-view model's own loss; another family's per-sample
+            # loss goes through Opacus' hooks engine (the same clipping, noise and accounting).
+            mode = "hooks"
+            log.info("dp-grad-sample-mode = fused: this model family's own loss trains with the hooks engine")
+        self.engine = mode
         device = device or next(model.parameters()).device
         model.to(device).train()
+        # fused: channels_last while training, as the plain loop (its samplers take any layout); hooks
+        # and ghost would copy every conv input back to NCHW (see _ViewFolding).
+        layout = _training_layout(model) if mode == "fused" else torch.contiguous_format
+        model.to(memory_format=layout)
         # A BatchNorm layer with nothing to train (a BatchNorm backbone under dp-train-scope = head)
         # stays in eval mode: in train mode it would normalise with, and keep, private batch
         # statistics that DP-SGD does not account for.
@@ -405,7 +418,9 @@ class LocalDP:
         # (hooks: inside the grad samplers, _ViewFolding; functorch: after backward, _fold_views).
         # ew/ghost compute gradients or norms inside backward, so there the backbone is called
         # once per view (split_views), at about twice the cost of the single call on CPU.
-        fold = VIEWS if isinstance(model, MultiViewFusionNet) and self.grad_sample_mode in ("hooks", "functorch") else 0
+        # fused (fused_dp.py) also keeps the single call: each exam's positions are all its views'.
+        single_call = ("hooks", "functorch", "fused")
+        fold = VIEWS if isinstance(model, MultiViewFusionNet) and mode in single_call else 0
         if not self.optimized:
             fold = 0
             model.to(memory_format=torch.contiguous_format)  # stock unfold2d needs NCHW
@@ -425,7 +440,6 @@ class LocalDP:
         # seed (the coordinator) could otherwise regenerate the noise and subtract it.
         noise_gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         sample_gen = torch.Generator().manual_seed(secrets.randbits(63))
-        mode = self.grad_sample_mode
         if mode == "ew":
             amp = "off"  # torch's ExpandedWeights fails under bf16 autocast (mixed-dtype matmul)
         if loss_fn is not None and mode not in ("hooks", "functorch"):
@@ -436,14 +450,17 @@ class LocalDP:
         kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": "mean"}
         if mode == "ghost":
             kwargs["max_grad_norm"] = plan.max_grad_norm
-        gsm = prepare_module(model, grad_sample_mode=mode, **kwargs)
+        # fused: no Opacus wrapper; the clipped sum lands in .grad, and Opacus' ghost-mode optimizer
+        # (noise, scaling, accounting only) takes it from there, as after ghost clipping.
+        gsm = model if mode == "fused" else prepare_module(model, grad_sample_mode=mode, **kwargs)
         # Opacus' own samplers for hooks/ghost, with the conv fix (and per-exam folding for hooks).
         folding = (
             _ViewFolding(model, gsm, fold if mode == "hooks" else 0)
             if mode in ("hooks", "ghost") and self.optimized
             else None
         )
-        opt = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)(
+        opt_mode = "ghost" if mode == "fused" else mode
+        opt = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=opt_mode)(
             optimizer=make_optimizer(optimizer, params, lr=lr, momentum=momentum, weight_decay=weight_decay),
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm,
@@ -457,7 +474,11 @@ class LocalDP:
         accountant.history = list(self.history)
         opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
         criterion = DPLossFastGradientClipping(gsm, opt, PerExamCriterion(), "mean") if mode == "ghost" else None
-        rule = _DPSteps(self, model, gsm, opt, accountant, criterion, params, anchor, proximal_mu, fold, sample_gen)
+        # After the optimizer exists: it records its parameters while they still need gradients.
+        clipper = FusedClipper(model, params, fold) if mode == "fused" else None
+        rule = _DPSteps(
+            self, model, gsm, opt, accountant, criterion, params, anchor, proximal_mu, fold, sample_gen, clipper
+        )
         try:
             stats = run_steps(
                 rule,
@@ -473,7 +494,11 @@ class LocalDP:
         finally:
             if folding is not None:
                 folding.close()
-            gsm.cleanup()  # remove Opacus' hooks and per-sample attributes from the model
+            if clipper is not None:
+                clipper.close()  # hooks off, the trained parameters need gradients again
+                model.to(memory_format=torch.contiguous_format)  # what the site sends, laid out as before
+            elif isinstance(gsm, AbstractGradSampleModule):
+                gsm.cleanup()  # remove Opacus' hooks and per-sample attributes from the model
             if hasattr(model, "split_views"):
                 model.split_views = False  # type: ignore[assignment]  # torch stubs: Module attrs are Tensor | Module
         n_steps = stats.steps
@@ -537,8 +562,10 @@ class _DPSteps:
         mu: float,
         fold: int,
         sample_gen: torch.Generator,
+        clipper: FusedClipper | None = None,
     ) -> None:
         self.owner, self.plain_model, self.model = owner, plain_model, gsm
+        self.clipper = clipper
         self.opt, self.accountant, self.criterion = opt, accountant, criterion
         self.params, self.anchor, self.mu, self.fold, self.sample_gen = params, anchor, mu, fold, sample_gen
         self.functorch = owner.grad_sample_mode == "functorch"
@@ -556,6 +583,8 @@ class _DPSteps:
 
     def nothing_to_learn(self) -> bool:
         _drop_activations(self.plain_model)  # a family's forward ran, but no backward will
+        if self.clipper is not None:
+            self.clipper.clear()
         self.opt.zero_grad(set_to_none=True)
         self.owner._noise_step(self.opt, self.accountant, self.params, self.anchor, self.mu)
         return True
@@ -565,12 +594,22 @@ class _DPSteps:
 
     def step(self, loss: torch.Tensor, batch_size: int) -> None:
         loss.backward()
+        if self.clipper is not None:
+            self.clipper.clipped_grads(batch_size, self.owner.plan.max_grad_norm)  # per exam, into .grad
+            self.clipper.optimizer_step(self._noise_and_step)
+            return
         if self.fold and self.functorch:
             _fold_views(self.params, batch_size, self.fold)
         if self.opt.pre_step():  # clip per exam, add noise, account
             _add_proximal(self.params, self.anchor, self.mu)
             self.opt.original_optimizer.step()
         self.opt.zero_grad(set_to_none=True)  # before the next forward pass (see __init__)
+
+    def _noise_and_step(self) -> None:
+        if self.opt.pre_step():  # fused: .grad holds the clipped sum; add noise, scale, account
+            _add_proximal(self.params, self.anchor, self.mu)
+            self.opt.original_optimizer.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
 class _ViewFolding:
