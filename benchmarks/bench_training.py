@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_training.py --steps 12
     .venv/bin/python benchmarks/bench_training.py --simulate                 # + round overhead of a fresh default run
     .venv/bin/python benchmarks/bench_training.py --run-dir runs/simulate   # + round overhead of a finished run
+    .venv/bin/python benchmarks/bench_training.py --loop-only --threads 1 --json benchmarks/results/training_loop_cpu.json
 
 1. Images/s of the site's training loop (shared/training/local.py: bf16 autocast where the
    CPU/GPU has it, channels_last, batched cached loader) against a plain hand-written
@@ -10,6 +11,9 @@
    same cached exams, measured in the same run.
 2. Bytes a round moves per site (global model down + update up, as Flower arrays)
    against the model's fp32 size; and the faithful VGG16 head's figures for comparison.
+   --loop-only: only this comparison, in one process on in-memory exams (no generated site),
+   interleaved (plain, ours, ours with amp "off"; repeated), medians of the per-repeat ratios,
+   wall and CPU clocks: the issue 19 item 7 measurement.
 3. With --simulate (runs `fedbreast simulate`'s default preset: resnet18, 3 sites) or
    --run-dir: per round, (round wall time - slowest site's local train+eval time) / round
    wall time, from the run's metrics.jsonl; and the same over all rounds together.
@@ -46,18 +50,23 @@ def plain_loop(model: torch.nn.Module, dataset, steps: int, batch_size: int) -> 
         for x, y, m in loader:
             if done == 1:  # first step warms caches and allocators, as for ours
                 t0, seen = time.perf_counter(), 0
-            x = match_channels(x, 2)
-            loss = (
-                torch.nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none") * m
-            ).sum() / m.sum().clamp_min(1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            plain_step(model, opt, x, y, m)
             seen += x.shape[0] * 4
             done += 1
             if done >= steps:
                 break
     return seen / (time.perf_counter() - t0)
+
+
+def plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x, y, m) -> None:
+    """One hand-written fp32 step: masked BCE, backward, SGD."""
+    x = match_channels(x, 2)
+    loss = (
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none") * m
+    ).sum() / m.sum().clamp_min(1)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
 
 
 class _PerItem(torch.utils.data.Dataset):
@@ -77,6 +86,55 @@ def ours(model: torch.nn.Module, data, steps: int, batch_size: int) -> float:
     train_local(model, loader, lr=1e-3, steps=1)  # warm-up step, not timed
     stats = train_local(model, loader, lr=1e-3, steps=steps - 1)
     return stats.images_per_s
+
+
+def loop_ab(backbone: str, h: int, w: int, batch: int, steps: int, repeats: int) -> dict:
+    """The plain fp32 NCHW loop against train_local (amp "auto", and "off"), same initial model and
+    exams, interleaved in this process; each arm's seconds per step, and per-repeat ratios."""
+    import copy
+    import statistics
+
+    from bench_dp import SyntheticExams
+
+    from fedbreast.shared.data.datasets import passthrough_collate
+
+    cfg = RunConfig(backbone=backbone, image_h=h, image_w=w, workers=0)
+    data = SyntheticExams(batch, 2, h, w)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=passthrough_collate)
+    torch.manual_seed(0)
+    start = build_model(cfg)
+    models = {arm: copy.deepcopy(start) for arm in ("plain", "ours", "ours_fp32")}
+    opt = torch.optim.SGD(models["plain"].parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+
+    def plain() -> None:
+        model = models["plain"].train()
+        for _ in range(steps):
+            b = data.__getitems__(list(range(batch)))
+            plain_step(model, opt, b["x"], b["y"], b["y_mask"].float())
+
+    arms = {
+        "plain": plain,
+        "ours": lambda: train_local(models["ours"], loader, lr=1e-3, steps=steps),
+        "ours_fp32": lambda: train_local(models["ours_fp32"], loader, lr=1e-3, steps=steps, amp="off"),
+    }
+    for run in arms.values():  # warm-up
+        run()
+    times: dict[str, list[tuple[float, float]]] = {a: [] for a in arms}
+    for _ in range(repeats):
+        for arm, run in arms.items():
+            t, c = time.perf_counter(), time.process_time()
+            run()
+            times[arm].append(((time.perf_counter() - t) / steps, (time.process_time() - c) / steps))
+    out: dict = {"steps": steps, "repeats": repeats, "batch_exams": batch}
+    for arm, rows in times.items():
+        out[f"{arm}_step_s_all"] = [r[0] for r in rows]
+        out[f"{arm}_cpu_s_all"] = [r[1] for r in rows]
+    for arm in ("ours", "ours_fp32"):  # speed-up over the plain loop: plain time / ours
+        for i, clock in enumerate(("wall", "cpu")):
+            ratios = [p[i] / o[i] for p, o in zip(times["plain"], times[arm])]
+            out[f"{arm}_speedup_{clock}_all"] = ratios
+            out[f"{arm}_speedup_{clock}"] = statistics.median(ratios)
+    return out
 
 
 def round_overhead(run_dir: Path) -> list[dict]:
@@ -105,8 +163,31 @@ def main() -> None:
         "--simulate", action="store_true", help="run the default `fedbreast simulate` and report its round overhead"
     )
     ap.add_argument("--json")
+    ap.add_argument("--loop-only", action="store_true", help="only the loop comparison, in-memory exams, interleaved")
+    ap.add_argument("--repeats", type=int, default=3, help="--loop-only: interleaved repeats")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     h, w = (int(v) for v in args.image_size.split("x"))
+    if args.loop_only:
+        res = loop_ab(args.backbone, h, w, args.batch_size, args.steps, args.repeats)
+        res.update(
+            backbone=args.backbone,
+            image=args.image_size,
+            torch_threads=torch.get_num_threads(),
+            bf16_autocast=bf16_supported(torch.device("cpu")),
+            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        for arm in ("ours", "ours_fp32"):
+            print(
+                f"{arm:10s} speed-up over the plain fp32 loop: wall {res[f'{arm}_speedup_wall']:.2f}x, "
+                f"CPU {res[f'{arm}_speedup_cpu']:.2f}x (per repeat: "
+                f"{', '.join(f'{x:.2f}' for x in res[f'{arm}_speedup_cpu_all'])})"
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return
     cfg = RunConfig(backbone=args.backbone, image_h=h, image_w=w, workers=0)
     results: dict = {
         "backbone": args.backbone,

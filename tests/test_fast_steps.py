@@ -1,5 +1,5 @@
 """Issue 19 item 7: the fused DP-SGD engine (dp-grad-sample-mode = fused) against autograd and
-against the hooks engine, and the local loop's compile option. Tiny models, seconds."""
+against the hooks engine. Tiny models, seconds."""
 
 from __future__ import annotations
 

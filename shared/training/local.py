@@ -1,8 +1,9 @@
 """Local training and prediction on one site's data: the work a ClientApp does each round.
 
 Speed matters because every site's slowest round sets the federation's pace, so the loop
-uses bf16 autocast where the hardware has it (about 2.4x fp32 on AMX / AVX512-BF16 CPUs),
-channels_last memory format, and batched GPU-side augmentation.
+uses bf16 autocast where the hardware has it (about 2.4x fp32 on AMX CPUs; on a CPU with
+AVX512-BF16 but no AMX it measured about 1.4x slower than fp32, docs/performance.md "Faster
+steps"), channels_last memory format, and batched GPU-side augmentation.
 """
 
 from __future__ import annotations
