@@ -58,6 +58,10 @@ class FusedClipper:
                     f"dp-grad-sample-mode = 'fused' has no per-sample rule for {type(m).__name__}; "
                     "use hooks for this model"
                 )
+            if any(id(p) in owned for p in own):
+                # Tied across layers: each layer's per-exam part would be normed and written alone,
+                # without the cross term of the exam's summed gradient, the last layer's sum kept.
+                raise ValueError("dp-grad-sample-mode = 'fused': a trained parameter is shared by two layers")
             self.layers.append(m)
             owned.update(id(p) for p in own)
         if owned != wanted:
@@ -276,7 +280,9 @@ class _LayerPart:
             p.requires_grad_(True)
         try:
             for x, g in self.recs:
-                for p, gs in sampler(self.layer, [x], g).items():
+                # NCHW: Opacus' unfold2d (its Conv2d sampler: grouped / depthwise convs) assumes NCHW
+                # strides and silently gives wrong per-exam gradients (zeros) for channels_last inputs.
+                for p, gs in sampler(self.layer, [x.contiguous()], g).items():
                     self._add(p, self._fold(gs))
         finally:
             for p in self.trained:
