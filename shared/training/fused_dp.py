@@ -18,7 +18,8 @@ away. Ghost clipping avoids the per-exam gradients but needs a second backward p
    for layer3 at 256x128). GroupNorm and biases are per-exam sums (cheap).
 3. Clip factors as Opacus computes them (``min(1, C / (norm + 1e-6))``), and the clipped sum
    per layer in one weight-gradient computation on exam-scaled output gradients (a conv's own
-   backward kernel), or from the per-exam gradients where those were formed.
+   backward kernel), or from the per-exam gradients where those were formed; in fp32 under bf16
+   autocast too, so each exam's contribution stays within about 2e-4 of the clip bound.
 
 Noise, scaling by the expected batch and the accountant's step are Opacus' own
 (``DPOptimizerFastGradientClipping.pre_step``, as in ghost mode), so the mechanism and its
@@ -293,28 +294,33 @@ class _LayerPart:
         return t.reshape(self.batch, self.views, *t.shape[1:]).sum(1) if self.views > 1 else t
 
     def write_clipped(self, coef: torch.Tensor) -> None:
-        for p, g in self.per_exam.items():
-            p.grad = torch.einsum("i,i...->...", coef.to(g.dtype), g).reshape(p.shape).to(p.dtype)
-        if self.ghost:
-            # One weight gradient of the exam-scaled output gradients: the conv's own backward kernel.
-            layer = self.layer
-            assert isinstance(layer, nn.Conv2d)
-            x, g = self.recs[0]
-            rows = coef.to(g.dtype).repeat_interleave(self.views)
-            scaled = g * rows.view(-1, 1, 1, 1)
-            weight = layer.weight.detach().to(g.dtype)
-            _, gw, _ = torch.ops.aten.convolution_backward(
-                scaled,
-                x.to(g.dtype),
-                weight,
-                None,
-                layer.stride,
-                layer.padding,
-                layer.dilation,
-                False,
-                [0, 0],
-                layer.groups,
-                [False, True, False],
-            )
-            layer.weight.grad = gw.to(layer.weight.dtype).reshape(layer.weight.shape)
+        # fp32 throughout, whatever the records' dtype: under bf16 autocast, a bf16 clip
+        # coefficient (relative rounding up to 2^-9) or a bf16 weight-gradient computation let
+        # an exam's clipped contribution reach about 1.002 C, over the bound the privacy
+        # accounting assumes; in fp32 it stays within about 2e-4 of C (tests/test_fast_steps.py).
+        coef = coef.float()
+        with torch.autocast(coef.device.type, enabled=False):
+            for p, g in self.per_exam.items():
+                p.grad = torch.einsum("i,i...->...", coef, g.float()).reshape(p.shape).to(p.dtype)
+            if self.ghost:
+                # One weight gradient of the exam-scaled output gradients: the conv's own backward kernel.
+                layer = self.layer
+                assert isinstance(layer, nn.Conv2d)
+                x, g = self.recs[0]
+                rows = coef.repeat_interleave(self.views)
+                scaled = g.float() * rows.view(-1, 1, 1, 1)
+                _, gw, _ = torch.ops.aten.convolution_backward(
+                    scaled,
+                    x.float(),
+                    layer.weight.detach().float(),
+                    None,
+                    layer.stride,
+                    layer.padding,
+                    layer.dilation,
+                    False,
+                    [0, 0],
+                    layer.groups,
+                    [False, True, False],
+                )
+                layer.weight.grad = gw.to(layer.weight.dtype).reshape(layer.weight.shape)
         self.per_exam.clear()
