@@ -1,9 +1,10 @@
 """Local training and prediction on one site's data: the work a ClientApp does each round.
 
 Speed matters because every site's slowest round sets the federation's pace, so the loop
-uses bf16 autocast where the hardware has it (about 2.4x fp32 on AMX CPUs; on a CPU with
-AVX512-BF16 but no AMX it measured about 1.4x slower than fp32, docs/performance.md "Faster
-steps"), channels_last memory format, and batched GPU-side augmentation.
+uses bf16 autocast where the hardware runs it fast (CUDA with bf16, AMX CPUs: about 2.4x fp32),
+channels_last memory format, and batched GPU-side augmentation. ``amp = auto`` keeps fp32 on a
+CPU with AVX512-BF16 but no AMX: there bf16 autocast measured 1.4-1.46x slower than fp32
+(docs/performance.md "Faster steps").
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def pick_device(prefer: str = "auto") -> torch.device:
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:  # private probes; absent on some builds
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    try:  # a private probe, absent on some builds. AVX512-BF16 alone is not enough: without AMX's
+        # tile units bf16 autocast ran a resnet18 step 1.4-1.46x slower than fp32 (docs/performance.md).
+        return bool(torch.cpu._is_amx_tile_supported())
     except AttributeError:
         return False
 
