@@ -123,5 +123,10 @@ def public_checkpoint(
     )
     dirs = prepare_federation(data, PUBLIC_SITES, patients, public_seed, echo)
     overrides = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "seed"}
-    pretrain(dirs[0].parent, out / "backbone.pt", overrides, seed=public_seed, model_out=out, echo=echo)
+
+    def quiet(line: str) -> None:  # pretrain's hint for its own command line; here the run starts from it
+        if not line.startswith("use it with"):
+            echo(line)
+
+    pretrain(dirs[0].parent, out / "backbone.pt", overrides, seed=public_seed, model_out=out, echo=quiet)
     return final

@@ -69,6 +69,7 @@ def test_a_generated_run_starts_from_its_public_pretraining_which_is_made_once(t
     )
     text = "\n".join(lines)
     assert f"federation of data seed {PUBLIC_SEED}" in text and "pretrained smallcnn" in text
+    assert "use it with --set weights-path" not in text  # the run uses it; no command line to follow
     # The public federation is its own folder, never among the run's sites.
     public_sites = sorted(p.name for p in (data / "public" / f"data-seed{PUBLIC_SEED}" / "sites").iterdir())
     assert public_sites == ["site-1", "site-2", "site-3"]
