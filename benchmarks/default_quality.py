@@ -184,16 +184,51 @@ def markdown(runs: list[dict[str, Any]], v: dict[str, Any], command: str) -> str
     return "\n".join(lines) + "\n"
 
 
-def rescore(json_path: Path, out: Path) -> list[dict[str, Any]]:
-    """The runs of an earlier ``--json`` scored again from their run folders (``OUT/seed-N``),
-    their baselines as recorded: a change of what is reported needs no new training."""
-    doc = json.loads(json_path.read_text())
+def rescore(json_paths: list[Path], out: Path) -> list[dict[str, Any]]:
+    """The runs of earlier ``--json`` files (e.g. seeds 0-2 and, later, seeds 3-4) scored again
+    from their run folders (``OUT/seed-N``), their baselines as recorded: a change of what is
+    reported needs no new training. A seed in two files is an error, not a silent pick."""
     runs: list[dict[str, Any]] = []
-    for r in doc["runs"]:
-        base = {s: {"local": v["local"], "pooled": v["pooled"]} for s, v in r["sites"].items()}
-        base[ALL_SITES] = {"local": r["pooled"]["local"], "pooled": r["pooled"]["pooled"]}
-        runs.append(score_run(Path(out) / f"seed-{r['seed']}", r["seed"], base, r["seconds"]))
-    return runs
+    for json_path in json_paths:
+        for r in json.loads(Path(json_path).read_text())["runs"]:
+            if any(r["seed"] == x["seed"] for x in runs):
+                raise SystemExit(f"--rescore: seed {r['seed']} is in more than one file ({json_path})")
+            base = {s: {"local": v["local"], "pooled": v["pooled"]} for s, v in r["sites"].items()}
+            base[ALL_SITES] = {"local": r["pooled"]["local"], "pooled": r["pooled"]["pooled"]}
+            runs.append(score_run(Path(out) / f"seed-{r['seed']}", r["seed"], base, r["seconds"]))
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def paired(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> str:
+    """Per seed, this measurement's federated figures minus a reference measurement's on the same
+    seed and data (e.g. update-encoding int8 against fp32): the pooled test AUC and each site's,
+    with the mean and SD of the differences. Paired by seed, so the split's luck cancels."""
+    ref = {r["seed"]: r for r in reference}
+    both = [r for r in runs if r["seed"] in ref]
+    if not both:
+        raise SystemExit("--against: no seed in common")
+    rows = [("all test units pooled", lambda r: r["pooled"])] + [
+        (s, lambda r, s=s: r["sites"][s]) for s in sorted(both[0]["sites"])
+    ]
+    seeds = [r["seed"] for r in both]
+    lines = [
+        f"Differences against the reference, per seed ({', '.join(map(str, seeds))}), then mean ± SD:",
+        "",
+        "| | arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± SD |",
+        "|---|---|" + "---|" * (len(seeds) + 1),
+    ]
+    for name, get in rows:
+        for arm in ("federated", "federated_last"):
+            d = [
+                None
+                if get(r).get(arm) is None or get(ref[r["seed"]]).get(arm) is None
+                else float(get(r)[arm]) - float(get(ref[r["seed"]])[arm])
+                for r in both
+            ]
+            m, sd = _ms(d)
+            cells = ["-" if x is None else f"{x:+.3f}" for x in d]
+            lines.append(f"| {name} | {GLOBAL[arm]} | " + " | ".join(cells) + f" | {m:+.3f} ± {sd:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -217,8 +252,16 @@ def main() -> None:
     ap.add_argument(
         "--rescore",
         type=Path,
+        action="append",
         metavar="JSON",
-        help="score the runs of this earlier --json again from their folders under --out (no training)",
+        help="score the runs of this earlier --json again from their folders under --out (no training); "
+        "repeat it to merge measurements of other seeds",
+    )
+    ap.add_argument(
+        "--against",
+        type=Path,
+        metavar="JSON",
+        help="an earlier --json of the same seeds: print each seed's federated AUC minus its (paired by seed)",
     )
     args = ap.parse_args()
     raw = dict(item.split("=", 1) for item in args.set)
@@ -228,9 +271,10 @@ def main() -> None:
     }
     if args.rescore:
         runs = rescore(args.rescore, args.out)
-        text = markdown(
-            runs, verdicts(runs), f"benchmarks/default_quality.py --rescore {args.rescore} --out {args.out}"
-        )
+        given = " ".join(f"--rescore {j}" for j in args.rescore)
+        text = markdown(runs, verdicts(runs), f"benchmarks/default_quality.py {given} --out {args.out}")
+        if args.against:
+            text += "\n" + paired(runs, json.loads(args.against.read_text())["runs"])
         print(text)
         if args.json:
             args.json.write_text(json.dumps({"runs": runs, "verdicts": verdicts(runs)}, indent=1))
@@ -264,6 +308,8 @@ def main() -> None:
         + ([f"--baselines-from {args.baselines_from}"] if args.baselines_from else [])
     )
     text = markdown(runs, v, command)
+    if args.against:
+        text += "\n" + paired(runs, json.loads(args.against.read_text())["runs"])
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"overrides": overrides, "runs": runs, "verdicts": v}, indent=1))
