@@ -180,6 +180,28 @@ def test_aggregation_schemes_what_a_site_sends_back(federation, aggregate) -> No
         assert not keeper.load_into(build_model(cfg), 1)  # round 1: from the received ones
 
 
+def test_evaluate_scores_the_test_split_once_and_again_after_a_change(federation, monkeypatch) -> None:
+    cfg = RunConfig(**TINY)
+    task = CycleGANTask()
+    site = task.build(federation["dirs"][0], cfg)
+    model = build_model(cfg)
+    calls: list[str] = []
+    real = CycleGANTask.quality
+    monkeypatch.setattr(
+        CycleGANTask, "quality", lambda self, m, s, split, c, d: calls.append(split) or real(self, m, s, split, c, d)
+    )
+    cpu = torch.device("cpu")
+    _, _, loss = task.predict(model, site, "test", cfg, cpu, server_round=1)
+    once = task.extra_metrics(model, site, cfg, cpu, server_round=1)
+    assert calls == ["test"] and math.isfinite(loss)  # the evaluate reply's second look reuses the first
+    with torch.no_grad():  # weights changed in place between the two: scored again, not the stale sums
+        next(model.parameters()).add_(1.0)
+    task.predict(build_model(cfg), site, "test", cfg, cpu, server_round=1)  # another model object
+    again = task.extra_metrics(model, site, cfg, cpu, server_round=1)
+    assert calls == ["test", "test", "test"]
+    assert again != once
+
+
 @pytest.fixture(scope="module")
 def gan_run(federation) -> dict:
     """One federated cyclegan run over the three sites (two train it)."""
