@@ -179,6 +179,12 @@ def markdown(runs: list[dict[str, Any]], v: dict[str, Any], command: str) -> str
             + " | ".join(cell([r["sites"][s].get(a) for r in runs]) for a in ARMS)
             + " |"
         )
+    lines += [
+        "",
+        "`model-selection` picks which round a run reports, not how it trains: a default run (`last-round`) "
+        "reports the last-round column, `--set model-selection=best-val` (seed 001's early stopping) the "
+        "best-val column.",
+    ]
     lines += ["", "| criterion (on the means) | result |", "|---|---|"]
     lines += [f"| {k} | {val if isinstance(val, (bool, str)) else f'{val:.3f}'} |" for k, val in v.items()]
     return "\n".join(lines) + "\n"

@@ -326,15 +326,14 @@ def cmd_release_hash(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_arg(arg: str) -> tuple[Path, str, Checkpoint]:
-    """A checkpoint ``RUN_DIR/checkpoints/KIND.pt`` or a run directory (its best checkpoint, else
-    final, else latest) -> (run dir, kind, the checkpoint read and its sha256 checked)."""
-    from fedbreast.server.checkpoints import CheckpointError, load_checkpoint
+    """A checkpoint ``RUN_DIR/checkpoints/KIND.pt`` or a run directory (the model its report
+    scores: model-selection's checkpoint, server/checkpoints.py reported_kinds) -> (run dir,
+    kind, the checkpoint read and its sha256 checked)."""
+    from fedbreast.server.checkpoints import CheckpointError, load_checkpoint, reported_kinds
 
     path = Path(arg)
     if path.is_dir():
-        # Its best-validation checkpoint; a run without validation AUC has none: its final (or latest) one.
-        kinds = [k for k in ("best", "final", "latest") if (path / "checkpoints" / f"{k}.pt").exists()]
-        run_dir, kind = path, (kinds or ["best"])[0]
+        run_dir, kind = path, (reported_kinds(path) or ["final"])[0]
     else:
         if path.suffix != ".pt" or path.parent.name != "checkpoints" or not path.exists():
             raise CheckpointError(f"{path}: not a run directory or RUN_DIR/checkpoints/{{latest,best,final}}.pt")

@@ -1,4 +1,6 @@
 """Global-model checkpoints: latest (every round), best (by the key metric) and final.
+Which of them a run reports (and `predict`, `export`, `evaluate RUN_DIR` use) is the run
+config's ``model-selection``: :func:`reported_kinds`.
 
 Each checkpoint carries the run config, the round, the metrics that put it there, the
 model signature (what fixes tensor shapes) and a content hash of its tensors, so a
@@ -66,6 +68,23 @@ def save_checkpoint(run_dir: Path, kind: str, arrays: Mapping[str, np.ndarray], 
     atomic_write(path, lambda fh: torch.save(payload, fh))
     atomic_write_json(folder / f"{kind}.json", full_meta, default=str)
     return path
+
+
+def reported_kinds(run_dir: Path) -> list[str]:
+    """The checkpoint kinds of the model a run reports, in order of preference, for those that
+    exist: ``model-selection = last-round`` (the default) final, then latest; ``best-val`` best,
+    then final, then latest (a run whose key metric was never defined has no best). Read from
+    the run's ``config.json``; a run made before ``model-selection`` existed reported its best
+    checkpoint, and still does."""
+    import json
+
+    try:
+        doc = json.loads((Path(run_dir) / "config.json").read_text())
+        selection = doc.get("model-selection", "best-val") if isinstance(doc, dict) else "best-val"
+    except (OSError, ValueError):
+        selection = "best-val"
+    order = ("final", "latest", "best") if selection == "last-round" else ("best", "final", "latest")
+    return [k for k in order if (Path(run_dir) / "checkpoints" / f"{k}.pt").exists()]
 
 
 def load_checkpoint(run_dir: Path, kind: str = "latest") -> Checkpoint | None:

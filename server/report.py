@@ -80,9 +80,10 @@ def run_mode_of(run_dir: Path) -> dict[str, Any]:
 
 def chosen_round(run_dir: Path, store: MetricStore, cfg: RunConfig, mode: dict[str, Any], last: int) -> tuple[int, str]:
     """The round whose model the report scores, and the sentence that says which: the evaluated
-    checkpoint in an evaluation-only run; else the best-validation checkpoint (checkpoints/best,
+    checkpoint in an evaluation-only run; else, with ``model-selection = last-round`` (the
+    default), the last round; with ``best-val``, the best-validation checkpoint (checkpoints/best,
     chosen by the key metric: seed 001's early stopping) when its round's rows are in
-    metrics.jsonl; else the last round, saying why."""
+    metrics.jsonl, else the last round, saying why."""
     if mode.get("evaluate_only"):
         ck = mode.get("checkpoint") or {}
         return last, (
@@ -93,6 +94,19 @@ def chosen_round(run_dir: Path, store: MetricStore, cfg: RunConfig, mode: dict[s
         best = json.loads((Path(run_dir) / "checkpoints" / "best.json").read_text())
         best_round = int(best["round"])
     except (OSError, ValueError, KeyError, TypeError):
+        best, best_round = {}, None
+    if cfg.model_selection == "last-round":
+        beside = (
+            f"; the best-validation round, {best_round} ({best.get('key_metric')} = {_f(best.get('key_value'), 4)}), "
+            "is in checkpoints/best.pt"
+            if best_round is not None and best_round != last
+            else ""
+        )
+        return last, (
+            f"Scores of the last round's model, round {last} (model-selection = last-round: the whole training "
+            f"budget, as the --baselines models keep theirs){beside}."
+        )
+    if best_round is None:
         return last, (
             f"Scores of the last round's model, round {last}: there is no best-validation checkpoint "
             f"({cfg.key_metric} was never defined)."

@@ -29,6 +29,8 @@ AMP_MODES = ("auto", "bf16", "off")
 WINDOWS = ("percentile", "dicom", "fixed")
 NORMS = ("auto", "batch", "group")  # auto: GroupNorm under DP (Opacus needs it), else BatchNorm
 KEY_METRICS = ("val_auc", "val_loss", "val_mcc", "val_accuracy")
+# Which round's model a run reports, exports and predicts with (server/checkpoints.py reported_kind).
+MODEL_SELECTIONS = ("last-round", "best-val")
 DP_MODES = ("off", "local", "central")  # shared/training/dp.py
 # Per-sample gradient engines: Opacus' four, and fused (shared/training/fused_dp.py: per-exam norms in one backward)
 DP_GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost", "fused")
@@ -136,7 +138,13 @@ class RunConfig(FamilySettings):
     # by the run's seed. 0: real DES wherever there is one.
     virtual_des_replace: float = 0.0
     # evaluation and reporting
-    key_metric: str = "val_auc"
+    key_metric: str = "val_auc"  # picks checkpoints/best.pt, written whatever model-selection is
+    # last-round (default): the report, `predict`, `export` and `evaluate RUN_DIR` use the last
+    # round's model, the budget the --baselines models train and keep. best-val: the round with the
+    # best key metric (seed 001's early stopping). On the default run's validation splits (12-20
+    # units a site) best-val picked round 2 or 3 of 4 in four of five data seeds and scored 0.006
+    # lower pooled test AUC than the last round (docs/default-quality.md).
+    model_selection: str = "last-round"
     bootstrap: int = 1000
     hist_bins: int = 512
     hist_noise_epsilon: float = 0.0  # > 0: Laplace noise on histogram counts (site policy may force it)
@@ -241,6 +249,7 @@ class RunConfig(FamilySettings):
             ("window", WINDOWS),
             ("norm", NORMS),
             ("key_metric", KEY_METRICS),
+            ("model_selection", MODEL_SELECTIONS),
             ("optimizer", OPTIMIZERS),
             ("freeze", FREEZE_SCOPES),
             ("update_encoding", UPDATE_ENCODINGS),

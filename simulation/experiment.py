@@ -14,8 +14,9 @@ runs on the same repeat's sites, so the arms' test units are the same and the te
   the verdict: "holds" / "refuted" when the CI excludes 0, else "inconclusive", with the
   smallest difference the repeats could have detected (80 % power, two-sided 5 %).
 
-The model scored is the run's best-validation checkpoint (what its summary.md reports), else
-its final one. Each fold's site folders are copies of the ingested sites' manifests with the
+The model scored is the one each run's summary.md reports: its ``model-selection``
+(server/checkpoints.py reported_kinds; the last round's by default, the best-validation round's
+with ``--set model-selection=best-val``). Each fold's site folders are copies of the ingested sites' manifests with the
 fold's splits (the preprocessed-image cache is shared through a symbolic link).
 """
 
@@ -77,14 +78,15 @@ def pooled_test_predictions(run_dir: Path, site_dirs: Sequence[Path]) -> tuple[n
     """(labels, scores) of every site's test units under the run's reported checkpoint."""
     import torch
 
-    from fedbreast.server.checkpoints import load_checkpoint
+    from fedbreast.server.checkpoints import load_checkpoint, reported_kinds
     from fedbreast.shared.data.site_data import SiteUnavailable
     from fedbreast.shared.models.factory import build_model
     from fedbreast.shared.training.tasks import task_for
 
-    ckpt = load_checkpoint(run_dir, "best") or load_checkpoint(run_dir, "final")
+    kinds = reported_kinds(run_dir)  # the model the run's report scores (its model-selection)
+    ckpt = load_checkpoint(run_dir, kinds[0]) if kinds else None
     if ckpt is None:
-        raise RuntimeError(f"{run_dir}: the run wrote no best or final checkpoint")
+        raise RuntimeError(f"{run_dir}: the run wrote no final, best or latest checkpoint")
     cfg = RunConfig.from_flower(dict(ckpt.meta["config"]))
     model = build_model(cfg)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ckpt.arrays.items()})
@@ -164,7 +166,8 @@ def render(
         f"# Experiment: {key} = {' vs '.join(arms)}",
         "",
         f"`{command}` ({len(repeats)} repeats, {wall_s / 60:.0f} min). Each repeat trains every arm on the same "
-        "sites and splits; AUC over all sites' test units pooled; the model each run reports (best validation).",
+        "sites and splits; AUC over all sites' test units pooled; the model each run reports (its model-selection: "
+        "the last round's unless set to best-val).",
         "",
         "| arm | repeats | mean AUC | SD |",
         "|---|---|---|---|",

@@ -46,6 +46,7 @@ _NOT_PRETRAINING = (
     "hist-bins",
     "hist-noise-epsilon",
     "key-metric",
+    "model-selection",
     "min-val-for-local-threshold",
     "personal-epochs",
     "personal-steps",

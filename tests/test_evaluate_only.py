@@ -23,7 +23,11 @@ from fedbreast.shared.data.rules import ConfigError
 from fedbreast.simulation.simulate import prepare_federation, simulate
 
 # val_loss is defined on 8-patient sites (val AUC may not be: one class), so a best checkpoint exists.
-TINY = dict(rounds=2, backbone="smallcnn", image_h=64, image_w=32, bootstrap=20, workers=0, key_metric="val_loss")
+# model-selection = best-val: this module checks the best-validation path (seed 001's early stopping).
+TINY = dict(
+    rounds=2, backbone="smallcnn", image_h=64, image_w=32, bootstrap=20, workers=0, key_metric="val_loss",
+    model_selection="best-val",
+)  # fmt: skip
 
 
 def quiet(_line: str) -> None:
@@ -168,10 +172,48 @@ def test_a_report_whose_best_round_is_not_the_last_gives_both(tmp_path) -> None:
         store.append(rnd, "aggregate", "ALL", {"test_auc": auc, "val_auc": val})
     arrays = {"w": np.zeros(2, dtype=np.float32)}
     save_checkpoint(tmp_path, "best", arrays, {"round": 1, "key_metric": "val_auc", "key_value": 0.9})
-    write_report(tmp_path, RunConfig(backbone="smallcnn", rounds=2))
+    write_report(tmp_path, RunConfig(backbone="smallcnn", rounds=2, model_selection="best-val"))
     summary = (tmp_path / "summary.md").read_text()
     assert "Scores of the best-validation model, round 1 (key metric val_auc = 0.9000" in summary
     chosen, last = summary.split("## Last round (2), for comparison")
     assert "| site-a | 5 | 10 | 0.810" in chosen and "| site-a | 5 | 10 | 0.620" in last
     csv_rows = (tmp_path / "summary.csv").read_text().splitlines()
     assert csv_rows[0].endswith("model,external") and [r.split(",")[-2] for r in csv_rows[1:]] == ["chosen", "last"]
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # no histograms: an empty ROC plot
+def test_by_default_the_report_and_the_cli_use_the_last_rounds_model(tmp_path) -> None:
+    """model-selection = last-round (the default): the last round is scored even when validation
+    peaked earlier, the best round is named beside it, and a run directory given to predict,
+    export or evaluate resolves to the same model; a run made before the key existed (its
+    config.json has no model-selection) still resolves to its best checkpoint."""
+    from fedbreast.cli import _checkpoint_arg
+    from fedbreast.server.checkpoints import reported_kinds
+    from fedbreast.server.report import write_report
+
+    store = MetricStore(tmp_path)
+    for rnd, auc, val in ((1, 0.81, 0.9), (2, 0.62, 0.7)):
+        store.append(rnd, "evaluate", "site-a", {"test_auc": auc, "test_n": 10, "test_exams": 5, "val_auc": val})
+        store.append(rnd, "aggregate", "ALL", {"test_auc": auc, "val_auc": val})
+    cfg = RunConfig(backbone="smallcnn", rounds=2)
+    assert cfg.model_selection == "last-round"
+    save_checkpoint(
+        tmp_path, "best", {"w": np.zeros(2, dtype=np.float32)}, {"round": 1, "key_metric": "val_auc", "key_value": 0.9}
+    )
+    save_checkpoint(tmp_path, "final", {"w": np.ones(2, dtype=np.float32)}, {"round": 2, "config": cfg.to_flower()})
+    write_report(tmp_path, cfg)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Scores of the last round's model, round 2 (model-selection = last-round" in summary
+    assert "the best-validation round, 1 (val_auc = 0.9000), is in checkpoints/best.pt" in summary
+    assert "| site-a | 5 | 10 | 0.620" in summary and "0.810" not in summary and "for comparison" not in summary
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_flower()))
+    assert reported_kinds(tmp_path) == ["final", "best"]
+    _, kind, ckpt = _checkpoint_arg(str(tmp_path))
+    assert kind == "final" and ckpt.round == 2
+    (tmp_path / "config.json").write_text(json.dumps({**cfg.to_flower(), "model-selection": "best-val"}))
+    assert _checkpoint_arg(str(tmp_path))[1] == "best"
+    legacy = {k: v for k, v in cfg.to_flower().items() if k != "model-selection"}
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    assert reported_kinds(tmp_path)[0] == "best"
+    with pytest.raises(ConfigError, match="model_selection|model-selection"):
+        RunConfig.from_flower({"model-selection": "lucky-round"})

@@ -45,6 +45,9 @@ FAMILY = Family(
         lr_decay_rounds="",
         augment=False,
         key_metric="val_loss",
+        # A GAN's generator oscillates round to round: report (and synthesise with) the round of
+        # lowest validation L1, not whichever round came last.
+        model_selection="best-val",
     ),
     # Only CEM sites train it: the simulated federation is three CEM hospitals (a site without
     # CEM answers "unable", tests/test_cyclegan.py).
