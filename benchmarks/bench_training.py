@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_training.py --simulate                 # + round overhead of a fresh default run
     .venv/bin/python benchmarks/bench_training.py --run-dir runs/simulate   # + round overhead of a finished run
     .venv/bin/python benchmarks/bench_training.py --loop-only --threads 1 --json benchmarks/results/training_loop_cpu.json
+    .venv/bin/python benchmarks/bench_training.py --loop-only --threads 1 --compile inductor  # + the plain step under torch.compile
 
 1. Images/s of the site's training loop (shared/training/local.py: bf16 autocast where the
    CPU/GPU has it, channels_last, batched cached loader) against a plain hand-written
@@ -88,9 +89,11 @@ def ours(model: torch.nn.Module, data, steps: int, batch_size: int) -> float:
     return stats.images_per_s
 
 
-def loop_ab(backbone: str, h: int, w: int, batch: int, steps: int, repeats: int) -> dict:
+def loop_ab(backbone: str, h: int, w: int, batch: int, steps: int, repeats: int, compile_backend: str = "") -> dict:
     """The plain fp32 NCHW loop against train_local (amp "auto", and "off"), same initial model and
-    exams, interleaved in this process; each arm's seconds per step, and per-repeat ratios."""
+    exams, interleaved in this process; each arm's seconds per step, and per-repeat ratios.
+    ``compile_backend`` (e.g. inductor): one more arm, the plain step with the model under
+    ``torch.compile`` (its compile time, in the warm-up, is reported apart)."""
     import copy
     import statistics
 
@@ -117,19 +120,37 @@ def loop_ab(backbone: str, h: int, w: int, batch: int, steps: int, repeats: int)
         "ours": lambda: train_local(models["ours"], loader, lr=1e-3, steps=steps),
         "ours_fp32": lambda: train_local(models["ours_fp32"], loader, lr=1e-3, steps=steps, amp="off"),
     }
-    for run in arms.values():  # warm-up
+    compiled_arm: list[str] = []
+    if compile_backend:
+        eager = copy.deepcopy(start).train()
+        compiled = torch.compile(eager, backend=compile_backend)
+        opt_c = torch.optim.SGD(eager.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+
+        def plain_compiled() -> None:
+            for _ in range(steps):
+                b = data.__getitems__(list(range(batch)))
+                plain_step(compiled, opt_c, b["x"], b["y"], b["y_mask"].float())
+
+        arms["compiled"] = plain_compiled
+        compiled_arm.append("compiled")
+    warmup: dict[str, float] = {}
+    for arm, run in arms.items():  # warm-up (the compiled arm compiles here)
+        t = time.perf_counter()
         run()
+        warmup[arm] = time.perf_counter() - t
     times: dict[str, list[tuple[float, float]]] = {a: [] for a in arms}
     for _ in range(repeats):
         for arm, run in arms.items():
             t, c = time.perf_counter(), time.process_time()
             run()
             times[arm].append(((time.perf_counter() - t) / steps, (time.process_time() - c) / steps))
-    out: dict = {"steps": steps, "repeats": repeats, "batch_exams": batch}
+    out: dict = {"steps": steps, "repeats": repeats, "batch_exams": batch, "warmup_s": warmup}
+    if compile_backend:
+        out["compile_backend"] = compile_backend
     for arm, rows in times.items():
         out[f"{arm}_step_s_all"] = [r[0] for r in rows]
         out[f"{arm}_cpu_s_all"] = [r[1] for r in rows]
-    for arm in ("ours", "ours_fp32"):  # speed-up over the plain loop: plain time / ours
+    for arm in ("ours", "ours_fp32", *compiled_arm):  # speed-up over the plain loop: plain time / arm's
         for i, clock in enumerate(("wall", "cpu")):
             ratios = [p[i] / o[i] for p, o in zip(times["plain"], times[arm])]
             out[f"{arm}_speedup_{clock}_all"] = ratios
@@ -166,12 +187,18 @@ def main() -> None:
     ap.add_argument("--loop-only", action="store_true", help="only the loop comparison, in-memory exams, interleaved")
     ap.add_argument("--repeats", type=int, default=3, help="--loop-only: interleaved repeats")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--compile",
+        default="",
+        metavar="BACKEND",
+        help="--loop-only: add the plain step under torch.compile with this backend (inductor, aot_eager)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     h, w = (int(v) for v in args.image_size.split("x"))
     if args.loop_only:
-        res = loop_ab(args.backbone, h, w, args.batch_size, args.steps, args.repeats)
+        res = loop_ab(args.backbone, h, w, args.batch_size, args.steps, args.repeats, args.compile)
         res.update(
             backbone=args.backbone,
             image=args.image_size,
@@ -179,7 +206,7 @@ def main() -> None:
             bf16_autocast=bf16_supported(torch.device("cpu")),
             time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
-        for arm in ("ours", "ours_fp32"):
+        for arm in ("ours", "ours_fp32", *(["compiled"] if args.compile else [])):
             print(
                 f"{arm:10s} speed-up over the plain fp32 loop: wall {res[f'{arm}_speedup_wall']:.2f}x, "
                 f"CPU {res[f'{arm}_speedup_cpu']:.2f}x (per repeat: "
