@@ -214,7 +214,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from fedbreast.simulation.evaluate import evaluate_checkpoint
 
-    # A run directory stands for its best checkpoint (else final, else latest), as for export and predict.
+    # A run directory stands for the model its report scores (model-selection), as for export and predict.
     run_dir_, kind, _ = _checkpoint_arg(args.checkpoint)
     args.checkpoint = str(run_dir_ / "checkpoints" / f"{kind}.pt")
     if args.federation:
@@ -345,7 +345,7 @@ def _checkpoint_arg(arg: str) -> tuple[Path, str, Checkpoint]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """A checkpoint (or a run directory: its best checkpoint) -> a self-contained model + model card."""
+    """A checkpoint (or a run directory: the model its report scores) -> a self-contained model + model card."""
     from fedbreast.shared.export import export_model
 
     run_dir, kind, ckpt = _checkpoint_arg(args.checkpoint)
@@ -508,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="an evaluation-only federated run of a finished model (no training): the per-site and pooled report",
     )
-    p.add_argument("checkpoint", help="RUN/checkpoints/KIND.pt, or a run directory (its best)")
+    p.add_argument(
+        "checkpoint", help="RUN/checkpoints/KIND.pt, or a run directory (the model its report scores: model-selection)"
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--sites-dir", help="simulation: already-ingested site directories (one folder per site)")
     where.add_argument("--federation", help="a deployed federation by name (as for `fedbreast run`)")
@@ -564,7 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("export", help="write a trained model as TorchScript or ONNX plus a model card")
-    p.add_argument("checkpoint", help="RUN_DIR/checkpoints/{latest,best,final}.pt, or a run directory (its best)")
+    p.add_argument(
+        "checkpoint",
+        help="RUN_DIR/checkpoints/{latest,best,final}.pt, or a run directory (the model its report scores: model-selection)",
+    )
     p.add_argument("--out", required=True, help="folder for the model file and model_card.md/.json")
     p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
     p.set_defaults(func=cmd_export)
@@ -627,7 +632,11 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="score every breast (or outlined lesion) at a site with a trained model; --explain for heatmaps"
     )
     p.add_argument("input", help="an ingested site directory, or a DICOM folder (ingested first into OUT/site)")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/KIND.pt, or a run directory (its best)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="RUN_DIR/checkpoints/KIND.pt, or a run directory (the model its report scores: model-selection)",
+    )
     p.add_argument("--out", required=True, help="output folder: predictions.csv (and site/ for a DICOM folder)")
     p.add_argument(
         "--threshold", type=float, help="operating point (default: the site's validation threshold, else 0.5)"
