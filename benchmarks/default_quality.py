@@ -71,12 +71,14 @@ def one_seed(
 
 
 def score_run(run_dir: Path, seed: int, base: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """One finished run's figures beside its baselines. ``federated``: the model the report scores
-    (the best-validation round); ``federated_last``: the last round's, like for like with the
-    baselines, which train the same budget and keep their last model (no selection)."""
+    """One finished run's figures beside its baselines, at two rounds: ``federated`` /
+    ``personalised`` at the best-validation round (checkpoints/best.json: what a run reports with
+    ``model-selection = best-val``), ``federated_last`` / ``personalised_last`` at the last round
+    (what a run reports by default, ``last-round``; like for like with the baselines, which train
+    the same budget and keep their last model)."""
     store = MetricStore(run_dir)
     last, _ = final_site_rows(store)
-    best = run_dir / "checkpoints" / "best.json"  # the round the report scores (server/report.py chosen_round)
+    best = run_dir / "checkpoints" / "best.json"  # the best-validation round (model-selection = best-val)
     chosen = int(json.loads(best.read_text())["round"]) if best.exists() else last
 
     def at(round_: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -103,6 +105,7 @@ def score_run(run_dir: Path, seed: int, base: dict[str, Any], seconds: float) ->
                 "federated": r.get("test_auc"),
                 "federated_last": last_rows.get(s, {}).get("test_auc"),
                 "personalised": r.get("test_auc_personal"),
+                "personalised_last": last_rows.get(s, {}).get("test_auc_personal"),
                 "local": base[s]["local"],
                 "pooled": base[s]["pooled"],
             }
@@ -116,14 +119,16 @@ def _ms(values: list[float | None]) -> tuple[float, float]:
     return (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) if v else (float("nan"), 0.0)
 
 
-ARMS = ("federated", "federated_last", "personalised", "local", "pooled")
+ARMS = ("federated", "federated_last", "personalised", "personalised_last", "local", "pooled")
 GLOBAL = {"federated": "global, best-validation round", "federated_last": "global, last round"}
+PERSONAL = {"personalised": "personalised, best-validation round", "personalised_last": "personalised, last round"}
 
 
 def verdicts(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's three criteria on the means over seeds, for the model the report scores (the
-    best-validation round), the last round's (like for like with the baselines, which keep their
-    last model) and, where measured, each site's personalised model."""
+    """The issue's three criteria on the means over seeds, for the global model at the
+    best-validation round and at the last round (what a default run reports; like for like with
+    the baselines, which keep their last model) and, where measured, each site's personalised
+    model at each of the two rounds."""
     pooled, _ = _ms([r["pooled"]["pooled"] for r in runs])
     sites = sorted(runs[0]["sites"])
     smallest = min(sites, key=lambda s: statistics.fmean(r["sites"][s]["train_exams"] or 0 for r in runs))
@@ -136,10 +141,10 @@ def verdicts(runs: list[dict[str, Any]]) -> dict[str, Any]:
         fed, _ = _ms(values)
         out[f"1 pooled ratio ({name})"] = fed / pooled
         out[f"1 pooled >= 0.98 x pooled-centralised ({name})"] = fed >= 0.98 * pooled
-    for arm in ("federated", "federated_last", "personalised"):
+    for arm in ("federated", "federated_last", "personalised", "personalised_last"):
         if not all(r["sites"][s].get(arm) is not None for r in runs for s in sites):
             continue
-        name = GLOBAL.get(arm, "personalised")
+        name = GLOBAL.get(arm) or PERSONAL[arm]
         out[f"2 beats local-only at the smallest site ({name})"] = mean[(smallest, arm)] > mean[(smallest, "local")]
         out[f"3 no site more than 0.05 below local-only ({name})"] = all(
             mean[(s, arm)] >= mean[(s, "local")] - 0.05 for s in sites
@@ -158,16 +163,16 @@ def markdown(runs: list[dict[str, Any]], v: dict[str, Any], command: str) -> str
     lines = [
         f"Test AUC, mean ± SD over data seeds {', '.join(str(r['seed']) for r in runs)} (`{command}`).",
         "",
-        "| | federated (global, best-val round) | federated (global, last round) | federated (personalised) "
-        "| local-only | pooled-centralised |",
-        "|---|---|---|---|---|---|",
+        "| | federated (global, best-val round) | federated (global, last round) | personalised (best-val round) "
+        "| personalised (last round) | local-only | pooled-centralised |",
+        "|---|---|---|---|---|---|---|",
         "| all test units pooled | "
         + " | ".join(
             [
                 cell([r["pooled"].get("federated") for r in runs]),
                 cell([r["pooled"].get("federated_last") for r in runs]),
             ]
-            + ["-"]
+            + ["-", "-"]
             + [cell([r["pooled"][a] for r in runs]) for a in ("local", "pooled")]
         )
         + " |",
@@ -182,8 +187,8 @@ def markdown(runs: list[dict[str, Any]], v: dict[str, Any], command: str) -> str
     lines += [
         "",
         "`model-selection` picks which round a run reports, not how it trains: a default run (`last-round`) "
-        "reports the last-round column, `--set model-selection=best-val` (seed 001's early stopping) the "
-        "best-val column.",
+        "reports the last-round columns, `--set model-selection=best-val` (seed 001's early stopping) the "
+        "best-val ones.",
     ]
     lines += ["", "| criterion (on the means) | result |", "|---|---|"]
     lines += [f"| {k} | {val if isinstance(val, (bool, str)) else f'{val:.3f}'} |" for k, val in v.items()]

@@ -70,21 +70,55 @@ def save_checkpoint(run_dir: Path, kind: str, arrays: Mapping[str, np.ndarray], 
     return path
 
 
-def reported_kinds(run_dir: Path) -> list[str]:
-    """The checkpoint kinds of the model a run reports, in order of preference, for those that
-    exist: ``model-selection = last-round`` (the default) final, then latest; ``best-val`` best,
-    then final, then latest (a run whose key metric was never defined has no best). Read from
-    the run's ``config.json``; a run made before ``model-selection`` existed reported its best
-    checkpoint, and still does."""
+def _sidecar(run_dir: Path, kind: str) -> dict[str, Any]:
+    """``checkpoints/<kind>.json`` (the meta copy written beside each .pt), or {}."""
     import json
 
     try:
-        doc = json.loads((Path(run_dir) / "config.json").read_text())
-        selection = doc.get("model-selection", "best-val") if isinstance(doc, dict) else "best-val"
+        doc = json.loads((Path(run_dir) / "checkpoints" / f"{kind}.json").read_text())
     except (OSError, ValueError):
-        selection = "best-val"
-    order = ("final", "latest", "best") if selection == "last-round" else ("best", "final", "latest")
-    return [k for k in order if (Path(run_dir) / "checkpoints" / f"{k}.pt").exists()]
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def run_model_selection(run_dir: Path) -> str:
+    """The run's ``model-selection``: from its ``config.json`` (written when the run starts),
+    else from a checkpoint's meta (a run folder shipped without it). A run made before the key
+    existed reported its best checkpoint: ``best-val``. A config that cannot be read, or a value
+    that is not one of the two, is an error naming the file, not a silent pick."""
+    import json
+
+    from fedbreast.shared.config import MODEL_SELECTIONS
+
+    path = Path(run_dir) / "config.json"
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot read the run's config ({exc})") from None
+        if not isinstance(doc, dict):
+            raise CheckpointError(f"{path}: the run's config is not a JSON object")
+    else:
+        doc = next((c for c in (_sidecar(run_dir, k).get("config") for k in ("final", "latest", "best")) if c), {})
+    selection = doc.get("model-selection", "best-val") if isinstance(doc, dict) else "best-val"
+    if selection not in MODEL_SELECTIONS:
+        raise CheckpointError(f"{path}: model-selection {selection!r} must be one of {', '.join(MODEL_SELECTIONS)}")
+    return str(selection)
+
+
+def reported_kinds(run_dir: Path) -> list[str]:
+    """The checkpoint kinds of the model a run reports, in order of preference, for those that
+    exist. ``model-selection = last-round`` (the default): the newer of final and latest (a
+    finished run resumed for more rounds and stopped again has a final older than its latest),
+    then best; ``best-val``: best, then final, then latest (a run whose key metric was never
+    defined has no best)."""
+    folder = Path(run_dir) / "checkpoints"
+    if run_model_selection(run_dir) == "last-round":
+        newest = sorted(("final", "latest"), key=lambda k: -int(_sidecar(run_dir, k).get("round") or 0))
+        order: tuple[str, ...] = (*newest, "best")
+    else:
+        order = ("best", "final", "latest")
+    return [k for k in order if (folder / f"{k}.pt").exists()]
 
 
 def load_checkpoint(run_dir: Path, kind: str = "latest") -> Checkpoint | None:

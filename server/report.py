@@ -102,9 +102,18 @@ def chosen_round(run_dir: Path, store: MetricStore, cfg: RunConfig, mode: dict[s
             if best_round is not None and best_round != last
             else ""
         )
+        try:  # the model predict / export use; a final round whose evaluation failed has no rows
+            final_round = int(json.loads((Path(run_dir) / "checkpoints" / "final.json").read_text())["round"])
+        except (OSError, ValueError, KeyError, TypeError):
+            final_round = last
+        if final_round != last:
+            return last, (
+                f"Scores of round {last}'s model: the last round's ({final_round}, checkpoints/final.pt, the model "
+                f"the run gives predict and export) has no evaluate rows in metrics.jsonl{beside}."
+            )
         return last, (
-            f"Scores of the last round's model, round {last} (model-selection = last-round: the whole training "
-            f"budget, as the --baselines models keep theirs){beside}."
+            f"Scores of the last round's model, round {last} (model-selection = last-round: the model after the "
+            f"whole training budget){beside}."
         )
     if best_round is None:
         return last, (

@@ -217,3 +217,40 @@ def test_by_default_the_report_and_the_cli_use_the_last_rounds_model(tmp_path) -
     assert reported_kinds(tmp_path)[0] == "best"
     with pytest.raises(ConfigError, match="model_selection|model-selection"):
         RunConfig.from_flower({"model-selection": "lucky-round"})
+
+
+def test_the_reported_checkpoint_survives_odd_run_folders(tmp_path) -> None:
+    """reported_kinds on folders a user may hand over: no config.json (the checkpoints' own
+    config decides), a config.json that cannot be read or names no known selection (an error
+    naming the file, not a silent pick), and a finished run resumed for more rounds and stopped
+    again (its latest is newer than its final: the newer is the last round's model)."""
+    from fedbreast.server.checkpoints import CheckpointError, reported_kinds
+
+    cfg = RunConfig(backbone="smallcnn", rounds=4)
+    w = {"w": np.zeros(2, dtype=np.float32)}
+    save_checkpoint(tmp_path, "best", w, {"round": 1, "config": cfg.to_flower()})
+    save_checkpoint(tmp_path, "final", w, {"round": 4, "config": cfg.to_flower()})
+    save_checkpoint(tmp_path, "latest", w, {"round": 4, "config": cfg.to_flower()})
+    assert reported_kinds(tmp_path) == ["final", "latest", "best"]  # no config.json: the checkpoints' config
+    save_checkpoint(tmp_path, "latest", w, {"round": 6, "config": cfg.replace(rounds=8).to_flower()})
+    assert reported_kinds(tmp_path)[0] == "latest"  # resumed to round 6 of 8 and stopped: final (4) is stale
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: cannot read"):
+        reported_kinds(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model-selection": "Last-Round"}))
+    with pytest.raises(CheckpointError, match="model-selection 'Last-Round' must be one of"):
+        reported_kinds(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_a_final_round_without_evaluate_rows_is_named_not_passed_off(tmp_path) -> None:
+    from fedbreast.server.report import write_report
+
+    store = MetricStore(tmp_path)
+    store.append(1, "evaluate", "site-a", {"test_auc": 0.7, "test_n": 10, "test_exams": 5, "val_auc": 0.8})
+    store.append(1, "aggregate", "ALL", {"test_auc": 0.7, "val_auc": 0.8})
+    save_checkpoint(tmp_path, "final", {"w": np.zeros(2, dtype=np.float32)}, {"round": 2})
+    write_report(tmp_path, RunConfig(backbone="smallcnn", rounds=2))
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Scores of round 1's model: the last round's (2, checkpoints/final.pt" in summary
+    assert "has no evaluate rows in metrics.jsonl" in summary

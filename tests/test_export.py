@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedbreast.cli import main
-from fedbreast.server.checkpoints import load_checkpoint, save_checkpoint
+from fedbreast.server.checkpoints import load_checkpoint, reported_kinds, save_checkpoint
 from fedbreast.shared import export as ex
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.models.factory import build_model
@@ -79,8 +79,7 @@ def test_a_simulated_run_exports_and_runs_without_fedbreast(tmp_path: Path) -> N
     overrides = dict(rounds=1, backbone="smallcnn", image_h=64, image_w=32, bootstrap=20, workers=0)
     result = simulate(run, sites=2, patients=8, overrides=overrides, engine="inprocess", echo=lambda *_: None)
     assert result["run"]["status"] == "finished:completed"
-    kind = "best" if (run / "checkpoints" / "best.pt").exists() else "final"
-    ckpt = load_checkpoint(run, kind)
+    ckpt = load_checkpoint(run, reported_kinds(run)[0])  # the model `export RUN_DIR` takes
     assert ckpt is not None
     cfg = RunConfig.from_flower(ckpt.meta["config"])
     inputs = random_inputs(cfg)
