@@ -29,7 +29,7 @@ AMP_MODES = ("auto", "bf16", "off")
 WINDOWS = ("percentile", "dicom", "fixed")
 NORMS = ("auto", "batch", "group")  # auto: GroupNorm under DP (Opacus needs it), else BatchNorm
 KEY_METRICS = ("val_auc", "val_loss", "val_mcc", "val_accuracy")
-# Which round's model a run reports, exports and predicts with (server/checkpoints.py reported_kind).
+# Which round's model a run reports, exports and predicts with (server/checkpoints.py reported_kinds).
 MODEL_SELECTIONS = ("last-round", "best-val")
 DP_MODES = ("off", "local", "central")  # shared/training/dp.py
 # Per-sample gradient engines: Opacus' four, and fused (shared/training/fused_dp.py: per-exam norms in one backward)

@@ -15,9 +15,10 @@ runs on the same repeat's sites, so the arms' test units are the same and the te
   smallest difference the repeats could have detected (80 % power, two-sided 5 %).
 
 The model scored is the one each run's summary.md reports: its ``model-selection``
-(server/checkpoints.py reported_kinds; the last round's by default, the best-validation round's
-with ``--set model-selection=best-val``). Each fold's site folders are copies of the ingested sites' manifests with the
-fold's splits (the preprocessed-image cache is shared through a symbolic link).
+(server/checkpoints.py reported_kinds; the last round's by default, the best-validation
+round's with ``--set model-selection=best-val``). Each fold's site folders are copies of the
+ingested sites' manifests with the fold's splits (the preprocessed-image cache is shared
+through a symbolic link).
 """
 
 from __future__ import annotations
