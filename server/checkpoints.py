@@ -70,8 +70,9 @@ def save_checkpoint(run_dir: Path, kind: str, arrays: Mapping[str, np.ndarray], 
     return path
 
 
-def _sidecar(run_dir: Path, kind: str) -> dict[str, Any]:
-    """``checkpoints/<kind>.json`` (the meta copy written beside each .pt), or {}."""
+def checkpoint_meta(run_dir: Path, kind: str) -> dict[str, Any]:
+    """``checkpoints/<kind>.json`` (the meta copy written beside each .pt), or {} when there is
+    none or it cannot be read: cheap, no tensors loaded, no hash checked."""
     import json
 
     try:
@@ -99,7 +100,9 @@ def run_model_selection(run_dir: Path) -> str:
         if not isinstance(doc, dict):
             raise CheckpointError(f"{path}: the run's config is not a JSON object")
     else:
-        doc = next((c for c in (_sidecar(run_dir, k).get("config") for k in ("final", "latest", "best")) if c), {})
+        doc = next(
+            (c for c in (checkpoint_meta(run_dir, k).get("config") for k in ("final", "latest", "best")) if c), {}
+        )
     selection = doc.get("model-selection", "best-val") if isinstance(doc, dict) else "best-val"
     if selection not in MODEL_SELECTIONS:
         raise CheckpointError(f"{path}: model-selection {selection!r} must be one of {', '.join(MODEL_SELECTIONS)}")
@@ -114,7 +117,7 @@ def reported_kinds(run_dir: Path) -> list[str]:
     defined has no best)."""
     folder = Path(run_dir) / "checkpoints"
     if run_model_selection(run_dir) == "last-round":
-        newest = sorted(("final", "latest"), key=lambda k: -int(_sidecar(run_dir, k).get("round") or 0))
+        newest = sorted(("final", "latest"), key=lambda k: -int(checkpoint_meta(run_dir, k).get("round") or 0))
         order: tuple[str, ...] = (*newest, "best")
     else:
         order = ("best", "final", "latest")

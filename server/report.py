@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedbreast.server.checkpoints import checkpoint_meta
 from fedbreast.server.metric_store import MetricStore
 from fedbreast.server.synthesis_report import SYNTHESIS_CSV, synthesis_section
 from fedbreast.shared.config import RunConfig
@@ -90,11 +91,11 @@ def chosen_round(run_dir: Path, store: MetricStore, cfg: RunConfig, mode: dict[s
             f"Evaluation only of {ck.get('path')} (round {ck.get('round')} of run {ck.get('run_dir')}, "
             f"sha256 {str(ck.get('sha256'))[:16]}): no site trained, no update left a site."
         )
+    best = checkpoint_meta(run_dir, "best")
     try:
-        best = json.loads((Path(run_dir) / "checkpoints" / "best.json").read_text())
-        best_round = int(best["round"])
-    except (OSError, ValueError, KeyError, TypeError):
-        best, best_round = {}, None
+        best_round: int | None = int(best["round"])
+    except (KeyError, TypeError, ValueError):
+        best_round = None
     if cfg.model_selection == "last-round":
         beside = (
             f"; the best-validation round, {best_round} ({best.get('key_metric')} = {_f(best.get('key_value'), 4)}), "
@@ -102,10 +103,8 @@ def chosen_round(run_dir: Path, store: MetricStore, cfg: RunConfig, mode: dict[s
             if best_round is not None and best_round != last
             else ""
         )
-        try:  # the model predict / export use; a final round whose evaluation failed has no rows
-            final_round = int(json.loads((Path(run_dir) / "checkpoints" / "final.json").read_text())["round"])
-        except (OSError, ValueError, KeyError, TypeError):
-            final_round = last
+        # the model predict / export use; a final round whose evaluation failed has no rows
+        final_round = int(checkpoint_meta(run_dir, "final").get("round") or last)
         if final_round != last:
             return last, (
                 f"Scores of round {last}'s model: the last round's ({final_round}, checkpoints/final.pt, the model "
