@@ -147,6 +147,12 @@ def test_exam_dataset_channel_modes(site: dict) -> None:
     le = ExamDataset(site["recs"], site["fixed"], channels="le_only")
     assert le.exams == ["EP0", "EP1", "EP3"] and le.skipped["EP2"].startswith("wrong modality")
     assert le.skip_summary() == {"wrong modality": 1, "no mammography": 1}
+    des = ExamDataset(site["recs"], site["fixed"], channels="des_only")  # seed 004's CESM-alone input
+    assert des.exams == ["EP0", "EP3"] and des.skipped["EP1"] == "missing view: RMLO-DES"
+    assert des.skipped["EP2"].startswith("wrong modality: 'des_only' needs a DES image")
+    assert np.array_equal(
+        des[0]["x"][0, 0].numpy(), site["fixed"].get(site["by_name"]["P0LCCDES"].sha256).astype(np.float32)
+    )
     with pytest.raises(ValueError, match="ExamDataset.channels"):
         ExamDataset(site["recs"], site["fixed"], channels="rgb")
     with pytest.raises(ValueError, match="size=None"):

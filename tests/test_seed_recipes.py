@@ -94,10 +94,13 @@ def _changed_modules(model: nn.Module, before: dict[str, torch.Tensor]) -> set[s
 def test_the_seed_001_options_are_validated_at_the_edge_naming_the_key() -> None:
     assert RunConfig.from_flower({"view-fusion": "left-right"}).view_fusion == "left-right"
     assert RunConfig.from_flower({"multiview-cnn-rounds": 2, "rounds": 3}).multiview_cnn_rounds == 2
+    assert RunConfig.from_flower({"single-channel": "des", "in-channels": 1}).single_channel == "des"
     for raw, key in (
         ({"view-fusion": "left_right"}, "view-fusion"),
         ({"multiview-cnn-rounds": -1}, "multiview-cnn-rounds"),
         ({"multiview-cnn-rounds": 3, "rounds": 3}, "multiview-cnn-rounds"),  # the fusion network never trains
+        ({"single-channel": "cesm"}, "single-channel"),
+        ({"single-channel": "des"}, "single-channel"),  # a two-channel network reads both images
     ):
         with pytest.raises(ConfigError, match=key):
             RunConfig.from_flower(raw)

@@ -215,7 +215,7 @@ def _label_arrays(values: list[float]) -> tuple[np.ndarray, np.ndarray]:
 
 # --- seed 001: four-view exams -----------------------------------------------------------------
 
-CHANNEL_MODES = ("cem", "ffdm", "le_only")
+CHANNEL_MODES = ("cem", "ffdm", "le_only", "des_only")
 
 
 class ExamDataset(_CachedDataset):
@@ -223,7 +223,8 @@ class ExamDataset(_CachedDataset):
 
     ``channels``: "cem" -> C=2 (LE, DES), CEM exams only; "ffdm" -> C=1, the FFDM image, or
     the LE image of a CEM exam (an LE is an FFDM-equivalent), so FFDM and CEM sites train
-    one model; "le_only" -> C=1, LE of CEM exams only (the ablation).
+    one model; "le_only" -> C=1, LE of CEM exams only (the ablation); "des_only" -> C=1, the DES
+    image (acquired, or virtual at an FFDM site with virtual DES) of exams that have one.
     Labels: ``y`` (2,) = [left, right] breast, ``y_mask`` (2,) marks labelled breasts.
     ``fill_missing`` (scoring only; training skips such exams): a missing or uncached view is
     a blank (zero) slot instead, and ``missing[i]`` names exam i's blank slots ("RCC-LE").
@@ -258,7 +259,8 @@ class ExamDataset(_CachedDataset):
                 self.skipped[key] = "no mammography: ultrasound only"
                 continue
             if energies is None:
-                self.skipped[key] = f"wrong modality: {channels!r} needs a CEM exam, this one has {sorted(ex.energies)}"
+                need = "a DES image" if channels == "des_only" else "a CEM exam"
+                self.skipped[key] = f"wrong modality: {channels!r} needs {need}, this one has {sorted(ex.energies)}"
                 continue
             row, reason, blank = [], None, []
             for v in MAMMO_VIEWS:
@@ -304,6 +306,8 @@ class ExamDataset(_CachedDataset):
             return ("LE", "DES") if present & {"LE", "DES"} else None
         if self.channels == "le_only":
             return ("LE",) if "LE" in present else None
+        if self.channels == "des_only":
+            return ("DES",) if "DES" in present else None
         return ("FFDM",) if "FFDM" in present or not present & {"LE"} else ("LE",)
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:

@@ -49,10 +49,13 @@ class SiteData:
         return len(self.datasets[split])
 
 
-def channels_for(records: list[ImageRecord], in_channels: int) -> str:
+def channels_for(records: list[ImageRecord], in_channels: int, single_channel: str = "le") -> str:
     """Dataset channel mode for this site: CEM sites give LE+DES, FFDM-only sites give FFDM
-    (and FFDM+DES with virtual DES)."""
+    (and FFDM+DES with virtual DES); a one-channel network reads ``single_channel``'s image
+    (multiview setting ``single-channel``: "le", LE or FFDM; "des", DES alone)."""
     energies = {r.energy.value for r in records}
+    if in_channels == 1 and single_channel == "des":
+        return "des_only"
     # An FFDM site with virtual DES (virtual-des = true) trains as a CEM site: (FFDM, DES) pairs.
     if in_channels == 2 and "DES" in energies and energies & {"LE", "FFDM"}:
         return "cem"
@@ -92,6 +95,7 @@ def open_site(
     virtual_des: bool = False,
     replace: float = 0.0,
     seed: int = 0,
+    single_channel: str = "le",
 ) -> SiteData:
     """Load the manifest, warm the cache, and build the per-split datasets (memoised)."""
     path = Path(site_dir)
@@ -101,7 +105,7 @@ def open_site(
     mammo = [r for r in records if r.view.is_mammo]
     build_cache(path, mammo, pre, workers=max(1, workers))
     cache = open_cache(path, pre)
-    channels = channels_for(mammo, in_channels)
+    channels = channels_for(mammo, in_channels, single_channel)
     name = read_site_meta(path).get("site", path.name)
     data = SiteData(site_dir=path, name=name, records=records)
     for split in ("train", "val", "test"):
@@ -124,4 +128,5 @@ def site_for(site_dir: str | Path, cfg: RunConfig) -> SiteData:
         cfg.virtual_des,
         cfg.virtual_des_replace,
         cfg.seed,
+        cfg.single_channel,
     )

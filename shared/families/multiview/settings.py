@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from fedbreast.shared.families.base import Bad, Settings
 
+SINGLE_CHANNELS = ("le", "des")
+
 
 @dataclass(frozen=True)
 class MultiviewSettings(Settings):
@@ -19,10 +21,19 @@ class MultiviewSettings(Settings):
     # from that CNN. 0 (the default): end to end from round 1, the earlier runs' model (K > 0
     # adds the per-image head's tensors, the same in every round).
     multiview_cnn_rounds: int = 0
+    # The image a one-channel network (in-channels = 1) reads: "le" (the low-energy image at a CEM
+    # site, the FFDM image elsewhere: the earlier runs' model) or "des" (the recombined image
+    # alone: seed 003's DES-only and seed 004's CESM-alone arms; a site without DES, acquired or
+    # virtual, answers "unable"). No tensor depends on it.
+    single_channel: str = "le"
 
     def check(self, bad: Bad) -> None:
         if not 0 <= self.head_dropout < 1:
             raise bad("head_dropout", "must be in [0, 1)")
+        if self.single_channel not in SINGLE_CHANNELS:
+            raise bad("single_channel", f"must be one of {', '.join(SINGLE_CHANNELS)}")
+        if self.single_channel != "le" and getattr(self, "in_channels", 1) != 1:
+            raise bad("single_channel", "chooses the image of a one-channel network: it needs in-channels = 1")
         if self.multiview_cnn_rounds < 0:
             raise bad("multiview_cnn_rounds", "must not be negative")
         # Mixed into the run config: a multiview run whose fusion network would never train.

@@ -63,7 +63,13 @@ class MultiviewTask(Task):
         records = site_records(site_dir)
         mammo = [r for r in records if r.view.is_mammo]
         cache = cached_images(site_dir, mammo, preprocess_for(cfg), cfg)
-        ds = ExamDataset(mammo, cache, split=None, channels=channels_for(mammo, cfg.in_channels), fill_missing=True)
+        ds = ExamDataset(
+            mammo,
+            cache,
+            split=None,
+            channels=channels_for(mammo, cfg.in_channels, cfg.single_channel),
+            fill_missing=True,
+        )
         return records, cache, ds
 
     def score(self, model, site_dir, cfg, device):
