@@ -55,6 +55,10 @@ _NOT_PRETRAINING = (
     "update-norm-bound",
     "workers",
     "seed",
+    # The public federation holds no virtual images (they are made at a run's own sites), so a
+    # run that reads them pretrains the same network as one that does not.
+    "virtual-des",
+    "virtual-des-replace",
 )
 
 
@@ -124,6 +128,7 @@ def public_checkpoint(
     )
     dirs = prepare_federation(data, PUBLIC_SITES, patients, public_seed, echo)
     overrides = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "seed"}
+    overrides.update(virtual_des=False, virtual_des_replace=0.0)  # none at the public sites
 
     def quiet(line: str) -> None:  # pretrain's hint for its own command line; here the run starts from it
         if not line.startswith("use it with"):

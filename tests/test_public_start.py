@@ -48,7 +48,14 @@ def test_the_cache_key_follows_what_shapes_pretraining_and_nothing_else() -> Non
     cfg = RunConfig(**TINY)
     key = pretraining_key(cfg, PUBLIC_SEED)
     assert pretraining_key(cfg.replace(seed=7, strategy="fedprox", bootstrap=10), PUBLIC_SEED) == key
-    for changed in (cfg.replace(lr=0.02), cfg.replace(rounds=2), cfg.replace(image_h=128)):
+    # the public sites have no virtual images: a run that reads its own pretrains the same network
+    assert pretraining_key(cfg.replace(virtual_des=True, virtual_des_replace=0.5), PUBLIC_SEED) == key
+    for changed in (
+        cfg.replace(lr=0.02),
+        cfg.replace(rounds=2),
+        cfg.replace(image_h=128),
+        cfg.replace(in_channels=1, single_channel="des"),
+    ):
         assert pretraining_key(changed, PUBLIC_SEED) != key
     assert pretraining_key(cfg, PUBLIC_SEED + 1) != key and pretraining_key(cfg, PUBLIC_SEED, patients=9) != key
 
