@@ -73,15 +73,24 @@ def _train_round(
 
 
 def federate(
-    task: Task, cfg: RunConfig, opened: list, on_round: Callable[[int, torch.nn.Module, dict], None] | None = None
+    task: Task,
+    cfg: RunConfig,
+    opened: list,
+    on_round: Callable[[int, torch.nn.Module, dict], None] | None = None,
+    init: dict[str, np.ndarray] | None = None,
 ) -> torch.nn.Module:
     """``cfg.rounds`` of in-process FedAvg over ``opened`` sites; returns the final global model.
 
     ``on_round(round, global model, server metrics)`` sees the model each round, before the
-    family's after_evaluate hook updates it (as a federated evaluation would)."""
+    family's after_evaluate hook updates it (as a federated evaluation would). ``init``: the
+    initial model's arrays (a run checkpoint's, e.g. the public pretraining's); a fresh build without."""
     dev = torch.device("cpu")
     torch.manual_seed(cfg.seed)
     arrays = {k: v.detach().numpy().copy() for k, v in build_model(cfg).state_dict().items()}
+    if init is not None:
+        if set(init) != set(arrays):
+            raise ValueError(f"federate: the initial model's tensors do not match model {cfg.model!r}'s")
+        arrays = {k: np.asarray(init[k], dtype=arrays[k].dtype).copy() for k in arrays}
     for rnd in range(1, cfg.rounds + 1):
         arrays = _train_round(task, cfg, opened, arrays, rnd, dev)
         model = _load(build_model(cfg), arrays)

@@ -48,11 +48,14 @@ import torch
 from bench_families import federate, open_sites
 
 from fedbreast.client.personal import psft_split
+from fedbreast.server.checkpoints import read_checkpoint
 from fedbreast.shared.config import RunConfig
+from fedbreast.shared.data.site_data import site_records
 from fedbreast.shared.metrics import binary_metrics, bootstrap_ci, delong_test
 from fedbreast.shared.training.patient_finetune import PSFTConfig
 from fedbreast.shared.training.tasks import task_for
 from fedbreast.simulation.baselines import train_local_only, train_pooled
+from fedbreast.simulation.public_start import public_checkpoint
 from fedbreast.simulation.simulate import PRESET, PRESETS, prepare_federation
 
 N_BOOT = 2000
@@ -259,20 +262,23 @@ class ArmResult:
     unit: str
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    group: np.ndarray | None = None  # each unit's breast-density group (DENSITY_GROUPS), if scored by group
 
 
 def _save_arm(r: ArmResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     meta = json.dumps({"unit": r.unit, "seconds": r.seconds, "extra": r.extra}, default=float)
-    np.savez(tmp, y=r.y, p=r.p, site=r.site.astype(str), meta=np.array(meta))
+    groups = {} if r.group is None else {"group": r.group.astype(str)}
+    np.savez(tmp, y=r.y, p=r.p, site=r.site.astype(str), meta=np.array(meta), **groups)
     tmp.replace(path)  # a killed run leaves no half-written arm behind
 
 
 def _load_arm(name: str, path: Path) -> ArmResult:
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
-        return ArmResult(name, z["y"], z["p"], z["site"], meta["unit"], meta["seconds"], meta["extra"])
+        group = z["group"] if "group" in z.files else None
+        return ArmResult(name, z["y"], z["p"], z["site"], meta["unit"], meta["seconds"], meta["extra"], group)
 
 
 def _config(family: str, overrides: dict[str, Any], seed: int) -> RunConfig:
@@ -286,13 +292,85 @@ def _concat(name: str, per_site: list[tuple[str, np.ndarray, np.ndarray]], unit:
     return ArmResult(name, y, p, site, unit, seconds)
 
 
+# Seed 004 groups its test images by BI-RADS breast density. With 10-40 test breasts a site, one
+# AUC per ACR category is mostly undefined, so the four categories pool into the usual two.
+DENSITY_GROUPS = {
+    "a": "non-dense (ACR a-b)",
+    "b": "non-dense (ACR a-b)",
+    "c": "dense (ACR c-d)",
+    "d": "dense (ACR c-d)",
+}
+NO_DENSITY = "density not annotated"
+
+
+def exam_density_groups(site_dir: Path) -> dict[str, str]:
+    """Each exam's density group from the site's own annotations (the reader's ACR density, as a
+    hospital holds it; the first breast that has one)."""
+    out: dict[str, str] = {}
+    for r in site_records(Path(site_dir)):
+        if r.birads.density and r.exam not in out:
+            out[r.exam] = DENSITY_GROUPS.get(r.birads.density[0], NO_DENSITY)
+    return out
+
+
+def _unit_exams(ds: Any) -> list[str] | None:
+    """The exam of each sample of a family dataset, in order (exams or breasts); None if unknown."""
+    if hasattr(ds, "exams") and isinstance(ds.exams, list):
+        return list(ds.exams)
+    if hasattr(ds, "breasts"):
+        return [b[1] for b in ds.breasts]
+    return None
+
+
+def by_density(site: Any, split: str, score: Callable[[Any], tuple[np.ndarray, np.ndarray]]):
+    """``score(site)``'s (labels, scores) on each density group's part of ``split`` in turn:
+    the same model and code on a subset of the dataset (a torch Subset), so the scoring's own
+    unit rules (labelled breasts, modalities present) stay the task's. Returns (y, p, group)."""
+    ds = site.datasets[split]
+    exams = _unit_exams(ds)
+    if exams is None:
+        y, p = score(site)
+        return y, p, np.full(len(y), NO_DENSITY)
+    density = exam_density_groups(site.site_dir)
+    ys, ps, gs = [], [], []
+    for g in sorted(set(DENSITY_GROUPS.values())) + [NO_DENSITY]:
+        idx = [i for i, e in enumerate(exams) if density.get(e, NO_DENSITY) == g]
+        if not idx:
+            continue
+        part = dataclasses.replace(site, datasets={**site.datasets, split: torch.utils.data.Subset(ds, idx)})
+        y, p = score(part)
+        ys.append(y), ps.append(p), gs.append(np.full(len(y), g))
+    if not ys:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, str)
+    return np.concatenate(ys), np.concatenate(ps), np.concatenate(gs)
+
+
+def _concat_groups(
+    name: str, per_site: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], unit: str, seconds: float
+) -> ArmResult:
+    out = _concat(name, [(n, y, p) for n, y, p, _ in per_site], unit, seconds)
+    out.group = np.concatenate([g for *_, g in per_site]).astype(str)
+    return out
+
+
 class Experiment:
     """Trains each arm once on one federation, on demand, and keeps its test predictions."""
 
     def __init__(
-        self, site_dirs: list[Path], seed: int, echo: Callable[[str], None], cache: Path | None = None
+        self,
+        site_dirs: list[Path],
+        seed: int,
+        echo: Callable[[str], None],
+        cache: Path | None = None,
+        *,
+        public_cache: Path | None = None,
+        groups: bool = False,
     ) -> None:
+        """``public_cache``: federated arms start from the network pretrained on the public
+        generated federation (``fedbreast simulate``'s public start, cached there) instead of a
+        fresh one. ``groups``: score the test split by breast-density group (ArmResult.group)."""
         self.site_dirs, self.seed, self.echo, self.cache = site_dirs, seed, echo, cache
+        self.public_cache, self.groups = public_cache, groups
         self.results: dict[str, ArmResult] = {}
         self.federated: dict[
             str, tuple[torch.nn.Module, list, RunConfig, float]
@@ -335,7 +413,10 @@ class Experiment:
             for f in dataclasses.fields(cfg)
             if getattr(cfg, f.name) != getattr(default, f.name)
         }
-        key = json.dumps([how, changed, [str(d) for d in self.site_dirs]], sort_keys=True, default=str)
+        parts: list[Any] = [how, changed, [str(d) for d in self.site_dirs]]
+        if self.public_cache is not None or self.groups:  # the earlier arms' keys stay as they were
+            parts.append({"start": "public" if self.public_cache is not None else "scratch", "groups": self.groups})
+        key = json.dumps(parts, sort_keys=True, default=str)
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         return self.cache / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
 
@@ -353,8 +434,11 @@ class Experiment:
         if key not in self.federated:
             t = time.perf_counter()
             task, sites, cfg = self._open(family, overrides)
+            init = None
+            if self.public_cache is not None:
+                init = read_checkpoint(public_checkpoint(self.public_cache, cfg, self.seed, self.echo)).arrays
             model = federate(
-                task, cfg, sites, lambda rnd, _m, _e: self.echo(f"  {family} {overrides}: round {rnd} done")
+                task, cfg, sites, lambda rnd, _m, _e: self.echo(f"  {family} {overrides}: round {rnd} done"), init
             )
             self.federated[key] = (model, sites, cfg, time.perf_counter() - t)
         return self.federated[key]
@@ -362,6 +446,12 @@ class Experiment:
     def _federated(self, name: str, family: str, overrides: dict[str, Any]) -> ArmResult:
         model, sites, cfg, seconds = self._trained(family, overrides)
         task = task_for(cfg)
+        if self.groups:
+
+            def score(part: Any) -> tuple[np.ndarray, np.ndarray]:
+                return task.predict(model, part, "test", cfg, CPU)[:2]
+
+            return _concat_groups(name, [(s.name, *by_density(s, "test", score)) for s in sites], task.unit, seconds)
         per_site = [(s.name, *task.predict(model, s, "test", cfg, CPU)[:2]) for s in sites]
         return _concat(name, per_site, task.unit, seconds)
 
@@ -372,8 +462,16 @@ class Experiment:
         model, sites, cfg, seconds = self._trained(family, overrides)
         task = task_for(cfg)
         t = time.perf_counter()
-        per_site = [(s.name, *task.branch_predictions(model, s, "test", cfg, CPU)[branch]) for s in sites]
-        out = _concat(name, per_site, task.unit, seconds + time.perf_counter() - t)
+        if self.groups:
+
+            def score(part: Any) -> tuple[np.ndarray, np.ndarray]:
+                return task.branch_predictions(model, part, "test", cfg, CPU)[branch]
+
+            grouped = [(s.name, *by_density(s, "test", score)) for s in sites]
+            out = _concat_groups(name, grouped, task.unit, seconds + time.perf_counter() - t)
+        else:
+            per_site = [(s.name, *task.branch_predictions(model, s, "test", cfg, CPU)[branch]) for s in sites]
+            out = _concat(name, per_site, task.unit, seconds + time.perf_counter() - t)
         if hasattr(model, "fusion_mcc"):  # late fusion: the weights its fused score used
             out.extra = {"fusion_mcc": [float(w) for w in model.fusion_mcc]}
         return out

@@ -6,20 +6,25 @@ FFDM only, site-3 FFDM + ultrasound):
 1. the translator: `fedbreast simulate --model cyclegan` (in-process engine) over all four
    sites; the two CEM sites train it, the others answer "unable";
 2. synthesis at every site (`site synthesize --all-views`): virtual DES for every view;
-3. the late-fusion classifier (seed 004, claims' in-process FedAvg, the family preset) in arms:
-   FFDM + real CESM (no virtual image anywhere), and with virtual DES where a site has none
-   while the CEM sites' real DES is replaced for 0, 10, 25, 50, 75 and 100 % of their patients
-   (`virtual-des-replace`); FFDM alone, CESM alone and synthetic CESM alone are branches of
-   those models (`branch_predictions`). All scored on the CEM sites' test breasts with both
-   modalities;
-4. the federated question: the multiview family's test AUC at the FFDM-only site with a zero
-   DES channel against virtual DES (`virtual-des = true`).
+3. the classifier in arms, each a federated model over every site that can train it: FFDM +
+   real CESM (no virtual image anywhere), FFDM alone (`in-channels = 1`), CESM alone
+   (`single-channel = des`), synthetic CESM alone, FFDM + synthetic CESM, and real CESM
+   replaced by virtual for 0, 10, 25, 50, 75 and 100 % of the CEM sites' patients
+   (`virtual-des-replace`, with virtual DES wherever a site has none). Scored on the CEM sites'
+   test breasts, overall and by breast-density group (the reader's ACR density: a-b, c-d);
+4. the federated question: test AUC at the FFDM-only site with a zero DES channel against
+   virtual DES (`virtual-des = true`).
+
+The classifier is the multiview family (seed 001's network; the product's default) started
+from the public pretraining, as `fedbreast simulate` starts by default (`--start public`;
+cached under DATA/public). Seed 004's own classifier, the late-fusion family, is at chance at
+these sizes from a fresh start (docs/claims.md); `--classifier latefusion` runs its arms, from a
+fresh start, as the first version of this benchmark did.
 
     .venv/bin/python benchmarks/virtual_cesm.py --seeds 0,1,2 --patients 40 --data /tmp/vcesm \\
         --json benchmarks/results/virtual_cesm.json --out docs/virtual-cesm-table.md
 
 Arms are kept under DATA/seed-N/arms (claims.py's cache), so a rerun adds what is missing.
-Not here yet: results by breast-density group (the seed's last analysis).
 """
 
 from __future__ import annotations
@@ -45,28 +50,65 @@ CEM_SITES = ("site-1", "site-4")
 FFDM_SITE = "site-2"
 
 
-def _arms(replace: tuple[float, ...] = REPLACE) -> dict[str, tuple[str, dict[str, Any], str]]:
-    arms: dict[str, tuple[str, dict[str, Any], str]] = {
-        "FFDM + real CESM": ("latefusion", {}, "branch:fused"),
-        "FFDM alone": ("latefusion", {}, "branch:ffdm"),
-        "CESM alone (real)": ("latefusion", {}, "branch:cesm"),
-        "synthetic CESM alone": ("latefusion", {"virtual_des": True, "virtual_des_replace": 1.0}, "branch:cesm"),
-        "FFDM + synthetic CESM": ("latefusion", {"virtual_des": True, "virtual_des_replace": 1.0}, "branch:fused"),
-        "multiview, FFDM site: zero DES": ("multiview", {}, "federated"),
-        "multiview, FFDM site: virtual DES": ("multiview", {"virtual_des": True}, "federated"),
-    }
+def _arms(
+    classifier: str = "multiview", replace: tuple[float, ...] = REPLACE
+) -> dict[str, tuple[str, dict[str, Any], str]]:
+    virtual = {"virtual_des": True}
+    if classifier == "latefusion":  # seed 004's network: the modalities are branches of one model
+        arms: dict[str, tuple[str, dict[str, Any], str]] = {
+            "FFDM + real CESM": ("latefusion", {}, "branch:fused"),
+            "FFDM alone": ("latefusion", {}, "branch:ffdm"),
+            "CESM alone (real)": ("latefusion", {}, "branch:cesm"),
+            "synthetic CESM alone": ("latefusion", {**virtual, "virtual_des_replace": 1.0}, "branch:cesm"),
+            "FFDM + synthetic CESM": ("latefusion", {**virtual, "virtual_des_replace": 1.0}, "branch:fused"),
+        }
+        replaced = ("latefusion", "branch:fused")
+    elif classifier == "multiview":  # one network per input, each trained federated
+        des_only = {"in_channels": 1, "single_channel": "des"}
+        arms = {
+            "FFDM + real CESM": ("multiview", {}, "federated"),
+            "FFDM alone": ("multiview", {"in_channels": 1}, "federated"),
+            "CESM alone (real)": ("multiview", des_only, "federated"),
+            "synthetic CESM alone": ("multiview", {**des_only, **virtual, "virtual_des_replace": 1.0}, "federated"),
+            "FFDM + synthetic CESM": ("multiview", {**virtual, "virtual_des_replace": 1.0}, "federated"),
+        }
+        replaced = ("multiview", "federated")
+    else:
+        raise SystemExit(f"--classifier {classifier!r}: multiview or latefusion")
+    arms["multiview, FFDM site: zero DES"] = ("multiview", {}, "federated")
+    # the same model as "replaced 0 %" (virtual DES where a site has none, real DES kept)
+    arms["multiview, FFDM site: virtual DES"] = ("multiview", {**virtual, "virtual_des_replace": 0.0}, "federated")
     for p in replace:
-        arms[f"replaced {p:.0%}"] = ("latefusion", {"virtual_des": True, "virtual_des_replace": p}, "branch:fused")
+        arms[f"replaced {p:.0%}"] = (replaced[0], {**virtual, "virtual_des_replace": p}, replaced[1])
     return arms
 
 
-def _auc_at(result: Any, sites: tuple[str, ...]) -> float:
+def _auc_at(result: Any, sites: tuple[str, ...], group: str | None = None) -> float:
     keep = np.isin(result.site, sites)
+    if group is not None:
+        keep &= result.group == group
     return claims._auc(result.y[keep], result.p[keep])
 
 
+def _units_at(result: Any, sites: tuple[str, ...], group: str | None = None) -> list[int]:
+    """[units, malignant] scored at ``sites`` (in ``group``)."""
+    keep = np.isin(result.site, sites)
+    if group is not None:
+        keep &= result.group == group
+    return [int(keep.sum()), int(result.y[keep].sum())]
+
+
+GROUPS = ("non-dense (ACR a-b)", "dense (ACR c-d)")
+
+
 def one_seed(
-    data: Path, seed: int, patients: int, gan_rounds: int, echo, replace: tuple[float, ...] = REPLACE
+    data: Path,
+    seed: int,
+    patients: int,
+    gan_rounds: int,
+    echo,
+    replace: tuple[float, ...] = REPLACE,
+    classifier: str = "multiview",
 ) -> dict[str, Any]:
     root = data / f"seed-{seed}"
     profiles = default_profiles(4, patients)
@@ -90,13 +132,28 @@ def one_seed(
     for d in site_dirs:
         echo(synthesize_site(d, ckpt, all_views=True).summary())
     gan_seconds = time.perf_counter() - t
-    arms = _arms(replace)
+    arms = _arms(classifier, replace)
     claims.ARMS.update(arms)
-    ex = claims.Experiment(site_dirs, seed, echo, cache=root / "arms")
-    out: dict[str, Any] = {"seed": seed, "gan_seconds": gan_seconds, "quality": quality, "auc": {}}
+    public = data / "public" if classifier == "multiview" else None  # shared by every data seed
+    ex = claims.Experiment(site_dirs, seed, echo, cache=root / "arms", public_cache=public, groups=True)
+    out: dict[str, Any] = {
+        "seed": seed,
+        "classifier": classifier,
+        "start": "public" if public is not None else "scratch",
+        "gan_seconds": gan_seconds,
+        "quality": quality,
+        "auc": {},
+        "units": {},
+        "by_density": {},
+        "seconds": {},
+    }
     for name in arms:
         r = ex.arm(name)
-        out["auc"][name] = _auc_at(r, (FFDM_SITE,) if name.startswith("multiview") else CEM_SITES)
+        at = (FFDM_SITE,) if name.startswith("multiview") else CEM_SITES
+        out["auc"][name] = _auc_at(r, at)
+        out["units"][name] = _units_at(r, at)
+        out["seconds"][name] = r.seconds
+        out["by_density"][name] = {g: {"auc": _auc_at(r, at, g), "units": _units_at(r, at, g)} for g in GROUPS}
     return out
 
 
@@ -109,14 +166,26 @@ def _cell(values: list[float]) -> str:
 
 def table(runs: list[dict[str, Any]], command: str) -> str:
     seeds = ", ".join(str(r["seed"]) for r in runs)
+    first = runs[0]
     lines = [
-        f"Test AUC, mean ± SD over data seeds {seeds} (`{command}`); latefusion arms on the CEM sites' "
-        "test breasts with both modalities, multiview arms at the FFDM-only site.",
+        f"Test AUC, mean ± SD over data seeds {seeds} (`{command}`): the {first['classifier']} classifier "
+        f"({first['start']} start); arms on the CEM sites' test breasts, the last two at the FFDM-only "
+        "site. Test breasts (malignant): the mean over seeds. By density: the reader's ACR density, "
+        "a seed's group AUC left out where the group has one class only.",
         "",
-        "| arm | test AUC |",
-        "|---|---|",
+        "| arm | test AUC | test breasts (malignant) | " + " | ".join(GROUPS) + " |",
+        "|---|---|---|" + "---|" * len(GROUPS),
     ]
-    lines += [f"| {name} | {_cell([r['auc'][name] for r in runs])} |" for name in runs[0]["auc"]]
+    for name in first["auc"]:
+        units = np.mean([r["units"][name] for r in runs], axis=0)
+        dens = [_cell([r["by_density"][name][g]["auc"] for r in runs]) for g in GROUPS]
+        n_g = [np.mean([r["by_density"][name][g]["units"] for r in runs], axis=0) for g in GROUPS]
+        cells = [f"{d} ({u[0]:.0f}, {u[1]:.1f})" for d, u in zip(dens, n_g)]
+        lines.append(
+            f"| {name} | {_cell([r['auc'][name] for r in runs])} | {units[0]:.0f} ({units[1]:.1f}) | "
+            + " | ".join(cells)
+            + " |"
+        )
     q = [r["quality"] for r in runs]
     lines += [
         "",
@@ -136,18 +205,20 @@ def main() -> None:
     ap.add_argument("--gan-rounds", type=int, default=8)
     ap.add_argument("--data", type=Path, default=Path("runs/virtual-cesm"))
     ap.add_argument("--replace", default=",".join(f"{p:g}" for p in REPLACE), help="replacement fractions")
+    ap.add_argument("--classifier", default="multiview", choices=("multiview", "latefusion"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
         fractions = tuple(float(p) for p in args.replace.split(","))
-        runs.append(one_seed(args.data, seed, args.patients, args.gan_rounds, print, fractions))
+        runs.append(one_seed(args.data, seed, args.patients, args.gan_rounds, print, fractions, args.classifier))
         if args.json:  # after every seed: a long measurement keeps what it has
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(runs, indent=1, default=float))
     command = (
         f"benchmarks/virtual_cesm.py --seeds {args.seeds} --patients {args.patients} --gan-rounds {args.gan_rounds}"
+        f" --classifier {args.classifier}"
     )
     text = table(runs, command)
     print(text)
