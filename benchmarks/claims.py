@@ -507,6 +507,40 @@ class Experiment:
         return _concat(name, per_site, task.unit, time.perf_counter() - t)
 
 
+# A section of docs/claims.md that another benchmark writes (between these markers, with its
+# name after BLOCK_START): kept as it is when this benchmark rewrites the file.
+BLOCK_START, BLOCK_END = "<!-- section written by benchmarks/", "<!-- end of section -->"
+
+
+def kept_blocks(path: Path) -> str:
+    """The other benchmarks' sections of an existing ``path``, each with its markers ("" if none)."""
+    if not path.exists():
+        return ""
+    text, out = path.read_text(), []
+    start = text.find(BLOCK_START)
+    while start >= 0:
+        end = text.find(BLOCK_END, start)
+        if end < 0:
+            break
+        out.append(text[start : end + len(BLOCK_END)])
+        start = text.find(BLOCK_START, end)
+    return "".join(f"\n{b}\n" for b in out)
+
+
+def write_block(path: Path, owner: str, body: str) -> None:
+    """Put ``owner``'s section into ``path`` (replacing its earlier one, else at the end)."""
+    start = f"{BLOCK_START}{owner} -->"
+    block = f"{start}\n{body.rstrip()}\n{BLOCK_END}"
+    text = path.read_text() if path.exists() else ""
+    a = text.find(start)
+    if a >= 0:
+        b = text.find(BLOCK_END, a)
+        text = text[:a] + block + text[b + len(BLOCK_END) :] if b >= 0 else text[:a] + block + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
 # ---- statistics -------------------------------------------------------------------------------------
 
 
@@ -988,7 +1022,8 @@ def main() -> None:
         },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(markdown(rows, results, meta, over, seeds))
+    kept = kept_blocks(Path(args.out))  # sections other benchmarks own (virtual_cesm.py's claims)
+    Path(args.out).write_text(markdown(rows, results, meta, over, seeds) + kept)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     payload = {**_jsonable(results, rows, meta), "repeated": over}  # "arms": the last seed's
     Path(args.json).write_text(json.dumps(payload, indent=2, default=float))

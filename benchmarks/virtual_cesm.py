@@ -198,6 +198,76 @@ def table(runs: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Seed 004's claims, each a paired difference (arm A minus arm B, the same test breasts) per
+# data seed: (number, statement, A, B, density group or None; "gap" compares the gap A - B in
+# dense breasts with the gap in non-dense ones).
+SEED_004_CLAIMS = (
+    ("9a", "FFDM + real CESM beats FFDM alone", "FFDM + real CESM", "FFDM alone", None),
+    ("9b", "... in non-dense breasts (ACR a-b)", "FFDM + real CESM", "FFDM alone", GROUPS[0]),
+    ("9c", "... in dense breasts (ACR c-d)", "FFDM + real CESM", "FFDM alone", GROUPS[1]),
+    ("9d", "FFDM + synthetic CESM beats FFDM alone", "FFDM + synthetic CESM", "FFDM alone", None),
+    ("9e", "synthetic CESM helps more in dense breasts", "FFDM + synthetic CESM", "FFDM alone", "gap"),
+    ("9f", "replacing real CESM by synthetic lowers AUC (0 % above 100 %)", "replaced 0%", "replaced 100%", None),
+    (
+        "9g",
+        "virtual DES from the federation raises an FFDM-only site's AUC over a zero DES channel",
+        "multiview, FFDM site: virtual DES",
+        "multiview, FFDM site: zero DES",
+        None,
+    ),
+)
+
+
+def _diff(run: dict[str, Any], a: str, b: str, group: str | None) -> float:
+    if group is None:
+        return run["auc"][a] - run["auc"][b]
+    if group == "gap":
+        return _diff(run, a, b, GROUPS[1]) - _diff(run, a, b, GROUPS[0])
+    d = run["by_density"]
+    return d[a][group]["auc"] - d[b][group]["auc"]
+
+
+def verdict(diffs: list[float]) -> str:
+    """ "holds" when the mean paired difference is more than two standard errors above 0,
+    "reversed" when as far below, else "inconclusive" (fewer than two seeds: inconclusive)."""
+    v = [x for x in diffs if np.isfinite(x)]
+    if len(v) < 2:
+        return "inconclusive (fewer than 2 seeds with both classes)"
+    m, se = statistics.fmean(v), statistics.stdev(v) / len(v) ** 0.5
+    return "holds" if m - 2 * se > 0 else "reversed" if m + 2 * se < 0 else "inconclusive (within noise)"
+
+
+def claims_section(runs: list[dict[str, Any]], command: str) -> str:
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    first = runs[0]
+    lines = [
+        "## Seed 004's virtual-CESM claims (issue 18)",
+        "",
+        f"Written by `{command}` (`docs/virtual-cesm.md` has the arms). Data seeds {seeds}: one generated "
+        f"federation each (two CEM, one FFDM, one FFDM + ultrasound hospital), the {first['classifier']} "
+        f"classifier from the {first['start']} start, the federated translator's virtual DES. ΔAUC: arm A minus "
+        "arm B on the same test breasts, mean ± SD over seeds; holds / reversed when the mean is more than "
+        "two standard errors from 0.",
+        "",
+        "| # | claim (seed 004) | arm A | arm B | ΔAUC per seed | ΔAUC mean ± SD | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for number, statement, a, b, group in SEED_004_CLAIMS:
+        diffs = [_diff(r, a, b, group) for r in runs]
+        per = ", ".join("n/a" if not np.isfinite(d) else f"{d:+.3f}" for d in diffs)
+        where = "" if group is None else " (dense minus non-dense)" if group == "gap" else f" ({group})"
+        v = [d for d in diffs if np.isfinite(d)]
+        mean = (
+            "n/a" if not v else f"{statistics.fmean(v):+.3f}" + (f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")
+        )
+        lines.append(f"| {number} | {statement}{where} | {a} | {b} | {per} | {mean} | {verdict(diffs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def saved_command(runs: list[dict[str, Any]]) -> str:
+    return str(runs[0].get("command", "benchmarks/virtual_cesm.py"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
@@ -208,22 +278,33 @@ def main() -> None:
     ap.add_argument("--classifier", default="multiview", choices=("multiview", "latefusion"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--table-from", type=Path, metavar="JSON", help="print the table of a saved --json, run nothing")
+    ap.add_argument("--claims", type=Path, metavar="MD", help="write seed 004's claims into this file (docs/claims.md)")
     args = ap.parse_args()
-    runs = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        fractions = tuple(float(p) for p in args.replace.split(","))
-        runs.append(one_seed(args.data, seed, args.patients, args.gan_rounds, print, fractions, args.classifier))
-        if args.json:  # after every seed: a long measurement keeps what it has
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(runs, indent=1, default=float))
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        print(table(saved, f"--table-from {args.table_from}"))
+        if args.claims:
+            claims.write_block(args.claims, "virtual_cesm.py", claims_section(saved, saved_command(saved)))
+        return
     command = (
         f"benchmarks/virtual_cesm.py --seeds {args.seeds} --patients {args.patients} --gan-rounds {args.gan_rounds}"
         f" --classifier {args.classifier}"
     )
+    runs = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        fractions = tuple(float(p) for p in args.replace.split(","))
+        runs.append(one_seed(args.data, seed, args.patients, args.gan_rounds, print, fractions, args.classifier))
+        runs[-1]["command"] = command
+        if args.json:  # after every seed: a long measurement keeps what it has
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(runs, indent=1, default=float))
     text = table(runs, command)
     print(text)
     if args.out:
         args.out.write_text(text)
+    if args.claims:
+        claims.write_block(args.claims, "virtual_cesm.py", claims_section(runs, command))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch import nn
 
 from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.rules import ConfigError
+from fedbreast.shared.data.site_data import SiteUnavailable
 from fedbreast.shared.families.cyclegan.model import CycleGANNet
 from fedbreast.shared.families.cyclegan.pooling import pooled_quality
 from fedbreast.shared.families.cyclegan.quality import QualitySums
@@ -314,6 +315,13 @@ def test_synthesis_at_an_ffdm_site_feeds_a_multiview_run(federation, gan_run, tm
     assert plain.datasets["train"].channels == "ffdm" and with_des.datasets["train"].channels == "cem"
     x = with_des.datasets["train"].__getitems__([0])["x"]
     assert x.shape[2] == 2 and float(x[:, :, 1].abs().sum()) > 0  # a DES channel that is not zeros
+    # DES alone (seed 004's CESM-alone arm): unable without virtual DES, the virtual image with it
+    des_only = dict(small, in_channels=1, single_channel="des")
+    with pytest.raises(SiteUnavailable, match="needs a DES image"):
+        task_for(RunConfig(**des_only)).open(ffdm, RunConfig(**des_only))
+    virtual_only = RunConfig(**des_only, virtual_des=True)
+    xd = task_for(virtual_only).open(ffdm, virtual_only).datasets["train"].__getitems__([0])["x"]
+    assert xd.shape[2] == 1 and torch.equal(xd[:, :, 0], x[:, :, 1])  # the same virtual DES, alone
     run = simulate(
         tmp_path / "mv", sites_dir=ffdm.parent, overrides=dict(small, virtual_des=True), engine="inprocess",
         echo=lambda *_: None,
