@@ -109,3 +109,23 @@ def test_claims_rewrite_keeps_the_virtual_cesm_section(tmp_path: Path) -> None:
     assert text.count("## seed 004") == 1 and "second" in text and text.startswith("# claims\nold table\n")
     kept = claims.kept_blocks(doc)  # what claims.py appends to its fresh table
     assert "second" in kept and "old table" not in kept and claims.kept_blocks(tmp_path / "none.md") == ""
+
+
+def test_the_psnr_ceiling_varies_only_what_le_does_not_show(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/gan_ceiling.py: every redraw renders the same anatomy, so with the invisible
+    variables and the detector noise held the variance is zero; with them drawn it is not."""
+    import gan_ceiling
+
+    from fedbreast.shared.data import generate as gen
+
+    prof = gen.default_profiles(1, 2)[0]
+    drawn = gan_ceiling.view_variances(prof, 0, 1, draws=3, sizes=(32,))[32]
+    assert len(drawn) == 4 and all(
+        sse > 0 and px > 50 and 0 < s < 1 for sse, px, s in drawn
+    )  # four views, a floor above 0
+    store = gen._to_stored
+    monkeypatch.setattr(gan_ceiling, "_invisible", lambda _rng, d: d)
+    monkeypatch.setattr(gen, "_to_stored", lambda s, p, _rng, g: store(s, p, np.random.default_rng(0), g))
+    held = gan_ceiling.view_variances(prof, 0, 1, draws=3, sizes=(32,))[32]
+    assert [v[0] for v in held] == [0.0] * 4 and all(v[2] > 0.999 for v in held)
+    assert all(abs(a[1] - b[1]) <= 0.01 * b[1] for a, b in zip(held, drawn))  # the same breasts (LE noise aside)
