@@ -55,7 +55,7 @@ from fedbreast.shared.metrics import binary_metrics, bootstrap_ci, delong_test
 from fedbreast.shared.training.patient_finetune import PSFTConfig
 from fedbreast.shared.training.tasks import task_for
 from fedbreast.simulation.baselines import train_local_only, train_pooled
-from fedbreast.simulation.public_start import public_checkpoint
+from fedbreast.simulation.public_start import pretraining_key, public_checkpoint, public_seed_for
 from fedbreast.simulation.simulate import PRESET, PRESETS, prepare_federation
 
 N_BOOT = 2000
@@ -339,7 +339,9 @@ def by_density(site: Any, split: str, score: Callable[[Any], tuple[np.ndarray, n
             continue
         part = dataclasses.replace(site, datasets={**site.datasets, split: torch.utils.data.Subset(ds, idx)})
         y, p = score(part)
-        ys.append(y), ps.append(p), gs.append(np.full(len(y), g))
+        ys.append(y)
+        ps.append(p)
+        gs.append(np.full(len(y), g))
     if not ys:
         return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, str)
     return np.concatenate(ys), np.concatenate(ps), np.concatenate(gs)
@@ -415,7 +417,9 @@ class Experiment:
         }
         parts: list[Any] = [how, changed, [str(d) for d in self.site_dirs]]
         if self.public_cache is not None or self.groups:  # the earlier arms' keys stay as they were
-            parts.append({"start": "public" if self.public_cache is not None else "scratch", "groups": self.groups})
+            # which public network: a changed pretraining recipe retrains the arm
+            start = "scratch" if self.public_cache is None else pretraining_key(cfg, public_seed_for(self.seed))
+            parts.append({"start": start, "groups": self.groups})
         key = json.dumps(parts, sort_keys=True, default=str)
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         return self.cache / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"

@@ -7,8 +7,8 @@ noise. Whatever a translator does, it sees only the LE image, so for fixed every
 the DES still varies with those three, and no prediction from LE can come closer to the real
 DES than their conditional mean. This script measures that floor on the mean squared error:
 
-for each view of each patient of a CEM site, the anatomy, the lesion and every other latent are
-fixed (the generator's own random streams, replayed), and the view is rendered K times with the
+for each view of each patient of the cyclegan preset's CEM sites, the anatomy, the lesion and
+every other latent are fixed (the generator's own random streams, replayed), and the view is rendered K times with the
 invisible variables drawn again from the generator's priors; each rendering is stored (vendor
 curve, noise, bit depth) and preprocessed as the cyclegan family does (seed 004's pipeline: the
 DES uses the LE image's crop and flip, stretched to [0, 1], resized), and the per-pixel variance
@@ -17,7 +17,7 @@ least error a translator can leave there. PSNR = 10 log10(1 / mean variance) is 
 bound for the family's pooled PSNR at that image size (a bound for a predictor that also knew
 every other latent exactly: a real one does worse).
 
-    .venv/bin/python benchmarks/gan_ceiling.py --patients 40 --draws 8 --sizes 64,128,256 \\
+    .venv/bin/python benchmarks/gan_ceiling.py --sites 3 --patients 16 --draws 8 --sizes 64,128,256 \\
         --json benchmarks/results/gan_ceiling.json
 """
 
@@ -87,8 +87,9 @@ def view_variances(
                 les = (dk.spec, pl) if pl is not None and dk.spec is not None else None
                 img = phantom.render_mammogram(g, hw, sp, dk.density, rk, lat, les, dk.bpe_amp)
                 assert img.des is not None
-                if k == 0:
-                    le_stored = gen._to_stored(img.le, prof, copy.deepcopy(r_store), 1.0)
+                if k == 0:  # the stored LE as the generator wrote it: its noise, then the DES's, from r_store
+                    le_stored = gen._to_stored(img.le, prof, r_store, 1.0)
+                    r_store.standard_normal(img.des.shape, dtype=np.float32)
                     for n, c in cfgs.items():
                         le_pre[n] = preprocess_image(le_stored, None, c)
                 des_stored = gen._to_stored(img.des, prof, r_alt, 1.8)  # fresh detector noise each time
@@ -121,24 +122,28 @@ def _oracle_ssim(stack: np.ndarray, breast: np.ndarray) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--patients", type=int, default=12)
-    ap.add_argument("--draws", type=int, default=8, help="renderings per view (K)")
+    ap.add_argument("--sites", type=int, default=3, help="the cyclegan preset's CEM sites (default_profiles)")
+    ap.add_argument("--patients", type=int, default=16, help="per site")
+    ap.add_argument("--draws", type=int, default=8, help="renderings per view (K, at least 2)")
     ap.add_argument("--sizes", default="64,128,256")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.draws < 2 or args.patients < 1 or args.sites < 1:
+        ap.error("--draws must be at least 2 (a variance), --patients and --sites at least 1")
     sizes = tuple(int(s) for s in args.sizes.split(","))
-    prof = gen.default_profiles(1, args.patients)[0]  # the first default site: CEM
-    assert prof.modalities == "cem"
+    # the cyclegan preset's federation: CEM hospitals with the default sites' vendor curves and noise
+    profiles = gen.default_profiles(args.sites, args.patients, modalities="cem")
     t = time.perf_counter()
-    per_patient = {n: np.zeros((args.patients, 2)) for n in sizes}  # (summed variance, pixels)
+    cases = [(p, i) for p in profiles for i in range(args.patients)]
+    per_patient = {n: np.zeros((len(cases), 2)) for n in sizes}  # (summed variance, pixels)
     ssim: dict[int, list[float]] = {n: [] for n in sizes}
-    for i in range(args.patients):
+    for row, (prof, i) in enumerate(cases):
         for n, views in view_variances(prof, args.seed, i, args.draws, sizes).items():
-            per_patient[n][i] = np.sum([v[:2] for v in views], axis=0)
+            per_patient[n][row] = np.sum([v[:2] for v in views], axis=0)
             ssim[n] += [v[2] for v in views]
     totals = {n: per_patient[n].sum(axis=0) for n in sizes}
-    boot = np.random.default_rng(0).integers(0, args.patients, size=(2000, args.patients))
+    boot = np.random.default_rng(0).integers(0, len(cases), size=(2000, len(cases)))
 
     def ci(n: int) -> list[float]:
         """95 % percentile bootstrap over patients of the PSNR bound."""
@@ -146,11 +151,11 @@ def main() -> None:
         return [float(v) for v in np.percentile(10 * np.log10(s[:, 1] / s[:, 0]), (2.5, 97.5))]
 
     result = {
-        "patients": args.patients,
-        "views": 4 * args.patients,
+        "patients": len(cases),
+        "views": 4 * len(cases),
         "draws": args.draws,
         "seed": args.seed,
-        "site": prof.name,
+        "sites": [p.name for p in profiles],
         "seconds": time.perf_counter() - t,
         "bound": {
             str(n): {

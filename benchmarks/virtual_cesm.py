@@ -38,6 +38,7 @@ from typing import Any
 
 import claims
 import numpy as np
+from scipy.stats import t as student_t
 
 from fedbreast.client.synthesize import synthesize_site
 from fedbreast.server.checkpoints import load_checkpoint
@@ -169,9 +170,9 @@ def table(runs: list[dict[str, Any]], command: str) -> str:
     first = runs[0]
     lines = [
         f"Test AUC, mean ± SD over data seeds {seeds} (`{command}`): the {first['classifier']} classifier "
-        f"({first['start']} start); arms on the CEM sites' test breasts, the last two at the FFDM-only "
-        "site. Test breasts (malignant): the mean over seeds. By density: the reader's ACR density, "
-        "a seed's group AUC left out where the group has one class only.",
+        f'({first["start"]} start); arms on the CEM sites\' test breasts, the two "multiview, FFDM site" '
+        "arms at the FFDM-only site. Test breasts (malignant): the mean over seeds. By density: the "
+        "reader's ACR density, a seed's group AUC left out where the group has one class only.",
         "",
         "| arm | test AUC | test breasts (malignant) | " + " | ".join(GROUPS) + " |",
         "|---|---|---|" + "---|" * len(GROUPS),
@@ -228,13 +229,14 @@ def _diff(run: dict[str, Any], a: str, b: str, group: str | None) -> float:
 
 
 def verdict(diffs: list[float]) -> str:
-    """ "holds" when the mean paired difference is more than two standard errors above 0,
-    "reversed" when as far below, else "inconclusive" (fewer than two seeds: inconclusive)."""
+    """Holds when the two-sided 95 % t interval of the mean paired difference over seeds lies
+    above 0, reversed when below, else inconclusive (also with fewer than two seeds)."""
     v = [x for x in diffs if np.isfinite(x)]
     if len(v) < 2:
         return "inconclusive (fewer than 2 seeds with both classes)"
-    m, se = statistics.fmean(v), statistics.stdev(v) / len(v) ** 0.5
-    return "holds" if m - 2 * se > 0 else "reversed" if m + 2 * se < 0 else "inconclusive (within noise)"
+    m = statistics.fmean(v)
+    half = float(student_t.ppf(0.975, len(v) - 1)) * statistics.stdev(v) / len(v) ** 0.5
+    return "holds" if m - half > 0 else "reversed" if m + half < 0 else "inconclusive (within noise)"
 
 
 def claims_section(runs: list[dict[str, Any]], command: str) -> str:
@@ -246,8 +248,8 @@ def claims_section(runs: list[dict[str, Any]], command: str) -> str:
         f"Written by `{command}` (`docs/virtual-cesm.md` has the arms). Data seeds {seeds}: one generated "
         f"federation each (two CEM, one FFDM, one FFDM + ultrasound hospital), the {first['classifier']} "
         f"classifier from the {first['start']} start, the federated translator's virtual DES. ΔAUC: arm A minus "
-        "arm B on the same test breasts, mean ± SD over seeds; holds / reversed when the mean is more than "
-        "two standard errors from 0.",
+        "arm B on the same test breasts, mean ± SD over seeds; holds / reversed when the 95 % t interval "
+        "of the mean (seeds with both classes in the group) excludes 0.",
         "",
         "| # | claim (seed 004) | arm A | arm B | ΔAUC per seed | ΔAUC mean ± SD | verdict |",
         "|---|---|---|---|---|---|---|",

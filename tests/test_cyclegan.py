@@ -332,6 +332,14 @@ def test_synthesis_at_an_ffdm_site_feeds_a_multiview_run(federation, gan_run, tm
     # A classifier's checkpoint cannot synthesise: refused, naming the family.
     mv = load_checkpoint(tmp_path / "mv", "final")
     assert mv is not None
+    # `site predict` scores with what the model trained on: the virtual DES, not a zero channel
+    cfg_v = RunConfig(**small, virtual_des=True)
+    net = build_model(cfg_v)
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in mv.arrays.items()})
+    with_v = task_for(cfg_v).score(net, ffdm, cfg_v, torch.device("cpu"))
+    zeros = task_for(cfg_v).score(net, ffdm, RunConfig(**small), torch.device("cpu"))
+    assert with_v and all(r.score is not None and not r.missing_views for r in with_v)
+    assert [r.score for r in with_v] != [r.score for r in zeros]
     with pytest.raises(SynthesisError, match="'multiview' model"):
         synthesize_site(ffdm, mv)
 

@@ -60,7 +60,8 @@ class MultiviewTask(Task):
         return predict_multiview(model.to(device), loader, device, cfg.amp)
 
     def _scoring_set(self, site_dir: Path, cfg: RunConfig):
-        records = site_records(site_dir)
+        # the run's own records: with virtual-des, the virtual DES it trained and evaluated with
+        records = site_records(site_dir, cfg.virtual_des, cfg.virtual_des_replace, cfg.seed)
         mammo = [r for r in records if r.view.is_mammo]
         cache = cached_images(site_dir, mammo, preprocess_for(cfg), cfg)
         ds = ExamDataset(
@@ -114,7 +115,8 @@ class MultiviewTask(Task):
         model = model.to(device).eval()
         in_channels = _in_channels(model)
         layer = cam_layer(model.backbone)
-        first = "LE" if ds.channels in ("cem", "le_only") else None
+        # the image under the first channel, the one a heatmap is drawn on
+        first = {"cem": "LE", "le_only": "LE", "des_only": "DES"}.get(ds.channels)
         for start in range(0, len(ds), cfg.batch_size):
             idx = list(range(start, min(len(ds), start + cfg.batch_size)))
             x = match_channels(ds.__getitems__(idx)["x"].to(device), in_channels)
