@@ -22,7 +22,7 @@ these sizes from a fresh start (docs/claims.md); `--classifier latefusion` runs 
 fresh start, as the first version of this benchmark did.
 
     .venv/bin/python benchmarks/virtual_cesm.py --seeds 0,1,2 --patients 40 --data /tmp/vcesm \\
-        --json benchmarks/results/virtual_cesm.json --out docs/virtual-cesm-table.md
+        --json benchmarks/results/virtual_cesm.json --claims docs/claims.md
 
 Arms are kept under DATA/seed-N/arms (claims.py's cache), so a rerun adds what is missing.
 """
@@ -257,7 +257,7 @@ def claims_section(runs: list[dict[str, Any]], command: str) -> str:
     for number, statement, a, b, group in SEED_004_CLAIMS:
         diffs = [_diff(r, a, b, group) for r in runs]
         per = ", ".join("n/a" if not np.isfinite(d) else f"{d:+.3f}" for d in diffs)
-        where = "" if group is None else " (dense minus non-dense)" if group == "gap" else f" ({group})"
+        where = " (dense minus non-dense)" if group == "gap" else ""  # a group's claim names it
         v = [d for d in diffs if np.isfinite(d)]
         mean = (
             "n/a" if not v else f"{statistics.fmean(v):+.3f}" + (f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")
