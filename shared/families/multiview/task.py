@@ -14,7 +14,7 @@ from fedbreast.shared.config import RunConfig
 from fedbreast.shared.data.datasets import ExamDataset, make_loader
 from fedbreast.shared.data.manifest import group_exams
 from fedbreast.shared.data.preprocess import lesion_mask
-from fedbreast.shared.data.site_data import channels_for, preprocess_for, site_for, site_records
+from fedbreast.shared.data.site_data import channels_for, preprocess_for, site_for
 from fedbreast.shared.explain import ViewHeatmap
 from fedbreast.shared.models.multiview import VIEW_ORDER
 from fedbreast.shared.training.dp import per_exam_bce
@@ -25,6 +25,7 @@ from fedbreast.shared.training.tasks import (
     ScoreRow,
     Task,
     cached_images,
+    read_records,
     train_settings,
 )
 
@@ -60,8 +61,7 @@ class MultiviewTask(Task):
         return predict_multiview(model.to(device), loader, device, cfg.amp)
 
     def _scoring_set(self, site_dir: Path, cfg: RunConfig):
-        # the run's own records: with virtual-des, the virtual DES it trained and evaluated with
-        records = site_records(site_dir, cfg.virtual_des, cfg.virtual_des_replace, cfg.seed)
+        records, _ = read_records(site_dir, cfg)  # with virtual-des, the virtual DES it trained with
         mammo = [r for r in records if r.view.is_mammo]
         cache = cached_images(site_dir, mammo, preprocess_for(cfg), cfg)
         ds = ExamDataset(
