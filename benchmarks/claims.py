@@ -447,17 +447,17 @@ class Experiment:
             self.federated[key] = (model, sites, cfg, time.perf_counter() - t)
         return self.federated[key]
 
+    def _scored(self, name: str, sites: list, score: Callable[[Any], Any], unit: str, seconds: float) -> ArmResult:
+        """Every site's test split scored by ``score(site)`` -> (labels, scores); by breast-density
+        group when the experiment scores by group."""
+        if self.groups:
+            return _concat_groups(name, [(s.name, *by_density(s, "test", score)) for s in sites], unit, seconds)
+        return _concat(name, [(s.name, *score(s)) for s in sites], unit, seconds)
+
     def _federated(self, name: str, family: str, overrides: dict[str, Any]) -> ArmResult:
         model, sites, cfg, seconds = self._trained(family, overrides)
         task = task_for(cfg)
-        if self.groups:
-
-            def score(part: Any) -> tuple[np.ndarray, np.ndarray]:
-                return task.predict(model, part, "test", cfg, CPU)[:2]
-
-            return _concat_groups(name, [(s.name, *by_density(s, "test", score)) for s in sites], task.unit, seconds)
-        per_site = [(s.name, *task.predict(model, s, "test", cfg, CPU)[:2]) for s in sites]
-        return _concat(name, per_site, task.unit, seconds)
+        return self._scored(name, sites, lambda s: task.predict(model, s, "test", cfg, CPU)[:2], task.unit, seconds)
 
     def _branch(self, name: str, family: str, overrides: dict[str, Any], branch: str) -> ArmResult:
         """One branch of the federated model of these settings (``task.branch_predictions``: the
@@ -466,16 +466,10 @@ class Experiment:
         model, sites, cfg, seconds = self._trained(family, overrides)
         task = task_for(cfg)
         t = time.perf_counter()
-        if self.groups:
-
-            def score(part: Any) -> tuple[np.ndarray, np.ndarray]:
-                return task.branch_predictions(model, part, "test", cfg, CPU)[branch]
-
-            grouped = [(s.name, *by_density(s, "test", score)) for s in sites]
-            out = _concat_groups(name, grouped, task.unit, seconds + time.perf_counter() - t)
-        else:
-            per_site = [(s.name, *task.branch_predictions(model, s, "test", cfg, CPU)[branch]) for s in sites]
-            out = _concat(name, per_site, task.unit, seconds + time.perf_counter() - t)
+        out = self._scored(
+            name, sites, lambda s: task.branch_predictions(model, s, "test", cfg, CPU)[branch], task.unit, seconds
+        )
+        out.seconds += time.perf_counter() - t
         if hasattr(model, "fusion_mcc"):  # late fusion: the weights its fused score used
             out.extra = {"fusion_mcc": [float(w) for w in model.fusion_mcc]}
         return out

@@ -84,18 +84,19 @@ def _arms(
     return arms
 
 
-def _auc_at(result: Any, sites: tuple[str, ...], group: str | None = None) -> float:
+def _keep(result: Any, sites: tuple[str, ...], group: str | None) -> np.ndarray:
     keep = np.isin(result.site, sites)
-    if group is not None:
-        keep &= result.group == group
+    return keep if group is None else keep & (result.group == group)
+
+
+def _auc_at(result: Any, sites: tuple[str, ...], group: str | None = None) -> float:
+    keep = _keep(result, sites, group)
     return claims._auc(result.y[keep], result.p[keep])
 
 
 def _units_at(result: Any, sites: tuple[str, ...], group: str | None = None) -> list[int]:
     """[units, malignant] scored at ``sites`` (in ``group``)."""
-    keep = np.isin(result.site, sites)
-    if group is not None:
-        keep &= result.group == group
+    keep = _keep(result, sites, group)
     return [int(keep.sum()), int(result.y[keep].sum())]
 
 
